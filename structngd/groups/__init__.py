@@ -1,0 +1,69 @@
+"""Layer 1: structured matrix groups and their local maps ``B <- B h(M)``."""
+
+from __future__ import annotations
+
+import inspect
+
+from .base import MatrixGroup, sym
+from .block_diagonal import BlockDiagonal
+from .block_upper import BlockTriangular, BlockUpperTriangular, Heisenberg, Hierarchical
+from .dense import Dense
+from .diagonal import Diagonal
+from .triangular import LowerTriangular, UpperTriangular
+
+GROUPS = {
+    cls.name: cls
+    for cls in (
+        Dense,
+        Diagonal,
+        LowerTriangular,
+        UpperTriangular,
+        BlockDiagonal,
+        BlockTriangular,
+        Heisenberg,
+        Hierarchical,
+    )
+}
+
+
+def _signature(cls) -> str:
+    params = list(inspect.signature(cls.__init__).parameters)[2:]
+    return f"{cls.name}({', '.join(params)})" if params else cls.name
+
+
+def make(name: str, dim: int, **options) -> MatrixGroup:
+    """Build a group from its snake_case name, e.g. ``make("block_triangular", 100, k=5)``.
+
+    Unknown names, missing or unexpected options and impossible values (``k >= d``, a
+    block size that does not divide ``d``) raise ``ValueError`` listing what is allowed.
+    """
+    if isinstance(name, MatrixGroup):
+        if name.dim != dim:
+            raise ValueError(f"group {name!r} has dim {name.dim}, expected {dim}")
+        return name
+    allowed = ", ".join(_signature(c) for c in GROUPS.values())
+    if name not in GROUPS:
+        raise ValueError(f"unknown structure {name!r}; allowed: {allowed}")
+    cls = GROUPS[name]
+    try:
+        inspect.signature(cls.__init__).bind(None, dim, **options)
+    except TypeError as err:
+        raise ValueError(f"bad options {options} for {_signature(cls)}: {err}") from None
+    return cls(dim, **options)
+
+
+__all__ = [
+    "MatrixGroup",
+    "Dense",
+    "Diagonal",
+    "LowerTriangular",
+    "UpperTriangular",
+    "BlockDiagonal",
+    "BlockTriangular",
+    "BlockUpperTriangular",
+    "Heisenberg",
+    "Hierarchical",
+    "GROUPS",
+    "make",
+    "sym",
+]

@@ -1,0 +1,183 @@
+"""The interface every structured matrix group implements, and shared helpers.
+
+A group element ``B`` (a d x d invertible factor) is stored in a *compact form*: a
+tensor of shape ``(*batch, *group.shape)`` holding only the entries the structure
+allows. Lie-algebra elements ``M`` use the same compact form, so the compact space is
+linear: ``M1 + M2`` and ``c * M`` are plain tensor operations.
+"""
+
+from __future__ import annotations
+
+import abc
+from typing import Callable, Optional, Tuple
+
+import torch
+from torch import Tensor
+
+
+def sym(x: Tensor) -> Tensor:
+    """``sym(X) = (X + X^T) / 2`` over the last two dimensions."""
+    return 0.5 * (x + x.mT)
+
+
+def apply_columns(
+    a: Tensor, x: Tensor, fn: Callable[[Tensor, Tensor], Tensor], unbatched: bool
+) -> Tensor:
+    """Apply the matrix operation ``fn(A, X)`` to every vector in ``x`` (shape ``(..., n)``).
+
+    For an unbatched ``A`` all vectors go through one matrix call (one GEMM or one
+    factorization), otherwise ``A`` and ``x`` broadcast as batches of matrix-vector
+    problems.
+    """
+    if unbatched:
+        flat = x.reshape(-1, x.shape[-1]).mT
+        return fn(a, flat).mT.reshape(x.shape[:-1] + (a.shape[-2],))
+    return fn(a, x.unsqueeze(-1)).squeeze(-1)
+
+
+class MatrixGroup(abc.ABC):
+    """A matrix Lie group of structured invertible d x d factors (layer 1 of structngd).
+
+    Subclasses define the compact storage (:attr:`shape`) and the operations below;
+    ``expm`` (the local map ``h(M) = I + M + M^2/2``) is shared.
+    """
+
+    #: snake_case name used by :func:`structngd.groups.make`
+    name: str = ""
+
+    def __init__(self, dim: int):
+        if not isinstance(dim, int) or dim < 1:
+            raise ValueError(f"dim must be a positive integer, got {dim!r}")
+        self.dim = dim
+
+    # ----------------------------------------------------------------- storage
+    @property
+    @abc.abstractmethod
+    def shape(self) -> Tuple[int, ...]:
+        """Shape of one compact element (no batch dimensions)."""
+
+    def batch_shape(self, a: Tensor) -> torch.Size:
+        """Leading batch dimensions of a compact element ``a``."""
+        n = len(self.shape)
+        if tuple(a.shape[a.dim() - n :]) != tuple(self.shape):
+            raise ValueError(
+                f"{self!r} expects compact elements of shape (..., {', '.join(map(str, self.shape))}), "
+                f"got {tuple(a.shape)}"
+            )
+        return a.shape[: a.dim() - n]
+
+    def _unbatched(self, a: Tensor) -> bool:
+        return a.dim() == len(self.shape)
+
+    def numel(self) -> int:
+        """Number of stored entries of one element."""
+        n = 1
+        for s in self.shape:
+            n *= s
+        return n
+
+    # ----------------------------------------------------------- construction
+    def identity(self, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
+        """The unit element ``I`` in compact form."""
+        return self.from_diagonal(torch.ones(self.dim, dtype=dtype, device=device))
+
+    @abc.abstractmethod
+    def from_diagonal(self, diag: Tensor) -> Tensor:
+        """The element ``diag(v)`` (every group here contains the positive diagonal group)."""
+
+    @abc.abstractmethod
+    def restrict(self, g: Tensor) -> Tensor:
+        """Entries of a dense ``(..., d, d)`` matrix on the storage pattern (no weights)."""
+
+    @abc.abstractmethod
+    def to_dense(self, a: Tensor) -> Tensor:
+        """The dense ``(..., d, d)`` matrix of a compact element."""
+
+    def mask(self, dtype=torch.float64, device=None) -> Tensor:
+        """The 0/1 dense pattern of the storage."""
+        ones = torch.ones(self.shape, dtype=dtype, device=device)
+        return self.to_dense(ones)
+
+    def random(
+        self,
+        generator: Optional[torch.Generator] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        batch_shape: Tuple[int, ...] = (),
+        scale: float = 0.3,
+    ) -> Tensor:
+        """A random, well-conditioned group element ``h(M)`` for tests.
+
+        ``M`` has standard normal entries scaled by ``scale / sqrt(d)`` on the pattern,
+        so the result is generic (every stored entry non-zero) and invertible.
+        """
+        dtype = dtype or torch.get_default_dtype()
+        shape = tuple(batch_shape) + tuple(self.shape)
+        noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        noise = self.restrict(self.to_dense(noise))  # zero any storage slot off the pattern
+        diag = torch.randn(tuple(batch_shape) + (self.dim,), generator=generator, dtype=dtype, device=device)
+        return self.expm(noise * (scale / self.dim**0.5) + self.from_diagonal(diag * scale))
+
+    # ------------------------------------------------------------- the algebra
+    @abc.abstractmethod
+    def project(self, g: Tensor) -> Tensor:
+        """Natural gradient in the Lie algebra from a dense local gradient ``G = B^T dL/dB``.
+
+        Returns ``C ⊙ κ(G)`` in compact form: ``sym(G)/2`` on diagonal entries and dense
+        (symmetric) diagonal blocks, ``G`` on free (triangular, coupling) entries. The
+        weights are the inverse Fisher weights of the local coordinates at ``eta0``.
+        """
+
+    def pullback(self, b: Tensor, grad: Tensor) -> Tensor:
+        """``project(B^T dL/dB)`` from a compact factor ``B`` and its compact gradient.
+
+        Subclasses with low-rank structure override this to avoid dense d x d work.
+        """
+        return self.project(self.to_dense(b).mT @ self.to_dense(grad))
+
+    def expm(self, m: Tensor) -> Tensor:
+        """The local map ``h(M) = I + M + M^2 / 2``; stays in the group for any ``M``."""
+        return self.identity(m.dtype, m.device) + m + 0.5 * self.mul(m, m)
+
+    # -------------------------------------------------------- group operations
+    @abc.abstractmethod
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        """The product ``A B`` in compact form."""
+
+    @abc.abstractmethod
+    def matvec(self, a: Tensor, x: Tensor) -> Tensor:
+        """``A x`` for ``x`` of shape ``(..., d)``."""
+
+    @abc.abstractmethod
+    def tmatvec(self, a: Tensor, x: Tensor) -> Tensor:
+        """``A^T x`` for ``x`` of shape ``(..., d)``."""
+
+    @abc.abstractmethod
+    def solve(self, a: Tensor, x: Tensor) -> Tensor:
+        """``A^{-1} x`` for ``x`` of shape ``(..., d)``."""
+
+    @abc.abstractmethod
+    def tsolve(self, a: Tensor, x: Tensor) -> Tensor:
+        """``A^{-T} x`` for ``x`` of shape ``(..., d)``."""
+
+    @abc.abstractmethod
+    def logdet(self, a: Tensor) -> Tensor:
+        """``log |det A|``."""
+
+    def diagonal(self, a: Tensor) -> Tensor:
+        """The diagonal of ``A`` as a ``(..., d)`` tensor."""
+        return self.to_dense(a).diagonal(dim1=-2, dim2=-1)
+
+    # ------------------------------------------------------------------ misc
+    def _check_vector(self, x: Tensor) -> None:
+        if x.shape[-1] != self.dim:
+            raise ValueError(f"{self!r} acts on vectors of size {self.dim}, got shape {tuple(x.shape)}")
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}(dim={self.dim})"
+
+    def __eq__(self, other) -> bool:
+        return type(self) is type(other) and repr(self) == repr(other)
+
+    def __hash__(self) -> int:
+        return hash(repr(self))

@@ -1,0 +1,55 @@
+"""GL(d): dense invertible factors; the algebra is the symmetric matrices."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import MatrixGroup, apply_columns, sym
+
+
+class Dense(MatrixGroup):
+    """All invertible d x d matrices, stored as ``(d, d)``; ``S = B B^T`` is any SPD matrix.
+
+    The local space is the symmetric matrices (skew directions rotate ``B`` without
+    changing ``S`` and have zero Fisher), so ``project(G) = sym(G) / 2``.
+    """
+
+    name = "dense"
+
+    @property
+    def shape(self):
+        return (self.dim, self.dim)
+
+    def from_diagonal(self, diag: Tensor) -> Tensor:
+        return torch.diag_embed(diag)
+
+    def restrict(self, g: Tensor) -> Tensor:
+        return g
+
+    def to_dense(self, a: Tensor) -> Tensor:
+        return a
+
+    def project(self, g: Tensor) -> Tensor:
+        return 0.5 * sym(g)
+
+    def pullback(self, b: Tensor, grad: Tensor) -> Tensor:
+        return 0.5 * sym(b.mT @ grad)
+
+    def mul(self, a: Tensor, b: Tensor) -> Tensor:
+        return a @ b
+
+    def matvec(self, a, x):
+        return apply_columns(a, x, torch.matmul, self._unbatched(a))
+
+    def tmatvec(self, a, x):
+        return apply_columns(a.mT, x, torch.matmul, self._unbatched(a))
+
+    def solve(self, a, x):
+        return apply_columns(a, x, torch.linalg.solve, self._unbatched(a))
+
+    def tsolve(self, a, x):
+        return apply_columns(a.mT, x, torch.linalg.solve, self._unbatched(a))
+
+    def logdet(self, a):
+        return torch.linalg.slogdet(a)[1]

@@ -1,0 +1,52 @@
+"""The positive-diagonal group: mean-field Gaussians."""
+
+from __future__ import annotations
+
+import torch
+from torch import Tensor
+
+from .base import MatrixGroup
+
+
+class Diagonal(MatrixGroup):
+    """Diagonal factors stored as their ``(d,)`` diagonal; ``project(G) = diag(G) / 2``."""
+
+    name = "diagonal"
+
+    @property
+    def shape(self):
+        return (self.dim,)
+
+    def from_diagonal(self, diag: Tensor) -> Tensor:
+        return diag.clone()
+
+    def restrict(self, g: Tensor) -> Tensor:
+        return g.diagonal(dim1=-2, dim2=-1)
+
+    def to_dense(self, a: Tensor) -> Tensor:
+        return torch.diag_embed(a)
+
+    def diagonal(self, a: Tensor) -> Tensor:
+        return a
+
+    def project(self, g: Tensor) -> Tensor:
+        return 0.5 * g.diagonal(dim1=-2, dim2=-1)
+
+    def pullback(self, b: Tensor, grad: Tensor) -> Tensor:
+        return 0.5 * b * grad
+
+    def mul(self, a, b):
+        return a * b
+
+    def matvec(self, a, x):
+        return a * x
+
+    tmatvec = matvec
+
+    def solve(self, a, x):
+        return x / a
+
+    tsolve = solve
+
+    def logdet(self, a):
+        return a.abs().log().sum(-1)
