@@ -1,0 +1,213 @@
+"""Layer 2: the Gaussian ``N(mu, S^{-1})`` with structured precision factor ``S = B B^T``."""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import groups as _groups
+from . import estimators
+
+ESTIMATORS = ("reparam", "price", "delta")
+
+
+class Gaussian(nn.Module):
+    """Gaussian ``N(mu, S^{-1})``, ``S = B B^T`` with ``B`` in a matrix group.
+
+    Parameters are ``loc`` (``mu``) and ``factor`` (``B`` in the group's compact form).
+    Local coordinates around ``(mu_t, B_t)``: ``mu = mu_t + B_t^{-T} delta``,
+    ``B = B_t h(M)``; their Fisher at ``eta0`` is the identity for ``delta`` and has
+    weights 2 on diagonal / symmetric-block entries and 1 on free entries of ``M``.
+
+    Args:
+        dim: dimension ``d``.
+        structure: a group name for :func:`structngd.groups.make` or a group instance.
+        loc: initial mean (default zeros).
+        precision: initial precision: a positive scalar or ``(d,)`` vector (a diagonal
+            precision, valid for every structure) or an SPD ``(d, d)`` matrix (dense and
+            triangular structures only).
+        estimator: default gradient estimator of :meth:`estimate_gradients`.
+        **group_options: options of the group (``k``, ``block_size``, ...).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        structure: Union[str, _groups.MatrixGroup] = "dense",
+        loc: Optional[Tensor] = None,
+        precision: Union[None, float, Tensor] = None,
+        estimator: str = "reparam",
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        **group_options,
+    ):
+        super().__init__()
+        self.group = _groups.make(structure, dim, **group_options)
+        self.dim = dim
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self.estimator = estimator
+        dtype = dtype or (loc.dtype if isinstance(loc, Tensor) else torch.get_default_dtype())
+        if loc is None:
+            loc = torch.zeros(dim, dtype=dtype, device=device)
+        loc = torch.as_tensor(loc, dtype=dtype, device=device).detach().clone()
+        if loc.shape != (dim,) or not torch.isfinite(loc).all():
+            raise ValueError(f"loc must be a finite tensor of shape ({dim},), got {tuple(loc.shape)}")
+        self.loc = nn.Parameter(loc)
+        self.factor = nn.Parameter(self._initial_factor(precision, loc))
+
+    # ------------------------------------------------------------ set-up
+    def _initial_factor(self, precision, loc: Tensor) -> Tensor:
+        d, group = self.dim, self.group
+        if precision is None:
+            return group.identity(loc.dtype, loc.device)
+        precision = torch.as_tensor(precision, dtype=loc.dtype, device=loc.device)
+        if not torch.isfinite(precision).all():
+            raise ValueError("precision must be finite")
+        if precision.dim() <= 1:
+            diag = precision.expand(d) if precision.dim() == 0 else precision
+            if diag.shape != (d,) or (diag <= 0).any():
+                raise ValueError(f"a diagonal precision must be positive with shape ({d},)")
+            return group.from_diagonal(diag.sqrt())
+        if precision.shape != (d, d):
+            raise ValueError(f"precision must have shape ({d}, {d}), got {tuple(precision.shape)}")
+        if group.name in ("dense", "lower_triangular"):
+            chol, info = torch.linalg.cholesky_ex(precision)
+        elif group.name == "upper_triangular":  # S = U U^T via the Cholesky factor of the flipped matrix
+            chol, info = torch.linalg.cholesky_ex(precision.flip(0, 1))
+            chol = chol.flip(0, 1)
+        else:
+            raise ValueError(
+                f"a dense precision matrix can only initialize dense or triangular structures, "
+                f"not {group.name!r}; pass a scalar or a vector of diagonal precisions"
+            )
+        if info != 0:
+            raise ValueError("precision must be symmetric positive-definite")
+        return chol
+
+    @property
+    def structure(self) -> str:
+        return self.group.name
+
+    def extra_repr(self) -> str:
+        return f"{self.group!r}"
+
+    # ------------------------------------------------------ distribution
+    @property
+    def mean(self) -> Tensor:
+        return self.loc
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        """Reparameterized samples ``z = mu + B^{-T} eps``, ``eps ~ N(0, I)``."""
+        eps = torch.randn(
+            tuple(sample_shape) + (self.dim,), dtype=self.loc.dtype, device=self.loc.device
+        )
+        return self.loc + self.group.tsolve(self.factor, eps)
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        return self.rsample(sample_shape)
+
+    def log_prob(self, z: Tensor) -> Tensor:
+        """``log N(z; mu, S^{-1}) = -|B^T (z - mu)|^2 / 2 + log|det B| - d/2 log(2 pi)``."""
+        u = self.group.tmatvec(self.factor, z - self.loc)
+        return -0.5 * u.pow(2).sum(-1) + self.group.logdet(self.factor) - 0.5 * self.dim * math.log(2 * math.pi)
+
+    def entropy(self) -> Tensor:
+        """``H = d/2 (1 + log 2 pi) - log|det B|``."""
+        return 0.5 * self.dim * (1.0 + math.log(2 * math.pi)) - self.group.logdet(self.factor)
+
+    def precision(self) -> Tensor:
+        """The dense precision ``S = B B^T``."""
+        b = self.group.to_dense(self.factor)
+        return b @ b.mT
+
+    def covariance(self) -> Tensor:
+        """The dense covariance ``S^{-1} = B^{-T} B^{-1}`` (by solves, no inverse of ``S``)."""
+        eye = torch.eye(self.dim, dtype=self.loc.dtype, device=self.loc.device)
+        r = self.group.solve(self.factor, eye)  # rows: B^{-1} e_i, i.e. R = B^{-T}
+        return r @ r.mT
+
+    def to_torch(self) -> torch.distributions.MultivariateNormal:
+        """The same distribution as a ``torch.distributions.MultivariateNormal``."""
+        return torch.distributions.MultivariateNormal(self.loc, precision_matrix=self.precision())
+
+    # ------------------------------------------------ gradient estimation
+    def estimate_gradients(
+        self,
+        log_density: Callable[[Tensor], Tensor],
+        num_samples: int = 1,
+        estimator: Optional[str] = None,
+        gamma: float = 1.0,
+    ) -> Tensor:
+        """Accumulate into ``.grad`` the gradient of ``L = E_q[-log p(w)] - gamma H(q)``.
+
+        ``log_density`` maps a batch ``(n, d)`` to ``(n,)`` log-densities.
+        ``"reparam"`` differentiates the Monte Carlo loss through ``w = mu + B^{-T} eps``;
+        ``"price"`` uses Bonnet/Price, ``g_mu = E[grad l]``, ``g_Sigma = (E[hess l] - gamma S)/2``
+        on mirrored samples (exact for quadratic ``l`` with one pair); ``"delta"`` evaluates
+        both at the mean (Newton-like). Returns the loss estimate (detached).
+        """
+        estimator = estimator or self.estimator
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        if estimator == "reparam":
+            loss = -log_density(self.rsample((num_samples,))).mean() - gamma * self.entropy()
+            loss.backward()
+            return loss.detach()
+        with torch.no_grad():
+            if estimator == "delta":
+                w = self.loc.detach().unsqueeze(0)
+            else:
+                eps = torch.randn(
+                    (max(1, num_samples // 2), self.dim), dtype=self.loc.dtype, device=self.loc.device
+                )
+                w = self.loc + self.group.tsolve(self.factor, torch.cat([eps, -eps]))
+        value, g_mu, hess = estimators.expected_gradient_and_hessian(log_density, w)
+        with torch.no_grad():
+            g_factor = estimators.factor_gradient_from_hessian(self.group, self.factor, hess, gamma)
+            _accumulate(self.loc, g_mu)
+            _accumulate(self.factor, g_factor)
+            return value - gamma * self.entropy()
+
+    # ------------------------------------------- natural-gradient interface
+    def check_gradients(self) -> None:
+        """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
+        for name, p in (("loc", self.loc), ("factor", self.factor)):
+            if p.grad is None:
+                raise ValueError(
+                    f"{type(self).__name__}.{name} has no gradient: call backward() on a loss "
+                    f"that depends on the family (or estimate_gradients) before step()"
+                )
+            if not torch.isfinite(p.grad).all():
+                raise ValueError(f"{type(self).__name__}.{name}.grad has non-finite values")
+
+    @torch.no_grad()
+    def natural_gradient(self) -> Tuple[Tensor, Tensor]:
+        """Natural gradient in local coordinates from ``loc.grad`` and ``factor.grad``.
+
+        ``delta = B^{-1} g_mu`` (Fisher ``I``) and ``M = C ⊙ κ(B^T g_B)`` in compact form.
+        """
+        self.check_gradients()
+        delta = self.group.solve(self.factor, self.loc.grad)
+        m = self.group.pullback(self.factor, self.factor.grad)
+        return delta, m
+
+    @torch.no_grad()
+    def retract(self, step: Tuple[Tensor, Tensor], lr: float) -> None:
+        """``tau <- phi_tau(eta0 - lr * step)``: ``mu -= lr B^{-T} delta``, ``B <- B h(-lr M)``."""
+        delta, m = step
+        self.loc.sub_(lr * self.group.tsolve(self.factor, delta))
+        self.factor.copy_(self.group.mul(self.factor, self.group.expm(-lr * m)))
+
+
+def _accumulate(param: nn.Parameter, grad: Tensor) -> None:
+    if param.grad is None:
+        param.grad = grad.detach().clone()
+    else:
+        param.grad.add_(grad)
