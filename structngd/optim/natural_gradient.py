@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Union
+from typing import Iterable, Optional, Union
 
 import torch
 from torch import nn
@@ -31,6 +31,12 @@ class NaturalGradient(Optimizer):
         families: a family, an iterable of families, or dicts ``{"family": f, "lr": ...}``.
         lr: learning rate ``beta`` (``beta = 1`` is the full natural-gradient step).
         momentum: momentum factor in ``[0, 1)``.
+        max_step: optional trust region in the local coordinates: a step with
+            ``lr * ||M||_F > max_step`` is shrunk (``delta`` and ``M`` alike) to that size.
+            ``||M||_F`` bounds the spectral norm, so ``max_step <= 1`` keeps every
+            eigenvalue of ``lr * M`` where ``h`` is monotone. Off by default (the exact
+            method); useful far from the optimum, where ``h(-lr M)`` overshoots
+            (``h(m) >= 1/2`` grows again for ``m < -1``).
 
     Example::
 
@@ -42,8 +48,14 @@ class NaturalGradient(Optimizer):
             opt.step()
     """
 
-    def __init__(self, families: Union[nn.Module, Iterable], lr: float = 0.1, momentum: float = 0.0):
-        _check_hyper(lr, momentum)
+    def __init__(
+        self,
+        families: Union[nn.Module, Iterable],
+        lr: float = 0.1,
+        momentum: float = 0.0,
+        max_step: Optional[float] = None,
+    ):
+        _check_hyper(lr, momentum, max_step)
         if _is_family(families):
             families = [families]
         groups = []
@@ -52,7 +64,7 @@ class NaturalGradient(Optimizer):
             groups.append(self._as_param_group(entry))
         if not groups:
             raise ValueError("NaturalGradient got an empty list of families")
-        super().__init__(groups, dict(lr=lr, momentum=momentum))
+        super().__init__(groups, dict(lr=lr, momentum=momentum, max_step=max_step))
 
     @staticmethod
     def _as_param_group(entry: dict) -> dict:
@@ -70,8 +82,9 @@ class NaturalGradient(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if "family" in param_group:
             param_group = self._as_param_group(dict(param_group))
-        _check_hyper(param_group.get("lr", self.defaults.get("lr", 0.1)), param_group.get("momentum", 0.0))
         super().add_param_group(param_group)
+        group = self.param_groups[-1]
+        _check_hyper(group["lr"], group["momentum"], group["max_step"])
 
     # -------------------------------------------------------------- step
     @torch.no_grad()
@@ -87,7 +100,7 @@ class NaturalGradient(Optimizer):
                 loss = closure()
         steps = []
         for index, group in enumerate(self.param_groups):
-            _check_hyper(group["lr"], group["momentum"])
+            _check_hyper(group["lr"], group["momentum"], group["max_step"])
             try:
                 nat = group["family"].natural_gradient()
             except ValueError as err:
@@ -101,7 +114,7 @@ class NaturalGradient(Optimizer):
         for group, nat in zip(self.param_groups, steps):
             if group["momentum"] > 0:
                 nat = self._momentum(group, nat)
-            group["family"].retract(nat, group["lr"])
+            group["family"].retract(nat, group["lr"] * _trust_region_scale(group, nat[-1]))
         return loss
 
     def _momentum(self, group: dict, nat):
@@ -136,8 +149,18 @@ class NaturalGradient(Optimizer):
             group["family"] = family
 
 
-def _check_hyper(lr, momentum) -> None:
+def _trust_region_scale(group: dict, m: torch.Tensor) -> float:
+    """Factor ``<= 1`` that keeps ``lr * ||M||_F <= max_step``."""
+    if group["max_step"] is None or group["lr"] == 0:
+        return 1.0
+    size = group["lr"] * float(torch.linalg.vector_norm(m))
+    return min(1.0, group["max_step"] / size) if size > 0 else 1.0
+
+
+def _check_hyper(lr, momentum, max_step=None) -> None:
     if not (isinstance(lr, (int, float)) and lr >= 0 and lr == lr and lr != float("inf")):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
         raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+    if max_step is not None and not (isinstance(max_step, (int, float)) and 0 < max_step < float("inf")):
+        raise ValueError(f"max_step must be None or a finite number > 0, got {max_step!r}")

@@ -1,0 +1,1 @@
+"""Model zoo used by the studies (Pyro BNNs, logistic regression, autoencoders, CNNs)."""
