@@ -95,8 +95,8 @@ class MatrixGroup(abc.ABC):
 
     def mask(self, dtype=torch.float64, device=None) -> Tensor:
         """The 0/1 dense pattern of the storage."""
-        ones = torch.ones(self.shape, dtype=dtype, device=device)
-        return self.to_dense(ones)
+        ones = torch.ones(self.dim, self.dim, dtype=dtype, device=device)
+        return self.to_dense(self.restrict(ones))
 
     def random(
         self,

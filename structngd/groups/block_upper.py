@@ -259,12 +259,12 @@ def _prod(shape) -> int:
     return n
 
 
-def _check_rank(name: str, value, dim: int, others: int = 0) -> None:
-    if not isinstance(value, int) or value < 1 or value + others >= dim:
-        raise ValueError(
-            f"{name} must be a positive integer with {name}{' + others' if others else ''} < dim={dim}, "
-            f"got {value!r}"
-        )
+def _check_rank(name: str, value, dim: int, other: Tuple[str, int] = None) -> None:
+    """``value`` must be a positive integer with ``value (+ other) < dim``."""
+    total = value + other[1] if other and isinstance(value, int) else value
+    bound = f"{name} + {other[0]}" if other else name
+    if not isinstance(value, int) or value < 1 or total >= dim:
+        raise ValueError(f"{name} must be a positive integer with {bound} < dim={dim}, got {name}={value!r}")
 
 
 class BlockTriangular(BlockUpperTriangular):
@@ -299,7 +299,7 @@ class Heisenberg(BlockUpperTriangular):
     def __init__(self, dim: int, k: int, k2: int = None):
         k2 = k if k2 is None else k2
         _check_rank("k2", k2, dim)
-        _check_rank("k", k, dim, others=k2)
+        _check_rank("k", k, dim, other=("k2", k2))
         self.k, self.k2 = k, k2
         super().__init__(dim, [(0, k, DENSE), (k, dim - k2, DIAG), (dim - k2, dim, DENSE)])
 
@@ -318,7 +318,7 @@ class Hierarchical(BlockUpperTriangular):
 
     def __init__(self, dim: int, k1: int, k2: int):
         _check_rank("k2", k2, dim)
-        _check_rank("k1", k1, dim, others=k2)
+        _check_rank("k1", k1, dim, other=("k2", k2))
         self.k1, self.k2 = k1, k2
         super().__init__(dim, [(0, k1, DENSE), (dim - k2, dim, DENSE), (k1, dim - k2, DIAG)])
 
