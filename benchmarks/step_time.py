@@ -46,16 +46,7 @@ try:  # progress bar if available
 except ImportError:  # pragma: no cover - fallback without tqdm
     tqdm = None
 
-STRUCTURES = (
-    "dense",
-    "diagonal",
-    "lower_triangular",
-    "upper_triangular",
-    "block_diagonal",
-    "block_triangular",
-    "heisenberg",
-    "hierarchical",
-)
+STRUCTURES = tuple(sgroups.GROUPS)  # every registered structure
 SCALING_STRUCTURES = ("dense", "lower_triangular", "block_triangular", "heisenberg", "hierarchical")
 DTYPE = torch.float32
 

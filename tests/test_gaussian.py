@@ -23,14 +23,6 @@ from structngd.targets import GaussianTarget
 f64 = torch.float64
 
 
-@pytest.fixture(scope="module", autouse=True)
-def _single_thread():
-    """These tensors are tiny (d <= 8): one intra-op thread avoids thread-pool overhead
-    (spinning threads make small triangular solves ~50x slower on a loaded 2-core machine)."""
-    before = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(before)
 
 # --------------------------------------------------------------------------- configs
 CONFIGS = [

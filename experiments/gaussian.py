@@ -1,0 +1,630 @@
+"""Structured NGD against Adam on Gaussian targets: KL(q || p) per structure, vs iterations and seconds.
+
+Every structure (dense, diagonal, lower/upper triangular, block-diagonal, block-triangular(k),
+Heisenberg(k), hierarchical(k, k)) is fitted to random Gaussian targets ``p = N(m, P^-1)``
+(``P`` a random rotation of log-spaced eigenvalues in ``[1, cond]``; ``GaussianTarget.random``)
+starting from ``q = N(0, I)``, with
+
+* exact gradients: ``target.kl(q).backward()`` (``KL(q || p) = -ELBO`` up to ``log Z = 0``);
+* Monte Carlo gradients: ``q.estimate_gradients(target.log_prob, num_samples, estimator)``
+  (``reparam`` by default),
+
+each by ``NaturalGradient`` (a grid of learning rates x trust regions ``max_step``) and by
+``torch.optim.Adam`` on the same parameters (``loc``, ``factor``) and the same loss (a grid of
+learning rates). Every run is recorded; the table shows the best setting of each method: the
+one reaching ``gap < tol`` in the fewest iterations, else the smallest final gap (on the
+seed-averaged curve).
+
+The KL is always evaluated exactly (closed form, outside the timed region), also for Monte
+Carlo runs. The *gap* is ``KL - KL*``, with ``KL*`` the structure's own optimum: in closed form
+for dense and triangular structures (0), diagonal and block-diagonal (block mean field,
+``(sum_b log det P_bb - log det P) / 2``), otherwise by L-BFGS on the exact KL; in every case
+lowered to the best KL any run reached (any member of the structure bounds the optimum from
+above). Seconds count only the optimization work (gradient and step).
+
+Outputs in ``--out`` (default ``results/gaussian``): ``table.md`` (also printed),
+``summary.csv`` (the table's rows), ``runs.json`` (settings, optima and every run's curve:
+``iterations``, ``seconds``, ``kl``, ``gap``, ``status``) and the plots
+``gap_vs_{iterations,seconds}_{exact,mc}.png``.
+
+Modes (2 CPU cores, one torch thread, 9 optimizer settings per structure and gradient type):
+
+* ``--quick`` (the README's main command): d in {10, 100}, cond in {10, 1e3}, seed 0,
+  200 exact / 300 MC iterations, 16 MC samples: 576 runs, about 2-3 minutes.
+* default (full): d in {10, 100, 1000}, cond in {10, 1e4}, seed 0, 500 exact / 1000 MC
+  iterations, 32 MC samples: 864 runs. The d <= 100 part takes about 12 minutes; d = 1000
+  is estimated from measured step times at about 4 hours per condition number (about 2 h for
+  dense and 1 h for each triangular structure, whose steps are O(d^3); half an hour for the
+  five O(d k) structures), so about 9 hours in all. Restrict it with ``--dims``,
+  ``--structures``, ``--seeds``, or try ``--threads 2`` on an otherwise idle machine.
+
+Timings are wall-clock on a shared machine: compare NGD and Adam within one run of the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import itertools
+import math
+import platform
+import time
+from collections import defaultdict
+from dataclasses import asdict, dataclass, replace
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence, Tuple
+
+import torch
+
+from structngd.families import ESTIMATORS, Gaussian
+from structngd.optim import NaturalGradient
+from structngd.groups import GROUPS
+from structngd.targets import GaussianTarget
+
+from . import common
+from .common import Curve, Line, fmt, fmt_ratio
+
+STRUCTURES = tuple(GROUPS)  # every registered structure
+GRADIENTS = ("exact", "mc")
+METHODS = {"ngd": "NGD", "adam": "Adam"}  # key -> display name
+#: structures whose optimum is the exact posterior (KL* = 0)
+EXACT_STRUCTURES = ("dense", "lower_triangular", "upper_triangular")
+
+
+# ------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines one study; built from a preset and the command line."""
+
+    dims: Tuple[int, ...]
+    conds: Tuple[float, ...]
+    seeds: Tuple[int, ...]
+    structures: Tuple[str, ...] = STRUCTURES
+    gradients: Tuple[str, ...] = GRADIENTS
+    iterations: int = 500
+    mc_iterations: int = 1000
+    num_samples: int = 32
+    estimator: str = "reparam"
+    ngd_lrs: Tuple[float, ...] = (0.05, 0.2, 0.5)
+    ngd_mc_lrs: Tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    ngd_max_steps: Tuple[Optional[float], ...] = (None, 1.0)
+    adam_lrs: Tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    adam_mc_lrs: Tuple[float, ...] = (1e-3, 1e-2, 1e-1)
+    tol: float = 1e-2
+    eval_points: int = 100
+    threads: Optional[int] = 1
+
+    def steps(self, gradient: str) -> int:
+        """Number of optimizer steps of a run with this gradient type."""
+        return self.iterations if gradient == "exact" else self.mc_iterations
+
+    def configs(self, gradient: str) -> List["OptimizerConfig"]:
+        """Every optimizer setting tried with this gradient type (NGD grid, then Adam grid)."""
+        exact = gradient == "exact"
+        ngd = [
+            OptimizerConfig("ngd", lr, max_step)
+            for max_step, lr in itertools.product(self.ngd_max_steps, self.ngd_lrs if exact else self.ngd_mc_lrs)
+        ]
+        adam = [OptimizerConfig("adam", lr) for lr in (self.adam_lrs if exact else self.adam_mc_lrs)]
+        return ngd + adam
+
+
+PRESETS = {
+    "quick": Settings(
+        dims=(10, 100), conds=(10.0, 1e3), seeds=(0,), iterations=200, mc_iterations=300, num_samples=16
+    ),
+    "full": Settings(
+        dims=(10, 100, 1000), conds=(10.0, 1e4), seeds=(0,), iterations=500, mc_iterations=1000
+    ),
+}
+
+
+@dataclass(frozen=True)
+class OptimizerConfig:
+    """One optimizer setting: ``NaturalGradient(lr, max_step)`` or ``Adam(lr)``."""
+
+    method: str
+    lr: float
+    max_step: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        if self.method == "adam":
+            return f"{self.lr:g}"
+        return f"{self.lr:g}" + ("" if self.max_step is None else f", tr {self.max_step:g}")
+
+    def build(self, q: Gaussian) -> torch.optim.Optimizer:
+        if self.method == "ngd":
+            return NaturalGradient(q, lr=self.lr, max_step=self.max_step)
+        return torch.optim.Adam(q.parameters(), lr=self.lr)
+
+
+@dataclass(frozen=True)
+class TargetSpec:
+    """A target family member: dimension and condition number (the seed picks the draw)."""
+
+    dim: int
+    cond: float
+
+    @property
+    def label(self) -> str:
+        exponent = math.log10(self.cond)
+        cond = f"1e{exponent:.0f}" if self.cond >= 100 and exponent == round(exponent) else f"{self.cond:g}"
+        return f"d={self.dim}, cond={cond}"
+
+    def build(self, seed: int) -> GaussianTarget:
+        return GaussianTarget.random(self.dim, self.cond, torch.Generator().manual_seed(seed))
+
+
+@dataclass(frozen=True)
+class StructureSpec:
+    """A structure name and its group options."""
+
+    name: str
+    options: Tuple[Tuple[str, int], ...] = ()
+
+    @property
+    def label(self) -> str:
+        values = ",".join(str(v) for _, v in self.options)
+        return f"{self.name}({values})" if values else self.name
+
+    def family(self, dim: int, **kwargs) -> Gaussian:
+        """A float64 ``Gaussian`` with this structure (``N(0, I)`` unless ``kwargs`` say otherwise)."""
+        return Gaussian(dim, structure=self.name, dtype=torch.float64, **dict(self.options), **kwargs)
+
+
+def structure_specs(dim: int, names: Sequence[str] = STRUCTURES) -> List[StructureSpec]:
+    """The structures for dimension ``dim``: ``k = clamp(round(sqrt(d)/2), 2, 10)`` for the
+    low-rank groups and the largest divisor of ``d`` up to ``max(2, sqrt(d))`` as block size."""
+    k = min(10, max(2, round(math.sqrt(dim) / 2)))
+    block = max(b for b in range(1, max(2, int(math.sqrt(dim))) + 1) if dim % b == 0)
+    options = {
+        "block_diagonal": (("block_size", block),),
+        "block_triangular": (("k", k),),
+        "heisenberg": (("k", k),),
+        "hierarchical": (("k1", k), ("k2", k)),
+    }
+    return [StructureSpec(name, options.get(name, ())) for name in names]
+
+
+# ---------------------------------------------------------------- optimum
+def block_mean_field_kl(target: GaussianTarget, block_size: int) -> float:
+    """KL of the best Gaussian with block-diagonal precision: ``S_b = P_bb`` for each block."""
+    d = target.dim
+    blocks = target.precision.reshape(d // block_size, block_size, d // block_size, block_size)
+    blocks = blocks.diagonal(dim1=0, dim2=2).permute(2, 0, 1)  # (n_blocks, b, b)
+    return float(0.5 * (torch.linalg.slogdet(blocks)[1].sum() - target.logdet))
+
+
+def lbfgs_kl(target: GaussianTarget, spec: StructureSpec, max_rounds: int = 20) -> float:
+    """The structure's optimal KL by L-BFGS on the exact KL, started at the mean-field optimum."""
+    q = spec.family(target.dim, loc=target.mean, precision=target.precision.diagonal())
+    opt = torch.optim.LBFGS(
+        q.parameters(), lr=1.0, max_iter=200, history_size=50, line_search_fn="strong_wolfe",
+        tolerance_grad=1e-12, tolerance_change=1e-15,
+    )
+
+    def closure():
+        opt.zero_grad()
+        loss = target.kl(q)
+        loss.backward()
+        return loss
+
+    previous = math.inf
+    for _ in range(max_rounds):
+        opt.step(closure)
+        with torch.no_grad():
+            value = float(target.kl(q))
+        if previous - value <= 1e-13 * max(1.0, abs(value)):
+            break
+        previous = value
+    return value
+
+
+def reference_optimum(target: GaussianTarget, spec: StructureSpec) -> Tuple[float, str]:
+    """``(KL*, source)``: the structure's optimal KL in closed form where known, else by L-BFGS."""
+    if spec.name in EXACT_STRUCTURES:
+        return 0.0, "exact posterior"
+    if spec.name == "diagonal":
+        return float(target.mean_field_kl()), "mean field"
+    if spec.name == "block_diagonal":
+        return block_mean_field_kl(target, dict(spec.options)["block_size"]), "block mean field"
+    return lbfgs_kl(target, spec), "L-BFGS"
+
+
+# ------------------------------------------------------------------ runs
+@dataclass
+class Run:
+    """One optimization run and its KL curve (``gap`` is filled in once ``KL*`` is known)."""
+
+    target: TargetSpec
+    seed: int
+    structure: StructureSpec
+    gradient: str
+    config: OptimizerConfig
+    kl: Curve
+    status: str
+    gap: Optional[Curve] = None
+
+    @property
+    def group_key(self) -> tuple:
+        """Runs that differ only in the seed share this key."""
+        return (self.target, self.structure, self.gradient, self.config)
+
+
+def compute_gradients(q: Gaussian, target: GaussianTarget, gradient: str, settings: Settings) -> None:
+    """Accumulate the (exact or Monte Carlo) gradient of ``KL(q || p)`` into ``q``'s ``.grad``."""
+    if gradient == "exact":
+        target.kl(q).backward()
+    else:
+        q.estimate_gradients(target.log_prob, num_samples=settings.num_samples, estimator=settings.estimator)
+
+
+def exact_kl(q: Gaussian, target: GaussianTarget) -> float:
+    """``KL(q || p)``; raises ``FloatingPointError`` when it is not finite."""
+    with torch.no_grad():
+        value = float(target.kl(q))
+    if not math.isfinite(value):
+        raise FloatingPointError(f"KL is {value}")
+    return value
+
+
+def run_one(
+    target: GaussianTarget, spec: StructureSpec, gradient: str, config: OptimizerConfig, seed: int,
+    settings: Settings,
+) -> Tuple[Curve, str]:
+    """Optimize ``q = N(0, I)`` with one optimizer setting; returns the KL curve and a status.
+
+    A step or evaluation that fails (non-finite gradient or KL, singular factor) ends the run:
+    the status says where and why, the rest of the curve is ``nan``.
+    """
+    torch.manual_seed(seed)  # the Monte Carlo noise: the same stream for every optimizer
+    q = spec.family(target.dim)
+    optimizer = config.build(q)
+    steps = settings.steps(gradient)
+    points = common.eval_points(steps, settings.eval_points)
+    curve = Curve([0], [0.0], [exact_kl(q, target)])
+    clock, status = common.Stopwatch(), "ok"
+    for it in range(1, steps + 1):
+        try:
+            with clock:
+                optimizer.zero_grad()
+                compute_gradients(q, target, gradient, settings)
+                optimizer.step()
+            if it == points[len(curve.iterations)]:
+                curve.values.append(exact_kl(q, target))
+                curve.iterations.append(it)
+                curve.seconds.append(clock.seconds)
+        except (ValueError, RuntimeError, FloatingPointError) as err:
+            status = f"diverged at iteration {it}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            break
+    missing = points[len(curve.iterations):]
+    curve.iterations += missing
+    curve.seconds += [math.nan] * len(missing)
+    curve.values += [math.nan] * len(missing)
+    return curve, status
+
+
+def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
+    """Every run of the study, and per ``(target, seed, structure)`` the reference optimum."""
+    specs = [TargetSpec(d, c) for d in settings.dims for c in settings.conds]
+    total = sum(
+        len(settings.seeds) * len(settings.structures) * len(settings.configs(g)) for g in settings.gradients
+    ) * len(specs)
+    bar = common.progress(total, "gaussian")
+    runs, optima = [], {}
+    for spec, seed in itertools.product(specs, settings.seeds):
+        target = spec.build(seed)
+        for structure in structure_specs(spec.dim, settings.structures):
+            bar.set_postfix_str(f"{spec.label} {structure.label}")
+            value, source = reference_optimum(target, structure)
+            optima[(spec, seed, structure)] = {"reference": value, "source": source}
+            for gradient in settings.gradients:
+                for config in settings.configs(gradient):
+                    curve, status = run_one(target, structure, gradient, config, seed, settings)
+                    runs.append(Run(spec, seed, structure, gradient, config, curve, status))
+                    bar.update()
+    bar.close()
+    return runs, optima
+
+
+def attach_gaps(runs: List[Run], optima: Dict[tuple, dict]) -> None:
+    """Set ``KL*`` = min(reference, best KL of any run) and every run's gap curve."""
+    for run in runs:
+        entry = optima[(run.target, run.seed, run.structure)]
+        best = min((v for v in run.kl.values if v == v), default=math.inf)
+        entry["best_run"] = min(entry.get("best_run", math.inf), best)
+    for entry in optima.values():
+        entry["optimum"] = min(entry["reference"], entry["best_run"])
+    for run in runs:
+        optimum = optima[(run.target, run.seed, run.structure)]["optimum"]
+        run.gap = replace(run.kl, values=[v - optimum for v in run.kl.values])
+
+
+# ---------------------------------------------------------------- summary
+@dataclass
+class MethodResult:
+    """The best setting of one method for one (target, structure, gradient), seed-averaged."""
+
+    config: OptimizerConfig
+    kl: Curve
+    gap: Curve
+    statuses: List[str]
+    reached: Tuple[Optional[int], Optional[float]]  # iterations and seconds to ``gap < tol``
+
+
+def selection_key(result: MethodResult) -> tuple:
+    """Fewest iterations to ``gap < tol``; if never reached, smallest final gap."""
+    iterations = result.reached[0]
+    final = result.gap.final
+    return (iterations if iterations is not None else math.inf, final if final == final else math.inf)
+
+
+def best_results(runs: List[Run], settings: Settings) -> Dict[tuple, Dict[str, MethodResult]]:
+    """``{(target, structure, gradient): {method: best MethodResult}}`` over the grids."""
+    grouped = defaultdict(list)
+    for run in runs:
+        grouped[run.group_key].append(run)
+    best: Dict[tuple, Dict[str, MethodResult]] = defaultdict(dict)
+    for (target, structure, gradient, config), members in grouped.items():
+        gap = common.mean_curve([r.gap for r in members])
+        result = MethodResult(
+            config, common.mean_curve([r.kl for r in members]), gap, [r.status for r in members],
+            gap.first_below(settings.tol),
+        )
+        slot = best[(target, structure, gradient)]
+        current = slot.get(config.method)
+        if current is None or selection_key(result) < selection_key(current):
+            slot[config.method] = result
+    return best
+
+
+def summary_rows(
+    best: Dict[tuple, Dict[str, MethodResult]], optima: Dict[tuple, dict], settings: Settings
+) -> List[dict]:
+    """One row per (target, structure, gradient): best settings, finals, times to ``tol``, ratios."""
+    rows = []
+    for (target, structure, gradient), methods in best.items():
+        ngd, adam = methods["ngd"], methods["adam"]
+        entries = [optima[(target, s, structure)] for s in settings.seeds]
+        steps = settings.steps(gradient)
+        row = {
+            "target": target.label, "dim": target.dim, "cond": target.cond, "structure": structure.label,
+            "gradient": gradient,
+            "optimum": sum(e["optimum"] for e in entries) / len(entries),
+            "optimum_source": entries[0]["source"],
+        }
+        for name, result in (("ngd", ngd), ("adam", adam)):
+            row.update({
+                f"{name}_lr": result.config.label,
+                f"{name}_final_kl": result.kl.final,
+                f"{name}_final_gap": result.gap.final,
+                f"{name}_iterations_to_tol": result.reached[0],
+                f"{name}_seconds_to_tol": result.reached[1],
+                f"{name}_total_seconds": max((s for s in result.kl.seconds if s == s), default=math.nan),
+                f"{name}_diverged": sum(not s.startswith("ok") for s in result.statuses),
+            })
+        row["ratio_iterations"] = fmt_ratio(
+            adam.reached[0], ngd.reached[0], steps, steps
+        )
+        row["ratio_seconds"] = fmt_ratio(
+            adam.reached[1], ngd.reached[1], row["adam_total_seconds"], row["ngd_total_seconds"]
+        )
+        rows.append(row)
+    return rows
+
+
+#: KL values closer than this to zero are float64 round-off of an exact optimum
+ROUNDOFF = 1e-12
+
+
+def _final_text(value: float, is_gap: bool = False) -> str:
+    """A final KL or gap: ``diverged`` for ``nan``; round-off shown as ``0`` / ``<1e-12``."""
+    if value != value:
+        return "diverged"
+    if abs(value) < ROUNDOFF:
+        return f"<{ROUNDOFF:g}" if is_gap else "0"
+    return fmt(value)
+
+
+def _reach_text(value) -> str:
+    return "not reached" if value is None else (fmt(value, 2) if isinstance(value, float) else str(value))
+
+
+def markdown_report(rows: List[dict], settings: Settings, runtime: float, warnings: List[str]) -> str:
+    """The results table (one section per target) with the settings and notes."""
+    header = [
+        "structure", "grad", "KL*", "NGD lr", "Adam lr", "KL NGD", "KL Adam", "gap NGD", "gap Adam",
+        "it NGD", "it Adam", "it Adam/NGD", "s NGD", "s Adam", "s Adam/NGD",
+    ]
+    grid = lambda values: "{" + ", ".join("none" if v is None else f"{v:g}" for v in values) + "}"
+    lines = [
+        "# Structured NGD vs Adam on Gaussian targets",
+        "",
+        f"`KL` = KL(q || p) = -ELBO (exact, final iterate); `gap` = KL - KL* (the structure's optimum); "
+        f"`it`/`s` = iterations / seconds of optimization work to reach gap < {settings.tol:g} "
+        f"(on the seed-averaged curve); ratios Adam/NGD (> 1: NGD faster; `>x` / `<x`: bound when one "
+        f"method did not reach it). Best setting per method: fewest iterations to the tolerance, else "
+        f"smallest final gap. NGD lr `a, tr b` = lr a with trust region max_step b.",
+        "",
+        f"Settings: seeds {list(settings.seeds)}; init N(0, I); float64; {settings.iterations} exact / "
+        f"{settings.mc_iterations} MC iterations; MC: {settings.num_samples} samples, "
+        f"estimator `{settings.estimator}`; NGD lr exact {grid(settings.ngd_lrs)}, MC "
+        f"{grid(settings.ngd_mc_lrs)}, max_step {grid(settings.ngd_max_steps)}; Adam lr exact "
+        f"{grid(settings.adam_lrs)}, MC {grid(settings.adam_mc_lrs)}; torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {platform.machine()}; study runtime {runtime:.0f} s.",
+    ]
+    for target in dict.fromkeys(row["target"] for row in rows):
+        body = [
+            [
+                row["structure"], row["gradient"], _final_text(row["optimum"]), row["ngd_lr"], row["adam_lr"],
+                _final_text(row["ngd_final_kl"]), _final_text(row["adam_final_kl"]),
+                _final_text(row["ngd_final_gap"], True), _final_text(row["adam_final_gap"], True),
+                _reach_text(row["ngd_iterations_to_tol"]), _reach_text(row["adam_iterations_to_tol"]),
+                row["ratio_iterations"],
+                _reach_text(row["ngd_seconds_to_tol"]), _reach_text(row["adam_seconds_to_tol"]),
+                row["ratio_seconds"],
+            ]
+            for row in rows if row["target"] == target
+        ]
+        lines += ["", f"## {target}", "", common.markdown_table(header, body)]
+    if warnings:
+        lines += ["", "Notes:", ""] + [f"- {w}" for w in warnings]
+    return "\n".join(lines) + "\n"
+
+
+def notes(runs: List[Run], optima: Dict[tuple, dict]) -> List[str]:
+    """Failed runs and runs that ended above their initial KL, per method and gradient type,
+    and reference optima that a run beat."""
+    out = []
+    for method, gradient in itertools.product(METHODS, GRADIENTS):
+        members = [r for r in runs if r.config.method == method and r.gradient == gradient]
+        failed = [r for r in members if r.status != "ok"]
+        worse = [r for r in members if r.status == "ok" and r.kl.final > r.kl.values[0]]
+        for bad, what, detail in (
+            (failed, "stopped by a non-finite value or a singular factor", lambda r: r.status),
+            (worse, "ended above their initial KL", lambda r: f"final KL {r.kl.final:.3g}"),
+        ):
+            if bad:
+                example = bad[0]
+                out.append(
+                    f"{METHODS[method]} ({gradient}): {len(bad)} of {len(members)} runs {what}, e.g. "
+                    f"{example.target.label} {example.structure.label} lr {example.config.label}: "
+                    f"{detail(example)} (all in runs.json)"
+                )
+    for (target, seed, structure), entry in optima.items():
+        if entry["reference"] - entry["best_run"] > 1e-8 * max(1.0, abs(entry["reference"])):
+            out.append(
+                f"{target.label} seed {seed} {structure.label}: a run reached KL {entry['best_run']:.10g} "
+                f"below the {entry['source']} reference {entry['reference']:.10g}"
+            )
+    return out
+
+
+# ------------------------------------------------------------------ plots
+def plot_all(best: Dict[tuple, Dict[str, MethodResult]], settings: Settings, out: Path) -> List[Path]:
+    """Gap vs iterations and vs seconds, one figure per gradient type, one panel per target."""
+    import matplotlib
+
+    colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+    color_of = {name: colors[i % 10] for i, name in enumerate(STRUCTURES)}
+    styles = {"ngd": "-", "adam": "--"}
+    paths = []
+    for gradient, axis in itertools.product(settings.gradients, ("iterations", "seconds")):
+        panels: Dict[str, List[Line]] = defaultdict(list)
+        for (target, structure, grad), methods in best.items():
+            if grad != gradient:
+                continue
+            for method, result in methods.items():
+                x = result.gap.iterations if axis == "iterations" else result.gap.seconds
+                panels[_panel_title(target)].append(
+                    Line(x, result.gap.values, color_of[structure.name], styles[method])
+                )
+        legend = [(name, color_of[name], "-") for name in settings.structures]
+        legend += [("NGD (solid)", "black", "-"), ("Adam (dashed)", "black", "--")]
+        what = "exact gradients" if gradient == "exact" else f"MC gradients ({settings.num_samples} samples, {settings.estimator})"
+        path = out / f"gap_vs_{axis}_{gradient}.png"
+        common.plot_panels(
+            path, dict(panels), xlabel=axis if axis == "iterations" else "seconds (optimization work)",
+            ylabel="KL - KL* (gap to structure optimum)",
+            title=f"Gaussian targets, {what}: best NGD and Adam setting per structure",
+            legend=legend, floor=ROUNDOFF,
+        )
+        paths.append(path)
+    return paths
+
+
+def _panel_title(target: TargetSpec) -> str:
+    """Target label with the rank ``k`` and block size its structures use."""
+    options = {key: value for spec in structure_specs(target.dim) for key, value in spec.options}
+    return f"{target.label} (k={options['k']}, block={options['block_size']})"
+
+
+# ---------------------------------------------------------------- outputs
+def run_records(runs: List[Run]) -> List[dict]:
+    """JSON-ready records of every run with its curves."""
+    return [
+        {
+            "target": run.target.label, "dim": run.target.dim, "cond": run.target.cond, "seed": run.seed,
+            "structure": run.structure.label, "structure_name": run.structure.name,
+            "structure_options": dict(run.structure.options), "gradient": run.gradient,
+            **asdict(run.config), "status": run.status,
+            "iterations": run.kl.iterations,
+            "seconds": [float(f"{s:.4g}") for s in run.kl.seconds],
+            "kl": [float(f"{v:.12g}") for v in run.kl.values],
+            "gap": [float(f"{v:.4g}") for v in run.gap.values],
+        }
+        for run in runs
+    ]
+
+
+def write_outputs(
+    out: Path, settings: Settings, runs: List[Run], optima: Dict[tuple, dict], rows: List[dict], report: str
+) -> List[Path]:
+    """``table.md``, ``summary.csv`` and ``runs.json`` in ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(report)
+    common.write_csv(out / "summary.csv", rows)
+    optimum_records = [
+        {"target": t.label, "seed": s, "structure": st.label, **entry} for (t, s, st), entry in optima.items()
+    ]
+    common.write_json(
+        out / "runs.json",
+        {"settings": asdict(settings), "optima": optimum_records, "runs": run_records(runs)},
+    )
+    return [out / "table.md", out / "summary.csv", out / "runs.json"]
+
+
+# -------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m experiments gaussian``; unset ones come from the preset."""
+    parser.add_argument("--quick", action="store_true", help="small preset (about 3 minutes on 2 cores)")
+    parser.add_argument("--out", type=Path, default=Path("results/gaussian"), help="output directory")
+    parser.add_argument("--dims", type=int, nargs="+", help="target dimensions")
+    parser.add_argument("--conds", type=float, nargs="+", help="target condition numbers")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (target draw and MC noise)")
+    parser.add_argument("--structures", nargs="+", choices=STRUCTURES, help="structures to fit")
+    parser.add_argument("--gradients", nargs="+", choices=GRADIENTS, help="gradient types")
+    parser.add_argument("--iterations", type=int, help="steps per run with exact gradients")
+    parser.add_argument("--mc-iterations", type=int, help="steps per run with MC gradients")
+    parser.add_argument("--num-samples", type=int, help="MC samples per step")
+    parser.add_argument("--estimator", choices=ESTIMATORS, help="MC gradient estimator")
+    parser.add_argument("--ngd-lrs", type=float, nargs="+", help="NGD learning rates (exact gradients)")
+    parser.add_argument("--ngd-mc-lrs", type=float, nargs="+", help="NGD learning rates (MC gradients)")
+    parser.add_argument(
+        "--ngd-max-steps", type=common.parse_optional_float, nargs="+",
+        help="NGD trust regions max_step ('none' = off)",
+    )
+    parser.add_argument("--adam-lrs", type=float, nargs="+", help="Adam learning rates (exact gradients)")
+    parser.add_argument("--adam-mc-lrs", type=float, nargs="+", help="Adam learning rates (MC gradients)")
+    parser.add_argument("--tol", type=float, help="gap threshold for iterations/seconds to reach it")
+    parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default 1: steadier timings under load)")
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The preset (``quick`` or ``full``) with every option given on the command line."""
+    preset = PRESETS["quick" if args.quick else "full"]
+    overrides = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = tuple(value) if isinstance(value, list) else value
+    return replace(preset, **overrides)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the study, write the outputs and print the table."""
+    settings = resolve_settings(args)
+    common.configure_torch(settings.threads, torch.float64)
+    start = time.perf_counter()
+    runs, optima = run_all(settings)
+    attach_gaps(runs, optima)
+    best = best_results(runs, settings)
+    rows = summary_rows(best, optima, settings)
+    report = markdown_report(rows, settings, time.perf_counter() - start, notes(runs, optima))
+    paths = write_outputs(args.out, settings, runs, optima, rows, report)
+    paths += plot_all(best, settings, args.out)
+    print(report)
+    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
+    for path in paths:
+        print(f"  {path}")
