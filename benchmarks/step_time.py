@@ -229,6 +229,18 @@ def measure_round_robin(
             t.samples.append(_run_sample(t))
 
 
+def measure_with_args(timed: List["Timed"], args: argparse.Namespace) -> None:
+    """:func:`measure_round_robin` with the repeat and timing options from the command line."""
+    measure_round_robin(
+        timed,
+        repeats=args.repeats,
+        target_s=args.target,
+        max_calls=args.max_calls,
+        slow_s=args.slow,
+        slow_repeats=args.slow_repeats,
+    )
+
+
 # --------------------------------------------------------------------------- part 1 + 2
 @dataclass
 class StepRow:
@@ -289,14 +301,7 @@ def bench_step(
         Timed(adam.step, restore),
         Timed(adam_dense.step),
     ]
-    measure_round_robin(
-        timed,
-        repeats=args.repeats,
-        target_s=args.target,
-        max_calls=args.max_calls,
-        slow_s=args.slow,
-        slow_repeats=args.slow_repeats,
-    )
+    measure_with_args(timed, args)
     for p in params:  # the timed steps must have stayed finite
         if not torch.isfinite(p).all():
             raise RuntimeError(f"{name} d={d}: parameters became non-finite during timing")
@@ -351,14 +356,7 @@ def bench_scaling(name: str, d: int, args: argparse.Namespace, generator: torch.
         raise RuntimeError(f"{name} d={d}: matvec(solve(x)) != x (max error {err:.3g})")
     timed = [Timed(lambda: group.matvec(a, x)), Timed(lambda: group.solve(a, x))]
     with torch.no_grad():
-        measure_round_robin(
-            timed,
-            repeats=args.repeats,
-            target_s=args.target,
-            max_calls=args.max_calls,
-            slow_s=args.slow,
-            slow_repeats=args.slow_repeats,
-        )
+        measure_with_args(timed, args)
     return ScaleRow(label(name, options), d, timed[0].median, timed[1].median, group.numel())
 
 

@@ -82,9 +82,9 @@ class NaturalGradient(Optimizer):
     def add_param_group(self, param_group: dict) -> None:
         if "family" in param_group:
             param_group = self._as_param_group(dict(param_group))
+        full = {**self.defaults, **param_group}  # validate before the group is added
+        _check_hyper(full["lr"], full["momentum"], full["max_step"])
         super().add_param_group(param_group)
-        group = self.param_groups[-1]
-        _check_hyper(group["lr"], group["momentum"], group["max_step"])
 
     # -------------------------------------------------------------- step
     @torch.no_grad()
