@@ -59,6 +59,27 @@ class Gaussian(nn.Module):
         self.loc = nn.Parameter(loc)
         self.factor = nn.Parameter(self._initial_factor(precision, loc))
 
+    @classmethod
+    def view(cls, group: _groups.MatrixGroup, loc: Tensor, factor: Tensor, estimator: str = "reparam") -> "Gaussian":
+        """A family over existing leaf tensors (e.g. a Pyro guide's parameters).
+
+        The view shares ``loc`` and ``factor`` (and their ``.grad``) instead of copying
+        them, so :class:`~structngd.optim.NaturalGradient` steps move the owner's tensors.
+        """
+        if loc.shape != (group.dim,) or factor.shape != group.shape:
+            raise ValueError(
+                f"loc and factor must have shapes ({group.dim},) and {tuple(group.shape)}, "
+                f"got {tuple(loc.shape)} and {tuple(factor.shape)}"
+            )
+        if estimator not in ESTIMATORS:
+            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.group, self.dim, self.estimator = group, group.dim, estimator
+        self._parameters["loc"] = loc  # not re-wrapped: the view must share .grad
+        self._parameters["factor"] = factor
+        return self
+
     # ------------------------------------------------------------ set-up
     def _initial_factor(self, precision, loc: Tensor) -> Tensor:
         d, group = self.dim, self.group
@@ -105,6 +126,10 @@ class Gaussian(nn.Module):
         eps = torch.randn(
             tuple(sample_shape) + (self.dim,), dtype=self.loc.dtype, device=self.loc.device
         )
+        return self.from_noise(eps)
+
+    def from_noise(self, eps: Tensor) -> Tensor:
+        """The reparameterization ``z = mu + B^{-T} eps`` of given standard-normal noise."""
         return self.loc + self.group.tsolve(self.factor, eps)
 
     @torch.no_grad()

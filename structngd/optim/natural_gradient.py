@@ -55,7 +55,7 @@ class NaturalGradient(Optimizer):
         momentum: float = 0.0,
         max_step: Optional[float] = None,
     ):
-        _check_hyper(lr, momentum, max_step)
+        check_hyperparameters(lr, momentum, max_step)
         if _is_family(families):
             families = [families]
         groups = []
@@ -83,7 +83,7 @@ class NaturalGradient(Optimizer):
         if "family" in param_group:
             param_group = self._as_param_group(dict(param_group))
         full = {**self.defaults, **param_group}  # validate before the group is added
-        _check_hyper(full["lr"], full["momentum"], full["max_step"])
+        check_hyperparameters(full["lr"], full["momentum"], full["max_step"])
         super().add_param_group(param_group)
 
     # -------------------------------------------------------------- step
@@ -100,7 +100,7 @@ class NaturalGradient(Optimizer):
                 loss = closure()
         steps = []
         for index, group in enumerate(self.param_groups):
-            _check_hyper(group["lr"], group["momentum"], group["max_step"])
+            check_hyperparameters(group["lr"], group["momentum"], group["max_step"])
             try:
                 nat = group["family"].natural_gradient()
             except ValueError as err:
@@ -157,7 +157,7 @@ def _trust_region_scale(group: dict, m: torch.Tensor) -> float:
     return min(1.0, group["max_step"] / size) if size > 0 else 1.0
 
 
-def _check_hyper(lr, momentum, max_step=None) -> None:
+def check_hyperparameters(lr, momentum, max_step=None) -> None:
     if not (isinstance(lr, (int, float)) and lr >= 0 and lr == lr and lr != float("inf")):
         raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
     if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):

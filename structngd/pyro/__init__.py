@@ -1,0 +1,12 @@
+"""Layer 4a: structured natural-gradient variational inference in Pyro.
+
+``AutoStructuredNormal`` is an autoguide whose Gaussian posterior has a structured
+precision factor; ``NGD`` is the ``PyroOptim`` that ``SVI`` uses to move it by the
+local-parameterization natural gradient.
+"""
+
+from .distribution import StructuredAffine, StructuredNormal
+from .guide import AutoStructuredNormal
+from .optim import NGD
+
+__all__ = ["AutoStructuredNormal", "NGD", "StructuredNormal", "StructuredAffine"]
