@@ -23,8 +23,6 @@ from models.linear import BayesianLinearRegression, BayesianLogisticRegression
 from structngd.pyro import NGD, AutoStructuredNormal, StructuredNormal
 from structngd.pyro.distribution import StructuredAffine
 
-pytestmark = pytest.mark.filterwarnings("ignore:grad and param do not obey")
-
 DENSE_CAPABLE = ["dense", "lower_triangular", "upper_triangular"]
 
 

@@ -233,6 +233,6 @@ class Gaussian(nn.Module):
 
 def _accumulate(param: nn.Parameter, grad: Tensor) -> None:
     if param.grad is None:
-        param.grad = grad.detach().clone()
+        param.grad = grad.detach().clone(memory_format=torch.contiguous_format)
     else:
         param.grad.add_(grad)

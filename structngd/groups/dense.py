@@ -43,13 +43,18 @@ class Dense(MatrixGroup):
         return apply_columns(a, x, torch.matmul, self._unbatched(a))
 
     def tmatvec(self, a, x):
-        return apply_columns(a.mT, x, torch.matmul, self._unbatched(a))
+        if self._unbatched(a):  # rows: Y = X A (A's gradient keeps A's memory layout)
+            return (x.reshape(-1, x.shape[-1]) @ a).reshape(x.shape[:-1] + (a.shape[-1],))
+        return apply_columns(a.mT, x, torch.matmul, False)
 
     def solve(self, a, x):
         return apply_columns(a, x, torch.linalg.solve, self._unbatched(a))
 
     def tsolve(self, a, x):
-        return apply_columns(a.mT, x, torch.linalg.solve, self._unbatched(a))
+        if self._unbatched(a):  # rows: Y = X A^{-1}; keeps A's gradient in A's memory layout
+            flat = x.reshape(-1, x.shape[-1])
+            return torch.linalg.solve(a, flat, left=False).reshape(x.shape)
+        return apply_columns(a.mT, x, torch.linalg.solve, False)
 
     def logdet(self, a):
-        return torch.linalg.slogdet(a)[1]
+        return torch.linalg.slogdet(a.mT)[1]  # det A^T = det A; A^T keeps the gradient contiguous

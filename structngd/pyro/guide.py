@@ -162,7 +162,8 @@ class AutoStructuredNormal(AutoContinuous):
             raise ValueError("the model's log density, its gradient or its Hessian is non-finite at the samples")
         with torch.no_grad():
             loc.grad = -grad
-            factor.grad = estimators.factor_gradient_from_hessian(self.group, factor, -0.5 * (hess + hess.mT), 1.0)
+            g_factor = estimators.factor_gradient_from_hessian(self.group, factor, -0.5 * (hess + hess.mT), 1.0)
+            factor.grad = g_factor.contiguous()  # the layout autograd accumulates into next step
         return -value
 
     def _derivatives(self, z: Tensor, args, kwargs):

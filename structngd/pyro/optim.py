@@ -126,7 +126,8 @@ class NGD(PyroOptim):
     # ------------------------------------------------------------- state
     def get_state(self) -> Dict:
         """``{"natural_gradient": {loc name: state}, "fallback": fallback state}``."""
-        state = {_param_name(loc): entry[1].state_dict() for loc, entry in self.optim_objs.items()}
+        names = {loc: _param_name(loc) for loc in self.optim_objs}
+        state = {names[loc]: entry[1].state_dict() for loc, entry in self.optim_objs.items() if names[loc]}
         fallback = self.fallback.get_state() if self.fallback is not False else {}
         return {"natural_gradient": state, "fallback": fallback}
 
