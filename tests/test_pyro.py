@@ -96,7 +96,7 @@ def test_reparam_estimator_within_derived_monte_carlo_tolerance():
     model, x, y = blr_problem()
     mean, cov = model.posterior(x, y)
     beta, particles = 0.05, 16
-    guide = AutoStructuredNormal(model, "dense", antithetic=False)
+    guide = AutoStructuredNormal(model, "dense")
     fit(model, guide, NGD(lr=beta), (x, y), 600, particles=particles)
     post = guide.get_posterior()
     ar = beta / (2 - beta) / particles
@@ -239,7 +239,7 @@ def test_posterior_distribution_and_transform_agree():
 
 
 def test_antithetic_draws_come_in_mirrored_pairs_with_exact_moments():
-    guide = AutoStructuredNormal(constrained_model, "dense", init_scale=0.5)
+    guide = AutoStructuredNormal(constrained_model, "dense", init_scale=0.5, antithetic=True)
     guide(torch.randn(5, 2))
     post = guide.get_posterior()
     z = post.rsample((2, 3)).reshape(6, -1) - post.mean

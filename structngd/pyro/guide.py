@@ -53,7 +53,10 @@ class AutoStructuredNormal(AutoContinuous):
         init_scale: initial posterior standard deviation of every unconstrained latent
             (``B = I / init_scale``).
         antithetic: draw vectorized particles in ``+-eps`` pairs (when their number is
-            even), a variance reduction that keeps every draw exact.
+            even). The pairs cancel the mean's share of the noise in the factor's gradient
+            (useful far from the optimum), but they halve the rank of the precision
+            estimate: near the optimum of a 31-weight logistic regression, dense NGD with
+            16 antithetic particles stalled about 3.5 nats lower than with 16 independent ones.
         **group_options: the group's options (``k``, ``k1``, ``k2``, ``block_size``).
     """
 
@@ -63,7 +66,7 @@ class AutoStructuredNormal(AutoContinuous):
         structure: str = "dense",
         init_loc_fn=init_to_median,
         init_scale: float = 0.1,
-        antithetic: bool = True,
+        antithetic: bool = False,
         **group_options,
     ):
         if not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool) or not 0 < init_scale < float("inf"):
