@@ -350,3 +350,37 @@ def test_bad_configurations_are_clear_errors():
         svi.step(x, y)
     with pytest.raises(ValueError, match="get_state"):
         ngd.set_state({"AutoStructuredNormal.loc": {}})
+
+
+def test_guide_list_and_jit_elbo():
+    """Inside ``AutoGuideList`` NGD takes the structured part and the fallback the rest;
+    under ``JitTrace_ELBO`` NGD still recognises its guide (``fallback=False`` would raise)."""
+    from pyro import poutine
+    from pyro.infer import JitTrace_ELBO
+    from pyro.infer.autoguide import AutoDelta, AutoGuideList
+
+    model, x, y = blr_problem()
+    mean, cov = model.posterior(x, y)
+
+    def noisy_model(x, y):
+        scale = pyro.sample("scale", dist.LogNormal(torch.tensor(0.0, dtype=x.dtype), 1.0))
+        w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], dtype=x.dtype), 1.0).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal((x * w).sum(-1), scale), obs=y)
+
+    guide = AutoGuideList(noisy_model)
+    guide.append(AutoStructuredNormal(poutine.block(noisy_model, expose=["w"]), "lower_triangular"))
+    guide.append(AutoDelta(poutine.block(noisy_model, expose=["scale"])))
+    ngd = NGD(lr=0.2, fallback=pyro.optim.Adam({"lr": 0.05}))
+    fit(noisy_model, guide, ngd, (x, y), 300, particles=8)
+    state = ngd.get_state()
+    assert list(state["natural_gradient"]) == ["AutoGuideList.0.loc"]
+    assert list(state["fallback"]) == ["AutoGuideList.1.scale"]
+    assert 0.35 < guide.median(x, y)["scale"] < 0.7  # data noise 0.5
+
+    pyro.clear_param_store()
+    jit_guide = AutoStructuredNormal(model, "dense")
+    svi = SVI(model, jit_guide, NGD(lr=0.5, estimator="price", fallback=False), JitTrace_ELBO(ignore_jit_warnings=True))
+    for _ in range(60):
+        svi.step(x, y)
+    torch.testing.assert_close(jit_guide.get_posterior().mean, mean, rtol=0, atol=1e-8)

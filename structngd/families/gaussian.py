@@ -66,7 +66,7 @@ class Gaussian(nn.Module):
         The view shares ``loc`` and ``factor`` (and their ``.grad``) instead of copying
         them, so :class:`~structngd.optim.NaturalGradient` steps move the owner's tensors.
         """
-        if loc.shape != (group.dim,) or factor.shape != group.shape:
+        if not torch.jit.is_tracing() and (loc.shape != (group.dim,) or factor.shape != group.shape):
             raise ValueError(
                 f"loc and factor must have shapes ({group.dim},) and {tuple(group.shape)}, "
                 f"got {tuple(loc.shape)} and {tuple(factor.shape)}"
