@@ -352,6 +352,7 @@ def test_bad_configurations_are_clear_errors():
         ngd.set_state({"AutoStructuredNormal.loc": {}})
 
 
+@pytest.mark.filterwarnings("ignore:`torch.jit.trace` is deprecated:DeprecationWarning")
 def test_guide_list_and_jit_elbo():
     """Inside ``AutoGuideList`` NGD takes the structured part and the fallback the rest;
     under ``JitTrace_ELBO`` NGD still recognises its guide (``fallback=False`` would raise)."""
