@@ -1,0 +1,263 @@
+"""The shared machinery of the Kronecker preconditioners: capture, factor averages, the step."""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, Iterable, Optional, Tuple
+
+import torch
+import torch.distributed as dist
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from .capture import Capture, KronLayer, find_layers, warn_skipped
+
+FISHERS = ("empirical", "true")
+
+
+class KroneckerPreconditioner:
+    """Base class: rewrites the ``.grad`` of every supported layer with a preconditioned gradient.
+
+    Use it beside any torch optimizer::
+
+        pre = KFAC(model, damping=1e-3, update_every=10)
+        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+        for x, y in loader:
+            opt.zero_grad()
+            loss_fn(model(x), y).backward()
+            pre.step()       # Linear / Conv2d gradients are now preconditioned
+            opt.step()
+
+    Every ``update_every`` steps the step's Kronecker statistics ``A``, ``G`` (see
+    :mod:`structngd.kron.capture`) enter the moving averages
+    ``X <- factor_decay X + (1 - factor_decay) X_batch`` (the first batch initializes them) and
+    the subclass refreshes what it caches (inverses, eigenbases, ...).
+
+    Args:
+        model: the ``nn.Module`` whose ``Linear`` / ``Conv2d`` layers are preconditioned;
+            other parameterized modules are left alone (one warning lists them).
+        damping: Tikhonov damping ``lambda > 0``.
+        factor_decay: moving-average weight in ``[0, 1)`` of the old factors.
+        update_every: steps between factor (and inverse / eigenbasis) updates.
+        fisher: ``"empirical"`` (the loss's own gradients) or ``"true"`` (output gradients
+            for labels sampled from the model: call :meth:`sample_fisher` on the model's
+            output before the loss's backward pass).
+        batch_averaged: the loss is a mean over the batch (PyTorch's default reduction), so
+            per-example output gradients are the captured ones times the batch size.
+        accumulation_steps: micro-batches whose losses (each divided by this number) are
+            accumulated before one ``step()``.
+        grad_scaler: a ``torch.amp.GradScaler`` whose scale divides the captured gradients.
+        skip: names of modules to leave alone.
+    """
+
+    kind = "KroneckerPreconditioner"
+
+    def __init__(
+        self,
+        model: nn.Module,
+        damping: float = 1e-3,
+        factor_decay: float = 0.95,
+        update_every: int = 10,
+        fisher: str = "empirical",
+        batch_averaged: bool = True,
+        accumulation_steps: int = 1,
+        grad_scaler=None,
+        skip: Iterable[str] = (),
+    ):
+        _check_positive("damping", damping)
+        if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
+            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
+        _check_count("update_every", update_every)
+        _check_count("accumulation_steps", accumulation_steps)
+        if fisher not in FISHERS:
+            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        if not isinstance(model, nn.Module):
+            raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
+        self.damping, self.factor_decay, self.update_every = float(damping), float(factor_decay), update_every
+        self.fisher, self.batch_averaged, self.accumulation_steps = fisher, batch_averaged, accumulation_steps
+        self.grad_scaler = grad_scaler
+        self.layers, skipped = find_layers(model, tuple(skip))
+        if not self.layers:
+            raise ValueError(f"{self.kind} found no supported layer (nn.Linear, nn.Conv2d) in the model")
+        warn_skipped(self.kind, skipped)
+        self.skipped = skipped
+        self.capture = Capture(self.layers, self._grad_scale)
+        self.capture.use_sampled_g = fisher == "true"
+        self.steps = 0
+        self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in self.layers}
+
+    # ------------------------------------------------------------- hooks
+    def _grad_scale(self, batch: int) -> float:
+        scale = (batch if self.batch_averaged else 1) * self.accumulation_steps
+        if self.grad_scaler is not None and self.grad_scaler.is_enabled():
+            scale /= float(self.grad_scaler.get_scale())
+        return scale
+
+    def _factor_dtype(self, layer: KronLayer) -> torch.dtype:
+        return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+
+    @property
+    def is_update_step(self) -> bool:
+        """Whether the coming ``step()`` updates the factors."""
+        return self.steps % self.update_every == 0
+
+    def sample_fisher(self, output: Tensor, likelihood: str = "categorical") -> None:
+        """Backpropagate ``-log p(y_hat | output)`` for labels ``y_hat`` sampled from the model.
+
+        For ``fisher="true"``: call it on the model's output (logits for ``"categorical"``,
+        means of a unit-variance Gaussian for ``"gaussian"``) before the loss's backward
+        pass. Only the Kronecker statistics see these gradients; ``.grad`` is untouched.
+        """
+        if self.fisher != "true":
+            raise RuntimeError(f"sample_fisher is for fisher='true'; this {self.kind} uses fisher={self.fisher!r}")
+        if output.dtype not in (torch.float32, torch.float64):  # half / bfloat16 outputs
+            output = output.float()
+        with torch.no_grad():
+            if likelihood == "categorical":
+                sampled = torch.distributions.Categorical(logits=output.detach()).sample()
+            elif likelihood == "gaussian":
+                sampled = output.detach() + torch.randn_like(output)
+            else:
+                raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
+        if likelihood == "categorical":
+            loss = F.cross_entropy(output, sampled, reduction="mean" if self.batch_averaged else "sum")
+        else:
+            per_example = 0.5 * (output - sampled).pow(2).flatten(1).sum(1)
+            loss = per_example.mean() if self.batch_averaged else per_example.sum()
+        params = [p for layer in self.layers for p in layer.parameters]
+        self.capture.sampled_g = True
+        try:
+            torch.autograd.grad(loss / self.accumulation_steps, params, retain_graph=True, allow_unused=True)
+        finally:
+            self.capture.sampled_g = False
+
+    # -------------------------------------------------------------- step
+    @torch.no_grad()
+    def step(self) -> None:
+        """Precondition the gradients of every supported layer in place."""
+        if not self.capture.backward_seen:
+            raise RuntimeError(
+                f"{self.kind}.step() found no backward pass since the last step: call loss.backward() "
+                f"on a loss computed in training mode first"
+            )
+        grads = {}
+        for layer in self.layers:
+            if any(p.grad is None for p in layer.parameters):
+                raise RuntimeError(f"layer {layer.name!r} has no gradient; no parameter was changed")
+            grads[layer.name] = layer.grad_matrix()
+            if not torch.isfinite(grads[layer.name]).all():
+                raise ValueError(f"layer {layer.name!r} has non-finite gradients; nothing was changed")
+        if self.capture.factors:
+            batch = {layer.name: self.capture.batch_factors(layer) for layer in self.layers}
+            batch = self._all_reduce(batch)
+            for layer in self.layers:
+                self._update_factors(layer, *batch[layer.name])
+            for layer in self.layers:
+                self._refresh(layer)
+        else:
+            self._between_updates()
+        for layer in self.layers:
+            grad = grads[layer.name]
+            dtype = self._factor_dtype(layer)
+            layer.set_grad_matrix(self._precondition(layer, grad.to(dtype)).to(grad.dtype))
+        self.steps += 1
+        self.capture.reset()
+        self.capture.factors = self.is_update_step
+
+    def _update_factors(self, layer: KronLayer, a_batch: Tensor, g_batch: Tensor) -> None:
+        state, dtype = self.state[layer.name], self._factor_dtype(layer)
+        a_batch, g_batch = a_batch.to(dtype), g_batch.to(dtype)
+        if "A" not in state:
+            state["A"], state["G"] = a_batch.clone(), g_batch.clone()
+        else:
+            state["A"].mul_(self.factor_decay).add_(a_batch, alpha=1 - self.factor_decay)
+            state["G"].mul_(self.factor_decay).add_(g_batch, alpha=1 - self.factor_decay)
+
+    def _all_reduce(self, batch: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, Tuple[Tensor, Tensor]]:
+        """Average the step's factors over the ranks of the default process group."""
+        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+            return batch
+        flat = torch.cat([t.reshape(-1) for pair in batch.values() for t in pair])
+        dist.all_reduce(flat)
+        flat /= dist.get_world_size()
+        out, offset = {}, 0
+        for name, (a, g) in batch.items():
+            a2 = flat[offset : offset + a.numel()].view_as(a)
+            offset += a.numel()
+            g2 = flat[offset : offset + g.numel()].view_as(g)
+            offset += g.numel()
+            out[name] = (a2, g2)
+        return out
+
+    # -------------------------------------------------- subclass interface
+    def _refresh(self, layer: KronLayer) -> None:
+        """Recompute what the layer's preconditioner caches from ``state["A"]``, ``state["G"]``."""
+        raise NotImplementedError
+
+    def _between_updates(self) -> None:
+        """Work of a step without a factor update (EKFAC re-estimates its scaling here)."""
+
+    def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
+        """The preconditioned ``(d_out, d_in)`` gradient."""
+        raise NotImplementedError
+
+    def fisher_block(self, name: str) -> Tensor:
+        """The layer's approximate (undamped) Fisher as a dense matrix over ``vec(W)``
+        (column-major, ``d_in d_out`` square): for tests and diagnostics on small layers."""
+        raise NotImplementedError
+
+    # -------------------------------------------------------- state dicts
+    def state_dict(self) -> dict:
+        return {
+            "steps": self.steps,
+            "layers": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()},
+            "hyperparameters": {"damping": self.damping, "factor_decay": self.factor_decay, "update_every": self.update_every},
+        }
+
+    def load_state_dict(self, state_dict: dict) -> None:
+        layers = state_dict["layers"]
+        if set(layers) != set(self.state):
+            raise ValueError(
+                f"state_dict holds layers {sorted(layers)}, this {self.kind} has {sorted(self.state)}"
+            )
+        self.steps = int(state_dict["steps"])
+        for name, tensors in layers.items():
+            device = self._layer(name).weight.device
+            self.state[name] = {k: v.to(device).clone() for k, v in tensors.items()}
+        for key, value in state_dict.get("hyperparameters", {}).items():
+            setattr(self, key, value)
+        self.capture.reset()
+        self.capture.factors = self.is_update_step
+
+    def _layer(self, name: str) -> KronLayer:
+        return next(layer for layer in self.layers if layer.name == name)
+
+    def remove_hooks(self) -> None:
+        """Detach from the model (the preconditioner can no longer step)."""
+        self.capture.remove()
+
+
+def _check_positive(name: str, value) -> None:
+    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+
+
+def _check_count(name: str, value) -> None:
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+
+
+def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
+    """``(X + damping I)^{-1}`` of an SPD matrix by Cholesky."""
+    eye = torch.eye(matrix.shape[-1], dtype=matrix.dtype, device=matrix.device)
+    chol, info = torch.linalg.cholesky_ex(matrix + damping * eye)
+    if info != 0:
+        raise ValueError("a damped Kronecker factor is not positive-definite (non-finite statistics?)")
+    return torch.cholesky_inverse(chol)
+
+
+def pi_split(a: Tensor, g: Tensor) -> float:
+    """Martens & Grosse's ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (1 if degenerate)."""
+    ta = float(a.diagonal().mean())
+    tg = float(g.diagonal().mean())
+    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0

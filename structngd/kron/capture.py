@@ -1,0 +1,239 @@
+"""Per-layer capture of layer inputs and output gradients (module forward hooks + output-tensor hooks).
+
+For every supported layer the weight (and bias, when it trains) is seen as one matrix
+``W`` of shape ``(d_out, d_in)`` acting on input rows ``a_bar = (a, 1)``:
+
+* ``nn.Linear``: one row per example (extra leading dimensions, e.g. positions, are extra rows);
+* ``nn.Conv2d`` (``groups=1``, zero padding, any stride / dilation / padding): the KFC patch
+  expansion, one row per output location ``t`` (``d_in = C_in k_h k_w (+1)``).
+
+Per step the capture accumulates ``A = E_n[sum_t a_bar a_bar^T]`` and
+``G = E_n[(1/T) sum_t g g^T]`` with ``g`` the per-example output gradient
+``d(-log p(y_n | x_n)) / d s_n`` (the batch-mean loss's gradient times the batch size), so
+that the layer's Fisher block is approximated by ``A ⊗ G`` (KFAC / KFC).
+"""
+
+from __future__ import annotations
+
+import warnings
+from typing import Callable, Dict, List, Optional, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class KronLayer:
+    """A supported layer with the maps from its tensors to Kronecker rows."""
+
+    def __init__(self, name: str, module: nn.Module):
+        self.name, self.module = name, module
+        self.weight: nn.Parameter = module.weight
+        bias = module.bias
+        self.bias: Optional[nn.Parameter] = bias if bias is not None and bias.requires_grad else None
+        self.has_ones = bias is not None  # a frozen bias still shifts the output, but has no gradient
+        self.out_dim = module.weight.shape[0]
+        self.in_dim = module.weight[0].numel() + (1 if self.bias is not None else 0)
+
+    def __repr__(self) -> str:
+        return f"KronLayer({self.name!r}, {type(self.module).__name__}, d_in={self.in_dim}, d_out={self.out_dim})"
+
+    @property
+    def parameters(self) -> List[nn.Parameter]:
+        return [self.weight] + ([self.bias] if self.bias is not None else [])
+
+    # ------------------------------------------------------------- rows
+    def input_rows(self, x: Tensor) -> Tensor:
+        """``(N, T, d_in)`` rows ``a_bar`` (bias coordinate 1 last)."""
+        m = self.module
+        if isinstance(m, nn.Conv2d):
+            if x.dim() == 3:  # unbatched input
+                x = x.unsqueeze(0)
+            padding = _conv_padding(m)
+            if any(padding):
+                x = F.pad(x, padding)
+            rows = F.unfold(x, m.kernel_size, dilation=m.dilation, stride=m.stride).transpose(1, 2)
+        else:
+            rows = x.reshape(x.shape[0] if x.dim() > 1 else 1, -1, x.shape[-1])
+        if self.bias is not None:
+            rows = torch.cat([rows, rows.new_ones(rows.shape[:-1] + (1,))], dim=-1)
+        return rows
+
+    def grad_rows(self, g: Tensor) -> Tensor:
+        """``(N, T, d_out)`` rows of output gradients."""
+        if isinstance(self.module, nn.Conv2d):
+            if g.dim() == 3:
+                g = g.unsqueeze(0)
+            return g.flatten(2).transpose(1, 2)
+        return g.reshape(g.shape[0] if g.dim() > 1 else 1, -1, g.shape[-1])
+
+    # ----------------------------------------------------- gradient matrix
+    def grad_matrix(self) -> Tensor:
+        """``dL/dW`` as ``(d_out, d_in)`` (bias gradient as the last column)."""
+        g = self.weight.grad.reshape(self.out_dim, -1)
+        if self.bias is not None:
+            g = torch.cat([g, self.bias.grad.reshape(self.out_dim, 1)], dim=1)
+        return g
+
+    def set_grad_matrix(self, mat: Tensor) -> None:
+        """Write a ``(d_out, d_in)`` matrix back into ``weight.grad`` (and ``bias.grad``)."""
+        w = mat[:, : self.weight[0].numel()] if self.bias is not None else mat
+        self.weight.grad.copy_(w.reshape(self.weight.shape))
+        if self.bias is not None:
+            self.bias.grad.copy_(mat[:, -1])
+
+    def weight_matrix(self) -> Tensor:
+        """``W`` as ``(d_out, d_in)`` (bias as the last column)."""
+        w = self.weight.detach().reshape(self.out_dim, -1)
+        if self.bias is not None:
+            w = torch.cat([w, self.bias.detach().reshape(self.out_dim, 1)], dim=1)
+        return w
+
+
+def _conv_padding(m: nn.Conv2d) -> Tuple[int, int, int, int]:
+    """``F.pad`` amounts (left, right, top, bottom) of a zero-padded ``Conv2d``."""
+    if m.padding == "valid":
+        return (0, 0, 0, 0)
+    if m.padding == "same":
+        pads = []
+        for k, d in zip(reversed(m.kernel_size), reversed(m.dilation)):  # width first for F.pad
+            total = d * (k - 1)
+            pads += [total // 2, total - total // 2]
+        return tuple(pads)
+    ph, pw = m.padding
+    return (pw, pw, ph, ph)
+
+
+def unsupported_reason(module: nn.Module) -> Optional[str]:
+    """Why a ``Linear`` / ``Conv2d`` cannot be preconditioned, or ``None`` if it can."""
+    if not module.weight.requires_grad:
+        return "frozen weight"
+    if isinstance(module, nn.Conv2d):
+        if module.groups != 1:
+            return f"groups={module.groups}"
+        if module.padding_mode != "zeros":
+            return f"padding_mode={module.padding_mode!r}"
+    return None
+
+
+def find_layers(model: nn.Module, skip: Tuple[str, ...] = ()) -> Tuple[List[KronLayer], Dict[str, str]]:
+    """Supported layers of ``model`` and, by name, the parameterized modules left alone and why."""
+    layers, skipped = [], {}
+    owners: Dict[int, List[str]] = {}
+    for name, module in model.named_modules():
+        for p in module.parameters(recurse=False):
+            owners.setdefault(id(p), []).append(name)
+    for name, module in model.named_modules():
+        direct = [p for p in module.parameters(recurse=False) if p.requires_grad]
+        if name in skip:
+            if direct:
+                skipped[name] = "skipped on request"
+            continue
+        if type(module) in (nn.Linear, nn.Conv2d):
+            reason = unsupported_reason(module)
+            shared = [n for p in module.parameters(recurse=False) for n in owners[id(p)] if n != name]
+            if reason is None and shared:
+                reason = f"weight shared with {sorted(set(shared))}"
+            if reason is None:
+                layers.append(KronLayer(name, module))
+            else:
+                skipped[name] = reason
+        elif isinstance(module, nn.modules.lazy.LazyModuleMixin) and module.has_uninitialized_params():
+            skipped[name] = "uninitialized lazy module (run one forward pass before building the preconditioner)"
+        elif direct:
+            skipped[name] = f"unsupported layer type {type(module).__name__}"
+    return layers, skipped
+
+
+class Capture:
+    """Hooks that accumulate the Kronecker statistics of the supported layers.
+
+    A forward hook takes the layer's input rows and registers a hook on the layer's output
+    tensor, which receives the output gradient in the backward pass (this also works when
+    the first layer's input does not require gradients, and under ``torch.autograd.grad``).
+    ``factors`` switches the accumulation of ``A`` and ``G`` on (set before the forward pass
+    of a factor-update step); ``on_rows(layer, a_rows, g_rows)`` (if set) gets the rows of
+    every micro-batch in the backward pass (EKFAC's per-example gradients). ``grad_scale(n)``
+    multiplies the output gradients of a micro-batch of ``n`` examples.
+    """
+
+    def __init__(self, layers: List[KronLayer], grad_scale: Callable[[int], float]):
+        self.layers = layers
+        self.grad_scale = grad_scale
+        self.factors = True
+        self.on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None
+        self.sampled_g = False  # True while a sampled-label backward (true Fisher) runs
+        self.use_sampled_g = False  # G (and on_rows) from the sampled labels only
+        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in layers]
+        self.reset()
+
+    def reset(self) -> None:
+        """Forget the statistics of the current step."""
+        self.a_sum = {layer.name: None for layer in self.layers}
+        self.g_sum = {layer.name: None for layer in self.layers}
+        self.a_count = {layer.name: 0 for layer in self.layers}
+        self.g_count = {layer.name: 0 for layer in self.layers}
+        self.backward_seen = False
+
+    def remove(self) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def _forward_hook(self, layer: KronLayer):
+        def hook(module, inputs, output):
+            if not (module.training and torch.is_grad_enabled() and output.requires_grad):
+                return
+            x = inputs[0].detach()
+            rows = layer.input_rows(x).to(_stat_dtype(x))
+            if self.factors:
+                _add(self.a_sum, layer.name, torch.einsum("nti,ntj->ij", rows, rows))
+                self.a_count[layer.name] += rows.shape[0]
+            output.register_hook(self._gradient_hook(layer, rows.shape[0], rows if self.on_rows is not None else None))
+
+        return hook
+
+    def _gradient_hook(self, layer: KronLayer, n: int, a_rows: Optional[Tensor]):
+        def hook(grad: Tensor):
+            if not self.sampled_g:
+                self.backward_seen = True
+            if self.sampled_g != self.use_sampled_g:  # not the Fisher's gradients
+                return
+            g = grad.detach()
+            g_rows = layer.grad_rows(g).to(_stat_dtype(g)) * self.grad_scale(n)
+            if self.factors:
+                _add(self.g_sum, layer.name, torch.einsum("nti,ntj->ij", g_rows, g_rows) / g_rows.shape[1])
+                self.g_count[layer.name] += g_rows.shape[0]
+            if self.on_rows is not None and a_rows is not None:
+                self.on_rows(layer, a_rows, g_rows)
+
+        return hook
+
+    def batch_factors(self, layer: KronLayer) -> Tuple[Tensor, Tensor]:
+        """This step's ``(A, G)`` of ``layer`` (sums over the micro-batches, averaged)."""
+        name = layer.name
+        if self.a_sum[name] is None or self.g_sum[name] is None:
+            raise RuntimeError(
+                f"no statistics were captured for layer {name!r} in this step: run the forward and "
+                f"backward passes in training mode with gradients enabled before step()"
+            )
+        return self.a_sum[name] / self.a_count[name], self.g_sum[name] / self.g_count[name]
+
+
+def _stat_dtype(x: Tensor) -> torch.dtype:
+    """Statistics in float64 for float64 models, else float32 (also under autocast / bfloat16)."""
+    return torch.float64 if x.dtype == torch.float64 else torch.float32
+
+
+def _add(store: Dict[str, Optional[Tensor]], key: str, value: Tensor) -> None:
+    store[key] = value if store[key] is None else store[key] + value
+
+
+def warn_skipped(kind: str, skipped: Dict[str, str]) -> None:
+    """One warning listing the parameterized modules a preconditioner leaves alone."""
+    if skipped:
+        listing = "; ".join(f"{name or '<model>'}: {why}" for name, why in skipped.items())
+        warnings.warn(
+            f"{kind} leaves these modules' gradients unchanged (the optimizer still updates them): {listing}",
+            stacklevel=3,
+        )

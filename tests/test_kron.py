@@ -1,0 +1,318 @@
+"""structngd.kron: KFAC and EKFAC against Fisher blocks computed independently by autograd.
+
+Per-example gradients come from ``torch.func`` (``vmap`` of ``grad`` of the per-example loss),
+never from the library's hooks; Fisher blocks are built from them in the column-major
+``vec`` convention (``(A ⊗ G) vec(X) = vec(G X A^T)``).
+"""
+
+import copy
+import math
+import warnings
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.func import functional_call, grad, vmap
+
+from structngd.kron import EKFAC, KFAC
+
+DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+
+
+def mlp(seed=0, sizes=(4, 5, 3), dtype=torch.float64):
+    torch.manual_seed(seed)
+    layers = []
+    for i, (a, b) in enumerate(zip(sizes[:-1], sizes[1:])):
+        layers.append(nn.Linear(a, b))
+        if i < len(sizes) - 2:
+            layers.append(nn.Tanh())
+    return nn.Sequential(*layers).to(dtype)
+
+
+def cnn(seed=0, dtype=torch.float64, stride=1, dilation=1, padding=1):
+    torch.manual_seed(seed)
+    return nn.Sequential(
+        nn.Conv2d(2, 3, 3, stride=stride, padding=padding, dilation=dilation),
+        nn.Tanh(),
+        nn.Flatten(),
+        nn.LazyLinear(4),
+    ).to(dtype)
+
+
+def per_example_grads(model, x, y):
+    """``{param name: (N, *shape)}`` gradients of the per-example cross-entropy."""
+    params = {k: v.detach() for k, v in model.named_parameters()}
+
+    def loss(p, xi, yi):
+        out = functional_call(model, p, (xi.unsqueeze(0),))
+        return F.cross_entropy(out, yi.unsqueeze(0))
+
+    return vmap(grad(loss), in_dims=(None, 0, 0))(params, x, y)
+
+
+def weight_matrix_grads(grads, prefix):
+    """Per-example ``(N, d_out, d_in)`` with the bias as the last column."""
+    w, b = grads[prefix + ".weight"], grads[prefix + ".bias"]
+    return torch.cat([w.reshape(w.shape[0], w.shape[1], -1), b.unsqueeze(-1)], dim=-1)
+
+
+def vec(m):
+    """Column-major vec of the trailing two dims."""
+    return m.mT.reshape(*m.shape[:-2], -1)
+
+
+def exact_fisher(gw):
+    v = vec(gw)
+    return v.mT @ v / v.shape[0]
+
+
+def run_step(pre, model, x, y):
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    pre.step()
+
+
+def data(n=64, shape=(4,), classes=3, seed=1, dtype=torch.float64):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn((n,) + shape, generator=g, dtype=dtype), torch.randint(0, classes, (n,), generator=g)
+
+
+# ------------------------------------------------------------ the factors
+def test_kfac_factors_are_the_mean_outer_products_of_inputs_and_output_gradients():
+    model = mlp()
+    x, y = data()
+    pre = KFAC(model, factor_decay=0.0, update_every=1)
+    run_step(pre, model, x, y)
+    # independent: inputs by a forward pass, output gradients of per-example losses by autograd
+    h = torch.tanh(model[0](x))
+    outs = [model[0](x), model[2](h)]
+    ins = [x, h]
+    for k, (name, inp) in enumerate(zip(["0", "2"], ins)):
+        a_bar = torch.cat([inp, torch.ones(len(x), 1, dtype=x.dtype)], 1)
+        torch.testing.assert_close(pre.state[name]["A"], a_bar.T @ a_bar / len(x), rtol=1e-12, atol=1e-12)
+    s1 = model[0](x).detach().requires_grad_(True)
+    s2 = model[2](torch.tanh(s1))
+    per_example = F.cross_entropy(s2, y, reduction="none")
+    g1, g2 = torch.autograd.grad(per_example.sum(), [s1, s2])
+    for name, g in [("0", g1), ("2", g2)]:
+        torch.testing.assert_close(pre.state[name]["G"], g.T @ g / len(x), rtol=1e-12, atol=1e-12)
+    del outs
+
+
+@pytest.mark.parametrize("layer_kind", ["linear", "conv"])
+def test_one_example_fisher_is_exactly_kronecker(layer_kind):
+    """With one example (one output location for the dense layer) ``F = vec dW vec dW^T = A ⊗ G``."""
+    model = mlp() if layer_kind == "linear" else cnn(padding=0)
+    x, y = data(n=1, shape=(4,) if layer_kind == "linear" else (2, 3, 3))
+    model(x)  # materialize the lazy layer
+    pre = KFAC(model, factor_decay=0.0, update_every=1)
+    run_step(pre, model, x, y)
+    grads = per_example_grads(model, x, y)
+    name = "0"  # the 3x3 conv on a 3x3 input without padding has T = 1 output location
+    fisher = exact_fisher(weight_matrix_grads(grads, name))
+    torch.testing.assert_close(pre.fisher_block(name), fisher, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("stride,dilation,padding", [(1, 1, 1), (2, 1, 0), (1, 2, 2), (2, 1, "valid"), (1, 1, "same")])
+def test_kfc_rows_reproduce_per_example_conv_gradients(stride, dilation, padding):
+    """``sum_t g_{n,t} a_bar_{n,t}^T`` from the captured rows equals autograd's per-example gradient."""
+    model = cnn(stride=1 if padding == "same" else stride, dilation=dilation, padding=padding)
+    x, y = data(n=5, shape=(2, 7, 7))
+    model(x)  # materialize the lazy layer
+    pre = EKFAC(model, factor_decay=0.0, update_every=1)
+    captured = {}
+    pre.capture.on_rows = lambda layer, a, g: captured.setdefault(layer.name, (a, g))
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    a, g = captured["0"]
+    rebuilt = torch.einsum("nto,nti->noi", g, a)  # rows carry the batch-size scale
+    grads = per_example_grads(model, x, y)
+    torch.testing.assert_close(rebuilt.to(torch.float64), weight_matrix_grads(grads, "0"), rtol=1e-6, atol=1e-6)
+
+
+def test_kfac_preconditioned_gradient_is_the_damped_kronecker_solve():
+    model = mlp(sizes=(4, 6, 5, 3))
+    x, y = data(n=32)
+    damping = 1e-2
+    pre = KFAC(model, damping=damping, factor_decay=0.0, update_every=1)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    raw = {layer.name: layer.grad_matrix().clone() for layer in pre.layers}
+    pre.step()
+    for layer in pre.layers:
+        a, g = pre.state[layer.name]["A"], pre.state[layer.name]["G"]
+        pi = math.sqrt((a.trace() / a.shape[0]) / (g.trace() / g.shape[0]))
+        dense = torch.kron(a + pi * math.sqrt(damping) * torch.eye(a.shape[0], dtype=a.dtype),
+                           g + math.sqrt(damping) / pi * torch.eye(g.shape[0], dtype=g.dtype))
+        expected = torch.linalg.solve(dense, vec(raw[layer.name]))
+        torch.testing.assert_close(vec(layer.grad_matrix()), expected, rtol=1e-9, atol=1e-12)
+
+
+def test_kfac_with_vanishing_damping_solves_with_a_kron_g():
+    """On the hidden layer (the softmax layer's ``G`` is singular: its output gradients sum
+    to zero over the classes, so only the damped solve exists there)."""
+    model = mlp(sizes=(3, 4, 2))
+    x, y = data(n=200, shape=(3,), classes=2)
+    pre = KFAC(model, damping=1e-24, factor_decay=0.0, update_every=1)  # sqrt(damping) << eig(G) ~ 4e-6
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    raw = pre.layers[0].grad_matrix().clone()
+    pre.step()
+    a, g = pre.state["0"]["A"], pre.state["0"]["G"]
+    expected = torch.linalg.solve(torch.kron(a, g), vec(raw))
+    torch.testing.assert_close(vec(pre.layers[0].grad_matrix()), expected, rtol=1e-6, atol=1e-9)
+
+
+# ------------------------------------------------------------------ EKFAC
+@pytest.mark.parametrize("seed", range(6))
+def test_ekfac_is_never_farther_from_the_fisher_than_kfac(seed):
+    """George et al.'s theorem on random networks and data (Linear and Conv2d layers)."""
+    model = cnn(seed=seed) if seed % 2 else mlp(seed=seed, sizes=(4, 6, 5, 3))
+    x, y = data(n=48, shape=(2, 5, 5) if seed % 2 else (4,), classes=4 if seed % 2 else 3, seed=seed + 10)
+    model(x)
+    kfac = KFAC(model, factor_decay=0.0, update_every=1)
+    run_step(kfac, model, x, y)
+    kfac.remove_hooks()
+    ekfac = EKFAC(model, factor_decay=0.0, update_every=1)
+    run_step(ekfac, model, x, y)
+    grads = per_example_grads(model, x, y)
+    for layer in ekfac.layers:
+        fisher = exact_fisher(weight_matrix_grads(grads, layer.name))
+        err_kfac = torch.linalg.matrix_norm(fisher - kfac.fisher_block(layer.name))
+        err_ekfac = torch.linalg.matrix_norm(fisher - ekfac.fisher_block(layer.name))
+        assert err_ekfac <= err_kfac * (1 + 1e-12), (layer.name, err_ekfac, err_kfac)
+        # s* is the diagonal of the Fisher in the eigenbasis, so perturbing it can only hurt
+        state = ekfac.state[layer.name]
+        basis = torch.kron(state["U_A"], state["U_G"])
+        torch.testing.assert_close(vec(state["s"]), (basis.mT @ fisher @ basis).diagonal(), rtol=1e-9, atol=1e-12)
+        if layer.name.startswith("0") or seed % 2 == 0:
+            assert err_ekfac < err_kfac  # strictly better on these (non-Kronecker) Fisher blocks
+
+
+# ---------------------------------------------------------------- workflow
+def test_gradient_accumulation_matches_the_full_batch():
+    model = mlp()
+    x, y = data(n=40)
+    full = KFAC(model, factor_decay=0.0, update_every=1)
+    run_step(full, model, x, y)
+    expected = {layer.name: layer.grad_matrix().clone() for layer in full.layers}
+    full.remove_hooks()
+    pre = KFAC(model, factor_decay=0.0, update_every=1, accumulation_steps=2)
+    model.zero_grad()
+    for xs, ys in [(x[:20], y[:20]), (x[20:], y[20:])]:
+        (F.cross_entropy(model(xs), ys) / 2).backward()
+    pre.step()
+    for layer in pre.layers:
+        torch.testing.assert_close(layer.grad_matrix(), expected[layer.name], rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_state_dict_resumes_bit_for_bit(cls):
+    x, y = data(n=32)
+
+    def train(pre, model, opt, steps):
+        for t in range(steps):
+            opt.zero_grad()
+            F.cross_entropy(model(x[t % 4 * 8 : t % 4 * 8 + 8]), y[t % 4 * 8 : t % 4 * 8 + 8]).backward()
+            pre.step()
+            opt.step()
+
+    model = mlp(sizes=(4, 8, 3))
+    pre, opt = cls(model, update_every=3), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    train(pre, model, opt, 7)
+    saved = copy.deepcopy((pre.state_dict(), opt.state_dict(), model.state_dict()))
+    train(pre, model, opt, 5)
+    reference = {k: v.clone() for k, v in model.state_dict().items()}
+
+    model2 = mlp(sizes=(4, 8, 3), seed=99)
+    model2.load_state_dict(saved[2])
+    pre2, opt2 = cls(model2, update_every=3), torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    pre2.load_state_dict(saved[0])
+    opt2.load_state_dict(saved[1])
+    train(pre2, model2, opt2, 5)
+    for k, v in model2.state_dict().items():
+        assert torch.equal(v, reference[k]), k
+
+
+def test_true_fisher_uses_sampled_labels_only():
+    model = mlp()
+    x, y = data(n=64)
+    pre = KFAC(model, fisher="true", factor_decay=0.0, update_every=1)
+    torch.manual_seed(5)
+    out = model(x)
+    pre.sample_fisher(out)
+    F.cross_entropy(out, y).backward()
+    pre.step()
+    torch.manual_seed(5)
+    sampled = torch.distributions.Categorical(logits=out.detach()).sample()
+    s2 = model[2](torch.tanh(model[0](x))).detach().requires_grad_(True)
+    (g2,) = torch.autograd.grad(F.cross_entropy(s2, sampled, reduction="sum"), s2)
+    torch.testing.assert_close(pre.state["2"]["G"], g2.T @ g2 / len(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(RuntimeError, match="fisher='true'"):
+        KFAC(mlp()).sample_fisher(out)
+
+
+def test_unsupported_layers_are_listed_in_one_warning():
+    torch.manual_seed(0)
+    frozen = nn.Linear(4, 4)
+    frozen.weight.requires_grad_(False)
+    seq = nn.Sequential(nn.Conv2d(2, 4, 3, groups=2), nn.Flatten(), nn.LazyLinear(4), nn.LayerNorm(4), frozen, nn.Linear(4, 3))
+    seq(torch.randn(1, 2, 5, 5))  # materialize the lazy layer
+    model = nn.Module()
+    model.seq, model.lazy, model.shared, model.tied = seq, nn.LazyLinear(3), nn.Linear(4, 4), nn.Linear(4, 4)
+    model.tied.weight = model.shared.weight
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pre = KFAC(model)
+    messages = [str(w.message) for w in caught if "leaves these modules" in str(w.message)]
+    assert len(messages) == 1
+    for part in ["seq.0: groups=2", "seq.3: unsupported layer type LayerNorm", "seq.4: frozen weight",
+                 "lazy: uninitialized lazy module", "shared: weight shared with ['tied']"]:
+        assert part in messages[0], part
+    assert [layer.name for layer in pre.layers] == ["seq.2", "seq.5"]
+
+
+def test_bad_hyperparameters_and_misuse_are_clear_errors():
+    model = mlp()
+    for kwargs, match in [
+        ({"damping": 0.0}, "damping"),
+        ({"damping": float("nan")}, "damping"),
+        ({"factor_decay": 1.0}, "factor_decay"),
+        ({"update_every": 0}, "update_every"),
+        ({"fisher": "exact"}, "fisher"),
+        ({"accumulation_steps": 1.5}, "accumulation_steps"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            KFAC(model, **kwargs)
+    with pytest.raises(ValueError, match="no supported layer"):
+        KFAC(nn.Sequential(nn.Tanh()))
+    pre = KFAC(model)
+    with pytest.raises(RuntimeError, match="no backward pass"):
+        pre.step()
+    x, y = data(n=8)
+    model.zero_grad()
+    F.cross_entropy(model(x), y).backward()
+    model[0].weight.grad[0, 0] = float("inf")
+    before = model[2].weight.grad.clone()
+    with pytest.raises(ValueError, match="non-finite"):
+        pre.step()
+    assert torch.equal(model[2].weight.grad, before)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+def test_training_reduces_the_loss_on_every_device(device, cls):
+    model = mlp(sizes=(4, 16, 3), dtype=torch.float32).to(device)
+    x, y = data(n=256, dtype=torch.float32)
+    x, y = x.to(device), (x[:, 0] > 0).long().to(device) + (x[:, 1] > 0.5).long().to(device)
+    pre, opt = cls(model, damping=1e-2, update_every=5), torch.optim.SGD(model.parameters(), lr=0.2)
+    losses = []
+    for _ in range(60):
+        opt.zero_grad()
+        loss = F.cross_entropy(model(x), y)
+        loss.backward()
+        pre.step()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < 0.5 * losses[0]
