@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.func import functional_call, grad, vmap
 
-from structngd.kron import EKFAC, KFAC
+from structngd.kron import EKFAC, KFAC, LocalKFAC
 
 DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
 
@@ -207,7 +207,7 @@ def test_gradient_accumulation_matches_the_full_batch():
         torch.testing.assert_close(layer.grad_matrix(), expected[layer.name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, LocalKFAC])
 def test_state_dict_resumes_bit_for_bit(cls):
     x, y = data(n=32)
 
@@ -301,7 +301,7 @@ def test_bad_hyperparameters_and_misuse_are_clear_errors():
 
 
 @pytest.mark.parametrize("device", DEVICES)
-@pytest.mark.parametrize("cls", [KFAC, EKFAC])
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, LocalKFAC])
 def test_training_reduces_the_loss_on_every_device(device, cls):
     model = mlp(sizes=(4, 16, 3), dtype=torch.float32).to(device)
     x, y = data(n=256, dtype=torch.float32)
@@ -316,3 +316,99 @@ def test_training_reduces_the_loss_on_every_device(device, cls):
         opt.step()
         losses.append(loss.item())
     assert losses[-1] < 0.5 * losses[0]
+
+
+# -------------------------------------------------------------- LocalKFAC
+LOCAL_STRUCTURES = [("dense", {}), ("diagonal", {}), ("lower_triangular", {}), ("upper_triangular", {}),
+                    ("block_diagonal", {"block_size": 2}), ("hierarchical", {"k1": 2, "k2": 1}),
+                    ("block_triangular", {"k": 2})]
+
+
+def local_layer(structure="dense", options=None, d_in=6, d_out=4, dtype=torch.float64, **kwargs):
+    model = nn.Sequential(nn.Linear(d_in - 1, d_out)).to(dtype)
+    pre = LocalKFAC(model, structure=structure, group_options=options, **kwargs)
+    return pre, pre.layers[0]
+
+
+def spd(d, generator, dtype=torch.float64, cond=10.0):
+    q, _ = torch.linalg.qr(torch.randn(d, d, generator=generator, dtype=torch.float64))
+    return (q * torch.logspace(0, math.log10(cond), d, dtype=torch.float64)) @ q.T
+
+
+def test_local_factor_gradients_are_the_vi_loss_gradients():
+    """``X_K = K^T dL/dK`` and ``X_C = C^T dL/dC`` for the Kronecker-Gaussian VI loss
+    ``L = tr(A K K^T) tr(G C C^T) / 2 + lambda tr(K K^T) tr(C C^T) / 2 - (d_out log|K K^T| + d_in log|C C^T|) / 2``
+    (autograd), so the step is the natural gradient with the group's Fisher weights."""
+    g = torch.Generator().manual_seed(0)
+    pre, layer = local_layer(damping=0.3, lr_cov=1e-3, momentum=0.0)
+    a, gg = spd(6, g), spd(4, g)
+    k = torch.eye(6, dtype=torch.float64) + 0.1 * torch.randn(6, 6, generator=g, dtype=torch.float64)
+    c = torch.eye(4, dtype=torch.float64) + 0.1 * torch.randn(4, 4, generator=g, dtype=torch.float64)
+    state = pre.state[layer.name]
+    state.update(A=a, G=gg, K=k.clone(), C=c.clone())
+    kk, cc = k.clone().requires_grad_(True), c.clone().requires_grad_(True)
+    lam = 0.3
+    loss = 0.5 * torch.trace(a @ kk @ kk.T) * torch.trace(gg @ cc @ cc.T) + 0.5 * lam * torch.trace(kk @ kk.T) * torch.trace(cc @ cc.T) \
+        - 0.5 * (4 * torch.logdet(kk @ kk.T) + 6 * torch.logdet(cc @ cc.T))
+    gk, gc = torch.autograd.grad(loss, [kk, cc])
+    pre._refresh(layer)
+    group = pre.groups[layer.name][0]
+    # m after one step from zero momentum is project(X) / scale; recover it from the new K
+    expected_m_k = group.project(k.T @ gk) / 4
+    expected_m_c = group.project(c.T @ gc) / 6
+    torch.testing.assert_close(state["m_K"], expected_m_k, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state["m_C"], expected_m_c, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(state["K"], group.mul(k, group.expm(-1e-3 * expected_m_k)), rtol=1e-12, atol=1e-12)
+
+
+def test_local_fixed_point_is_the_inverse_kronecker_product():
+    g = torch.Generator().manual_seed(1)
+    pre, layer = local_layer(damping=1e-12, lr_cov=0.2, momentum=0.0)
+    a, gg = spd(6, g, cond=5.0), spd(4, g, cond=5.0)
+    state = pre.state[layer.name]
+    for _ in range(400):
+        state["A"], state["G"] = a, gg
+        pre._refresh(layer)
+    product = torch.kron(state["KKt"], state["CCt"])
+    torch.testing.assert_close(product, torch.linalg.inv(torch.kron(a, gg)), rtol=1e-8, atol=1e-10)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("structure,options", LOCAL_STRUCTURES)
+def test_local_factors_stay_in_their_group_and_spd_over_thousands_of_noisy_steps(structure, options, dtype):
+    g = torch.Generator().manual_seed(2)
+    pre, layer = local_layer(structure, options, d_in=8, d_out=6, dtype=dtype, damping=1e-3, lr_cov=0.05)
+    state = pre.state[layer.name]
+    group_k, group_c = pre.groups[layer.name]
+    assert (group_k.name, group_c.name) == (structure, structure)
+    a_true, g_true = spd(8, g, cond=100.0), spd(6, g, cond=100.0)
+    for step in range(2000):
+        x = torch.randn(16, 8, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(a_true).T
+        y = torch.randn(16, 6, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(g_true).T
+        state["A"], state["G"] = (x.T @ x / 16).to(dtype), (y.T @ y / 16).to(dtype)
+        pre._refresh(layer)
+    for side, group in (("K", group_k), ("C", group_c)):
+        dense = group.to_dense(state[side]).double()
+        mask = group.mask(dtype=torch.float64)
+        assert torch.equal(dense * (1 - mask), torch.zeros_like(dense)), side  # structure kept
+        assert torch.isfinite(dense).all()
+        assert torch.linalg.eigvalsh(dense @ dense.T).min() > 0, side  # preconditioner factor SPD
+    # and it approximates the damped inverse: KK^T ⊗ CC^T against (A ⊗ G)^{-1} in whitened form
+    if structure == "dense" and dtype == torch.float32:
+        product = torch.kron(state["KKt"].double(), state["CCt"].double())
+        whitened = product @ torch.kron(a_true, g_true)
+        eig = torch.linalg.eigvals(whitened).real
+        assert eig.min() > 0.5 and eig.max() < 2.0, (eig.min(), eig.max())
+
+
+def test_local_bad_options_and_small_layers():
+    model = nn.Sequential(nn.Linear(3, 2))
+    with pytest.raises(ValueError, match="unknown structure"):
+        LocalKFAC(model, structure="toeplitz")
+    with pytest.raises(ValueError, match="lr_cov"):
+        LocalKFAC(model, lr_cov=-1.0)
+    with pytest.raises(ValueError, match="momentum"):
+        LocalKFAC(model, momentum=1.0)
+    with pytest.warns(UserWarning, match=r"use 'dense': 0.C \(dim 2\)"):
+        pre = LocalKFAC(model, structure="block_triangular", group_options={"k": 3})
+    assert pre.structures["0"] == ("block_triangular", "dense")  # d_in = 3 + bias = 4 > k, d_out = 2

@@ -8,5 +8,6 @@ from .base import KroneckerPreconditioner
 from .capture import KronLayer
 from .ekfac import EKFAC
 from .kfac import KFAC
+from .local import LocalKFAC
 
-__all__ = ["KFAC", "EKFAC", "KroneckerPreconditioner", "KronLayer"]
+__all__ = ["KFAC", "EKFAC", "LocalKFAC", "KroneckerPreconditioner", "KronLayer"]

@@ -1,0 +1,160 @@
+"""LocalKFAC: the inverse-free local-parameterization update of Kronecker factors (INGD / SINGD)."""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Optional
+
+import torch
+from torch import Tensor
+
+from .. import groups as _groups
+from .base import KroneckerPreconditioner, _check_positive
+from .capture import KronLayer
+
+
+class LocalKFAC(KroneckerPreconditioner):
+    """Inverse-free Kronecker preconditioner ``(K K^T) ⊗ (C C^T)`` with ``K``, ``C`` in groups.
+
+    ``K`` (input side, ``d_in x d_in``) and ``C`` (output side, ``d_out x d_out``) live in the
+    group ``structure`` (:func:`structngd.groups.make`); every ``update_every`` steps they take
+    a natural-gradient step of the Kronecker-Gaussian VI loss with curvature ``A ⊗ G`` and
+    damping ``lambda`` (MATH §6.2, Lin et al. 2024 "SINGD"):
+
+    ``X_K = tr(C^T G C) K^T A K + lambda tr(C^T C) K^T K - d_out I``,
+    ``m_K <- momentum m_K + project(X_K) / d_out``, ``K <- K h(-lr_cov m_K)``
+
+    (and symmetrically for ``C``), where ``project`` is the group's natural-gradient map
+    (half on diagonal entries and symmetric blocks). Only matrix products: no inverse or
+    decomposition, so it runs in bfloat16. The preconditioned gradient is
+    ``(C C^T) dW (K K^T)``; both products ``C C^T`` and ``K K^T`` are cached at each update,
+    so a step costs two matrix products per layer.
+
+    The factors start at ``K = C = init_scale^{1/2} I``. The fixed point with ``lambda -> 0`` is
+    ``(K K^T) ⊗ (C C^T) = (A ⊗ G)^{-1}`` for dense groups.
+
+    Args:
+        structure: the group of both factors; layers too small for the group's options
+            (``k >= d``) use ``"dense"`` for that factor (listed in ``self.structures``).
+        lr_cov: step size ``beta_1`` of the factors (SINGD's default 1e-2).
+        momentum: Riemannian momentum ``alpha_1`` in ``[0, 1)`` on ``m_K``, ``m_C``.
+        max_step: trust region ``lr_cov ||m||_F <= max_step`` per factor update (the step is
+            shrunk, the momentum kept): far from the fixed point ``||m||`` is large and
+            ``h(-lr_cov m)`` would overshoot (``h(x)`` grows again for ``x < -1``); ``None``
+            turns it off (SINGD's plain update).
+        factor_dtype: dtype of ``K``, ``C`` and of the products (default: the layer's
+            dtype, so a bfloat16 model preconditions in bfloat16).
+        **group_options, damping, update_every, ...: as for the other preconditioners.
+    """
+
+    kind = "LocalKFAC"
+
+    def __init__(
+        self,
+        model,
+        structure: str = "dense",
+        damping: float = 1e-3,
+        lr_cov: float = 1e-2,
+        momentum: float = 0.5,
+        update_every: int = 10,
+        init_scale: float = 1.0,
+        max_step: Optional[float] = 1.0,
+        factor_dtype: Optional[torch.dtype] = None,
+        group_options: Optional[dict] = None,
+        **kwargs,
+    ):
+        _check_positive("lr_cov", lr_cov)
+        _check_positive("init_scale", init_scale)
+        if max_step is not None:
+            _check_positive("max_step", max_step)
+        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
+            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
+        if isinstance(structure, str) and structure not in _groups.GROUPS:
+            raise ValueError(f"unknown structure {structure!r}; allowed: {sorted(_groups.GROUPS)}")
+        kwargs.setdefault("factor_decay", 0.0)  # the factors themselves average over steps
+        super().__init__(model, damping=damping, update_every=update_every, **kwargs)
+        self.structure, self.lr_cov, self.momentum = structure, float(lr_cov), float(momentum)
+        self.factor_dtype, self.max_step = factor_dtype, max_step
+        self.groups = {}
+        self.structures = {}
+        fallbacks = []
+        for layer in self.layers:
+            pair = []
+            for side, dim in (("K", layer.in_dim), ("C", layer.out_dim)):
+                try:
+                    group = _groups.make(structure, dim, **(group_options or {}))
+                except ValueError:
+                    group = _groups.make("dense", dim)
+                    fallbacks.append(f"{layer.name}.{side} (dim {dim})")
+                pair.append(group)
+            self.groups[layer.name] = tuple(pair)
+            self.structures[layer.name] = tuple(g.name for g in pair)
+            dtype = self._factor_dtype(layer)
+            device = layer.weight.device
+            state = self.state[layer.name]
+            root = math.sqrt(init_scale)
+            for side, group in zip("KC", pair):
+                state[side] = group.from_diagonal(torch.full((group.dim,), root, dtype=dtype, device=device))
+                state["m_" + side] = torch.zeros_like(state[side])
+            self._cache_products(layer)
+        if fallbacks:
+            warnings.warn(
+                f"LocalKFAC: {structure!r} does not fit these factors, which use 'dense': {', '.join(fallbacks)}",
+                stacklevel=2,
+            )
+
+    def _factor_dtype(self, layer: KronLayer) -> torch.dtype:
+        return self.factor_dtype or layer.weight.dtype
+
+    def _update_factors(self, layer: KronLayer, a_batch: Tensor, g_batch: Tensor) -> None:
+        dtype = self._factor_dtype(layer)
+        state = self.state[layer.name]
+        a_batch, g_batch = a_batch.to(dtype), g_batch.to(dtype)
+        if self.factor_decay > 0 and "A" in state:
+            state["A"].mul_(self.factor_decay).add_(a_batch, alpha=1 - self.factor_decay)
+            state["G"].mul_(self.factor_decay).add_(g_batch, alpha=1 - self.factor_decay)
+        else:
+            state["A"], state["G"] = a_batch, g_batch
+
+    def _refresh(self, layer: KronLayer) -> None:
+        """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition)."""
+        state = self.state[layer.name]
+        group_k, group_c = self.groups[layer.name]
+        k, c = group_k.to_dense(state["K"]), group_c.to_dense(state["C"])
+        d_in, d_out = k.shape[0], c.shape[0]
+        ktak = k.mT @ state["A"] @ k
+        ctgc = c.mT @ state["G"] @ c
+        ktk, ctc = k.mT @ k, c.mT @ c
+        eye_k = torch.eye(d_in, dtype=k.dtype, device=k.device)
+        eye_c = torch.eye(d_out, dtype=c.dtype, device=c.device)
+        x_k = ctgc.trace() * ktak + self.damping * ctc.trace() * ktk - d_out * eye_k
+        x_c = ktak.trace() * ctgc + self.damping * ktk.trace() * ctc - d_in * eye_c
+        for side, group, x, scale in (("K", group_k, x_k, d_out), ("C", group_c, x_c, d_in)):
+            m = state["m_" + side].mul_(self.momentum).add_(group.project(x) / scale)
+            step = self.lr_cov
+            if self.max_step is not None:
+                size = step * float(torch.linalg.vector_norm(m.float()))
+                step *= min(1.0, self.max_step / size) if size > 0 else 1.0
+            state[side] = group.mul(state[side], group.expm(-step * m))
+        self._cache_products(layer)
+
+    def _cache_products(self, layer: KronLayer) -> None:
+        state = self.state[layer.name]
+        group_k, group_c = self.groups[layer.name]
+        k, c = group_k.to_dense(state["K"]), group_c.to_dense(state["C"])
+        state["KKt"], state["CCt"] = k @ k.mT, c @ c.mT
+
+    def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
+        state = self.state[layer.name]
+        return state["CCt"] @ grad @ state["KKt"]
+
+    def fisher_block(self, name: str) -> Tensor:
+        """The inverse of the preconditioner, ``(K K^T)^{-1} ⊗ (C C^T)^{-1}`` (for tests)."""
+        state = self.state[name]
+        return torch.kron(torch.linalg.inv(state["KKt"].double()), torch.linalg.inv(state["CCt"].double()))
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["hyperparameters"].update(lr_cov=self.lr_cov, momentum=self.momentum, max_step=self.max_step)
+        return out
