@@ -107,9 +107,13 @@ class KroneckerPreconditioner:
         For ``fisher="true"``: call it on the model's output (logits for ``"categorical"``,
         means of a unit-variance Gaussian for ``"gaussian"``) before the loss's backward
         pass. Only the Kronecker statistics see these gradients; ``.grad`` is untouched.
+        Between factor updates it returns at once (except for EKFAC, which needs the
+        sampled gradients every step).
         """
         if self.fisher != "true":
             raise RuntimeError(f"sample_fisher is for fisher='true'; this {self.kind} uses fisher={self.fisher!r}")
+        if not self.capture.capturing:
+            return  # no statistics are gathered at this step
         if output.dtype not in (torch.float32, torch.float64):  # half / bfloat16 outputs
             output = output.float()
         with torch.no_grad():
@@ -135,7 +139,7 @@ class KroneckerPreconditioner:
     @torch.no_grad()
     def step(self) -> None:
         """Precondition the gradients of every supported layer in place."""
-        if not self.capture.backward_seen:
+        if not (self.capture.backward_seen if self.capture.capturing else self.capture.forward_seen):
             raise RuntimeError(
                 f"{self.kind}.step() found no backward pass since the last step: call loss.backward() "
                 f"on a loss computed in training mode first"

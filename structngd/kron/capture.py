@@ -174,6 +174,7 @@ class Capture:
         self.a_count = {layer.name: 0 for layer in self.layers}
         self.g_count = {layer.name: 0 for layer in self.layers}
         self.backward_seen = False
+        self.forward_seen = False
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -184,6 +185,9 @@ class Capture:
         def hook(module, inputs, output):
             if not (module.training and torch.is_grad_enabled() and output.requires_grad):
                 return
+            self.forward_seen = True
+            if not self.capturing:
+                return  # nothing to capture this step (KFAC between factor updates)
             x = inputs[0].detach()
             rows = layer.input_rows(x).to(_stat_dtype(x))
             if self.factors:
@@ -208,6 +212,11 @@ class Capture:
                 self.on_rows(layer, a_rows, g_rows)
 
         return hook
+
+    @property
+    def capturing(self) -> bool:
+        """Whether this step needs rows (factor update, or per-example statistics)."""
+        return self.factors or self.on_rows is not None
 
     def batch_factors(self, layer: KronLayer) -> Tuple[Tensor, Tensor]:
         """This step's ``(A, G)`` of ``layer`` (sums over the micro-batches, averaged)."""
