@@ -33,6 +33,12 @@ class KroneckerPreconditioner:
     ``X <- factor_decay X + (1 - factor_decay) X_batch`` (the first batch initializes them) and
     the subclass refreshes what it caches (inverses, eigenbases, ...).
 
+    Data parallel (``torch.distributed`` initialized, e.g. with ``DistributedDataParallel``):
+    each rank captures its own micro-batch, the step's factors are averaged over the ranks
+    (so all ranks hold the factors of the global batch), and the expensive refreshes
+    (KFAC's inverses, EKFAC's eigendecompositions) are split round-robin over the ranks and
+    broadcast. The gradients themselves must already be averaged (DDP does this).
+
     Args:
         model: the ``nn.Module`` whose ``Linear`` / ``Conv2d`` layers are preconditioned;
             other parameterized modules are left alone (one warning lists them).
@@ -156,8 +162,7 @@ class KroneckerPreconditioner:
             batch = self._all_reduce(batch)
             for layer in self.layers:
                 self._update_factors(layer, *batch[layer.name])
-            for layer in self.layers:
-                self._refresh(layer)
+            self._refresh_all()
         else:
             self._between_updates()
         for layer in self.layers:
@@ -177,13 +182,41 @@ class KroneckerPreconditioner:
             state["A"].mul_(self.factor_decay).add_(a_batch, alpha=1 - self.factor_decay)
             state["G"].mul_(self.factor_decay).add_(g_batch, alpha=1 - self.factor_decay)
 
+    def _refresh_all(self) -> None:
+        """Refresh every layer's cache; with several ranks each refreshes its share of the
+        layers (round-robin) and broadcasts the results (``_broadcast_keys``)."""
+        world, rank = _world()
+        split = world > 1 and bool(self._broadcast_keys)
+        for index, layer in enumerate(self.layers):
+            if not split or index % world == rank:
+                self._refresh(layer)
+        if split:
+            for index, layer in enumerate(self.layers):
+                state = self.state[layer.name]
+                for key, like in self._broadcast_keys.items():
+                    if index % world == rank:
+                        state[key] = state[key].contiguous()  # e.g. eigh's column-major eigenvectors
+                    elif key not in state:
+                        state[key] = torch.empty_like(state[like[0]] if len(like) == 1 else state[like[0]][0])
+                    dist.broadcast(state[key], src=index % world)
+        for layer in self.layers:
+            self._after_refresh(layer)
+
+    #: cache entries a rank broadcasts after refreshing its layers, each with the state entry
+    #: whose shape it has (a 1-tuple: same shape; a 2-tuple: the shape of one row of it)
+    _broadcast_keys: Dict[str, tuple] = {}
+
+    def _after_refresh(self, layer: KronLayer) -> None:
+        """Work every rank does after the caches are refreshed (collectives allowed)."""
+
     def _all_reduce(self, batch: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, Tuple[Tensor, Tensor]]:
         """Average the step's factors over the ranks of the default process group."""
-        if not (dist.is_available() and dist.is_initialized()) or dist.get_world_size() == 1:
+        world, _ = _world()
+        if world == 1:
             return batch
         flat = torch.cat([t.reshape(-1) for pair in batch.values() for t in pair])
         dist.all_reduce(flat)
-        flat /= dist.get_world_size()
+        flat /= world
         out, offset = {}, 0
         for name, (a, g) in batch.items():
             a2 = flat[offset : offset + a.numel()].view_as(a)
@@ -239,6 +272,22 @@ class KroneckerPreconditioner:
     def remove_hooks(self) -> None:
         """Detach from the model (the preconditioner can no longer step)."""
         self.capture.remove()
+
+
+def _world() -> Tuple[int, int]:
+    """``(world size, rank)`` of the default process group, ``(1, 0)`` without one."""
+    if dist.is_available() and dist.is_initialized():
+        return dist.get_world_size(), dist.get_rank()
+    return 1, 0
+
+
+def all_reduce_mean(t: Tensor) -> Tensor:
+    """``t`` averaged over the ranks (in place; unchanged without a process group)."""
+    world, _ = _world()
+    if world > 1:
+        dist.all_reduce(t)
+        t /= world
+    return t
 
 
 def _check_positive(name: str, value) -> None:

@@ -7,7 +7,7 @@ from typing import Dict, Optional, Tuple
 import torch
 from torch import Tensor
 
-from .base import KroneckerPreconditioner
+from .base import KroneckerPreconditioner, all_reduce_mean
 from .capture import KronLayer
 
 
@@ -58,23 +58,21 @@ class EKFAC(KroneckerPreconditioner):
         total, count = state.pop("_s_sum", None), state.pop("_s_count", None)
         if total is None:
             return None
-        s_batch = total / count
-        return self._all_reduce_scaling(s_batch)
-
-    def _all_reduce_scaling(self, s_batch: Tensor) -> Tensor:
-        import torch.distributed as dist
-
-        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_reduce(s_batch)
-            s_batch /= dist.get_world_size()
-        return s_batch
+        return all_reduce_mean(total / count)
 
     # basis and scaling ---------------------------------------------------
+    _broadcast_keys = {"U_A": ("A",), "U_G": ("G",), "lam_A": ("A", 0), "lam_G": ("G", 0)}
+
     def _refresh(self, layer: KronLayer) -> None:
         state = self.state[layer.name]
-        lam_a, state["U_A"] = torch.linalg.eigh(state["A"])
-        lam_g, state["U_G"] = torch.linalg.eigh(state["G"])
-        prior = torch.outer(lam_g.clamp_min(0), lam_a.clamp_min(0))  # diag(U^T (A ⊗ G) U)
+        state["lam_A"], state["U_A"] = torch.linalg.eigh(state["A"])
+        state["lam_G"], state["U_G"] = torch.linalg.eigh(state["G"])
+
+    def _after_refresh(self, layer: KronLayer) -> None:
+        """Rescale in the new basis: the step's per-example squares, blended with KFAC's
+        eigenvalues ``lambda_G lambda_A^T = diag(U^T (A ⊗ G) U)``."""
+        state = self.state[layer.name]
+        prior = torch.outer(state["lam_G"].clamp_min(0), state["lam_A"].clamp_min(0))
         for a_rows, g_rows in self._rows[layer.name]:
             self._add_scaling(layer, self._projected_squares(state, a_rows, g_rows), a_rows.shape[0])
         self._rows[layer.name] = []

@@ -22,6 +22,7 @@ class KFAC(KroneckerPreconditioner):
     """
 
     kind = "KFAC"
+    _broadcast_keys = {"A_inv": ("A",), "G_inv": ("G",)}
 
     def _refresh(self, layer: KronLayer) -> None:
         state = self.state[layer.name]
