@@ -412,3 +412,57 @@ def test_local_bad_options_and_small_layers():
     with pytest.warns(UserWarning, match=r"use 'dense': 0.C \(dim 2\)"):
         pre = LocalKFAC(model, structure="block_triangular", group_options={"k": 3})
     assert pre.structures["0"] == ("block_triangular", "dense")  # d_in = 3 + bias = 4 > k, d_out = 2
+
+
+class _FakeScaler:
+    """The part of ``torch.amp.GradScaler`` the preconditioners read."""
+
+    def __init__(self, scale):
+        self.scale = scale
+
+    def is_enabled(self):
+        return True
+
+    def get_scale(self):
+        return self.scale
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, LocalKFAC])
+def test_grad_scaler_scale_is_divided_out_of_the_statistics(cls):
+    x, y = data(n=32)
+    model = mlp()
+    reference = cls(model, update_every=1)
+    run_step(reference, model, x, y)
+    expected = [p.grad.clone() for p in model.parameters()]
+    reference.remove_hooks()
+    model = mlp()
+    pre = cls(model, update_every=1, grad_scaler=_FakeScaler(1024.0))
+    model.zero_grad()
+    (1024.0 * F.cross_entropy(model(x), y)).backward()
+    for p in model.parameters():  # what scaler.unscale_(optimizer) does before pre.step()
+        p.grad /= 1024.0
+    pre.step()
+    for p, e in zip(model.parameters(), expected):
+        torch.testing.assert_close(p.grad, e, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, LocalKFAC])
+def test_autocast_bfloat16_and_bfloat16_models_train(cls):
+    x, y = data(n=256, dtype=torch.float32)
+    y = (x[:, 0] > 0).long() + (x[:, 1] > 0.5).long()
+    for bf16_model in (False, True):
+        model = mlp(sizes=(4, 16, 3), dtype=torch.bfloat16 if bf16_model else torch.float32)
+        pre, opt = cls(model, damping=1e-2, update_every=5), torch.optim.SGD(model.parameters(), lr=0.2)
+        losses = []
+        for _ in range(60):
+            opt.zero_grad()
+            with torch.autocast("cpu", dtype=torch.bfloat16, enabled=not bf16_model):
+                loss = F.cross_entropy(model(x.to(model[0].weight.dtype)).float(), y)
+            loss.backward()
+            pre.step()
+            opt.step()
+            losses.append(loss.item())
+        assert all(math.isfinite(v) for v in losses)
+        assert losses[-1] < 0.6 * losses[0], (bf16_model, losses[0], losses[-1])
+        if cls is LocalKFAC and bf16_model:
+            assert pre.state["0"]["K"].dtype == torch.bfloat16  # preconditions in bfloat16
