@@ -155,7 +155,7 @@ class KroneckerPreconditioner:
             if any(p.grad is None for p in layer.parameters):
                 raise RuntimeError(f"layer {layer.name!r} has no gradient; no parameter was changed")
             grads[layer.name] = layer.grad_matrix()
-            if not torch.isfinite(grads[layer.name]).all():
+            if not torch.isfinite(grads[layer.name].sum()):  # one reduction: NaN/inf anywhere shows
                 raise ValueError(f"layer {layer.name!r} has non-finite gradients; nothing was changed")
         if self.capture.factors:
             batch = {layer.name: self.capture.batch_factors(layer) for layer in self.layers}
