@@ -369,7 +369,7 @@ def test_local_fixed_point_is_the_inverse_kronecker_product():
     for _ in range(400):
         state["A"], state["G"] = a, gg
         pre._refresh(layer)
-    product = torch.kron(state["KKt"], state["CCt"])
+    product = torch.kron(*pre.preconditioner_factors(layer.name))
     torch.testing.assert_close(product, torch.linalg.inv(torch.kron(a, gg)), rtol=1e-8, atol=1e-10)
 
 
@@ -395,7 +395,7 @@ def test_local_factors_stay_in_their_group_and_spd_over_thousands_of_noisy_steps
         assert torch.linalg.eigvalsh(dense @ dense.T).min() > 0, side  # preconditioner factor SPD
     # and it approximates the damped inverse: KK^T ⊗ CC^T against (A ⊗ G)^{-1} in whitened form
     if structure == "dense" and dtype == torch.float32:
-        product = torch.kron(state["KKt"].double(), state["CCt"].double())
+        product = torch.kron(*(f.double() for f in pre.preconditioner_factors(layer.name)))
         whitened = product @ torch.kron(a_true, g_true)
         eig = torch.linalg.eigvals(whitened).real
         assert eig.min() > 0.5 and eig.max() < 2.0, (eig.min(), eig.max())
@@ -466,3 +466,17 @@ def test_autocast_bfloat16_and_bfloat16_models_train(cls):
         assert losses[-1] < 0.6 * losses[0], (bf16_model, losses[0], losses[-1])
         if cls is LocalKFAC and bf16_model:
             assert pre.state["0"]["K"].dtype == torch.bfloat16  # preconditions in bfloat16
+
+
+@pytest.mark.parametrize("structure,options", LOCAL_STRUCTURES)
+def test_local_preconditioned_gradient_is_cc_t_grad_kk_t(structure, options):
+    """The O(dk) application of sparse groups equals the dense ``C C^T dW K K^T``."""
+    g = torch.Generator().manual_seed(3)
+    pre, layer = local_layer(structure, options, d_in=8, d_out=6, lr_cov=0.05)
+    state = pre.state[layer.name]
+    for _ in range(5):  # move K and C away from the identity
+        state["A"], state["G"] = spd(8, g), spd(6, g)
+        pre._refresh(layer)
+    grad = torch.randn(6, 8, generator=g, dtype=torch.float64)
+    kk, cc = pre.preconditioner_factors(layer.name)
+    torch.testing.assert_close(pre._precondition(layer, grad), cc @ grad @ kk, rtol=1e-12, atol=1e-12)

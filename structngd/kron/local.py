@@ -13,6 +13,8 @@ from .. import groups as _groups
 from .base import KroneckerPreconditioner, _check_positive
 from .capture import KronLayer
 
+_DENSE_STORAGE = ("dense", "lower_triangular", "upper_triangular")
+
 
 class LocalKFAC(KroneckerPreconditioner):
     """Inverse-free Kronecker preconditioner ``(K K^T) ⊗ (C C^T)`` with ``K``, ``C`` in groups.
@@ -28,8 +30,10 @@ class LocalKFAC(KroneckerPreconditioner):
     (and symmetrically for ``C``), where ``project`` is the group's natural-gradient map
     (half on diagonal entries and symmetric blocks). Only matrix products: no inverse or
     decomposition, so it runs in bfloat16. The preconditioned gradient is
-    ``(C C^T) dW (K K^T)``; both products ``C C^T`` and ``K K^T`` are cached at each update,
-    so a step costs two matrix products per layer.
+    ``(C C^T) dW (K K^T)``: for dense and triangular groups ``C C^T`` and ``K K^T`` are cached
+    at each update (two matrix products per layer and step); the sparse groups (diagonal,
+    block-diagonal, low-rank-like) apply ``K (K^T x)`` by their O(d k) products and store
+    only O(d k) numbers per factor.
 
     The factors start at ``K = C = init_scale^{1/2} I``. The fixed point with ``lambda -> 0`` is
     ``(K K^T) ⊗ (C C^T) = (A ⊗ G)^{-1}`` for dense groups.
@@ -140,19 +144,39 @@ class LocalKFAC(KroneckerPreconditioner):
         self._cache_products(layer)
 
     def _cache_products(self, layer: KronLayer) -> None:
+        """Dense ``K K^T`` / ``C C^T`` for O(d^2) groups (one product each per step); the
+        sparse groups apply ``K (K^T x)`` through their O(d k) matvecs instead."""
         state = self.state[layer.name]
-        group_k, group_c = self.groups[layer.name]
-        k, c = group_k.to_dense(state["K"]), group_c.to_dense(state["C"])
-        state["KKt"], state["CCt"] = k @ k.mT, c @ c.mT
+        for side, group in zip("KC", self.groups[layer.name]):
+            if group.name in _DENSE_STORAGE:
+                f = group.to_dense(state[side])
+                state[side + side + "t"] = f @ f.mT
+
+    def _apply(self, layer: KronLayer, side: str, x: Tensor) -> Tensor:
+        """``F F^T x`` for the rows of ``x`` (``F`` = ``K`` or ``C``)."""
+        state = self.state[layer.name]
+        group = self.groups[layer.name][0 if side == "K" else 1]
+        if group.name in _DENSE_STORAGE:
+            return x @ state[side + side + "t"]  # symmetric
+        return group.matvec(state[side], group.tmatvec(state[side], x))
 
     def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
-        state = self.state[layer.name]
-        return state["CCt"] @ grad @ state["KKt"]
+        right = self._apply(layer, "K", grad)  # dW K K^T
+        return self._apply(layer, "C", right.mT).mT  # C C^T dW K K^T
+
+    def preconditioner_factors(self, name: str):
+        """Dense ``(K K^T, C C^T)`` of a layer (for tests and diagnostics)."""
+        state = self.state[name]
+        out = []
+        for side, group in zip("KC", self.groups[name]):
+            f = group.to_dense(state[side])
+            out.append(f @ f.mT)
+        return tuple(out)
 
     def fisher_block(self, name: str) -> Tensor:
         """The inverse of the preconditioner, ``(K K^T)^{-1} ⊗ (C C^T)^{-1}`` (for tests)."""
-        state = self.state[name]
-        return torch.kron(torch.linalg.inv(state["KKt"].double()), torch.linalg.inv(state["CCt"].double()))
+        kk, cc = self.preconditioner_factors(name)
+        return torch.kron(torch.linalg.inv(kk.double()), torch.linalg.inv(cc.double()))
 
     def state_dict(self) -> dict:
         out = super().state_dict()
