@@ -16,6 +16,12 @@ from .capture import KronLayer
 _DENSE_STORAGE = ("dense", "lower_triangular", "upper_triangular")
 
 
+def _sandwich(group, f: Tensor, m: Tensor) -> Tensor:
+    """``F^T M F`` for symmetric ``M`` by the group's products (O(d^2 k) for sparse groups)."""
+    mf = group.tmatvec(f, m)  # row i: F^T M[i] = (M F)[i]
+    return group.tmatvec(f, mf.mT).mT
+
+
 class LocalKFAC(KroneckerPreconditioner):
     """Inverse-free Kronecker preconditioner ``(K K^T) ⊗ (C C^T)`` with ``K``, ``C`` in groups.
 
@@ -125,13 +131,12 @@ class LocalKFAC(KroneckerPreconditioner):
         """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition)."""
         state = self.state[layer.name]
         group_k, group_c = self.groups[layer.name]
-        k, c = group_k.to_dense(state["K"]), group_c.to_dense(state["C"])
-        d_in, d_out = k.shape[0], c.shape[0]
-        ktak = k.mT @ state["A"] @ k
-        ctgc = c.mT @ state["G"] @ c
-        ktk, ctc = k.mT @ k, c.mT @ c
-        eye_k = torch.eye(d_in, dtype=k.dtype, device=k.device)
-        eye_c = torch.eye(d_out, dtype=c.dtype, device=c.device)
+        k, c = state["K"], state["C"]
+        d_in, d_out = group_k.dim, group_c.dim
+        eye_k = torch.eye(d_in, dtype=state["A"].dtype, device=state["A"].device)
+        eye_c = torch.eye(d_out, dtype=state["G"].dtype, device=state["G"].device)
+        ktak, ktk = _sandwich(group_k, k, state["A"]), _sandwich(group_k, k, eye_k)
+        ctgc, ctc = _sandwich(group_c, c, state["G"]), _sandwich(group_c, c, eye_c)
         x_k = ctgc.trace() * ktak + self.damping * ctc.trace() * ktk - d_out * eye_k
         x_c = ktak.trace() * ctgc + self.damping * ktk.trace() * ctc - d_in * eye_c
         for side, group, x, scale in (("K", group_k, x_k, d_out), ("C", group_c, x_c, d_in)):
