@@ -42,6 +42,14 @@ def blr_problem(n=50, p=4, seed=0, subsample_size=None):
     return BayesianLinearRegression(1.0, 0.5, subsample_size=subsample_size), x, y
 
 
+def noise_param_model(x, y):
+    """Linear regression whose noise scale is a plain ``pyro.param`` (initially 2)."""
+    w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], dtype=x.dtype), 1.0).to_event(1))
+    noise = pyro.param("noise", torch.tensor(2.0, dtype=x.dtype), constraint=dist.constraints.positive)
+    with pyro.plate("data", x.shape[0]):
+        pyro.sample("y", dist.Normal((x * w).sum(-1), noise), obs=y)
+
+
 def fit(model, guide, optim, args, steps, particles=1):
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=particles > 1, max_plate_nesting=1)
     svi = SVI(model, guide, optim, elbo)
@@ -152,12 +160,7 @@ def test_subsampled_svi_with_decreasing_steps_reaches_the_posterior():
 def test_vectorized_particles_and_fallback_for_other_parameters():
     """A learned noise scale (a plain ``pyro.param``) goes to the fallback optimizer."""
 
-    def model(x, y):
-        w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], dtype=x.dtype), 1.0).to_event(1))
-        noise = pyro.param("noise", torch.tensor(2.0, dtype=x.dtype), constraint=dist.constraints.positive)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", dist.Normal((x * w).sum(-1), noise), obs=y)
-
+    model = noise_param_model
     _, x, y = blr_problem()
     guide = AutoStructuredNormal(model, "block_triangular", k=2)
     ngd = NGD(lr=0.2, fallback=pyro.optim.Adam({"lr": 0.05}))
@@ -307,12 +310,7 @@ class PoisonedELBO(Trace_ELBO):
 
 @pytest.mark.parametrize("target", ["AutoStructuredNormal.factor", "noise"])
 def test_non_finite_gradient_raises_and_changes_nothing(target):
-    def model(x, y):
-        w = pyro.sample("w", dist.Normal(torch.zeros(x.shape[1], dtype=x.dtype), 1.0).to_event(1))
-        noise = pyro.param("noise", torch.tensor(1.0, dtype=x.dtype), constraint=dist.constraints.positive)
-        with pyro.plate("data", x.shape[0]):
-            pyro.sample("y", dist.Normal((x * w).sum(-1), noise), obs=y)
-
+    model = noise_param_model
     _, x, y = blr_problem()
     guide = AutoStructuredNormal(model, "dense")
     fit(model, guide, NGD(lr=0.1), (x, y), 2)
