@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 
-DEVICES = ["cpu"] + (["cuda"] if torch.cuda.is_available() else [])
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
 
 
 def mlp(seed=0, sizes=(4, 5, 3), dtype=torch.float64):
@@ -165,12 +165,14 @@ def test_kfac_with_vanishing_damping_solves_with_a_kron_g():
 
 
 # ------------------------------------------------------------------ EKFAC
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("seed", range(6))
-def test_ekfac_is_never_farther_from_the_fisher_than_kfac(seed):
+def test_ekfac_is_never_farther_from_the_fisher_than_kfac(seed, device):
     """George et al.'s theorem on random networks and data (Linear and Conv2d layers)."""
     model = cnn(seed=seed) if seed % 2 else mlp(seed=seed, sizes=(4, 6, 5, 3))
     x, y = data(n=48, shape=(2, 5, 5) if seed % 2 else (4,), classes=4 if seed % 2 else 3, seed=seed + 10)
     model(x)
+    model, x, y = model.to(device), x.to(device), y.to(device)
     kfac = KFAC(model, factor_decay=0.0, update_every=1)
     run_step(kfac, model, x, y)
     kfac.remove_hooks()
@@ -324,8 +326,8 @@ LOCAL_STRUCTURES = [("dense", {}), ("diagonal", {}), ("lower_triangular", {}), (
                     ("block_triangular", {"k": 2})]
 
 
-def local_layer(structure="dense", options=None, d_in=6, d_out=4, dtype=torch.float64, **kwargs):
-    model = nn.Sequential(nn.Linear(d_in - 1, d_out)).to(dtype)
+def local_layer(structure="dense", options=None, d_in=6, d_out=4, dtype=torch.float64, device="cpu", **kwargs):
+    model = nn.Sequential(nn.Linear(d_in - 1, d_out)).to(device, dtype)
     pre = LocalKFAC(model, structure=structure, group_options=options, **kwargs)
     return pre, pre.layers[0]
 
@@ -373,11 +375,12 @@ def test_local_fixed_point_is_the_inverse_kronecker_product():
     torch.testing.assert_close(product, torch.linalg.inv(torch.kron(a, gg)), rtol=1e-8, atol=1e-10)
 
 
+@pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("structure,options", LOCAL_STRUCTURES)
-def test_local_factors_stay_in_their_group_and_spd_over_thousands_of_noisy_steps(structure, options, dtype):
+def test_local_factors_stay_in_their_group_and_spd_over_thousands_of_noisy_steps(structure, options, dtype, device):
     g = torch.Generator().manual_seed(2)
-    pre, layer = local_layer(structure, options, d_in=8, d_out=6, dtype=dtype, damping=1e-3, lr_cov=0.05)
+    pre, layer = local_layer(structure, options, d_in=8, d_out=6, dtype=dtype, damping=1e-3, lr_cov=0.05, device=device)
     state = pre.state[layer.name]
     group_k, group_c = pre.groups[layer.name]
     assert (group_k.name, group_c.name) == (structure, structure)
@@ -385,17 +388,17 @@ def test_local_factors_stay_in_their_group_and_spd_over_thousands_of_noisy_steps
     for step in range(2000):
         x = torch.randn(16, 8, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(a_true).T
         y = torch.randn(16, 6, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(g_true).T
-        state["A"], state["G"] = (x.T @ x / 16).to(dtype), (y.T @ y / 16).to(dtype)
+        state["A"], state["G"] = (x.T @ x / 16).to(device, dtype), (y.T @ y / 16).to(device, dtype)
         pre._refresh(layer)
     for side, group in (("K", group_k), ("C", group_c)):
-        dense = group.to_dense(state[side]).double()
+        dense = group.to_dense(state[side]).double().cpu()
         mask = group.mask(dtype=torch.float64)
         assert torch.equal(dense * (1 - mask), torch.zeros_like(dense)), side  # structure kept
         assert torch.isfinite(dense).all()
         assert torch.linalg.eigvalsh(dense @ dense.T).min() > 0, side  # preconditioner factor SPD
     # and it approximates the damped inverse: KK^T ⊗ CC^T against (A ⊗ G)^{-1} in whitened form
     if structure == "dense" and dtype == torch.float32:
-        product = torch.kron(*(f.double() for f in pre.preconditioner_factors(layer.name)))
+        product = torch.kron(*(f.double().cpu() for f in pre.preconditioner_factors(layer.name)))
         whitened = product @ torch.kron(a_true, g_true)
         eig = torch.linalg.eigvals(whitened).real
         assert eig.min() > 0.5 and eig.max() < 2.0, (eig.min(), eig.max())
