@@ -59,7 +59,10 @@ def _worker(rank, world, init_file, kind, out_dir):
         torch.set_num_threads(1)
         x, y = make_data()
         grads = preconditioned_gradients(kind, x, y, world, rank)
-        torch.save(grads, os.path.join(out_dir, f"rank{rank}.pt"))
+        path = os.path.join(out_dir, f"rank{rank}.pt")
+        torch.save(grads, path + ".part")
+        os.replace(path + ".part", path)  # the file exists only once complete
+        dist.barrier()  # no rank tears gloo down while the other still talks to it
     finally:
         dist.destroy_process_group()
 
@@ -69,7 +72,13 @@ def _worker(rank, world, init_file, kind, out_dir):
 def test_two_process_data_parallel_matches_one_process(kind, tmp_path):
     x, y = make_data()
     expected = preconditioned_gradients(kind, x, y)
-    mp.spawn(_worker, args=(2, str(tmp_path / "init"), kind, str(tmp_path)), nprocs=2, join=True)
+    try:
+        mp.spawn(_worker, args=(2, str(tmp_path / "init"), kind, str(tmp_path)), nprocs=2, join=True)
+    except mp.ProcessExitedException as exc:
+        # gloo's worker threads can abort the interpreter at exit (pytorch/pytorch#179291) after
+        # a rank has saved its result; a crash before that still fails the test below.
+        if exc.signal_name is None or not all((tmp_path / f"rank{r}.pt").exists() for r in range(2)):
+            raise
     for rank in range(2):
         got = torch.load(tmp_path / f"rank{rank}.pt")
         for g, e in zip(got, expected):
