@@ -14,6 +14,7 @@ from typing import List, Optional
 #: study name -> module defining ``add_arguments(parser)`` and ``run(args)``
 STUDIES = {
     "gaussian": "experiments.gaussian",
+    "vi": "experiments.vi",
 }
 
 
