@@ -1,0 +1,638 @@
+"""Kronecker preconditioners on deep nets: KFAC, EKFAC and LocalKFAC structures against SGD and Adam.
+
+Tasks (``TASKS``; data from ``experiments/dl_data.py``, nothing downloads):
+
+* ``curves``: the deep autoencoder of the KFAC paper (``models.DeepAutoencoder``, tanh,
+  Bernoulli cross-entropy summed over pixels) scaled down to 16x16 CURVES-style images,
+  256-200-100-50-25-6 and mirrored;
+* ``digits``: the same kind of autoencoder (64-128-64-32-8, mirrored) on scikit-learn's 8x8 digits;
+* ``mnist1d_mlp`` / ``mnist1d_cnn``: classifiers (``models.MLP`` 40-256-256-10, ``models.CNN``
+  with three ``(1, 5)`` convolutions of stride 2) on MNIST-1D, cross-entropy.
+
+Methods (``METHODS``): SGD with momentum 0.9, Adam, and the preconditioners of
+``structngd.kron`` in front of SGD with momentum 0.9 (as in the KFAC paper): ``KFAC``,
+``EKFAC`` and ``LocalKFAC`` with the structures ``dense``, ``diagonal``, ``hierarchical(k, k)``
+(default ``k = 10``), ``lower_triangular`` and ``block_diagonal`` (its block size must divide
+every factor's dimension, bias included, so most factors fall back to dense: opt-in).
+Preconditioners use the empirical Fisher (``fisher="empirical"``; ``sample_fisher`` has no
+Bernoulli likelihood for the autoencoders). Every method runs a small learning-rate grid on
+every seed; the seed sets the initialization (the same for every method) and the mini-batch
+order (the same for every method); the data draw is fixed (``--data-seed``).
+
+Metrics, per task and method (best learning rate = lowest seed-averaged final training loss):
+
+* the training loss (the training objective on a fixed subset of ``--eval-examples`` training
+  examples, in eval mode, without gradients and inside ``torch.random.fork_rng``, so
+  evaluations never perturb training) at a schedule of steps, against steps and against
+  seconds of training work (forward, backward, preconditioner and optimizer steps only);
+* the final test loss, and the test accuracy (classifiers) or test squared reconstruction
+  error (autoencoders, summed over pixels);
+* the key target: the steps and seconds each method needs to reach **Adam's final training
+  loss** (best Adam setting, seed-averaged curves) and the ratio of those seconds to Adam's
+  own (``< 1``: faster than Adam; the KFAC paper's claim corresponds to ``<= 0.5``).
+
+Outputs in ``--out`` (default ``results/dl``): ``results.json`` (settings, every run with its
+curve, metrics and the preconditioner's layer structures, the selection), ``summary.csv``,
+``table.md`` (also printed), ``loss_vs_steps.png`` and ``loss_vs_seconds.png`` (one panel per
+task, best setting per method).
+
+Presets (one torch thread, float32): ``--tiny`` (seconds; end-to-end test), the default quick
+study (curves, digits and MNIST-1D MLP, 2 seeds; a few minutes on 2 cores) and ``--full``
+(all four tasks, 3 seeds, longer runs and larger grids; about 30-60 minutes). Timings are
+wall-clock on a shared machine: compare methods within one run of the study.
+"""
+
+from __future__ import annotations
+
+import argparse
+import math
+import platform
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from models.autoencoder import DeepAutoencoder
+from models.autoencoder import loss as autoencoder_loss
+from models.classifiers import CNN, MLP
+from structngd.kron import EKFAC, KFAC, LocalKFAC
+
+from . import common, dl_data
+from .common import Curve, Line, fmt, fmt_ratio
+
+
+# ------------------------------------------------------------------- tasks
+@dataclass(frozen=True)
+class Task:
+    """A data set, a model and its loss."""
+
+    key: str
+    label: str
+    kind: str  # "autoencoder" or "classifier"
+    data: str  # key of dl_data.DATASETS
+    build: Callable[[dl_data.Dataset], nn.Module]
+
+    def loss(self, model: nn.Module, x: Tensor, y: Optional[Tensor]) -> Tensor:
+        """The training objective: a mean over the batch of per-example negative log-likelihoods."""
+        if self.kind == "autoencoder":
+            return autoencoder_loss(model, x)
+        return F.cross_entropy(model(x), y)
+
+    @property
+    def metric(self) -> str:
+        return "squared_error" if self.kind == "autoencoder" else "accuracy"
+
+
+TASKS = {
+    task.key: task
+    for task in (
+        Task("curves", "CURVES-16 autoencoder", "autoencoder", "curves",
+             lambda d: DeepAutoencoder((d.x_train[0].numel(), 200, 100, 50, 25, 6))),
+        Task("digits", "digits autoencoder", "autoencoder", "digits",
+             lambda d: DeepAutoencoder((64, 128, 64, 32, 8))),
+        Task("mnist1d_mlp", "MNIST-1D MLP", "classifier", "mnist1d", lambda d: MLP((40, 256, 256, 10))),
+        Task("mnist1d_cnn", "MNIST-1D CNN", "classifier", "mnist1d", lambda d: CNN((1, 1, 40), (32, 32, 32))),
+    )
+}
+
+
+# ----------------------------------------------------------------- methods
+@dataclass(frozen=True)
+class Method:
+    """A base optimizer, optionally behind a Kronecker preconditioner."""
+
+    key: str
+    label: str
+    base: str  # "sgd" or "adam"
+    preconditioner: Optional[str] = None  # "kfac", "ekfac", "local"
+    structure: Optional[str] = None  # LocalKFAC's group
+
+
+METHODS = {
+    m.key: m
+    for m in (
+        Method("sgd", "SGD", "sgd"),
+        Method("adam", "Adam", "adam"),
+        Method("kfac", "KFAC", "sgd", "kfac"),
+        Method("ekfac", "EKFAC", "sgd", "ekfac"),
+        Method("local_dense", "Local dense", "sgd", "local", "dense"),
+        Method("local_diagonal", "Local diagonal", "sgd", "local", "diagonal"),
+        Method("local_hierarchical", "Local hierarchical", "sgd", "local", "hierarchical"),
+        Method("local_lower_triangular", "Local lower-tri", "sgd", "local", "lower_triangular"),
+        Method("local_block_diagonal", "Local block-diag", "sgd", "local", "block_diagonal"),
+    )
+}
+DEFAULT_METHODS = ("sgd", "adam", "kfac", "ekfac", "local_dense", "local_diagonal", "local_hierarchical")
+
+
+# ---------------------------------------------------------------- settings
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines one study; built from a preset and the command line."""
+
+    size: str
+    tasks: Tuple[str, ...]
+    seeds: Tuple[int, ...]
+    methods: Tuple[str, ...] = DEFAULT_METHODS
+    steps: int = 1000
+    batch_size: int = 256
+    momentum: float = 0.9
+    #: learning-rate grids; SGD's is per task kind (the autoencoder losses sum over pixels)
+    sgd_lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
+    sgd_autoencoder_lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    adam_lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2)
+    kfac_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
+    ekfac_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
+    local_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
+    #: preconditioner hyperparameters (shared by every task)
+    damping: float = 1e-1
+    factor_decay: float = 0.95
+    update_every: int = 10
+    lr_cov: float = 1e-2
+    local_momentum: float = 0.5
+    local_damping: float = 1e-1
+    local_k: int = 10
+    block_size: int = 8
+    #: data
+    data_seed: int = 0
+    curves_train: int = 10000
+    curves_test: int = 2000
+    curves_size: int = 16
+    mnist1d_samples: int = 5000
+    eval_examples: int = 2000
+    eval_points: int = 30
+    warmup_steps: int = 3
+    threads: Optional[int] = 1
+
+    def lrs(self, method: Method, task: Task) -> Tuple[float, ...]:
+        if method.preconditioner is not None:
+            return getattr(self, f"{method.preconditioner}_lrs")
+        if method.base == "adam":
+            return self.adam_lrs
+        return self.sgd_autoencoder_lrs if task.kind == "autoencoder" else self.sgd_lrs
+
+
+PRESETS = {
+    "tiny": Settings(
+        size="tiny", tasks=tuple(TASKS), seeds=(0,), steps=12, batch_size=32,
+        sgd_lrs=(0.03,), sgd_autoencoder_lrs=(3e-3,), adam_lrs=(3e-3,), kfac_lrs=(0.1,), ekfac_lrs=(0.1,),
+        local_lrs=(0.1,), update_every=5, curves_train=256, curves_test=64, mnist1d_samples=400,
+        eval_examples=128, eval_points=4, warmup_steps=1,
+    ),
+    "quick": Settings(size="quick", tasks=("curves", "digits", "mnist1d_mlp"), seeds=(0, 1), steps=600),
+    "full": Settings(
+        size="full", tasks=tuple(TASKS), seeds=(0, 1, 2), steps=3000, curves_train=20000,
+        methods=DEFAULT_METHODS + ("local_lower_triangular",), eval_points=50,
+        sgd_lrs=(0.01, 0.03, 0.1, 0.3), sgd_autoencoder_lrs=(3e-4, 1e-3, 3e-3, 1e-2),
+        adam_lrs=(3e-4, 1e-3, 3e-3, 1e-2), kfac_lrs=(0.01, 0.03, 0.1, 0.3), ekfac_lrs=(0.01, 0.03, 0.1, 0.3),
+        local_lrs=(0.01, 0.03, 0.1, 0.3),
+    ),
+}
+
+
+# ---------------------------------------------------------------- building
+def group_options(structure: Optional[str], settings: Settings) -> Optional[dict]:
+    if structure == "hierarchical":
+        return {"k1": settings.local_k, "k2": settings.local_k}
+    if structure == "block_diagonal":
+        return {"block_size": settings.block_size}
+    return None
+
+
+def build_preconditioner(method: Method, model: nn.Module, settings: Settings):
+    """The method's preconditioner on ``model`` (``None`` for plain SGD / Adam)."""
+    shared = dict(update_every=settings.update_every)
+    if method.preconditioner == "kfac":
+        return KFAC(model, damping=settings.damping, factor_decay=settings.factor_decay, **shared)
+    if method.preconditioner == "ekfac":
+        return EKFAC(model, damping=settings.damping, factor_decay=settings.factor_decay, **shared)
+    if method.preconditioner == "local":
+        return LocalKFAC(
+            model, structure=method.structure, damping=settings.local_damping, lr_cov=settings.lr_cov,
+            momentum=settings.local_momentum, group_options=group_options(method.structure, settings), **shared,
+        )
+    return None
+
+
+def build_optimizer(method: Method, model: nn.Module, lr: float, settings: Settings) -> torch.optim.Optimizer:
+    if method.base == "adam":
+        return torch.optim.Adam(model.parameters(), lr=lr)
+    return torch.optim.SGD(model.parameters(), lr=lr, momentum=settings.momentum)
+
+
+def load_data(task: Task, settings: Settings) -> dl_data.Dataset:
+    if task.data == "curves":
+        return dl_data.curves(settings.curves_train, settings.curves_test, settings.curves_size, settings.data_seed)
+    if task.data == "digits":
+        return dl_data.digits(settings.data_seed)
+    return dl_data.mnist1d(settings.mnist1d_samples, settings.data_seed)
+
+
+# -------------------------------------------------------------- evaluation
+@torch.no_grad()
+def evaluate(task: Task, model: nn.Module, x: Tensor, y: Optional[Tensor], chunk: int = 2048) -> Dict[str, float]:
+    """Loss (the training objective) and the task's metric on ``(x, y)``, in eval mode, without
+    gradients and inside ``fork_rng`` (evaluations never perturb the training stream)."""
+    was_training = model.training
+    model.eval()
+    loss = metric = 0.0
+    with torch.random.fork_rng(devices=[]):
+        for start in range(0, x.shape[0], chunk):
+            xb = x[start : start + chunk]
+            yb = None if y is None else y[start : start + chunk]
+            n = xb.shape[0]
+            loss += float(task.loss(model, xb, yb)) * n
+            if task.kind == "autoencoder":
+                metric += float(model.squared_error(xb)) * n
+            else:
+                metric += float((model(xb).argmax(1) == yb).sum())
+    model.train(was_training)
+    n = x.shape[0]
+    return {"loss": loss / n, task.metric: metric / n}
+
+
+# -------------------------------------------------------------------- runs
+@dataclass
+class Run:
+    """One training run: its training-loss curve, status and final metrics."""
+
+    task: str
+    method: str
+    lr: float
+    seed: int
+    curve: Curve
+    status: str
+    metrics: Dict[str, float] = field(default_factory=dict)
+    structures: Dict[str, List[str]] = field(default_factory=dict)
+    warnings: List[str] = field(default_factory=list)
+
+
+def batches(n: int, batch_size: int, seed: int):
+    """Endless mini-batch indices: a fresh permutation of ``range(n)`` per epoch (``seed``)."""
+    g = torch.Generator().manual_seed(seed)
+    batch_size = min(batch_size, n)
+    while True:
+        order = torch.randperm(n, generator=g)
+        for start in range(0, n - batch_size + 1, batch_size):
+            yield order[start : start + batch_size]
+
+
+def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: int, settings: Settings,
+            steps: Optional[int] = None) -> Run:
+    """Train one model; a failing step (non-finite loss or gradient, singular factor) ends the
+    run with status ``diverged at step ...`` and ``nan`` for the rest of the curve."""
+    steps = settings.steps if steps is None else steps
+    torch.manual_seed(seed)  # the initialization: the same for every method
+    model = task.build(data)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        pre = build_preconditioner(method, model, settings)
+    run = Run(task.key, method.key, lr, seed, Curve([], [], []), "ok")
+    run.warnings = sorted({str(w.message) for w in caught})
+    if isinstance(pre, LocalKFAC):
+        run.structures = {name: list(pair) for name, pair in pre.structures.items()}
+    optimizer = build_optimizer(method, model, lr, settings)
+    n_eval = min(settings.eval_examples, data.x_train.shape[0])
+    x_eval = data.x_train[:n_eval]
+    y_eval = None if data.y_train is None else data.y_train[:n_eval]
+    points = common.eval_points(steps, settings.eval_points)
+    clock, curve, it = common.Stopwatch(), run.curve, 0
+    order = batches(data.x_train.shape[0], settings.batch_size, seed)
+    try:
+        _record(curve, 0, 0.0, evaluate(task, model, x_eval, y_eval)["loss"])
+        for it in range(1, steps + 1):
+            index = next(order)
+            xb = data.x_train[index]
+            yb = None if data.y_train is None else data.y_train[index]
+            with clock:
+                optimizer.zero_grad()
+                loss = task.loss(model, xb, yb)
+                loss.backward()
+                if pre is not None:
+                    pre.step()
+                optimizer.step()
+            if not math.isfinite(float(loss)):
+                raise FloatingPointError(f"training loss is {float(loss)}")
+            if it == points[len(curve.iterations)]:
+                _record(curve, it, clock.seconds, evaluate(task, model, x_eval, y_eval)["loss"])
+    except (ValueError, RuntimeError, FloatingPointError) as err:
+        run.status = f"diverged at step {it}: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+    missing = points[len(curve.iterations):]
+    curve.iterations += missing
+    curve.seconds += [math.nan] * len(missing)
+    curve.values += [math.nan] * len(missing)
+    if run.status == "ok":
+        test = evaluate(task, model, data.x_test, data.y_test)
+        run.metrics = {"train_loss": curve.final, "test_loss": test["loss"], f"test_{task.metric}": test[task.metric],
+                       "seconds": clock.seconds, "ms_per_step": 1e3 * clock.seconds / steps}
+    if pre is not None:
+        pre.remove_hooks()
+    return run
+
+
+def _record(curve: Curve, it: int, seconds: float, value: float) -> None:
+    if not math.isfinite(value):
+        raise FloatingPointError(f"evaluation loss is {value}")
+    curve.iterations.append(it)
+    curve.seconds.append(seconds)
+    curve.values.append(value)
+
+
+def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict]]:
+    """Every run of the study and, per task, a description of its data and model."""
+    plan = [(t, m) for t in settings.tasks for m in settings.methods]
+    total = sum(len(settings.lrs(METHODS[m], TASKS[t])) * len(settings.seeds) for t, m in plan)
+    bar = common.progress(total, "dl")
+    runs, info = [], {}
+    for task_key in settings.tasks:
+        task = TASKS[task_key]
+        bar.set_postfix_str(f"{task_key}: data")
+        data = load_data(task, settings)
+        model = task.build(data)
+        info[task_key] = {
+            "label": task.label, "kind": task.kind, "data": data.name,
+            "train": data.x_train.shape[0], "test": data.x_test.shape[0], "input_shape": list(data.input_shape),
+            "model": repr(model), "parameters": sum(p.numel() for p in model.parameters()),
+        }
+        for method_key in settings.methods:
+            method = METHODS[method_key]
+            # untimed warm-up: one-time costs (first LAPACK calls, allocator) stay out of the timings
+            run_one(task, data, method, settings.lrs(method, task)[0], settings.seeds[0], settings,
+                    steps=settings.warmup_steps)
+            for lr in settings.lrs(method, task):
+                for seed in settings.seeds:
+                    bar.set_postfix_str(f"{task_key} {method.label} lr {lr:g} seed {seed}")
+                    runs.append(run_one(task, data, method, lr, seed, settings))
+                    bar.update()
+    bar.close()
+    return runs, info
+
+
+# ----------------------------------------------------------------- summary
+@dataclass
+class Selected:
+    """The best learning rate of one method on one task, seed-averaged."""
+
+    method: str
+    lr: float
+    curve: Curve
+    runs: List[Run]
+
+    def metric(self, name: str) -> float:
+        values = [r.metrics.get(name, math.nan) for r in self.runs]
+        return sum(values) / len(values) if values else math.nan
+
+    @property
+    def diverged(self) -> int:
+        return sum(r.status != "ok" for r in self.runs)
+
+
+def select(runs: List[Run]) -> Dict[str, Dict[str, Selected]]:
+    """``{task: {method: best Selected}}``: the lowest seed-averaged final training loss."""
+    grouped = defaultdict(list)
+    for run in runs:
+        grouped[(run.task, run.method, run.lr)].append(run)
+    best: Dict[str, Dict[str, Selected]] = defaultdict(dict)
+    for (task, method, lr), members in grouped.items():
+        candidate = Selected(method, lr, common.mean_curve([r.curve for r in members]), members)
+        current = best[task].get(method)
+        if current is None or _final_key(candidate) < _final_key(current):
+            best[task][method] = candidate
+    return best
+
+
+def _final_key(selected: Selected) -> float:
+    value = selected.curve.final
+    return value if value == value else math.inf
+
+
+def reach(curve: Curve, target: float) -> Tuple[Optional[int], Optional[float]]:
+    """``(steps, seconds)`` of the first evaluation at or below ``target``."""
+    return curve.first_below(target + 1e-9 * abs(target))
+
+
+def summary_rows(selected: Dict[str, Dict[str, Selected]], info: Dict[str, dict], settings: Settings) -> List[dict]:
+    """One row per (task, method): best lr, finals, steps / seconds to Adam's final loss, ratios."""
+    rows = []
+    for task_key, methods in selected.items():
+        task = TASKS[task_key]
+        adam = methods.get("adam")
+        target = adam.curve.final if adam is not None else math.nan
+        adam_steps, adam_seconds = reach(adam.curve, target) if adam is not None and target == target else (None, None)
+        adam_total = _total_seconds(adam.curve) if adam is not None else math.nan
+        for method_key in settings.methods:
+            sel = methods.get(method_key)
+            if sel is None:
+                continue
+            steps, seconds = reach(sel.curve, target) if target == target else (None, None)
+            total = _total_seconds(sel.curve)
+            rows.append({
+                "task": task_key, "task_label": task.label, "method": method_key, "method_label": METHODS[method_key].label,
+                "lr": sel.lr, "lr_grid": " ".join(f"{lr:g}" for lr in settings.lrs(METHODS[method_key], task)),
+                "final_train_loss": sel.curve.final, "test_loss": sel.metric("test_loss"),
+                "test_metric": task.metric, "test_metric_value": sel.metric(f"test_{task.metric}"),
+                "adam_final_loss": target,
+                "steps_to_adam": steps, "seconds_to_adam": seconds,
+                "ratio_seconds": fmt_ratio(seconds, adam_seconds, total, adam_total) if adam is not None else "–",
+                "ratio_steps": fmt_ratio(steps, adam_steps, settings.steps, settings.steps) if adam is not None else "–",
+                "total_seconds": total, "ms_per_step": sel.metric("ms_per_step"),
+                "diverged_runs": sel.diverged, "runs": len(sel.runs),
+            })
+    return rows
+
+
+def _total_seconds(curve: Curve) -> float:
+    return max((s for s in curve.seconds if s == s), default=math.nan)
+
+
+def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings, runtime: float,
+                    notes: List[str]) -> str:
+    """The results table, one section per task, with the settings and notes."""
+    header = ["method", "lr", "final train loss", "test loss", "test metric", "steps to Adam's final",
+              "s to Adam's final", "time ratio vs Adam", "step ratio vs Adam", "ms/step"]
+    lines = [
+        "# Kronecker preconditioners on deep nets",
+        "",
+        "Training loss = the training objective on a fixed subset of training examples; best lr per "
+        "method = lowest seed-averaged final training loss. `steps/s to Adam's final`: first evaluation "
+        "at or below the best Adam run's final training loss (seed-averaged curves; seconds of training "
+        "work only); `time ratio vs Adam` = those seconds / Adam's own (< 1: faster than Adam; `>x`: "
+        "not reached, bound from the run's total). Test metric: accuracy (classifiers) or squared "
+        "reconstruction error summed over pixels (autoencoders).",
+        "",
+        f"Settings: preset `{settings.size}`; seeds {list(settings.seeds)}; {settings.steps} steps of batch "
+        f"{settings.batch_size}; base optimizer of the preconditioners SGD momentum {settings.momentum:g}; "
+        f"KFAC/EKFAC damping {settings.damping:g}, factor_decay {settings.factor_decay:g}; LocalKFAC damping "
+        f"{settings.local_damping:g}, lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
+        f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32; torch "
+        f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; study runtime "
+        f"{runtime:.0f} s.",
+    ]
+    for task_key in dict.fromkeys(row["task"] for row in rows):
+        task_rows = [row for row in rows if row["task"] == task_key]
+        meta = info[task_key]
+        body = [
+            [
+                row["method_label"], f"{row['lr']:g} ({row['lr_grid']})",
+                "diverged" if row["final_train_loss"] != row["final_train_loss"] else fmt(row["final_train_loss"], 4),
+                fmt(row["test_loss"], 4),
+                (f"{100 * row['test_metric_value']:.1f}%" if row["test_metric"] == "accuracy"
+                 else fmt(row["test_metric_value"], 4)),
+                _reach_text(row["steps_to_adam"]), _reach_text(row["seconds_to_adam"]),
+                row["ratio_seconds"], row["ratio_steps"], fmt(row["ms_per_step"], 3),
+            ]
+            for row in task_rows
+        ]
+        lines += [
+            "", f"## {meta['label']}", "",
+            f"{meta['train']} train / {meta['test']} test examples of shape {tuple(meta['input_shape'])}; "
+            f"{meta['parameters']} parameters; Adam's final training loss {fmt(task_rows[0]['adam_final_loss'], 4)}.",
+            "", common.markdown_table(header, body),
+        ]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {note}" for note in notes]
+    return "\n".join(lines) + "\n"
+
+
+def _reach_text(value) -> str:
+    return "not reached" if value is None else (fmt(value, 3) if isinstance(value, float) else str(value))
+
+
+def notes_for(runs: List[Run]) -> List[str]:
+    """Diverged runs and preconditioner warnings (e.g. structure fallbacks), per task and method."""
+    out = []
+    grouped = defaultdict(list)
+    for run in runs:
+        grouped[(run.task, run.method)].append(run)
+    for (task, method), members in grouped.items():
+        failed = [r for r in members if r.status != "ok"]
+        if failed:
+            out.append(f"{task} {METHODS[method].label}: {len(failed)} of {len(members)} runs stopped, e.g. lr "
+                       f"{failed[0].lr:g} seed {failed[0].seed}: {failed[0].status}")
+        for message in sorted({w for r in members for w in r.warnings}):
+            out.append(f"{task} {METHODS[method].label}: {message}")
+    return out
+
+
+# ------------------------------------------------------------------- plots
+def plot_all(selected: Dict[str, Dict[str, Selected]], settings: Settings, out: Path) -> List[Path]:
+    """Training loss vs steps and vs seconds, one panel per task, best setting per method."""
+    import matplotlib
+
+    colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]
+    color_of = {key: colors[i % 10] for i, key in enumerate(METHODS)}
+    style_of = lambda key: "--" if METHODS[key].preconditioner is None else "-"
+    paths = []
+    for axis in ("steps", "seconds"):
+        panels: Dict[str, List[Line]] = {}
+        for task_key, methods in selected.items():
+            panels[TASKS[task_key].label] = [
+                Line(sel.curve.iterations if axis == "steps" else sel.curve.seconds, sel.curve.values,
+                     color_of[key], style_of(key))
+                for key, sel in methods.items()
+            ]
+        legend = [(METHODS[key].label, color_of[key], style_of(key)) for key in settings.methods]
+        path = out / f"loss_vs_{axis}.png"
+        common.plot_panels(
+            path, panels, xlabel="steps" if axis == "steps" else "seconds (training work)",
+            ylabel="training loss", title="Kronecker preconditioners on deep nets: best lr per method (seed mean)",
+            legend=legend, ncols=min(2, len(panels)),
+        )
+        paths.append(path)
+    return paths
+
+
+# ----------------------------------------------------------------- outputs
+def run_records(runs: List[Run]) -> List[dict]:
+    return [
+        {
+            "task": r.task, "method": r.method, "lr": r.lr, "seed": r.seed, "status": r.status,
+            "metrics": r.metrics, "structures": r.structures, "warnings": r.warnings,
+            "steps": r.curve.iterations, "seconds": [float(f"{s:.4g}") for s in r.curve.seconds],
+            "train_loss": [float(f"{v:.6g}") for v in r.curve.values],
+        }
+        for r in runs
+    ]
+
+
+def write_outputs(out: Path, settings: Settings, runs: List[Run], info: Dict[str, dict],
+                  selected: Dict[str, Dict[str, Selected]], rows: List[dict], report: str) -> List[Path]:
+    """``table.md``, ``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(report)
+    common.write_csv(out / "summary.csv", rows)
+    selection = {task: {m: {"lr": s.lr, "final_train_loss": s.curve.final} for m, s in methods.items()}
+                 for task, methods in selected.items()}
+    common.write_json(out / "results.json", {
+        "settings": asdict(settings), "tasks": info, "selection": selection, "summary": rows,
+        "runs": run_records(runs),
+    })
+    return [out / "table.md", out / "summary.csv", out / "results.json"]
+
+
+# --------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m experiments dl``; unset ones come from the preset."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true", help="smoke test (seconds)")
+    mode.add_argument("--quick", action="store_true", help="the default preset (a few minutes on 2 cores)")
+    mode.add_argument("--full", action="store_true", help="all tasks, 3 seeds, longer runs (30-60 minutes)")
+    parser.add_argument("--out", type=Path, default=Path("results/dl"), help="output directory")
+    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks")
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (initialization and batch order)")
+    parser.add_argument("--steps", type=int, help="training steps per run")
+    parser.add_argument("--batch-size", type=int, help="mini-batch size")
+    parser.add_argument("--sgd-lrs", type=float, nargs="+", help="SGD learning rates (classifiers)")
+    parser.add_argument("--sgd-autoencoder-lrs", type=float, nargs="+", help="SGD learning rates (autoencoders)")
+    parser.add_argument("--adam-lrs", type=float, nargs="+", help="Adam learning rates")
+    parser.add_argument("--kfac-lrs", type=float, nargs="+", help="learning rates of SGD behind KFAC")
+    parser.add_argument("--ekfac-lrs", type=float, nargs="+", help="learning rates of SGD behind EKFAC")
+    parser.add_argument("--local-lrs", type=float, nargs="+", help="learning rates of SGD behind LocalKFAC")
+    parser.add_argument("--damping", type=float, help="KFAC / EKFAC damping")
+    parser.add_argument("--factor-decay", type=float, help="KFAC / EKFAC factor moving-average decay")
+    parser.add_argument("--update-every", type=int, help="steps between preconditioner updates")
+    parser.add_argument("--lr-cov", type=float, help="LocalKFAC factor step size")
+    parser.add_argument("--local-momentum", type=float, help="LocalKFAC Riemannian momentum")
+    parser.add_argument("--local-damping", type=float, help="LocalKFAC damping")
+    parser.add_argument("--local-k", type=int, help="LocalKFAC hierarchical k1 = k2")
+    parser.add_argument("--block-size", type=int, help="LocalKFAC block_diagonal block size")
+    parser.add_argument("--data-seed", type=int, help="seed of the data draw / split")
+    parser.add_argument("--curves-train", type=int, help="CURVES training images")
+    parser.add_argument("--eval-examples", type=int, help="training examples of the loss evaluations")
+    parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
+    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    """The preset (``--tiny``, ``--full``, else quick) with every option given on the command line."""
+    preset = PRESETS["tiny" if getattr(args, "tiny", False) else "full" if getattr(args, "full", False) else "quick"]
+    overrides = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(args, name, None)
+        if value is not None and name != "size":
+            overrides[name] = tuple(value) if isinstance(value, list) else value
+    return replace(preset, **overrides)
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the study, write the outputs and print the table."""
+    settings = resolve_settings(args)
+    common.configure_torch(settings.threads, torch.float32)
+    start = time.perf_counter()
+    runs, info = run_all(settings)
+    selected = select(runs)
+    rows = summary_rows(selected, info, settings)
+    report = markdown_report(rows, info, settings, time.perf_counter() - start, notes_for(runs))
+    paths = write_outputs(args.out, settings, runs, info, selected, rows, report)
+    paths += plot_all(selected, settings, args.out)
+    print(report)
+    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
+    for path in paths:
+        print(f"  {path}")
