@@ -76,7 +76,7 @@ class Task:
     label: str
     kind: str  # "autoencoder" or "classifier"
     data: str  # key of dl_data.DATASETS
-    build: Callable[[dl_data.Dataset], nn.Module]
+    build: Callable[[dl_data.Dataset, "Settings"], nn.Module]
 
     def loss(self, model: nn.Module, x: Tensor, y: Optional[Tensor]) -> Tensor:
         """The training objective: a mean over the batch of per-example negative log-likelihoods."""
@@ -93,11 +93,11 @@ TASKS = {
     task.key: task
     for task in (
         Task("curves", "CURVES-16 autoencoder", "autoencoder", "curves",
-             lambda d: DeepAutoencoder((d.x_train[0].numel(), 200, 100, 50, 25, 6))),
+             lambda d, s: DeepAutoencoder((d.x_train[0].numel(), 200, 100, 50, 25, 6), init=s.ae_init)),
         Task("digits", "digits autoencoder", "autoencoder", "digits",
-             lambda d: DeepAutoencoder((64, 128, 64, 32, 8))),
-        Task("mnist1d_mlp", "MNIST-1D MLP", "classifier", "mnist1d", lambda d: MLP((40, 256, 256, 10))),
-        Task("mnist1d_cnn", "MNIST-1D CNN", "classifier", "mnist1d", lambda d: CNN((1, 1, 40), (32, 32, 32))),
+             lambda d, s: DeepAutoencoder((64, 128, 64, 32, 8), init=s.ae_init)),
+        Task("mnist1d_mlp", "MNIST-1D MLP", "classifier", "mnist1d", lambda d, s: MLP((40, 256, 256, 10))),
+        Task("mnist1d_cnn", "MNIST-1D CNN", "classifier", "mnist1d", lambda d, s: CNN((1, 1, 40), (32, 32, 32))),
     )
 }
 
@@ -159,6 +159,8 @@ class Settings:
     local_damping: float = 1e-1
     local_k: int = 10
     block_size: int = 8
+    #: autoencoder initialization (models.DeepAutoencoder's init)
+    ae_init: str = "xavier"
     #: data
     data_seed: int = 0
     curves_train: int = 10000
@@ -289,7 +291,7 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
     run with status ``diverged at step ...`` and ``nan`` for the rest of the curve."""
     steps = settings.steps if steps is None else steps
     torch.manual_seed(seed)  # the initialization: the same for every method
-    model = task.build(data)
+    model = task.build(data, settings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pre = build_preconditioner(method, model, settings)
@@ -317,8 +319,9 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
                 if pre is not None:
                     pre.step()
                 optimizer.step()
-            if not math.isfinite(float(loss)):
-                raise FloatingPointError(f"training loss is {float(loss)}")
+            value = float(loss.detach())
+            if not math.isfinite(value):
+                raise FloatingPointError(f"training loss is {value}")
             if it == points[len(curve.iterations)]:
                 _record(curve, it, clock.seconds, evaluate(task, model, x_eval, y_eval)["loss"])
     except (ValueError, RuntimeError, FloatingPointError) as err:
@@ -354,7 +357,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict]]:
         task = TASKS[task_key]
         bar.set_postfix_str(f"{task_key}: data")
         data = load_data(task, settings)
-        model = task.build(data)
+        model = task.build(data, settings)
         info[task_key] = {
             "label": task.label, "kind": task.kind, "data": data.name,
             "train": data.x_train.shape[0], "test": data.x_test.shape[0], "input_shape": list(data.input_shape),

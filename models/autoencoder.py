@@ -22,6 +22,7 @@ CURVES_SIZES = (784, 400, 200, 100, 50, 25, 6)
 #: the scaled-down default for 16x16 images
 SMALL_SIZES = (256, 200, 100, 50, 25, 6)
 
+INITS = ("sparse", "xavier", "torch")
 ACTIVATIONS = {"tanh": nn.Tanh, "sigmoid": nn.Sigmoid, "relu": nn.ReLU, "softplus": nn.Softplus}
 
 
@@ -39,12 +40,21 @@ class DeepAutoencoder(nn.Module):
         activation: ``"tanh"`` (default), ``"sigmoid"`` (logistic units, as in Hinton &
             Salakhutdinov), ``"relu"`` or ``"softplus"``; none after the code layer and the
             output layer.
+        init: ``"xavier"`` (default: Glorot normal with the activation's gain, zero biases),
+            ``"sparse"`` (Martens 2010, used by the KFAC paper with logistic units:
+            ``sparse_inputs`` incoming weights per unit drawn from ``N(0, 1)``, the others and
+            the biases 0; it saturates tanh units) or ``"torch"`` (``nn.Linear``'s default).
+        sparse_inputs: nonzero incoming weights per unit of the sparse initialization (all
+            of them for layers with fewer inputs).
 
     ``forward(x)`` flattens ``x`` to ``(N, sizes[0])`` and returns the output logits of that
     shape; :meth:`loss` is the training objective.
     """
 
-    def __init__(self, sizes: Sequence[int] = SMALL_SIZES, activation: str = "tanh"):
+    def __init__(
+        self, sizes: Sequence[int] = SMALL_SIZES, activation: str = "tanh", init: str = "xavier",
+        sparse_inputs: int = 15,
+    ):
         super().__init__()
         sizes = tuple(int(s) for s in sizes)
         if len(sizes) < 2 or min(sizes) < 1:
@@ -53,6 +63,29 @@ class DeepAutoencoder(nn.Module):
         self.sizes, self.activation = sizes, activation
         self.encoder = self._stack(sizes, activation)
         self.decoder = self._stack(sizes[::-1], activation)
+        self.reset_parameters(init, sparse_inputs)
+
+    @torch.no_grad()
+    def reset_parameters(self, init: str = "xavier", sparse_inputs: int = 15) -> None:
+        """Re-initialize every layer (see the class docstring); draws from torch's global RNG."""
+        if init not in INITS:
+            raise ValueError(f"init must be one of {INITS}, got {init!r}")
+        gain = nn.init.calculate_gain(self.activation) if self.activation in ("tanh", "sigmoid", "relu") else 1.0
+        for layer in self.modules():
+            if not isinstance(layer, nn.Linear):
+                continue
+            if init == "torch":
+                layer.reset_parameters()
+                continue
+            layer.bias.zero_()
+            if init == "xavier":
+                nn.init.xavier_normal_(layer.weight, gain=gain)
+            else:
+                out_dim, in_dim = layer.weight.shape
+                k = min(sparse_inputs, in_dim)
+                scores = torch.rand(out_dim, in_dim)
+                mask = torch.zeros(out_dim, in_dim).scatter_(1, scores.topk(k, dim=1).indices, 1.0)
+                layer.weight.copy_(torch.randn(out_dim, in_dim) * mask)
 
     @staticmethod
     def _stack(sizes: Sequence[int], activation: str) -> nn.Sequential:
