@@ -1,0 +1,519 @@
+"""Structured natural evolution strategies: xNES, SNES and their structured, O(nnz) variants.
+
+The search distribution is ``N(mu, A A^T)`` with the covariance factor ``A = sigma B`` and
+``B`` in a :mod:`structngd.groups` group (compact storage). One generation
+(MATH.md §5): draw ``z_k ~ N(0, I)``, ``x_k = mu + sigma B z_k``; rank the costs; with the
+utilities ``u`` form ``G_delta = sum_k u_k z_k`` and the pattern entries of
+``G_M = sum_k u_k (z_k z_k^T - I)``; step the mean ``mu <- mu + eta_mu sigma B G_delta``, the
+global scale with the trace ``G_sigma = tr(G_M) / d`` and the shape with the trace-free part,
+projected on the group's algebra and retracted: ``B <- B h(eta_B / 2 Pi_hat(G_B))``.
+Every operation costs O(nnz(B)) per sample, so ``block_triangular`` / ``heisenberg`` run at
+O(d k) per sample and never form a d x d matrix.
+"""
+
+from __future__ import annotations
+
+import math
+import warnings
+from typing import Callable, Dict, Optional, Sequence, Union
+
+import torch
+from torch import Tensor
+
+from .. import groups as _groups
+from . import _patterns
+from .result import ESHistory, ESResult
+from .utilities import default_popsize, rank_order, recombination_weights, utilities
+
+RATES = ("default", "xnes")
+RETRACTIONS = ("h", "exp")
+#: stop reasons that end the whole run (no restart)
+FINAL_REASONS = ("ftarget", "maxfevals", "maxiter")
+_DEFAULT_KEYS = ("eta_mu", "c1", "cmu", "cs", "ds", "cc")
+_XNES_KEYS = ("eta_mu", "eta_sigma", "eta_B")
+
+
+class StructuredNES:
+    """Ask-and-tell natural evolution strategy with a structured covariance factor.
+
+    Args:
+        x0: initial mean, a ``(d,)`` tensor / array / list, or a callable returning one
+            (called again at every restart).
+        sigma0: initial global step size (> 0); the initial covariance is ``sigma0^2 I``.
+        structure: group of the covariance factor ``B`` (``"dense"``, ``"diagonal"``,
+            ``"lower_triangular"``, ``"block_triangular"`` with ``k``, ``"heisenberg"`` with
+            ``k`` and ``k2``, ... see :func:`structngd.groups.make`) or a group instance.
+            Block groups are block *upper*-triangular, so ``A = sigma B`` gives an
+            "arrow" covariance: dense leading ``k`` block plus diagonal.
+        popsize: population size ``lambda`` (default ``4 + floor(3 ln d)``).
+        seed: seed of the object's own ``torch.Generator`` (``None``: a random seed,
+            readable as :attr:`seed`). Each generation draws
+            ``torch.randn((popsize, d), generator=...)`` (half of it with ``mirrored``).
+        rates: ``"xnes"``: the published xNES rates and updates (``eta_mu = 1``,
+            ``eta_sigma = eta_B = 3 (3 + ln d) / (5 d sqrt d)``; SNES's
+            ``(3 + ln d) / (5 sqrt d)`` for ``"diagonal"``; exact exponential retraction);
+            with ``"dense"`` this *is* xNES, with ``"diagonal"`` SNES.
+            ``"default"``: the same natural-gradient shape update with CMA-ES-sized
+            learning rates plus a cumulative rank-one term and cumulative step-size
+            adaptation (see :meth:`_update_default`). A dict ``{"base": "default", "cmu": 0.1}``
+            overrides single constants (keys ``eta_mu, c1, cmu, cs, ds, cc`` for
+            ``"default"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``).
+        mirrored: draw ``z`` and ``-z`` pairs (mirrored sampling).
+        restarts: number of IPOP restarts: when a restartable criterion fires (``tolx``,
+            ``tolfun``, ``tolstagnation``, ``tolflatfitness``, ``tolupsigma``) the run starts
+            again from ``x0`` with the population multiplied by ``incpopsize``.
+        budget, target, max_iterations: stop when the evaluations reach ``budget``, the
+            best value is ``<= target``, or the generations (all restarts) reach
+            ``max_iterations``.
+        tolx, tolfun, tolstagnation, tolflatfitness, tolupsigma: pycma's criteria
+            (``None`` disables one; ``tolstagnation=None`` uses pycma's default window
+            ``100 + 100 d^1.5 / popsize``, ``False`` disables it).
+        retraction: ``"h"`` (``I + M + M^2 / 2``, the default for ``rates="default"``) or
+            ``"exp"`` (the exact exponential, the default for ``rates="xnes"``).
+        dtype, device: of every tensor of the search state (default float64, CPU).
+        **group_options: options of the group (``k``, ``k2``, ``block_size`` ...).
+    """
+
+    def __init__(
+        self,
+        x0: Union[Tensor, Sequence[float], Callable[[], Tensor]],
+        sigma0: float,
+        structure: Union[str, _groups.MatrixGroup] = "dense",
+        popsize: Optional[int] = None,
+        seed: Optional[int] = None,
+        rates: Union[str, Dict[str, float]] = "default",
+        mirrored: bool = False,
+        restarts: int = 0,
+        incpopsize: float = 2,
+        budget: Optional[int] = None,
+        target: Optional[float] = None,
+        max_iterations: Optional[int] = None,
+        tolx: Optional[float] = 1e-11,
+        tolfun: Optional[float] = 1e-11,
+        tolstagnation: Union[None, bool, int] = None,
+        tolflatfitness: Optional[int] = 1,
+        tolupsigma: Optional[float] = 1e20,
+        retraction: Optional[str] = None,
+        dtype: torch.dtype = torch.float64,
+        device=None,
+        **group_options,
+    ):
+        self.dtype = dtype
+        self.device = torch.device(device) if device is not None else torch.device("cpu")
+        self._x0 = x0 if callable(x0) else self._as_vector(x0, "x0")
+        first = self._initial_mean()
+        self.dim = int(first.shape[0])
+        self.group = _groups.make(structure, self.dim, **group_options)
+        if isinstance(sigma0, Tensor):
+            sigma0 = float(sigma0)
+        if not isinstance(sigma0, (int, float)) or not math.isfinite(sigma0) or sigma0 <= 0:
+            raise ValueError(f"sigma0 must be a positive finite number, got {sigma0!r}")
+        self.sigma0 = float(sigma0)
+
+        base, overrides = (rates, {}) if isinstance(rates, str) else (dict(rates).pop("base", "default"), dict(rates))
+        overrides.pop("base", None)
+        if base not in RATES:
+            raise ValueError(f"rates must be one of {RATES} or a dict with 'base' in {RATES}, got {rates!r}")
+        allowed = _XNES_KEYS if base == "xnes" else _DEFAULT_KEYS
+        bad = [k for k in overrides if k not in allowed]
+        if bad:
+            raise ValueError(f"unknown rate(s) {bad} for rates={base!r}; allowed: {allowed}")
+        for k, v in overrides.items():
+            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
+                raise ValueError(f"rate {k} must be a finite number >= 0, got {v!r}")
+        self.mode, self._rate_overrides = base, {k: float(v) for k, v in overrides.items()}
+        retraction = retraction or ("exp" if base == "xnes" else "h")
+        if retraction not in RETRACTIONS:
+            raise ValueError(f"retraction must be one of {RETRACTIONS}, got {retraction!r}")
+        self.retraction = retraction
+
+        if popsize is not None and (not isinstance(popsize, int) or isinstance(popsize, bool) or popsize < 2):
+            raise ValueError(f"popsize must be an integer >= 2, got {popsize!r}")
+        self.base_popsize = popsize if popsize is not None else default_popsize(self.dim)
+        self.mirrored = bool(mirrored)
+        if not isinstance(restarts, int) or restarts < 0:
+            raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
+        if not isinstance(incpopsize, (int, float)) or incpopsize < 1:
+            raise ValueError(f"incpopsize must be a number >= 1, got {incpopsize!r}")
+        self.restarts, self.incpopsize = restarts, incpopsize
+        for name, value in (("budget", budget), ("max_iterations", max_iterations)):
+            if value is not None and (not isinstance(value, int) or value < 1):
+                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        if target is not None and not isinstance(target, (int, float)):
+            raise ValueError(f"target must be a number or None, got {target!r}")
+        for name, value in (("tolx", tolx), ("tolfun", tolfun), ("tolupsigma", tolupsigma)):
+            if value is not None and (not isinstance(value, (int, float)) or value < 0):
+                raise ValueError(f"{name} must be a number >= 0 or None, got {value!r}")
+        if tolflatfitness is not None and (not isinstance(tolflatfitness, int) or tolflatfitness < 0):
+            raise ValueError(f"tolflatfitness must be an integer >= 0 or None, got {tolflatfitness!r}")
+        if tolstagnation not in (None, False) and (
+            not isinstance(tolstagnation, int) or isinstance(tolstagnation, bool) or tolstagnation < 1
+        ):
+            raise ValueError(f"tolstagnation must be a positive integer, None or False, got {tolstagnation!r}")
+        self.budget, self.target, self.max_iterations = budget, target, max_iterations
+        self.tolx, self.tolfun, self.tolupsigma = tolx, tolfun, tolupsigma
+        self.tolflatfitness, self.tolstagnation = tolflatfitness, tolstagnation
+
+        if seed is None:
+            seed = int(torch.Generator().seed() % (2**63))
+        if not isinstance(seed, int):
+            raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        self.seed = seed
+        self.generator = torch.Generator(device=self.device)
+        self.generator.manual_seed(seed)
+
+        self._weights_c = _patterns.algebra_weights(self.group, dtype, self.device)
+        self._eye_c = self.group.identity(dtype, self.device)
+        self._algebra_dim = _patterns.algebra_dimension(self.group, self._weights_c)
+
+        # run-independent counters
+        self.iterations = 0
+        self.evaluations = 0
+        self.restarts_done = 0
+        self.nonfinite = 0
+        self._warned_nonfinite = False
+        self.best_x = first.clone()
+        self.best_f = math.inf
+        self.history = ESHistory()
+        self.restart_log = []
+        self._stop: Dict[str, object] = {}
+        self._start(self.base_popsize, first)
+
+    # ------------------------------------------------------------------ set-up
+    def _as_vector(self, x, name: str) -> Tensor:
+        try:
+            v = torch.as_tensor(x, dtype=self.dtype, device=self.device)
+        except (TypeError, ValueError, RuntimeError) as err:
+            raise ValueError(f"{name} must be a 1-D array of numbers: {err}") from None
+        if v.dim() != 1 or v.shape[0] < 1:
+            raise ValueError(f"{name} must be a non-empty 1-D vector, got shape {tuple(v.shape)}")
+        if not torch.isfinite(v).all():
+            raise ValueError(f"{name} must be finite")
+        return v.detach().clone()
+
+    def _initial_mean(self) -> Tensor:
+        x0 = self._as_vector(self._x0(), "x0()") if callable(self._x0) else self._x0.clone()
+        if hasattr(self, "dim") and x0.shape[0] != self.dim:
+            raise ValueError(f"x0() returned a vector of size {x0.shape[0]}, expected {self.dim}")
+        return x0
+
+    def _start(self, popsize: int, mean: Tensor) -> None:
+        """(Re)initialise the search distribution and the per-run bookkeeping."""
+        self.popsize = int(popsize)
+        if self.mirrored and self.popsize % 2:
+            self.popsize += 1
+        self.mean = mean
+        self.sigma = self.sigma0
+        self.factor = self.group.identity(self.dtype, self.device)
+        self.p_sigma = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        self.p_c = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
+        self.run_iteration = 0
+        self._run_best: list = []
+        self._run_median: list = []
+        self._flat = 0
+        self._pending = None
+        self._set_parameters()
+
+    def _set_parameters(self) -> None:
+        d, lam = self.dim, self.popsize
+        kw = dict(dtype=self.dtype, device=self.device)
+        self._u = utilities(lam, **kw)
+        self._w = recombination_weights(lam, **kw)
+        self.mueff = float(1.0 / (self._w * self._w).sum())
+        r = self._rate_overrides
+        mueff = self.mueff
+        if self.mode == "xnes":
+            if isinstance(self.group, _groups.Diagonal):
+                eta = (3 + math.log(d)) / (5 * math.sqrt(d))
+            else:
+                eta = 3 * (3 + math.log(d)) / (5 * d * math.sqrt(d))
+            self.rates = {"eta_mu": 1.0, "eta_sigma": eta, "eta_B": eta}
+        else:
+            cs = (mueff + 2) / (d + mueff + 5)
+            ds = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (d + 1)) - 1) + cs
+            cc = (4 + mueff / d) / (d + 4 + 2 * mueff / d)
+            c1 = 2 / ((d + 1.3) ** 2 + mueff)
+            cmu = 2 * (mueff - 2 + 1 / mueff) / ((d + 2) ** 2 + mueff)
+            # fewer free shape parameters than dense: learn them faster (sep-CMA's (d+2)/3 at most)
+            scale = max(1.0, min((d + 2) / 3, d * (d + 1) / 2 / self._algebra_dim))
+            c1, cmu = c1 * scale, cmu * scale
+            if c1 + cmu > 1:
+                c1, cmu = c1 / (c1 + cmu), cmu / (c1 + cmu)
+            self.rates = {"eta_mu": 1.0, "c1": c1, "cmu": max(cmu, 0.0), "cs": cs, "ds": ds, "cc": cc}
+        self.rates.update(r)
+        self._chi = math.sqrt(d) * (1 - 1 / (4 * d) + 1 / (21 * d * d))
+
+    # ------------------------------------------------------------------ ask/tell
+    def ask(self) -> Tensor:
+        """Sample the next population: a ``(popsize, d)`` tensor (a new tensor each call)."""
+        if self._pending is not None:
+            raise RuntimeError("ask() called twice: tell() the fitness of the previous population first")
+        lam, d = self.popsize, self.dim
+        if self.mirrored:
+            half = torch.randn((lam // 2, d), generator=self.generator, dtype=self.dtype, device=self.device)
+            z = torch.cat([half, -half])
+        else:
+            z = torch.randn((lam, d), generator=self.generator, dtype=self.dtype, device=self.device)
+        x = self.mean + self.sigma * self.group.matvec(self.factor, z)
+        self._pending = (z, x)
+        return x.clone()
+
+    def _as_fitness(self, fitness) -> Tensor:
+        if isinstance(fitness, Tensor):
+            f = fitness.detach().to(device="cpu", dtype=torch.float64)
+        else:
+            try:
+                f = torch.as_tensor(fitness, dtype=torch.float64)
+            except (TypeError, ValueError, RuntimeError):
+                try:
+                    f = torch.tensor([float(v) for v in fitness], dtype=torch.float64)
+                except (TypeError, ValueError) as err:
+                    raise ValueError(f"fitness must be a 1-D sequence of numbers: {err}") from None
+        if f.dim() != 1 or f.shape[0] != self.popsize:
+            raise ValueError(
+                f"fitness must be a 1-D sequence of length popsize={self.popsize}, got shape {tuple(f.shape)}"
+            )
+        return f
+
+    def tell(self, fitness) -> None:
+        """Update the search distribution from the costs (lower is better) of the last :meth:`ask`.
+
+        NaN and infinite costs rank worst (a warning is issued once; :attr:`nonfinite`
+        counts them).
+        """
+        if self._pending is None:
+            raise RuntimeError("tell() without a pending population: call ask() first")
+        f = self._as_fitness(fitness)
+        z, x = self._pending
+        order, n_bad = rank_order(f)
+        if n_bad:
+            self.nonfinite += n_bad
+            if not self._warned_nonfinite:
+                self._warned_nonfinite = True
+                warnings.warn(
+                    f"{n_bad} non-finite fitness value(s) (NaN/inf) ranked worst; further ones are only counted "
+                    "in .nonfinite",
+                    RuntimeWarning,
+                    stacklevel=2,
+                )
+        self._pending = None
+        self.evaluations += self.popsize
+        self.iterations += 1
+        self.run_iteration += 1
+        good = f[order[: self.popsize - n_bad]]
+        if len(good):
+            gen_best, gen_median = float(good[0]), float(good.median())
+            if gen_best < self.best_f:
+                self.best_f, self.best_x = gen_best, x[int(order[0])].clone()
+        else:
+            gen_best = gen_median = math.inf
+        flat = len(good) > 1 and float(good[min(len(good) - 1, int(math.ceil(0.1 + self.popsize / 4)))]) == gen_best
+        zs = z[order.to(self.device)]
+        if self.mode == "xnes":
+            self._update_xnes(zs)
+        else:
+            self._update_default(zs)
+        self._flat = self._flat + 1 if flat else 0
+        if flat and self.mode == "default":  # pycma: escape a plateau by enlarging sigma
+            self.sigma *= math.exp(0.2 + self.rates["cs"] / self.rates["ds"])
+        self._run_best.append(gen_best)
+        self._run_median.append(gen_median)
+        self.history.append(
+            iteration=self.iterations,
+            evaluations=self.evaluations,
+            best_f=self.best_f,
+            f_best=gen_best,
+            f_median=gen_median,
+            sigma=self.sigma,
+            popsize=self.popsize,
+            restart=self.restarts_done,
+        )
+        reasons = self._termination(f[order[: self.popsize - n_bad]])
+        if reasons and not any(k in FINAL_REASONS for k in reasons) and self.restarts_done < self.restarts:
+            self.restart_log.append({"iteration": self.iterations, "evaluations": self.evaluations, "reasons": reasons})
+            self.restarts_done += 1
+            self._start(int(round(self.base_popsize * self.incpopsize**self.restarts_done)), self._initial_mean())
+            reasons = {}
+        self._stop = reasons
+
+    # ------------------------------------------------------------------ updates
+    def _shape_step(self, zs: Tensor, coef: Tensor) -> tuple:
+        """Pattern entries of ``G = sum_k coef_k (z_k z_k^T - I)``, its trace / d, and ``M``
+        ``= 1/2 Pi_hat(G - tr(G)/d I)`` in compact form (exactly ``(G - g I)/2`` for dense)."""
+        g = _patterns.outer_pattern(self.group, zs, coef) - coef.sum() * self._eye_c
+        g_sigma = ((coef * (zs * zs).sum(-1)).sum() - self.dim * coef.sum()) / self.dim
+        m = self._weights_c * (g - g_sigma * self._eye_c)
+        return g_sigma, m
+
+    def _retract(self, m: Tensor) -> Tensor:
+        if self.retraction == "exp":
+            return _patterns.group_exp(self.group, m)
+        return self.group.expm(m)
+
+    def _update_xnes(self, zs: Tensor) -> None:
+        """xNES / SNES (Glasmachers et al. 2010, Schaul et al. 2011) with the group's pattern:
+        ``mu += eta_mu sigma B G_delta``, ``sigma *= exp(eta_sigma/2 G_sigma)``,
+        ``B <- B exp(eta_B/2 Pi_hat(G_B))``."""
+        r, u = self.rates, self._u
+        g_delta = u @ zs
+        self.mean = self.mean + r["eta_mu"] * self.sigma * self.group.matvec(self.factor, g_delta)
+        g_sigma, m = self._shape_step(zs, u)
+        self.sigma = self.sigma * math.exp(0.5 * r["eta_sigma"] * float(g_sigma))
+        self.factor = self.group.mul(self.factor, self._retract(r["eta_B"] * m))
+
+    def _update_default(self, zs: Tensor) -> None:
+        """CMA-sized natural-gradient step.
+
+        * mean: ``mu += eta_mu sigma B sum_r w_r z_r`` (the positive half of the utilities,
+          ``w_r = u_r + 1/lambda``, as in CMA-ES's recombination);
+        * shape: the trace-free natural gradient of ``cmu sum_k u_k (z_k z_k^T - I)`` plus a
+          rank-one term ``c1 (z_c z_c^T - I)`` from the cumulated path of the mean steps
+          (``z_c = B^{-1} p_c``), projected on the algebra and retracted with ``h``;
+          ``B`` is rescaled to ``det B = 1`` (the scale belongs to ``sigma``);
+        * scale: cumulative step-size adaptation on ``p_sigma``, the path of ``sum_r w_r z_r``.
+        """
+        r, d = self.rates, self.dim
+        zw = self._w @ zs
+        step = self.group.matvec(self.factor, zw)
+        self.mean = self.mean + r["eta_mu"] * self.sigma * step
+        cs, cc = r["cs"], r["cc"]
+        self.p_sigma = (1 - cs) * self.p_sigma + math.sqrt(cs * (2 - cs) * self.mueff) * zw
+        ps_norm = float(self.p_sigma.norm())
+        hsig = ps_norm / math.sqrt(1 - (1 - cs) ** (2 * self.run_iteration)) / self._chi < 1.4 + 2 / (d + 1)
+        self.p_c = (1 - cc) * self.p_c + (math.sqrt(cc * (2 - cc) * self.mueff) if hsig else 0.0) * step
+        if r["c1"] > 0:
+            zc = self.group.solve(self.factor, self.p_c)
+            zall = torch.cat([zs, zc.unsqueeze(0)])
+            coef = torch.cat([r["cmu"] * self._u, self._u.new_tensor([r["c1"]])])
+        else:
+            zall, coef = zs, r["cmu"] * self._u
+        _, m = self._shape_step(zall, coef)
+        h = self._retract(m)
+        shrink = math.exp(-float(self.group.logdet(h)) / d)
+        self.factor = self.group.mul(self.factor, h) * shrink
+        self.sigma = self.sigma * math.exp(min(1.0, (cs / r["ds"]) * (ps_norm / self._chi - 1)))
+
+    # ------------------------------------------------------------------ stopping
+    def _termination(self, sorted_f: Tensor) -> Dict[str, object]:
+        out: Dict[str, object] = {}
+        if self.target is not None and self.best_f <= self.target:
+            out["ftarget"] = self.target
+        if self.budget is not None and self.evaluations >= self.budget:
+            out["maxfevals"] = self.budget
+        if self.max_iterations is not None and self.iterations >= self.max_iterations:
+            out["maxiter"] = self.max_iterations
+        scale = self.sigma * math.sqrt(float(_patterns.row_sq_norms(self.group, self.factor).max()))
+        if self.tolx is not None:
+            pc = self.sigma * float(self.p_c.abs().max())
+            if scale < self.tolx and pc < self.tolx:
+                out["tolx"] = self.tolx
+        if self.tolupsigma is not None and scale > self.tolupsigma * self.sigma0:
+            out["tolupsigma"] = self.tolupsigma
+        if self.tolfun is not None and self.run_iteration > 1 and len(sorted_f):
+            window = self._run_best[-(10 + int(math.ceil(30 * self.dim / self.popsize))) :]
+            finite = [v for v in window if math.isfinite(v)]
+            if finite and len(finite) == len(window):
+                spread = max(max(finite) - min(finite), float(sorted_f[-1] - sorted_f[0]))
+                if spread < self.tolfun:
+                    out["tolfun"] = self.tolfun
+        if self.tolflatfitness is not None and self._flat > self.tolflatfitness:
+            out["tolflatfitness"] = self.tolflatfitness
+        if self.tolstagnation is not False:
+            n_stag = self.tolstagnation or int(100 + 100 * self.dim**1.5 / self.popsize)
+            hist = len(self._run_best)
+            ell = int(max(n_stag / 10, hist / 10))
+            if self.run_iteration > n_stag and hist >= 2 * ell:
+                med = lambda v: float(torch.tensor(v).median())  # noqa: E731
+                recent_m, older_m = self._run_median[-ell:], self._run_median[-2 * ell : -ell]
+                recent_b, older_b = self._run_best[-ell:], self._run_best[-2 * ell : -ell]
+                if med(recent_m) >= med(older_m) and med(recent_b) >= med(older_b):
+                    out["tolstagnation"] = n_stag
+        return out
+
+    def stop(self) -> Dict[str, object]:
+        """The active stop criteria after the last :meth:`tell` (pycma style, empty while running)."""
+        return dict(self._stop)
+
+    # ------------------------------------------------------------------ results
+    @property
+    def result(self) -> ESResult:
+        """The best point so far and the run record, as an :class:`ESResult`."""
+        return ESResult(
+            x=self.best_x.clone(),
+            f=self.best_f,
+            evaluations=self.evaluations,
+            iterations=self.iterations,
+            stop_reason=self.stop(),
+            history=self.history.copy(),
+            mean=self.mean.clone(),
+            sigma=self.sigma,
+            restarts=self.restarts_done,
+            nonfinite=self.nonfinite,
+        )
+
+    def covariance_factor(self) -> Tensor:
+        """The dense ``A = sigma B`` (``d x d``: for small ``d`` or inspection only)."""
+        return self.sigma * self.group.to_dense(self.factor)
+
+    def stds(self) -> Tensor:
+        """Marginal standard deviations ``sigma sqrt(diag(B B^T))`` at O(nnz) cost."""
+        return self.sigma * _patterns.row_sq_norms(self.group, self.factor).sqrt()
+
+    # ------------------------------------------------------------------ state
+    _TENSORS = ("mean", "factor", "p_sigma", "p_c", "best_x")
+    _SCALARS = (
+        "sigma",
+        "popsize",
+        "run_iteration",
+        "iterations",
+        "evaluations",
+        "restarts_done",
+        "nonfinite",
+        "_warned_nonfinite",
+        "best_f",
+        "_flat",
+        "seed",
+    )
+
+    def state_dict(self) -> Dict[str, object]:
+        """Everything needed to resume bit for bit (RNG included); tensors are copies."""
+        state = {"version": 1, "dim": self.dim, "group": repr(self.group), "mode": self.mode}
+        for name in self._TENSORS:
+            state[name] = getattr(self, name).clone()
+        for name in self._SCALARS:
+            state[name] = getattr(self, name)
+        state["generator"] = self.generator.get_state()
+        state["pending"] = None if self._pending is None else tuple(t.clone() for t in self._pending)
+        state["history"] = self.history.as_dict()
+        state["run_best"], state["run_median"] = list(self._run_best), list(self._run_median)
+        state["restart_log"] = [dict(e) for e in self.restart_log]
+        state["stop"] = dict(self._stop)
+        return state
+
+    def load_state_dict(self, state: Dict[str, object]) -> None:
+        """Restore a :meth:`state_dict` into an object built with the same options."""
+        if state.get("version") != 1:
+            raise ValueError(f"unsupported state version {state.get('version')!r}")
+        if state["dim"] != self.dim or state["group"] != repr(self.group) or state["mode"] != self.mode:
+            raise ValueError(
+                f"state of a {state['group']} {state['mode']!r} search in dimension {state['dim']} cannot be "
+                f"loaded into a {self.group!r} {self.mode!r} search in dimension {self.dim}"
+            )
+        for name in self._TENSORS:
+            setattr(self, name, state[name].to(dtype=self.dtype, device=self.device).clone())
+        for name in self._SCALARS:
+            setattr(self, name, state[name])
+        self._set_parameters()
+        self.generator.set_state(state["generator"])
+        pending = state["pending"]
+        self._pending = None if pending is None else tuple(t.to(self.device).clone() for t in pending)
+        self.history = ESHistory(state["history"])
+        self._run_best, self._run_median = list(state["run_best"]), list(state["run_median"])
+        self.restart_log = [dict(e) for e in state["restart_log"]]
+        self._stop = dict(state["stop"])
+
+    def __repr__(self) -> str:
+        return (
+            f"StructuredNES(dim={self.dim}, group={self.group!r}, rates={self.mode!r}, popsize={self.popsize}, "
+            f"iterations={self.iterations}, evaluations={self.evaluations}, best_f={self.best_f:.6g})"
+        )
