@@ -7,12 +7,14 @@ xNES, with ``"diagonal"`` SNES; the default rates add CMA-ES-like cumulation.
 :mod:`structngd.es.bbob` holds BBOB test functions.
 """
 
+from .minimize import minimize
 from .nes import StructuredNES
 from .result import ESHistory, ESResult
 from .utilities import default_popsize, rank_order, recombination_weights, utilities
 
 __all__ = [
     "StructuredNES",
+    "minimize",
     "ESResult",
     "ESHistory",
     "utilities",
