@@ -14,8 +14,9 @@ Methods (``METHODS``): SGD with momentum 0.9, Adam, and the preconditioners of
 ``EKFAC`` and ``LocalKFAC`` with the structures ``dense``, ``diagonal``, ``hierarchical(k, k)``
 (default ``k = 10``), ``lower_triangular`` and ``block_diagonal`` (its block size must divide
 every factor's dimension, bias included, so most factors fall back to dense: opt-in).
-Preconditioners use the empirical Fisher (``fisher="empirical"``; ``sample_fisher`` has no
-Bernoulli likelihood for the autoencoders). Every method runs a small learning-rate grid on
+Preconditioners use the true Fisher by default (``--fisher true``: output gradients for
+targets sampled from the model, ``Task.sample_fisher``; the autoencoders' Bernoulli pixels go
+through ``sample_fisher(..., "categorical")`` on the logits ``(0, z)``), or ``--fisher empirical``. Every method runs a small learning-rate grid on
 every seed; the seed sets the initialization (the same for every method) and the mini-batch
 order (the same for every method); the data draw is fixed (``--data-seed``).
 
@@ -80,9 +81,24 @@ class Task:
 
     def loss(self, model: nn.Module, x: Tensor, y: Optional[Tensor]) -> Tensor:
         """The training objective: a mean over the batch of per-example negative log-likelihoods."""
+        return self.loss_of(model(x), x, y)
+
+    def loss_of(self, output: Tensor, x: Tensor, y: Optional[Tensor]) -> Tensor:
+        if self.kind == "autoencoder":  # models.autoencoder.loss on given logits
+            return F.binary_cross_entropy_with_logits(output, x.reshape(x.shape[0], -1), reduction="sum") / x.shape[0]
+        return F.cross_entropy(output, y)
+
+    def sample_fisher(self, pre, output: Tensor) -> None:
+        """Feed the true Fisher's sampled output gradients to ``pre`` (``fisher="true"``,
+        ``batch_averaged=False``: the sampled loss is a sum, so its gradients are per example).
+
+        Autoencoders: a Bernoulli pixel with logit ``z`` is a categorical over the logits
+        ``(0, z)``, so ``sample_fisher(..., "categorical")`` on the ``(N * pixels, 2)`` logits
+        samples every pixel and backpropagates the sum of their ``-log p``.
+        """
         if self.kind == "autoencoder":
-            return autoencoder_loss(model, x)
-        return F.cross_entropy(model(x), y)
+            output = torch.stack([torch.zeros_like(output), output], dim=-1).reshape(-1, 2)
+        pre.sample_fisher(output, "categorical")
 
     @property
     def metric(self) -> str:
@@ -147,16 +163,18 @@ class Settings:
     sgd_lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
     sgd_autoencoder_lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2)
     adam_lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    kfac_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
-    ekfac_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
-    local_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
-    #: preconditioner hyperparameters (shared by every task)
-    damping: float = 1e-1
+    kfac_lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
+    ekfac_lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
+    local_lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
+    #: preconditioner hyperparameters (shared by every task); fisher "true" samples the
+    #: model's own outputs (Task.sample_fisher), "empirical" uses the loss's gradients
+    fisher: str = "true"
+    damping: float = 1.0
     factor_decay: float = 0.95
     update_every: int = 10
-    lr_cov: float = 1e-2
+    lr_cov: float = 0.3
     local_momentum: float = 0.5
-    local_damping: float = 1e-1
+    local_damping: float = 1.0
     local_k: int = 10
     block_size: int = 8
     #: autoencoder initialization (models.DeepAutoencoder's init)
@@ -182,18 +200,18 @@ class Settings:
 
 PRESETS = {
     "tiny": Settings(
-        size="tiny", tasks=tuple(TASKS), seeds=(0,), steps=12, batch_size=32,
+        size="tiny", tasks=tuple(TASKS), seeds=(0,), steps=10, batch_size=32,
         sgd_lrs=(0.03,), sgd_autoencoder_lrs=(3e-3,), adam_lrs=(3e-3,), kfac_lrs=(0.1,), ekfac_lrs=(0.1,),
         local_lrs=(0.1,), update_every=5, curves_train=256, curves_test=64, mnist1d_samples=400,
         eval_examples=128, eval_points=4, warmup_steps=1,
     ),
-    "quick": Settings(size="quick", tasks=("curves", "digits", "mnist1d_mlp"), seeds=(0, 1), steps=600),
+    "quick": Settings(size="quick", tasks=("curves", "digits", "mnist1d_mlp"), seeds=(0, 1), steps=400),
     "full": Settings(
         size="full", tasks=tuple(TASKS), seeds=(0, 1, 2), steps=3000, curves_train=20000,
         methods=DEFAULT_METHODS + ("local_lower_triangular",), eval_points=50,
         sgd_lrs=(0.01, 0.03, 0.1, 0.3), sgd_autoencoder_lrs=(3e-4, 1e-3, 3e-3, 1e-2),
-        adam_lrs=(3e-4, 1e-3, 3e-3, 1e-2), kfac_lrs=(0.01, 0.03, 0.1, 0.3), ekfac_lrs=(0.01, 0.03, 0.1, 0.3),
-        local_lrs=(0.01, 0.03, 0.1, 0.3),
+        adam_lrs=(3e-4, 1e-3, 3e-3, 1e-2), kfac_lrs=(0.003, 0.01, 0.03, 0.1), ekfac_lrs=(0.003, 0.01, 0.03, 0.1),
+        local_lrs=(0.003, 0.01, 0.03, 0.1),
     ),
 }
 
@@ -209,7 +227,9 @@ def group_options(structure: Optional[str], settings: Settings) -> Optional[dict
 
 def build_preconditioner(method: Method, model: nn.Module, settings: Settings):
     """The method's preconditioner on ``model`` (``None`` for plain SGD / Adam)."""
-    shared = dict(update_every=settings.update_every)
+    shared = dict(update_every=settings.update_every, fisher=settings.fisher)
+    if settings.fisher == "true":
+        shared["batch_averaged"] = False  # Task.sample_fisher backpropagates a summed loss
     if method.preconditioner == "kfac":
         return KFAC(model, damping=settings.damping, factor_decay=settings.factor_decay, **shared)
     if method.preconditioner == "ekfac":
@@ -314,7 +334,10 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
             yb = None if data.y_train is None else data.y_train[index]
             with clock:
                 optimizer.zero_grad()
-                loss = task.loss(model, xb, yb)
+                output = model(xb)
+                if pre is not None and settings.fisher == "true":
+                    task.sample_fisher(pre, output)
+                loss = task.loss_of(output, xb, yb)
                 loss.backward()
                 if pre is not None:
                     pre.step()
@@ -471,6 +494,7 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         "",
         f"Settings: preset `{settings.size}`; seeds {list(settings.seeds)}; {settings.steps} steps of batch "
         f"{settings.batch_size}; base optimizer of the preconditioners SGD momentum {settings.momentum:g}; "
+        f"{settings.fisher} Fisher; "
         f"KFAC/EKFAC damping {settings.damping:g}, factor_decay {settings.factor_decay:g}; LocalKFAC damping "
         f"{settings.local_damping:g}, lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
         f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32; torch "
@@ -598,6 +622,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kfac-lrs", type=float, nargs="+", help="learning rates of SGD behind KFAC")
     parser.add_argument("--ekfac-lrs", type=float, nargs="+", help="learning rates of SGD behind EKFAC")
     parser.add_argument("--local-lrs", type=float, nargs="+", help="learning rates of SGD behind LocalKFAC")
+    parser.add_argument("--fisher", choices=("true", "empirical"), help="Fisher of the preconditioners")
     parser.add_argument("--damping", type=float, help="KFAC / EKFAC damping")
     parser.add_argument("--factor-decay", type=float, help="KFAC / EKFAC factor moving-average decay")
     parser.add_argument("--update-every", type=int, help="steps between preconditioner updates")
