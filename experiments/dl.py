@@ -53,14 +53,13 @@ import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
 from models.autoencoder import DeepAutoencoder
-from models.autoencoder import loss as autoencoder_loss
 from models.classifiers import CNN, MLP
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 

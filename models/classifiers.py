@@ -13,7 +13,6 @@ through ``Conv2d`` with ``(1, k)`` kernels on a ``(N, C, 1, L)`` view.
 
 from __future__ import annotations
 
-import math
 from typing import Sequence, Tuple, Union
 
 import torch
