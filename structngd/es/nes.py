@@ -262,6 +262,14 @@ class StructuredNES:
         self._pending = (z, x)
         return x.clone()
 
+    @property
+    def pending(self) -> Optional[Tensor]:
+        """The population of the last :meth:`ask` still waiting for :meth:`tell` (a copy), else ``None``.
+
+        After :meth:`load_state_dict` of a state saved between ``ask`` and ``tell`` this is the
+        population whose fitness the next :meth:`tell` expects."""
+        return None if self._pending is None else self._pending[1].clone()
+
     def _as_fitness(self, fitness) -> Tensor:
         if isinstance(fitness, Tensor):
             f = fitness.detach().to(device="cpu", dtype=torch.float64)
