@@ -165,14 +165,17 @@ def test_diagonal_xnes_is_snes():
         ("hierarchical", {"k1": 2, "k2": 1}),
     ],
 )
-def test_structured_step_equals_dense_formula(structure, opts):
-    """One generation: B <- B h(eta_B/2 Pi_hat(G_B)) with Pi_hat from the group's dense
-    ``project`` (MATH.md §1.4: Pi_hat(X) = project(2 X)) equals the O(nnz) pattern code."""
+@pytest.mark.parametrize("transpose", [False, True])
+def test_structured_step_equals_dense_formula(structure, opts, transpose):
+    """One generation: A <- A h(eta_B/2 Pi_hat(G_B)) with Pi_hat from the group's dense
+    ``project`` (MATH.md §1.4: Pi_hat(X) = project(2 X)) equals the O(nnz) pattern code.
+    With ``transpose`` A = B^T has the transposed pattern: Pi_hat_{B^T}(X) = Pi_hat_B(X)^T (§2.4)."""
     d, seed = 6, 2
     group = make(structure, d, **opts)
-    es = StructuredNES(torch.zeros(d), 1.0, structure=structure, rates="xnes", retraction="h", seed=seed, **opts)
+    es = StructuredNES(torch.zeros(d), 1.0, structure=structure, rates="xnes", retraction="h", seed=seed,
+                       transpose=transpose, **opts)
     es.factor = group.random(torch.Generator().manual_seed(0), dtype=F64)  # generic current B
-    b0, mu0, s0 = group.to_dense(es.factor).clone(), es.mean.clone(), es.sigma
+    b0, mu0, s0 = es.covariance_factor().clone(), es.mean.clone(), es.sigma
     x = es.ask()
     fx = ellipsoid(x @ rotation(d).T)
     z = torch.linalg.solve(b0, ((x - mu0) / s0).T).T
@@ -183,9 +186,10 @@ def test_structured_step_equals_dense_formula(structure, opts):
     g_b = g_m - g_sigma * torch.eye(d, dtype=F64)
     eta = es.rates["eta_B"]
     m = group.to_dense(group.project(2 * g_b)) * (eta / 2)
+    m = m.mT if transpose else m
     b_ref = b0 @ (torch.eye(d, dtype=F64) + m + m @ m / 2)
     es.tell(fx)
-    b = group.to_dense(es.factor)
+    b = es.covariance_factor() / es.sigma
     assert torch.allclose(b, b_ref, rtol=1e-12, atol=1e-13)
     assert es.sigma == pytest.approx(s0 * math.exp(es.rates["eta_sigma"] / 2 * float(g_sigma)), rel=1e-13)
     assert torch.allclose(es.mean, mu0 + s0 * b0 @ (u @ zs), rtol=1e-12, atol=1e-13)
@@ -272,10 +276,11 @@ def test_sigma_grows_far_and_shrinks_near_optimum(rates, d, x0, growth):
     ],
 )
 @pytest.mark.parametrize("rates", ["default", "xnes"])
-def test_structure_zeros_stay_zero(structure, opts, rates):
+@pytest.mark.parametrize("transpose", [False, True])
+def test_structure_zeros_stay_zero(structure, opts, rates, transpose):
     d = 8
     r = rotation(d, seed=1)
-    es = StructuredNES(torch.ones(d), 1.0, structure=structure, rates=rates, seed=0, **opts)
+    es = StructuredNES(torch.ones(d), 1.0, structure=structure, rates=rates, seed=0, transpose=transpose, **opts)
     run(es, lambda x: ellipsoid(x @ r.T, cond=1e3), 40)
     dense = es.group.to_dense(es.factor)
     mask = es.group.mask(F64).bool()
@@ -304,10 +309,10 @@ class _LargestTensor(TorchFunctionMode):
     "structure,opts",
     [("block_triangular", {"k": 4}), ("heisenberg", {"k": 2, "k2": 2}), ("diagonal", {})],
 )
-@pytest.mark.parametrize("rates", ["default", "xnes"])
-def test_low_rank_structures_never_form_dxd(structure, opts, rates):
+@pytest.mark.parametrize("rates,transpose", [("default", False), ("xnes", False), ("default", True)])
+def test_low_rank_structures_never_form_dxd(structure, opts, rates, transpose):
     d = 2000
-    es = StructuredNES(torch.ones(d), 0.5, structure=structure, rates=rates, seed=0, **opts)
+    es = StructuredNES(torch.ones(d), 0.5, structure=structure, rates=rates, seed=0, transpose=transpose, **opts)
     f = lambda x: ellipsoid(x, cond=1e2)  # noqa: E731
     with _LargestTensor() as probe:
         for _ in range(2):

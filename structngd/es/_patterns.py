@@ -79,6 +79,26 @@ def row_sq_norms(group: MatrixGroup, b: Tensor) -> Tensor:
     return (group.to_dense(b) ** 2).sum(-1)
 
 
+def col_sq_norms(group: MatrixGroup, b: Tensor) -> Tensor:
+    """Squared column norms of ``B``: the diagonal of ``B^T B``."""
+    if isinstance(group, Diagonal):
+        return b * b
+    if isinstance(group, (Dense, _Triangular)):
+        return (b * b).sum(-2)
+    if isinstance(group, BlockDiagonal):
+        return (b * b).sum(-2).flatten(-2)
+    if isinstance(group, BlockUpperTriangular):
+        bd, bc = group.unpack(b)
+        pieces = []
+        for j, (_, kind) in enumerate(group.blocks):
+            c = (bd[j] * bd[j]).sum(-2) if kind == DENSE else bd[j] * bd[j]
+            for i in range(j):
+                c = c + (bc[i, j] * bc[i, j]).sum(-2)
+            pieces.append(c)
+        return group._assemble(pieces)
+    return (group.to_dense(b) ** 2).sum(-2)
+
+
 def group_exp(group: MatrixGroup, m: Tensor) -> Tensor:
     """The exact matrix exponential of an algebra element, staying in compact form.
 

@@ -70,6 +70,9 @@ class StructuredNES:
             ``100 + 100 d^1.5 / popsize``, ``False`` disables it).
         retraction: ``"h"`` (``I + M + M^2 / 2``, the default for ``rates="default"``) or
             ``"exp"`` (the exact exponential, the default for ``rates="xnes"``).
+        transpose: use ``A = sigma B^T``: the covariance factor takes the group's transposed
+            (block *lower*-triangular) pattern, so ``block_triangular(k)`` gives a rank-k plus
+            diagonal covariance (the VkD-CMA / LM-MA-ES regime) instead of the arrow shape.
         dtype, device: of every tensor of the search state (default float64, CPU).
         **group_options: options of the group (``k``, ``k2``, ``block_size`` ...).
     """
@@ -94,6 +97,7 @@ class StructuredNES:
         tolflatfitness: Optional[int] = 1,
         tolupsigma: Optional[float] = 1e20,
         retraction: Optional[str] = None,
+        transpose: bool = False,
         dtype: torch.dtype = torch.float64,
         device=None,
         **group_options,
@@ -126,6 +130,7 @@ class StructuredNES:
         if retraction not in RETRACTIONS:
             raise ValueError(f"retraction must be one of {RETRACTIONS}, got {retraction!r}")
         self.retraction = retraction
+        self.transpose = bool(transpose)
 
         if popsize is not None and (not isinstance(popsize, int) or isinstance(popsize, bool) or popsize < 2):
             raise ValueError(f"popsize must be an integer >= 2, got {popsize!r}")
@@ -258,7 +263,7 @@ class StructuredNES:
             z = torch.cat([half, -half])
         else:
             z = torch.randn((lam, d), generator=self.generator, dtype=self.dtype, device=self.device)
-        x = self.mean + self.sigma * self.group.matvec(self.factor, z)
+        x = self.mean + self.sigma * self._apply(z)
         self._pending = (z, x)
         return x.clone()
 
@@ -357,6 +362,21 @@ class StructuredNES:
         m = self._weights_c * (g - g_sigma * self._eye_c)
         return g_sigma, m
 
+    def _apply(self, z: Tensor) -> Tensor:
+        """``B z`` (or ``B^T z`` with ``transpose``) for ``z`` of shape ``(..., d)``."""
+        return self.group.tmatvec(self.factor, z) if self.transpose else self.group.matvec(self.factor, z)
+
+    def _compose(self, h: Tensor) -> Tensor:
+        """``B h`` (with ``transpose``: ``A <- A h(M)`` for ``A = B^T`` is ``B <- h(M^T) B``; the
+        compact ``M`` already holds ``M^T``'s pattern because ``G`` is symmetric)."""
+        return self.group.mul(h, self.factor) if self.transpose else self.group.mul(self.factor, h)
+
+    def _sq_norms(self) -> Tensor:
+        """Diagonal of ``B B^T`` (``B^T B`` with ``transpose``): marginal variances / sigma^2."""
+        if self.transpose:
+            return _patterns.col_sq_norms(self.group, self.factor)
+        return _patterns.row_sq_norms(self.group, self.factor)
+
     def _retract(self, m: Tensor) -> Tensor:
         if self.retraction == "exp":
             return _patterns.group_exp(self.group, m)
@@ -368,10 +388,10 @@ class StructuredNES:
         ``B <- B exp(eta_B/2 Pi_hat(G_B))``."""
         r, u = self.rates, self._u
         g_delta = u @ zs
-        self.mean = self.mean + r["eta_mu"] * self.sigma * self.group.matvec(self.factor, g_delta)
+        self.mean = self.mean + r["eta_mu"] * self.sigma * self._apply(g_delta)
         g_sigma, m = self._shape_step(zs, u)
         self.sigma = self.sigma * math.exp(0.5 * r["eta_sigma"] * float(g_sigma))
-        self.factor = self.group.mul(self.factor, self._retract(r["eta_B"] * m))
+        self.factor = self._compose(self._retract(r["eta_B"] * m))
 
     def _update_default(self, zs: Tensor) -> None:
         """CMA-sized natural-gradient step.
@@ -386,7 +406,7 @@ class StructuredNES:
         """
         r, d = self.rates, self.dim
         zw = self._w @ zs
-        step = self.group.matvec(self.factor, zw)
+        step = self._apply(zw)
         self.mean = self.mean + r["eta_mu"] * self.sigma * step
         cs, cc = r["cs"], r["cc"]
         self.p_sigma = (1 - cs) * self.p_sigma + math.sqrt(cs * (2 - cs) * self.mueff) * zw
@@ -394,7 +414,7 @@ class StructuredNES:
         hsig = ps_norm / math.sqrt(1 - (1 - cs) ** (2 * self.run_iteration)) / self._chi < 1.4 + 2 / (d + 1)
         self.p_c = (1 - cc) * self.p_c + (math.sqrt(cc * (2 - cc) * self.mueff) if hsig else 0.0) * step
         if r["c1"] > 0:
-            zc = self.group.solve(self.factor, self.p_c)
+            zc = self.group.tsolve(self.factor, self.p_c) if self.transpose else self.group.solve(self.factor, self.p_c)
             zall = torch.cat([zs, zc.unsqueeze(0)])
             coef = torch.cat([r["cmu"] * self._u, self._u.new_tensor([r["c1"]])])
         else:
@@ -402,7 +422,7 @@ class StructuredNES:
         _, m = self._shape_step(zall, coef)
         h = self._retract(m)
         shrink = math.exp(-float(self.group.logdet(h)) / d)
-        self.factor = self.group.mul(self.factor, h) * shrink
+        self.factor = self._compose(h) * shrink
         self.sigma = self.sigma * math.exp(min(1.0, (cs / r["ds"]) * (ps_norm / self._chi - 1)))
 
     # ------------------------------------------------------------------ stopping
@@ -414,7 +434,7 @@ class StructuredNES:
             out["maxfevals"] = self.budget
         if self.max_iterations is not None and self.iterations >= self.max_iterations:
             out["maxiter"] = self.max_iterations
-        scale = self.sigma * math.sqrt(float(_patterns.row_sq_norms(self.group, self.factor).max()))
+        scale = self.sigma * math.sqrt(float(self._sq_norms().max()))
         if self.tolx is not None:
             pc = self.sigma * float(self.p_c.abs().max())
             if scale < self.tolx and pc < self.tolx:
@@ -464,12 +484,14 @@ class StructuredNES:
         )
 
     def covariance_factor(self) -> Tensor:
-        """The dense ``A = sigma B`` (``d x d``: for small ``d`` or inspection only)."""
-        return self.sigma * self.group.to_dense(self.factor)
+        """The dense ``A = sigma B`` (``sigma B^T`` with ``transpose``; ``d x d``: for small ``d``
+        or inspection only)."""
+        b = self.group.to_dense(self.factor)
+        return self.sigma * (b.mT if self.transpose else b)
 
     def stds(self) -> Tensor:
         """Marginal standard deviations ``sigma sqrt(diag(B B^T))`` at O(nnz) cost."""
-        return self.sigma * _patterns.row_sq_norms(self.group, self.factor).sqrt()
+        return self.sigma * self._sq_norms().sqrt()
 
     # ------------------------------------------------------------------ state
     _TENSORS = ("mean", "factor", "p_sigma", "p_c", "best_x")
@@ -489,7 +511,8 @@ class StructuredNES:
 
     def state_dict(self) -> Dict[str, object]:
         """Everything needed to resume bit for bit (RNG included); tensors are copies."""
-        state = {"version": 1, "dim": self.dim, "group": repr(self.group), "mode": self.mode}
+        state = {"version": 1, "dim": self.dim, "group": repr(self.group), "mode": self.mode,
+                 "transpose": self.transpose}
         for name in self._TENSORS:
             state[name] = getattr(self, name).clone()
         for name in self._SCALARS:
@@ -506,7 +529,9 @@ class StructuredNES:
         """Restore a :meth:`state_dict` into an object built with the same options."""
         if state.get("version") != 1:
             raise ValueError(f"unsupported state version {state.get('version')!r}")
-        if state["dim"] != self.dim or state["group"] != repr(self.group) or state["mode"] != self.mode:
+        if (state["dim"], state["group"], state["mode"], state.get("transpose", False)) != (
+            self.dim, repr(self.group), self.mode, self.transpose
+        ):
             raise ValueError(
                 f"state of a {state['group']} {state['mode']!r} search in dimension {state['dim']} cannot be "
                 f"loaded into a {self.group!r} {self.mode!r} search in dimension {self.dim}"
