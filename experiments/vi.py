@@ -2,7 +2,9 @@
 
 Methods (``METHODS``), each fitted by ``pyro.infer.SVI`` to every problem of
 ``experiments/vi_data.py`` (logistic regression on breast cancer; BNNs on wine, digits,
-diabetes and a generated 1-D regression with a gap in its inputs):
+diabetes, a generated 1-D regression with a gap in its inputs, and the UCI regression
+benchmark ``uci_<name>`` with the literature protocol: one hidden layer of 50 ReLU units,
+standard splits, the seed is the split index):
 
 * ``AutoStructuredNormal`` + ``NGD`` (structured natural gradient) with the structures
   ``dense``, ``lower_triangular``, ``block_triangular(k)``, ``hierarchical(k, k)``, ``diagonal``;
@@ -29,6 +31,12 @@ Metrics, per method and problem (seed-averaged):
   calibration error (10 bins) for classification; RMSE and 90%-interval coverage of the
   predictive distribution for regression.
 
+UCI problems: test RMSE and log-likelihood in the target's original units, mean ± standard
+error over the splits (= seeds), next to the published numbers of PBP, MC dropout and
+mean-field VI (``LITERATURE``). Their O(d^2) guides are skipped above ``--uci-max-dense-dim``
+(default 300: all of them; d = 302 to 1102), and they may have their own step budgets
+(``--uci-ngd-steps``, ``--uci-adam-steps``; the full preset gives NGD 1000 steps there).
+
 Outputs in ``--out`` (default ``results/vi``): ``results.json`` (settings, every run with its
 curve and metrics, the selection), ``summary.csv`` and ``table.md`` (the best setting per
 method and problem; also printed), ``elbo_vs_steps.png`` and ``elbo_vs_seconds.png`` (gap to
@@ -37,8 +45,12 @@ of each method on the gap regression, training points shown).
 
 Modes (2 CPU cores, one torch thread): ``--tiny`` (seconds, smoke test), ``--quick`` (breast
 cancer, wine, gap1d with small BNNs, 2 seeds; about 3 minutes) and the default full study
-(all five problems, 5 seeds, longer runs; about 1-2 hours, dominated by the dense methods on
-digits). Timings are wall-clock on a shared machine: compare methods within one run.
+(the five small problems and the UCI sets boston, concrete, energy, yacht and wine, 5 seeds =
+splits 0-4, longer runs; about 1-2 hours for the small problems, dominated by the dense
+methods on digits, plus roughly 2-3 hours for the UCI sets, mostly Adam's 2000-step runs).
+Any UCI set runs with any preset via ``--problems uci_<name>`` (``--seeds 0 ... 19`` for the
+literature's 20 splits). Timings are wall-clock on a shared machine: compare methods within
+one run.
 """
 
 from __future__ import annotations
@@ -191,6 +203,61 @@ class RunConfig:
         return pyro.optim.Adam({"lr": self.lr})
 
 
+# ---------------------------------------------------------------- literature
+#: Published test RMSE and test log-likelihood (original units; mean ± the published error
+#: over the 20 standard splits, 5 for protein; one hidden layer of 50 units, 100 for protein)
+#: as tabulated in Gal & Ghahramani (2016), Table 1: "VI" is mean-field VI (Graves, 2011) and
+#: "PBP" probabilistic backpropagation, both as run by Hernandez-Lobato & Adams (2015);
+#: "MC dropout" Gal & Ghahramani's own (the paper's numbers, not the later 10x-epoch ones).
+#: ``None``: not included (a value not known with confidence).
+LITERATURE_SOURCES = {
+    "PBP": "Hernández-Lobato & Adams, Probabilistic backpropagation for scalable learning of Bayesian "
+           "neural networks, ICML 2015",
+    "MC dropout": "Gal & Ghahramani, Dropout as a Bayesian approximation: representing model uncertainty "
+                  "in deep learning, ICML 2016 (Table 1)",
+    "VI": "mean-field VI (Graves, Practical variational inference for neural networks, NIPS 2011) as run "
+          "by Hernández-Lobato & Adams 2015 and tabulated by Gal & Ghahramani 2016",
+}
+_Pub = Tuple[Optional[float], Optional[float], Optional[float], Optional[float]]  # rmse, se, ll, se
+LITERATURE: Dict[str, Dict[str, _Pub]] = {
+    "uci_boston": {"PBP": (3.01, 0.18, -2.57, 0.09), "MC dropout": (2.97, 0.85, -2.46, 0.25),
+                   "VI": (4.32, 0.29, -2.90, 0.07)},
+    "uci_concrete": {"PBP": (5.67, 0.09, -3.16, 0.02), "MC dropout": (5.23, 0.53, -3.04, 0.09),
+                     "VI": (None, None, -3.39, 0.02)},
+    "uci_energy": {"PBP": (1.80, 0.05, -2.04, 0.02), "MC dropout": (1.66, 0.19, -1.99, 0.09),
+                   "VI": (2.65, 0.08, -2.39, 0.03)},
+    "uci_kin8nm": {"PBP": (0.10, 0.00, 0.90, 0.01), "MC dropout": (0.10, 0.00, 0.95, 0.03),
+                   "VI": (0.10, 0.00, 0.90, 0.01)},
+    "uci_naval": {"PBP": (0.01, 0.00, 3.73, 0.01), "MC dropout": (0.01, 0.00, 3.80, 0.05),
+                  "VI": (0.01, 0.00, 3.73, 0.12)},
+    "uci_power": {"PBP": (4.12, 0.03, -2.84, 0.01), "MC dropout": (4.02, 0.18, -2.80, 0.05),
+                  "VI": (4.33, 0.04, -2.89, 0.01)},
+    "uci_protein": {"PBP": (4.73, 0.01, -2.97, 0.00), "MC dropout": (4.36, 0.04, -2.89, 0.01),
+                    "VI": (4.84, 0.03, -2.99, 0.01)},
+    "uci_wine": {"PBP": (0.64, 0.01, -0.97, 0.01), "MC dropout": (0.62, 0.04, -0.93, 0.06),
+                 "VI": (0.65, 0.01, -0.98, 0.01)},
+    "uci_yacht": {"PBP": (1.02, 0.05, -1.63, 0.02), "MC dropout": (1.11, 0.38, -1.55, 0.12),
+                  "VI": (6.89, 0.67, -3.43, 0.16)},
+}
+
+
+def _pm(mean: Optional[float], err: Optional[float], digits: int = 2) -> str:
+    if mean is None or mean != mean:
+        return "–"
+    return f"{mean:.{digits}f}" if err is None or err != err else f"{mean:.{digits}f} ± {err:.{digits}f}"
+
+
+def literature_line(problem: str) -> Optional[str]:
+    """A Markdown line with the published RMSE / LL of ``problem`` (``None`` if none known)."""
+    entries = LITERATURE.get(problem)
+    if not entries:
+        return None
+    protein = problem == "uci_protein"
+    parts = [f"{name} {_pm(r, rs)} / {_pm(l, ls)}" for name, (r, rs, l, ls) in entries.items()]
+    return (f"Literature (test RMSE / test LL, original units, {5 if protein else 20} splits, "
+            f"1 x {100 if protein else 50} units; ± as published; sources below): " + "; ".join(parts) + ".")
+
+
 # ------------------------------------------------------------------ settings
 @dataclass(frozen=True)
 class Settings:
@@ -211,9 +278,18 @@ class Settings:
     max_dense_dim: int = 2000
     tol: float = 1.0
     threads: Optional[int] = 1
+    uci_ngd_steps: Optional[int] = None  # UCI problems: own step budgets (None: ngd_steps / adam_steps)
+    uci_adam_steps: Optional[int] = None
+    uci_max_dense_dim: int = 300  # UCI problems: O(d^2) guides also skipped above this
+    uci_root: Optional[str] = None  # UCI data in the original folder layout (None: vendored npz)
 
-    def steps(self, method: str) -> int:
-        return self.ngd_steps if METHODS[method].optimizer == "ngd" else self.adam_steps
+    def steps(self, method: str, problem: Optional[str] = None) -> int:
+        ngd = METHODS[method].optimizer == "ngd"
+        if problem is not None and vi_data.is_uci(problem):
+            own = self.uci_ngd_steps if ngd else self.uci_adam_steps
+            if own is not None:
+                return own
+        return self.ngd_steps if ngd else self.adam_steps
 
     def configs(self, method: str, dim: int) -> List[RunConfig]:
         """The learning-rate grid of ``method`` at latent dimension ``dim``."""
@@ -238,8 +314,10 @@ PRESETS = {
         eval_particles=128, eval_points=10, predictive_samples=200,
     ),
     "full": Settings(
-        size="full", seeds=(0, 1, 2, 3, 4), problems=("breast_cancer", "wine", "digits", "diabetes", "gap1d"),
-        ngd_steps=300, adam_steps=2000,
+        size="full", seeds=(0, 1, 2, 3, 4),
+        problems=("breast_cancer", "wine", "digits", "diabetes", "gap1d",
+                  "uci_boston", "uci_concrete", "uci_energy", "uci_yacht", "uci_wine"),
+        ngd_steps=300, adam_steps=2000, uci_ngd_steps=1000,
     ),
 }
 
@@ -331,10 +409,12 @@ def warm_up(plan, settings: Settings) -> None:
             run_one(problem, config, seed, 2, replace(settings, eval_points=1, eval_particles=2), dim)
 
 
-def skip_reason(method: Method, dim: int, settings: Settings) -> Optional[str]:
-    """Why ``method`` does not run at latent dimension ``dim`` (``None``: it runs)."""
+def skip_reason(method: Method, dim: int, settings: Settings, problem: Optional[str] = None) -> Optional[str]:
+    """Why ``method`` does not run at latent dimension ``dim`` on ``problem`` (``None``: it runs)."""
     if method.quadratic and dim > settings.max_dense_dim:
         return f"latent dim {dim} > {settings.max_dense_dim}"
+    if method.quadratic and problem is not None and vi_data.is_uci(problem) and dim > settings.uci_max_dense_dim:
+        return f"latent dim {dim} > {settings.uci_max_dense_dim} (--uci-max-dense-dim)"
     if method.estimator is not None and method.estimator == settings.ngd.estimator_for(dim):
         twin = next((m for m in METHODS.values() if m.structure == method.structure and m.estimator is None), None)
         if twin is not None and twin.key in settings.methods:
@@ -348,6 +428,8 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict], List[dict]]
     plan, info, skipped = [], {}, []
     for name in settings.problems:
         spec = specs[name]
+        if vi_data.is_uci(name) and settings.uci_root is not None:
+            spec = replace(spec, uci_root=str(settings.uci_root))
         for seed in settings.seeds:
             problem = vi_data.load(spec, seed)
             dim = vi_data.latent_dim(spec, problem)
@@ -355,9 +437,10 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict], List[dict]]
                 "label": spec.label, "task": spec.task, "latent_dim": dim, "hidden": spec.hidden,
                 "num_train": problem.x_train.shape[0], "num_test": problem.x_test.shape[0],
                 "features": problem.x_train.shape[1], "k": low_rank(dim),
+                "original_units": "y_std" in problem.extra,
             })
             for key in settings.methods:
-                reason = skip_reason(METHODS[key], dim, settings)
+                reason = skip_reason(METHODS[key], dim, settings, name)
                 if reason:
                     if seed == settings.seeds[0]:
                         skipped.append({"problem": name, "method": key, "reason": reason})
@@ -369,7 +452,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict], List[dict]]
     runs = []
     for problem, config, seed, dim in plan:
         bar.set_postfix_str(f"{problem.name} {METHODS[config.method].label()} {config.label} seed {seed}")
-        run, _ = run_one(problem, config, seed, settings.steps(config.method), settings, dim,
+        run, _ = run_one(problem, config, seed, settings.steps(config.method, problem.name), settings, dim,
                          band=seed == settings.seeds[0])
         runs.append(run)
         bar.update()
@@ -407,6 +490,14 @@ class Selected:
     def metric(self, name: str) -> float:
         values = [r.metrics.get(name, math.nan) for r in self.runs]
         return sum(values) / len(values) if values else math.nan
+
+    def metric_se(self, name: str) -> float:
+        """Standard error of the seed mean of ``name`` (``std / sqrt(seeds)``; nan with one seed)."""
+        values = [r.metrics.get(name, math.nan) for r in self.runs]
+        if len(values) < 2:
+            return math.nan
+        mean = sum(values) / len(values)
+        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
 
     @property
     def finals(self) -> List[float]:
@@ -471,12 +562,13 @@ def summary_rows(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict
                 "setting": sel.config.label, "status": "ok" if not sel.diverged else f"{sel.diverged} diverged",
                 "final_elbo": mean, "final_elbo_std": std,
                 "steps_to_tol": sel.reached[0], "seconds_to_tol": sel.reached[1],
-                "steps": settings.steps(key), "total_seconds": total_s,
-                "ms_per_step": 1000 * total_s / settings.steps(key) if total_s == total_s else math.nan,
+                "steps": settings.steps(key, problem), "total_seconds": total_s,
+                "ms_per_step": 1000 * total_s / settings.steps(key, problem) if total_s == total_s else math.nan,
             })
             for name in ("test_loglik", "accuracy", "ece", "rmse", "coverage90"):
                 if any(name in r.metrics for r in sel.runs):
                     row[name] = sel.metric(name)
+                    row[name + "_se"] = sel.metric_se(name)
             rows.append(row)
     return rows
 
@@ -501,7 +593,8 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"{settings.tol:g}. Best setting per method: highest mean final ELBO over its grid. Test metrics: Monte "
         f"Carlo posterior predictive ({settings.predictive_samples} draws) on the held-out split; `LL` = mean "
         f"log predictive density per test point; ECE with 10 bins; `cov90` = coverage of the 90% predictive "
-        f"interval; regression targets standardized.",
+        f"interval; regression targets standardized (UCI problems: RMSE and LL in the target's original "
+        f"units, mean ± standard error over the splits = seeds).",
         "",
         f"Settings: NGD {settings.ngd_steps} steps, estimator `{ngd.estimator}` (price up to d = "
         f"{ngd.price_max_dim}, {ngd.num_pairs} pair; reparam with {ngd.particles} particles above), lr "
@@ -524,19 +617,42 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
             elbo = "diverged" if r["final_elbo"] != r["final_elbo"] else f"{r['final_elbo']:.2f} ± {r['final_elbo_std']:.2f}"
             if r["status"] != "ok":
                 elbo += f" ({r['status']})"
+            if meta.get("original_units"):
+                digits = _digits(r.get("rmse"))
+                metrics = [_pm(r.get("test_loglik"), r.get("test_loglik_se"), 2),
+                           _pm(r.get("rmse"), r.get("rmse_se"), digits), fmt(r.get("coverage90"), 3)]
+            else:
+                metrics = [fmt(r.get("test_loglik"), 3)] + [
+                    fmt(r.get(k), 3) for k in (("accuracy", "ece") if classification else ("rmse", "coverage90"))]
             body.append([
                 r["method"], r["setting"], elbo, _reach(r["steps_to_tol"]), _reach(r["seconds_to_tol"]),
-                fmt(r["ms_per_step"], 2), fmt(r.get("test_loglik"), 3),
-            ] + [fmt(r.get(k), 3) for k in (("accuracy", "ece") if classification else ("rmse", "coverage90"))])
+                fmt(r["ms_per_step"], 2),
+            ] + metrics)
         best = members[0]["best_elbo"] if members else math.nan
+        steps = ""
+        if vi_data.is_uci(problem):
+            steps = (f", NGD {settings.steps('ngd_diagonal', problem)} / Adam {settings.steps('adam_normal', problem)} "
+                     f"steps, splits {list(settings.seeds)}")
         lines += [
             "", f"## {meta['label']}: d = {meta['latent_dim']}, n = {meta['num_train']} train / {meta['num_test']} test, "
-            f"k = {meta['k']}, best ELBO {best:.2f}", "",
+            f"k = {meta['k']}, best ELBO {best:.2f}{steps}", "",
             common.markdown_table(header + extra, body),
         ]
+        literature = literature_line(problem)
+        if literature:
+            lines += ["", literature]
+    if any(p in LITERATURE for p in settings.problems):
+        lines += ["", "Literature sources:", ""] + [f"- {k}: {v}." for k, v in LITERATURE_SOURCES.items()]
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
+
+
+def _digits(value: Optional[float]) -> int:
+    """Decimals that show about three significant digits of an RMSE."""
+    if value is None or not value == value or value <= 0:
+        return 2
+    return max(2, 2 - math.floor(math.log10(value)))
 
 
 def notes_for(runs: List[Run], selected: Dict[Tuple[str, str], Selected]) -> List[str]:
@@ -694,6 +810,11 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--max-dense-dim", type=int, help="skip O(d^2) guides above this latent dim")
     parser.add_argument("--tol", type=float, help="nats to the best ELBO for steps/seconds to reach")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--uci-ngd-steps", type=int, help="SVI steps of NGD runs on UCI problems")
+    parser.add_argument("--uci-adam-steps", type=int, help="SVI steps of Adam runs on UCI problems")
+    parser.add_argument("--uci-max-dense-dim", type=int, help="skip O(d^2) guides on UCI problems above this dim")
+    parser.add_argument("--uci-root", type=str,
+                        help="read the UCI sets from this folder (original layout) instead of the vendored copies")
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:

@@ -11,14 +11,23 @@ Data sets (nothing to download: scikit-learn's bundled copies, or generated):
   ``[-1.5, -0.5] U [0.5, 1.5]`` (a gap around 0) and test inputs uniform on ``[-1.5, 1.5]``
   (the gap included, so test metrics see in-between uncertainty); BNN, Gaussian likelihood,
   learned noise.
+* ``uci_<name>`` (``uci_boston``, ``uci_concrete``, ``uci_energy``, ``uci_kin8nm``,
+  ``uci_naval``, ``uci_power``, ``uci_protein``, ``uci_wine``, ``uci_yacht``): the UCI regression
+  benchmark with its standard splits (``experiments/uci_data.py``, vendored in
+  ``experiments/data/uci``); the seed is the split index (0..19, protein 0..4). The literature
+  protocol: a BNN with one hidden layer of 50 ReLU units (100 for protein), Gaussian likelihood
+  with learned noise; test RMSE and log-likelihood reported in the target's original units.
 
 Features are standardized with the training split's mean and standard deviation
-(constant features are left centered); regression targets of ``diabetes`` too. The
-train/test split (80/20, stratified for classification) and the generated data depend on
-the seed. Everything is float64 (the current default dtype when the tensors are made).
+(constant features are left centered); regression targets of ``diabetes`` and the UCI sets
+too. The train/test split (80/20, stratified for classification; the fixed split ``seed`` for
+UCI) and the generated data depend on the seed. Everything is float64 (the current default
+dtype when the tensors are made).
 
 Predictive metrics (Monte Carlo posterior predictive of any guide): ``test_metrics`` (test
 log-likelihood; accuracy and ECE or RMSE and 90%-interval coverage) and ``predictive_band``.
+Problems with ``extra["y_std"]`` (the UCI sets) report RMSE and log-likelihood in the original
+units: ``RMSE * y_std`` and ``loglik - log(y_std)``.
 """
 
 from __future__ import annotations
@@ -34,6 +43,8 @@ from pyro import poutine
 from torch import Tensor
 
 from models import BNN, BayesianLogisticRegression
+
+from . import uci_data
 
 TASKS = ("binary", "multiclass", "regression")
 
@@ -52,6 +63,7 @@ class ProblemSpec:
     prior_scale: float = 1.0
     test_fraction: float = 0.2
     num_train: Optional[int] = None  # gap1d only: number of generated training points
+    uci_root: Optional[str] = None  # UCI only: original folder layout instead of the vendored npz
 
     @property
     def label(self) -> str:
@@ -85,7 +97,21 @@ _SKLEARN = {
     "digits": ("load_digits", "multiclass"),
     "diabetes": ("load_diabetes", "regression"),
 }
-DATASETS = tuple(_SKLEARN) + ("gap1d",)
+UCI_PREFIX = "uci_"
+UCI_DATASETS = tuple(UCI_PREFIX + name for name in uci_data.NAMES)
+DATASETS = tuple(_SKLEARN) + ("gap1d",) + UCI_DATASETS
+
+
+def is_uci(name: str) -> bool:
+    return name.startswith(UCI_PREFIX)
+
+
+def uci_spec(name: str) -> ProblemSpec:
+    """The literature protocol for a UCI set (``uci_boston`` or ``boston``): one hidden layer of
+    50 ReLU units (100 for protein), ``Normal(0, 1)`` weight priors, learned noise."""
+    short = name[len(UCI_PREFIX):] if is_uci(name) else name
+    short = uci_data.short_name(short)
+    return ProblemSpec(UCI_PREFIX + short, "regression", hidden=(uci_data.HIDDEN_UNITS[short],), activation="relu")
 
 
 def _standardize(train: Tensor, test: Tensor) -> Tuple[Tensor, Tensor]:
@@ -121,8 +147,12 @@ def gap_data(num: int, generator: torch.Generator, gap: bool = True) -> Tuple[Te
 def load(spec: ProblemSpec, seed: int) -> Problem:
     """The split of ``spec``'s data set for ``seed`` (standardized) and its model."""
     dtype = torch.get_default_dtype()
-    grid = None
-    if spec.name == "gap1d":
+    grid, extra = None, {}
+    if is_uci(spec.name):
+        *arrays, y_std = uci_data.load_uci(spec.name[len(UCI_PREFIX):], seed, spec.uci_root)
+        x_train, y_train, x_test, y_test = (torch.as_tensor(a, dtype=dtype) for a in arrays)
+        extra = {"y_std": y_std, "split": seed}
+    elif spec.name == "gap1d":
         g = torch.Generator().manual_seed(10_000 + seed)
         num = spec.num_train or 60
         x_train, y_train = gap_data(num, g, gap=True)
@@ -141,7 +171,7 @@ def load(spec: ProblemSpec, seed: int) -> Problem:
             y_train, y_test = (v.squeeze(-1) for v in _standardize(y_train.unsqueeze(-1), y_test.unsqueeze(-1)))
     else:
         raise ValueError(f"unknown data set {spec.name!r}; known: {DATASETS}")
-    return Problem(spec, build_model(spec, x_train, y_train), x_train, y_train, x_test, y_test, grid)
+    return Problem(spec, build_model(spec, x_train, y_train), x_train, y_train, x_test, y_test, grid, extra)
 
 
 def build_model(spec: ProblemSpec, x: Tensor, y: Tensor):
@@ -168,7 +198,16 @@ def latent_dim(spec: ProblemSpec, problem: Optional[Problem] = None) -> int:
 
 # -------------------------------------------------------- presets of problems
 def problem_specs(size: str) -> Dict[str, ProblemSpec]:
-    """The problems of each study size: ``tiny`` (smoke test), ``quick``, ``full``."""
+    """The problems of each study size: ``tiny`` (smoke test), ``quick``, ``full``.
+
+    Every size also knows every UCI problem (the literature protocol, the same at all sizes), so
+    ``--problems uci_yacht`` works with any preset.
+    """
+    specs = _sized_specs(size)
+    return {**{name: uci_spec(name) for name in UCI_DATASETS}, **specs}
+
+
+def _sized_specs(size: str) -> Dict[str, ProblemSpec]:
     if size == "tiny":
         return {
             "breast_cancer": ProblemSpec("breast_cancer", "binary"),
@@ -221,7 +260,8 @@ def test_metrics(problem: Problem, guide, samples: int, seed: int) -> Dict[str, 
     y = problem.y_test
     log_lik = fn.log_prob(y)  # (samples, n)
     lpd = (torch.logsumexp(log_lik, 0) - math.log(samples)).mean().item()
-    out = {"test_loglik": lpd}
+    y_std = problem.extra.get("y_std")
+    out = {"test_loglik": lpd if y_std is None else lpd - math.log(y_std)}
     task = problem.spec.task
     if task == "binary":
         p1 = fn.probs.mean(0)
@@ -235,7 +275,7 @@ def test_metrics(problem: Problem, guide, samples: int, seed: int) -> Dict[str, 
         mean = fn.mean.mean(0)
         draws = fn.sample()
         lo, hi = torch.quantile(draws, torch.tensor([0.05, 0.95], dtype=draws.dtype), dim=0)
-        out["rmse"] = (mean - y).pow(2).mean().sqrt().item()
+        out["rmse"] = (mean - y).pow(2).mean().sqrt().item() * (1.0 if y_std is None else y_std)
         out["coverage90"] = ((y >= lo) & (y <= hi)).double().mean().item()
     return out
 

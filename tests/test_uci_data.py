@@ -126,3 +126,27 @@ def test_vi_problem_protocol_and_original_units(float64):
     ll_std = torch.distributions.Normal(0.0, 1.0).log_prob(y).mean().item()
     assert metrics["rmse"] == pytest.approx(rmse_std * y_std)
     assert metrics["test_loglik"] == pytest.approx(ll_std - math.log(y_std))
+
+
+def test_vi_study_on_a_uci_set(tmp_path):
+    """A few steps on yacht (2 splits): original-unit metrics with standard errors, the literature
+    line, and the O(d^2) guides skipped on UCI problems."""
+    import json
+
+    from experiments.__main__ import main
+
+    main(["vi", "--tiny", "--problems", "uci_yacht", "--seeds", "0", "1", "--methods", "ngd_diagonal",
+          "adam_normal", "adam_mvn", "--uci-ngd-steps", "4", "--uci-adam-steps", "6", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    rows = {r["method"]: r for r in results["summary"]}
+    assert results["problems"]["uci_yacht"]["latent_dim"] == 402
+    assert rows["Adam AutoMVN"]["setting"] == "skipped"
+    for key in ("NGD diagonal", "Adam AutoNormal"):
+        row = rows[key]
+        assert row["status"] == "ok" and row["steps"] == (4 if key.startswith("NGD") else 6)
+        for name in ("test_loglik", "test_loglik_se", "rmse", "rmse_se"):
+            assert math.isfinite(row[name]), (key, name)
+    splits = {r["seed"] for r in results["runs"]}
+    assert splits == {0, 1}
+    report = (tmp_path / "table.md").read_text()
+    assert "Literature (test RMSE / test LL" in report and "PBP 1.02 ± 0.05 / -1.63 ± 0.02" in report
