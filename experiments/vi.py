@@ -47,7 +47,7 @@ Modes (2 CPU cores, one torch thread): ``--tiny`` (seconds, smoke test), ``--qui
 cancer, wine, gap1d with small BNNs, 2 seeds; about 3 minutes) and the default full study
 (the five small problems and the UCI sets boston, concrete, energy, yacht and wine, 5 seeds =
 splits 0-4, longer runs; about 1-2 hours for the small problems, dominated by the dense
-methods on digits, plus roughly 2-3 hours for the UCI sets, mostly Adam's 2000-step runs).
+methods on digits, plus roughly 3 hours for the UCI sets, mostly Adam's 2000-step runs).
 Any UCI set runs with any preset via ``--problems uci_<name>`` (``--seeds 0 ... 19`` for the
 literature's 20 splits). Timings are wall-clock on a shared machine: compare methods within
 one run.
