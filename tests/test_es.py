@@ -241,17 +241,20 @@ def test_affine_invariance_rotated_ellipsoid():
     d, seeds = 8, range(3)
     r = rotation(d, seed=5)
     axis = [solve(ellipsoid, d, seed=s).evaluations for s in seeds]
-    rotated = [solve(lambda x: ellipsoid(x @ r.T), d, x0=r.T @ torch.ones(d, dtype=F64), seed=s).evaluations for s in seeds]
+    f_rot = lambda x: ellipsoid(x @ r.T)  # noqa: E731
+    x0_rot = r.T @ torch.ones(d, dtype=F64)  # the same start point in rotated coordinates
+    rotated = [solve(f_rot, d, x0=x0_rot, seed=s).evaluations for s in seeds]
     ratio = np.mean(rotated) / np.mean(axis)
     assert 0.8 < ratio < 1.25, (axis, rotated)
     # the diagonal structure is not rotation invariant: much slower on the rotated problem
-    diag_rot = solve(lambda x: ellipsoid(x @ r.T), d, x0=r.T @ torch.ones(d, dtype=F64), structure="diagonal",
-                     budget=3 * max(rotated)).evaluations
+    diag_rot = solve(f_rot, d, x0=x0_rot, structure="diagonal", budget=3 * max(rotated)).evaluations
     assert diag_rot > 1.5 * np.mean(rotated)
 
 
 # ----------------------------------------------------------------------------- (5) step size
-@pytest.mark.parametrize("rates,d,x0,growth", [("default", 5, 100.0, 1e3), ("default", 20, 30.0, 1e2), ("xnes", 2, 10.0, 30)])
+@pytest.mark.parametrize(
+    "rates,d,x0,growth", [("default", 5, 100.0, 1e3), ("default", 20, 30.0, 1e2), ("xnes", 2, 10.0, 30)]
+)
 def test_sigma_grows_far_and_shrinks_near_optimum(rates, d, x0, growth):
     # (textbook xNES, with eta_sigma = eta_B, adapts sigma slowly: from 1e-4 at distance 100
     # it lets B collapse on the line of its first steps and stalls; see the module notes)

@@ -57,7 +57,9 @@ class StructuredNES:
             learning rates plus a cumulative rank-one term and cumulative step-size
             adaptation (see :meth:`_update_default`). A dict ``{"base": "default", "cmu": 0.1}``
             overrides single constants (keys ``eta_mu, c1, cmu, cs, ds, cc`` for
-            ``"default"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``).
+            ``"default"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``). ``c1`` and ``cmu``
+            are dense rates; groups with fewer parameters scale them entry-wise (sep-CMA's
+            ``(d + 2) / 3`` for the diagonal, see :meth:`_set_parameters`).
         mirrored: draw ``z`` and ``-z`` pairs (mirrored sampling).
         restarts: number of IPOP restarts: when a restartable criterion fires (``tolx``,
             ``tolfun``, ``tolstagnation``, ``tolflatfitness``, ``tolupsigma``) the run starts
@@ -243,13 +245,27 @@ class StructuredNES:
             # steps (xNES's own eta_B is ~5x CMA's c_mu); measured best on sphere /
             # ellipsoid / rotated ellipsoid / Rosenbrock at d = 10, 40
             cmu = 4 * 2 * (mueff - 2 + 1 / mueff) / ((d + 2) ** 2 + mueff)
-            # fewer free shape parameters than dense: learn them faster (sep-CMA's (d+2)/3 at most)
-            scale = max(1.0, min((d + 2) / 3, d * (d + 1) / 2 / self._algebra_dim))
-            c1, cmu = c1 * scale, cmu * scale
             if c1 + cmu > 1:
                 c1, cmu = c1 / (c1 + cmu), cmu / (c1 + cmu)
             self.rates = {"eta_mu": 1.0, "c1": c1, "cmu": max(cmu, 0.0), "cs": cs, "ds": ds, "cc": cc}
         self.rates.update(r)
+        # Fewer free shape parameters than dense: learn them faster. ``c1``/``cmu`` are the
+        # dense rates; entries of the algebra are scaled by S = min((d+2)/3, d(d+1)/2 / dim M)
+        # (sep-CMA's (d+2)/3 for the diagonal), free coupling entries (block / Heisenberg
+        # groups) by S/4 only: at full speed they collapsed the search on a rotated cigar at
+        # d = 500. Neither factor goes below 1 (dense and triangular keep the dense rates).
+        big = min((d + 2) / 3, d * (d + 1) / 2 / self._algebra_dim)
+        self._rate_mask = None
+        if self.mode == "default" and big > 1:
+            diag_scale, coupling_scale = max(1.0, big), max(1.0, big / 4)
+            self._rate_mask = torch.where(
+                self._weights_c == 1,
+                torch.full_like(self._weights_c, coupling_scale),
+                torch.full_like(self._weights_c, diag_scale),
+            )
+            bound = max(diag_scale, coupling_scale) * (self.rates["c1"] + self.rates["cmu"])
+            if bound > 1:  # keep the largest per-entry rate below one
+                self._rate_mask = self._rate_mask / bound
         self._chi = math.sqrt(d) * (1 - 1 / (4 * d) + 1 / (21 * d * d))
 
     # ------------------------------------------------------------------ ask/tell
@@ -420,6 +436,8 @@ class StructuredNES:
         else:
             zall, coef = zs, r["cmu"] * self._u
         _, m = self._shape_step(zall, coef)
+        if self._rate_mask is not None:
+            m = m * self._rate_mask
         h = self._retract(m)
         shrink = math.exp(-float(self.group.logdet(h)) / d)
         self.factor = self._compose(h) * shrink
