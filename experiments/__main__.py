@@ -15,6 +15,7 @@ from typing import List, Optional
 STUDIES = {
     "gaussian": "experiments.gaussian",
     "vi": "experiments.vi",
+    "dl": "experiments.dl",
 }
 
 

@@ -1,6 +1,11 @@
 """Model zoo used by the studies (Pyro BNNs, logistic regression, autoencoders, CNNs)."""
 
+from .autoencoder import CURVES_SIZES, DeepAutoencoder
 from .bnn import BNN
+from .classifiers import CNN, MLP, ResNetCNN
 from .linear import BayesianLinearRegression, BayesianLogisticRegression
 
-__all__ = ["BNN", "BayesianLinearRegression", "BayesianLogisticRegression"]
+__all__ = [
+    "BNN", "BayesianLinearRegression", "BayesianLogisticRegression",
+    "CURVES_SIZES", "DeepAutoencoder", "CNN", "MLP", "ResNetCNN",
+]
