@@ -22,6 +22,14 @@ def _sandwich(group, f: Tensor, m: Tensor) -> Tensor:
     return group.tmatvec(f, mf.mT).mT
 
 
+def _gram(group, f: Tensor) -> Tensor:
+    """``F^T F``: one product for dense storage, the group's products otherwise."""
+    if group.name in _DENSE_STORAGE:
+        dense = group.to_dense(f)
+        return dense.mT @ dense
+    return _sandwich(group, f, torch.eye(group.dim, dtype=f.dtype, device=f.device))
+
+
 class LocalKFAC(KroneckerPreconditioner):
     """Inverse-free Kronecker preconditioner ``(K K^T) ⊗ (C C^T)`` with ``K``, ``C`` in groups.
 
@@ -135,8 +143,8 @@ class LocalKFAC(KroneckerPreconditioner):
         d_in, d_out = group_k.dim, group_c.dim
         eye_k = torch.eye(d_in, dtype=state["A"].dtype, device=state["A"].device)
         eye_c = torch.eye(d_out, dtype=state["G"].dtype, device=state["G"].device)
-        ktak, ktk = _sandwich(group_k, k, state["A"]), _sandwich(group_k, k, eye_k)
-        ctgc, ctc = _sandwich(group_c, c, state["G"]), _sandwich(group_c, c, eye_c)
+        ktak, ktk = _sandwich(group_k, k, state["A"]), _gram(group_k, k)
+        ctgc, ctc = _sandwich(group_c, c, state["G"]), _gram(group_c, c)
         x_k = ctgc.trace() * ktak + self.damping * ctc.trace() * ktk - d_out * eye_k
         x_c = ktak.trace() * ctgc + self.damping * ktk.trace() * ctc - d_in * eye_c
         for side, group, x, scale in (("K", group_k, x_k, d_out), ("C", group_c, x_c, d_in)):
@@ -146,6 +154,8 @@ class LocalKFAC(KroneckerPreconditioner):
                 size = step * float(torch.linalg.vector_norm(m.float()))
                 step *= min(1.0, self.max_step / size) if size > 0 else 1.0
             state[side] = group.mul(state[side], group.expm(-step * m))
+        if self.factor_decay == 0:  # nothing to average into: keep only K, C and their momenta
+            del state["A"], state["G"]
         self._cache_products(layer)
 
     def _cache_products(self, layer: KronLayer) -> None:
