@@ -483,3 +483,51 @@ def test_local_preconditioned_gradient_is_cc_t_grad_kk_t(structure, options):
     grad = torch.randn(6, 8, generator=g, dtype=torch.float64)
     kk, cc = pre.preconditioner_factors(layer.name)
     torch.testing.assert_close(pre._precondition(layer, grad), cc @ grad @ kk, rtol=1e-12, atol=1e-12)
+
+
+def test_bernoulli_true_fisher_sums_pixels_per_example():
+    """G from sampled binary outputs: per-example gradients of the summed pixel log-likelihood."""
+    model = mlp(sizes=(4, 8, 5))
+    x, _ = data(n=64)
+    pre = KFAC(model, fisher="true", factor_decay=0.0, update_every=1)
+    torch.manual_seed(3)
+    out = model(x)
+    pre.sample_fisher(out, "bernoulli")
+    out.sum().backward()
+    pre.step()
+    torch.manual_seed(3)
+    sampled = torch.bernoulli(torch.sigmoid(out.detach()))
+    s2 = model[2](torch.tanh(model[0](x))).detach().requires_grad_(True)
+    (g2,) = torch.autograd.grad(F.binary_cross_entropy_with_logits(s2, sampled, reduction="sum"), s2)
+    torch.testing.assert_close(pre.state["2"]["G"], g2.T @ g2 / len(x), rtol=1e-12, atol=1e-12)
+    with pytest.raises(ValueError, match="likelihood"):
+        pre.sample_fisher(model(x), "poisson")
+
+
+@pytest.mark.parametrize("cls", [KFAC, EKFAC, LocalKFAC])
+def test_kl_clip_bounds_the_predicted_kl_change(cls):
+    """With kl_clip, lr^2 sum <p, g> equals kl_clip when it would exceed it, else p is unchanged."""
+    def preconditioned(**kw):
+        model = mlp(sizes=(4, 8, 3))
+        x, y = data(n=32)
+        pre = cls(model, update_every=1, **kw)
+        F.cross_entropy(model(x), y).backward()
+        grads = [p.grad.clone() for p in model.parameters()]
+        pre.step()
+        return grads, [p.grad.clone() for p in model.parameters()]
+
+    grads, free = preconditioned()
+    vg = sum(float((p * g).sum()) for p, g in zip(free, grads))
+    assert vg > 0
+    lr = 0.5
+    _, clipped = preconditioned(kl_clip=1e-3 * lr**2 * vg, lr=lr)
+    nu = math.sqrt(1e-3)
+    for c, f in zip(clipped, free):
+        torch.testing.assert_close(c, nu * f, rtol=1e-10, atol=1e-12)
+    _, loose = preconditioned(kl_clip=10 * lr**2 * vg, lr=lr)
+    for c, f in zip(loose, free):
+        assert torch.equal(c, f)
+    with pytest.raises(ValueError, match="lr"):
+        cls(mlp(), kl_clip=1e-3)
+    with pytest.raises(ValueError, match="kl_clip"):
+        cls(mlp(), kl_clip=-1.0, lr=0.1)

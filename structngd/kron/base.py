@@ -54,6 +54,11 @@ class KroneckerPreconditioner:
             accumulated before one ``step()``.
         grad_scaler: a ``torch.amp.GradScaler`` whose scale divides the captured gradients.
         skip: names of modules to leave alone.
+        kl_clip: bound on the step's predicted KL change: the preconditioned gradients ``p``
+            are scaled by ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l <p_l, g_l>)))`` (Ba et al.
+            2017; kfac-pytorch's default 1e-3). ``None`` (default) leaves them unscaled.
+        lr: the optimizer's learning rate, needed with ``kl_clip`` (assign ``pre.lr`` when a
+            schedule changes it).
     """
 
     kind = "KroneckerPreconditioner"
@@ -69,8 +74,14 @@ class KroneckerPreconditioner:
         accumulation_steps: int = 1,
         grad_scaler=None,
         skip: Iterable[str] = (),
+        kl_clip: Optional[float] = None,
+        lr: Optional[float] = None,
     ):
         _check_positive("damping", damping)
+        if kl_clip is not None:
+            _check_positive("kl_clip", kl_clip)
+            _check_positive("lr (needed with kl_clip)", lr)
+        self.kl_clip, self.lr = kl_clip, lr
         if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
         _check_count("update_every", update_every)
@@ -112,8 +123,9 @@ class KroneckerPreconditioner:
 
         For ``fisher="true"``: call it on the model's output (logits for ``"categorical"``,
         means of a unit-variance Gaussian for ``"gaussian"``) before the loss's backward
-        pass. Only the Kronecker statistics see these gradients; ``.grad`` is untouched.
-        Between factor updates it returns at once (except for EKFAC, which needs the
+        pass; ``"bernoulli"`` takes logits of independent binary outputs (pixels of an
+        autoencoder, multi-label heads), summed per example. Only the Kronecker statistics
+        see these gradients; ``.grad`` is untouched. Between factor updates it returns at once (except for EKFAC, which needs the
         sampled gradients every step).
         """
         if self.fisher != "true":
@@ -127,10 +139,15 @@ class KroneckerPreconditioner:
                 sampled = torch.distributions.Categorical(logits=output.detach()).sample()
             elif likelihood == "gaussian":
                 sampled = output.detach() + torch.randn_like(output)
+            elif likelihood == "bernoulli":
+                sampled = torch.bernoulli(torch.sigmoid(output.detach()))
             else:
-                raise ValueError(f"likelihood must be 'categorical' or 'gaussian', got {likelihood!r}")
+                raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if likelihood == "categorical":
             loss = F.cross_entropy(output, sampled, reduction="mean" if self.batch_averaged else "sum")
+        elif likelihood == "bernoulli":  # independent pixels / labels: summed per example
+            per_example = F.binary_cross_entropy_with_logits(output, sampled, reduction="none").flatten(1).sum(1)
+            loss = per_example.mean() if self.batch_averaged else per_example.sum()
         else:
             per_example = 0.5 * (output - sampled).pow(2).flatten(1).sum(1)
             loss = per_example.mean() if self.batch_averaged else per_example.sum()
@@ -165,10 +182,14 @@ class KroneckerPreconditioner:
             self._refresh_all()
         else:
             self._between_updates()
+        preconditioned = {}
         for layer in self.layers:
             grad = grads[layer.name]
-            dtype = self._factor_dtype(layer)
-            layer.set_grad_matrix(self._precondition(layer, grad.to(dtype)).to(grad.dtype))
+            preconditioned[layer.name] = self._precondition(layer, grad.to(self._factor_dtype(layer)))
+        nu = self._kl_clip_scale(grads, preconditioned)
+        for layer in self.layers:
+            p = preconditioned[layer.name]
+            layer.set_grad_matrix((p if nu == 1.0 else p * nu).to(grads[layer.name].dtype))
         self.steps += 1
         self.capture.reset()
         self.capture.factors = self.is_update_step
@@ -243,12 +264,23 @@ class KroneckerPreconditioner:
         (column-major, ``d_in d_out`` square): for tests and diagnostics on small layers."""
         raise NotImplementedError
 
+    def _kl_clip_scale(self, grads: Dict[str, Tensor], preconditioned: Dict[str, Tensor]) -> float:
+        """``nu = min(1, sqrt(kl_clip / (lr^2 sum <p, g>)))`` (1 without ``kl_clip``)."""
+        if self.kl_clip is None:
+            return 1.0
+        vg = sum(float((p * g.to(p.dtype)).sum()) for p, g in zip(preconditioned.values(), grads.values()))
+        vg *= self.lr**2
+        return min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
+
     # -------------------------------------------------------- state dicts
     def state_dict(self) -> dict:
         return {
             "steps": self.steps,
             "layers": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()},
-            "hyperparameters": {"damping": self.damping, "factor_decay": self.factor_decay, "update_every": self.update_every},
+            "hyperparameters": {
+                "damping": self.damping, "factor_decay": self.factor_decay, "update_every": self.update_every,
+                "kl_clip": self.kl_clip, "lr": self.lr,
+            },
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
@@ -272,6 +304,9 @@ class KroneckerPreconditioner:
     def remove_hooks(self) -> None:
         """Detach from the model (the preconditioner can no longer step)."""
         self.capture.remove()
+
+
+LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
 
 
 def _world() -> Tuple[int, int]:
