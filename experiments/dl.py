@@ -16,7 +16,8 @@ Methods (``METHODS``): SGD with momentum 0.9, Adam, and the preconditioners of
 every factor's dimension, bias included, so most factors fall back to dense: opt-in).
 Preconditioners use the true Fisher by default (``--fisher true``: output gradients for
 targets sampled from the model, ``Task.sample_fisher``; the autoencoders' Bernoulli pixels go
-through ``sample_fisher(..., "categorical")`` on the logits ``(0, z)``), or ``--fisher empirical``. Every method runs a small learning-rate grid on
+through ``sample_fisher(..., "bernoulli")``), or ``--fisher empirical``. ``--kl-clip`` bounds each
+preconditioned step's predicted KL change (``lr^2 <p, g>``; off by default). Every method runs a small learning-rate grid on
 every seed; the seed sets the initialization (the same for every method) and the mini-batch
 order (the same for every method); the data draw is fixed (``--data-seed``).
 
@@ -90,14 +91,8 @@ class Task:
     def sample_fisher(self, pre, output: Tensor) -> None:
         """Feed the true Fisher's sampled output gradients to ``pre`` (``fisher="true"``,
         ``batch_averaged=False``: the sampled loss is a sum, so its gradients are per example).
-
-        Autoencoders: a Bernoulli pixel with logit ``z`` is a categorical over the logits
-        ``(0, z)``, so ``sample_fisher(..., "categorical")`` on the ``(N * pixels, 2)`` logits
-        samples every pixel and backpropagates the sum of their ``-log p``.
-        """
-        if self.kind == "autoencoder":
-            output = torch.stack([torch.zeros_like(output), output], dim=-1).reshape(-1, 2)
-        pre.sample_fisher(output, "categorical")
+        Autoencoders sample every pixel from its Bernoulli (``likelihood="bernoulli"``)."""
+        pre.sample_fisher(output, "bernoulli" if self.kind == "autoencoder" else "categorical")
 
     @property
     def metric(self) -> str:
@@ -169,6 +164,7 @@ class Settings:
     #: model's own outputs (Task.sample_fisher), "empirical" uses the loss's gradients
     fisher: str = "true"
     damping: float = 1.0
+    kl_clip: Optional[float] = None
     factor_decay: float = 0.95
     update_every: int = 10
     lr_cov: float = 0.3
@@ -224,9 +220,11 @@ def group_options(structure: Optional[str], settings: Settings) -> Optional[dict
     return None
 
 
-def build_preconditioner(method: Method, model: nn.Module, settings: Settings):
+def build_preconditioner(method: Method, model: nn.Module, settings: Settings, lr: float):
     """The method's preconditioner on ``model`` (``None`` for plain SGD / Adam)."""
     shared = dict(update_every=settings.update_every, fisher=settings.fisher)
+    if settings.kl_clip is not None:
+        shared.update(kl_clip=settings.kl_clip, lr=lr)
     if settings.fisher == "true":
         shared["batch_averaged"] = False  # Task.sample_fisher backpropagates a summed loss
     if method.preconditioner == "kfac":
@@ -313,7 +311,7 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
     model = task.build(data, settings)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
-        pre = build_preconditioner(method, model, settings)
+        pre = build_preconditioner(method, model, settings, lr)
     run = Run(task.key, method.key, lr, seed, Curve([], [], []), "ok")
     run.warnings = sorted({str(w.message) for w in caught})
     if isinstance(pre, LocalKFAC):
@@ -494,7 +492,7 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"Settings: preset `{settings.size}`; seeds {list(settings.seeds)}; {settings.steps} steps of batch "
         f"{settings.batch_size}; base optimizer of the preconditioners SGD momentum {settings.momentum:g}; "
         f"{settings.fisher} Fisher; "
-        f"KFAC/EKFAC damping {settings.damping:g}, factor_decay {settings.factor_decay:g}; LocalKFAC damping "
+        f"KFAC/EKFAC damping {settings.damping:g}, kl_clip {settings.kl_clip}, factor_decay {settings.factor_decay:g}; LocalKFAC damping "
         f"{settings.local_damping:g}, lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
         f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32; torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; study runtime "
@@ -623,6 +621,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--local-lrs", type=float, nargs="+", help="learning rates of SGD behind LocalKFAC")
     parser.add_argument("--fisher", choices=("true", "empirical"), help="Fisher of the preconditioners")
     parser.add_argument("--damping", type=float, help="KFAC / EKFAC damping")
+    parser.add_argument("--kl-clip", type=float, help="bound on lr^2 <p, g> per step (preconditioners)")
     parser.add_argument("--factor-decay", type=float, help="KFAC / EKFAC factor moving-average decay")
     parser.add_argument("--update-every", type=int, help="steps between preconditioner updates")
     parser.add_argument("--lr-cov", type=float, help="LocalKFAC factor step size")
