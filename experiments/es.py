@@ -1,0 +1,860 @@
+"""Evolution strategies: StructuredNES structures against CMA-ES (pycma) and evotorch on BBOB and at large d.
+
+**BBOB part.** The noiseless BBOB functions of :mod:`structngd.es.bbob` (f1 sphere, f2
+ellipsoid, f8 Rosenbrock, f10 rotated ellipsoid, f12 bent cigar, f15 rotated Rastrigin; the
+values match ``cocoex`` to round-off) in several dimensions and instances, minimised by
+(``METHODS``)
+
+* :class:`structngd.es.StructuredNES` with the structures ``dense`` (default rates),
+  ``dense`` with ``rates="xnes"`` (textbook xNES), ``lower_triangular``, ``diagonal``,
+  ``diagonal`` with ``rates="xnes"`` (textbook SNES), ``block_triangular(k)`` with
+  ``transpose=True`` (rank-k plus diagonal covariance) and ``heisenberg(k, k)``, with
+  ``k = clamp(round(sqrt(d) / 2), 2, 10)`` (below ``d``; Heisenberg needs ``2 k < d`` and is
+  skipped at ``d = 2``);
+* pycma's CMA-ES, full covariance and ``CMA_diagonal=True`` (sep-CMA);
+* evotorch's ``XNES`` and ``SNES`` when evotorch imports (optional: ``pip install evotorch``;
+  without restarts, a run ends at the target, the budget or after ``stall`` generations
+  without improvement).
+
+Every run starts at ``x0 ~ U[-3, 3]^d`` (the same draws for every method: the generator is
+seeded by seed, function, dimension and instance; each restart draws a new ``x0``) with
+``sigma0 = 2``, and stops at ``f - fopt <= 1e-8`` or after ``budget_factor * d`` evaluations.
+pycma and StructuredNES restart (IPOP: the population doubles) when one of pycma's
+restartable criteria fires, up to ``restarts`` times. The whole population is evaluated
+in one batched torch call.
+
+Metrics: the expected running time ``ERT = (evaluations of all runs, each up to its first
+success) / successes`` to ``f - fopt <= 1e-8`` per method, function and dimension, with its
+ratio to CMA-ES; the runtime ECDFs (COCO style): the fraction of (function, instance, target)
+triples with targets ``10^{2, 1.8, ..., -8}`` reached against evaluations / d, one panel
+per dimension.
+
+**Large-scale part.** ``d`` in ``large_dims`` on a separable ellipsoid (BBOB f2) and a
+low-effective-rank quadratic (a rotated "rank-k cigar" with k = 2 long axes,
+``f = ||U^T s||^2 + 1e6 ||s - U U^T s||^2``, ``s = x - x*``, ``U`` a random ``d x 2``
+orthonormal matrix: its ideal covariance is rank 2 + identity), by ``diagonal``,
+``block_triangular(k)^T`` (rank-k + diagonal), pycma and sep-CMA, each with a wall-time
+cap per run: evaluations and seconds to ``f - fopt <= 1e-8``.
+
+The table prints the study's target checks explicitly: dense within 1.3x of CMA-ES's ERT on
+f1, f2, f8, f10 up to d = 40; diagonal at least as good as SNES on the separable f1, f2;
+diagonal solving Rosenbrock (f8) through restarts; a structured variant faster than pycma in
+wall time at d >= 1000; and the reference ERTs measured before.
+
+Outputs in ``--out`` (default ``results/es``): ``results.json`` (settings, every run with its
+trace of (evaluations, f - fopt) at each improvement, ERTs, large-scale runs, checks),
+``summary.csv`` (one row per method, function and dimension, then the large-scale rows),
+``table.md`` (also printed), ``ecdf.png``, ``ert_vs_dim.png`` and ``large_scale.png``.
+
+Modes (2 CPU cores, one torch thread, sequential runs):
+
+* ``--tiny`` (seconds, smoke test): d = 2, f1 and f2, one instance, no large-scale part;
+* ``--quick``: d in {2, 5, 10}, f1 f2 f8 f10, 3 instances, budget 1e4 d; large-scale part at
+  d = 200 with a 15 s cap;
+* default (full): d in {2, 5, 10, 20, 40}, all six functions, 15 instances, budget 1e4 d;
+  large-scale part at d in {500, 1000, 2000} with a 120 s cap. Several hours (see the report
+  in the README); restrict it with ``--dims``, ``--functions``, ``--methods``,
+  ``--instances``.
+
+Timings are wall-clock on a shared machine: compare methods within one run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import logging
+import math
+import platform
+import time
+import warnings
+from collections import defaultdict
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Callable, Dict, List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+from structngd.es import StructuredNES, bbob, default_popsize
+
+from . import common
+from .common import Line, fmt
+
+#: target precision of the ERT and the success criterion
+FTARGET = 1e-8
+#: COCO's standard targets 10^{2, 1.8, ..., -8} for the ECDFs
+ECDF_TARGETS = tuple(10.0 ** (2 - 0.2 * i) for i in range(51))
+SIGMA0 = 2.0
+X0_RANGE = 3.0
+
+
+# ------------------------------------------------------------------ methods
+@dataclass(frozen=True)
+class Method:
+    """One optimizer: ``kind`` is ``nes`` (StructuredNES), ``cma`` (pycma) or ``evotorch``."""
+
+    key: str
+    label: str
+    kind: str
+    structure: str = "dense"
+    options: Tuple[Tuple[str, object], ...] = ()
+    low_rank: Optional[str] = None  # "block" / "heisenberg": needs the rank k
+
+    def group_options(self, dim: int) -> Optional[Dict[str, int]]:
+        """Group options at dimension ``dim`` (``None``: the structure does not exist there)."""
+        k = low_rank(dim)
+        if self.low_rank == "block":
+            return {"k": k}
+        if self.low_rank == "heisenberg":
+            k = min(k, (dim - 1) // 2)
+            return {"k": k, "k2": k} if k >= 1 else None
+        return {}
+
+    def describe(self, dim: int) -> str:
+        opts = self.group_options(dim) or {}
+        return self.label.replace("(k)", f"({opts['k']})") if "k" in opts else self.label
+
+
+def low_rank(dim: int) -> int:
+    """The rank ``k = clamp(round(sqrt(d) / 2), 2, 10)`` of the studies, below ``d``."""
+    return max(1, min(dim - 1, 10, max(2, round(math.sqrt(dim) / 2))))
+
+
+METHODS = {
+    m.key: m
+    for m in (
+        Method("dense", "dense", "nes"),
+        Method("xnes", "xNES (dense, rates=xnes)", "nes", options=(("rates", "xnes"),)),
+        Method("lower_triangular", "lower_triangular", "nes", "lower_triangular"),
+        Method("diagonal", "diagonal", "nes", "diagonal"),
+        Method("snes", "SNES (diagonal, rates=xnes)", "nes", "diagonal", (("rates", "xnes"),)),
+        Method("block_triangular", "rank-k+diag (block_triangular(k)^T)", "nes", "block_triangular",
+               (("transpose", True),), low_rank="block"),
+        Method("heisenberg", "heisenberg(k)", "nes", "heisenberg", low_rank="heisenberg"),
+        Method("cma", "CMA-ES (pycma)", "cma"),
+        Method("sep_cma", "sep-CMA (pycma CMA_diagonal)", "cma", options=(("CMA_diagonal", True),)),
+        Method("evotorch_xnes", "evotorch XNES", "evotorch", options=(("algorithm", "XNES"),)),
+        Method("evotorch_snes", "evotorch SNES", "evotorch", options=(("algorithm", "SNES"),)),
+    )
+}
+LARGE_METHODS = ("diagonal", "block_triangular", "cma", "sep_cma")
+LARGE_PROBLEMS = ("ellipsoid_sep", "cigar_rank2")
+#: ERT measured before this study (d = 10 / 40, x0 ~ U[-3, 3], sigma0 = 2, target 1e-8)
+REFERENCE_ERT = {
+    ("cma", 1): {10: 1513, 40: 5127},
+    ("cma", 2): {10: 4123, 40: 48455},
+    ("cma", 8): {10: 5203, 40: 61963},
+    ("xnes", 1): {10: 6603, 40: 126501},
+    ("xnes", 2): {10: 9418, 40: 172186},
+    ("snes", 2): {10: 2941, 40: 13141},
+}
+
+
+def evotorch_available() -> bool:
+    try:
+        import evotorch  # noqa: F401
+    except Exception:  # pragma: no cover - optional dependency, any import failure
+        return False
+    return True
+
+
+# ------------------------------------------------------------------ settings
+@dataclass(frozen=True)
+class Settings:
+    """Everything that defines one study; built from a preset and the command line."""
+
+    size: str
+    dims: Tuple[int, ...]
+    functions: Tuple[int, ...]
+    instances: Tuple[int, ...]
+    seeds: Tuple[int, ...] = (0,)
+    methods: Tuple[str, ...] = tuple(METHODS)
+    budget_factor: int = 10000
+    restarts: int = 9
+    time_cap: float = 600.0  # seconds per BBOB run
+    stall: int = 300  # evotorch: generations without improvement that end a run
+    large_dims: Tuple[int, ...] = ()
+    large_methods: Tuple[str, ...] = LARGE_METHODS
+    large_problems: Tuple[str, ...] = LARGE_PROBLEMS
+    large_time_cap: float = 120.0
+    large_budget_factor: int = 2000
+    threads: Optional[int] = 1
+
+
+PRESETS = {
+    "tiny": Settings(size="tiny", dims=(2,), functions=(1, 2), instances=(1,), budget_factor=2000,
+                     methods=("dense", "diagonal", "block_triangular", "cma", "sep_cma"), restarts=2,
+                     time_cap=10.0),
+    "quick": Settings(size="quick", dims=(2, 5, 10), functions=(1, 2, 8, 10), instances=(1, 2, 3),
+                      time_cap=60.0, large_dims=(200,), large_time_cap=15.0),
+    "full": Settings(size="full", dims=(2, 5, 10, 20, 40), functions=tuple(bbob.FUNCTIONS),
+                     instances=tuple(range(1, 16)), large_dims=(500, 1000, 2000)),
+}
+
+
+# ------------------------------------------------------------------ problems
+class RankCigar:
+    """Rotated rank-k cigar ``f(x) = ||U^T s||^2 + cond ||s - U U^T s||^2``, ``s = x - x*``:
+    ``k`` long axes (``U`` a random orthonormal ``d x k`` matrix) in an otherwise steep bowl.
+    The ideal search covariance ``(I - U U^T) / cond + U U^T`` is rank k plus a multiple of the
+    identity. O(d k) per point; ``fopt = 0``."""
+
+    def __init__(self, dim: int, k: int = 2, cond: float = 1e6, seed: int = 0):
+        g = torch.Generator().manual_seed(seed)
+        self.dim, self.k, self.cond, self.fopt = dim, k, cond, 0.0
+        self.u, _ = torch.linalg.qr(torch.randn(dim, k, generator=g, dtype=torch.float64))
+        self.xopt = torch.rand(dim, generator=g, dtype=torch.float64) * 8 - 4
+
+    def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        s = x - self.xopt
+        z = s @ self.u
+        perp = s - z @ self.u.T
+        return (z * z).sum(-1) + self.cond * (perp * perp).sum(-1)
+
+
+def large_problem(name: str, dim: int, seed: int):
+    if name == "ellipsoid_sep":
+        return bbob.get(2, dim, 1)
+    if name == "cigar_rank2":
+        return RankCigar(dim, 2, seed=seed + 1)
+    raise ValueError(f"unknown large-scale problem {name!r}")
+
+
+def x0_sampler(seed: int, function: int, dim: int, instance: int) -> Callable[[], torch.Tensor]:
+    """``x0 ~ U[-3, 3]^d``; successive calls (restarts) draw new points, the same for every method."""
+    g = torch.Generator().manual_seed(1_000_003 * seed + 10_007 * function + 101 * dim + instance)
+    return lambda: (torch.rand(dim, generator=g, dtype=torch.float64) * 2 - 1) * X0_RANGE
+
+
+# ------------------------------------------------------------------ runs
+@dataclass
+class Trace:
+    """One run: the best ``f - fopt`` after each generation that improved it (``evals``,
+    ``gaps``), its total evaluations and seconds, restarts and why it stopped."""
+
+    evals: List[int] = field(default_factory=list)
+    gaps: List[float] = field(default_factory=list)
+    seconds_at: List[float] = field(default_factory=list)
+    evaluations: int = 0
+    seconds: float = 0.0
+    generations: int = 0
+    restarts: int = 0
+    stop: str = ""
+    status: str = "ok"
+
+    def record(self, evaluations: int, gap: float, seconds: float) -> None:
+        self.evaluations = evaluations
+        if not self.gaps or gap < self.gaps[-1]:
+            self.evals.append(evaluations)
+            self.gaps.append(gap)
+            self.seconds_at.append(seconds)
+
+    def first_hit(self, target: float) -> Optional[int]:
+        """Evaluations when ``f - fopt <= target`` was first reached (``None``: never)."""
+        for e, g in zip(self.evals, self.gaps):
+            if g <= target:
+                return e
+        return None
+
+    def seconds_to(self, target: float) -> Optional[float]:
+        for s, g in zip(self.seconds_at, self.gaps):
+            if g <= target:
+                return s
+        return None
+
+    @property
+    def final_gap(self) -> float:
+        return self.gaps[-1] if self.gaps else math.inf
+
+
+class _Budget:
+    """Stop rules shared by the drivers: target, evaluations, wall time."""
+
+    def __init__(self, fopt: float, budget: int, time_cap: float):
+        self.fopt, self.budget, self.time_cap = fopt, budget, time_cap
+        self.start = time.perf_counter()
+
+    def elapsed(self) -> float:
+        return time.perf_counter() - self.start
+
+    def reason(self, trace: Trace) -> Optional[str]:
+        if trace.gaps and trace.gaps[-1] <= FTARGET:
+            return "ftarget"
+        if trace.evaluations >= self.budget:
+            return "maxfevals"
+        if self.elapsed() >= self.time_cap:
+            return "timecap"
+        return None
+
+
+def run_nes(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
+            time_cap: float) -> Trace:
+    """StructuredNES with IPOP restarts; the population is evaluated in one batched call."""
+    opts = dict(method.options)
+    opts.update(method.group_options(dim) or {})
+    es = StructuredNES(x0, SIGMA0, structure=method.structure, seed=seed, target=fopt + FTARGET, budget=budget,
+                       restarts=restarts, **opts)
+    trace, clock = Trace(), _Budget(fopt, budget, time_cap)
+    while not es.stop():
+        es.tell(f(es.ask()))
+        trace.record(es.evaluations, es.best_f - fopt, clock.elapsed())
+        if clock.elapsed() >= time_cap:
+            trace.stop = "timecap"
+            break
+    trace.seconds, trace.generations, trace.restarts = clock.elapsed(), es.iterations, es.restarts_done
+    trace.stop = trace.stop or ",".join(es.stop())
+    return trace
+
+
+def run_cma(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
+            time_cap: float) -> Trace:
+    """pycma (ask/tell) with IPOP restarts: a restartable stop starts again from a new ``x0``
+    with twice the population, until the target, the budget or ``restarts``."""
+    import cma
+
+    trace, clock = Trace(), _Budget(fopt, budget, time_cap)
+    popsize, used = default_popsize(dim), 0
+    for restart in range(restarts + 1):
+        options = {
+            "popsize": popsize, "maxfevals": budget - used, "ftarget": fopt + FTARGET, "seed": 1 + 1000 * seed + restart,
+            "verbose": -9, "verb_log": 0, "verb_disp": 0, **dict(method.options),
+        }
+        es = cma.CMAEvolutionStrategy(x0().numpy(), SIGMA0, options)
+        while not es.stop():
+            xs = es.ask()
+            values = f(torch.as_tensor(np.asarray(xs)))
+            es.tell(xs, values.tolist())
+            trace.generations += 1
+            trace.record(used + es.countevals, float(values.min()) - fopt, clock.elapsed())
+            if clock.reason(trace) == "timecap":
+                break
+        used += es.countevals
+        trace.restarts = restart
+        stop = clock.reason(trace) or ("ftarget" if "ftarget" in es.stop() else None)
+        if stop or used >= budget or "maxfevals" in es.stop():
+            trace.stop = stop or "maxfevals"
+            break
+        popsize *= 2
+    else:
+        trace.stop = "restarts"
+    trace.seconds = clock.elapsed()
+    return trace
+
+
+def run_evotorch(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
+                 time_cap: float, stall: int = 300) -> Trace:
+    """evotorch's XNES / SNES (no restarts): ends at the target, the budget, the time cap or
+    after ``stall`` generations without improvement of the best value."""
+    from evotorch import Problem
+    from evotorch import algorithms
+
+    logging.getLogger("evotorch").setLevel(logging.WARNING)
+    trace, clock = Trace(), _Budget(fopt, budget, time_cap)
+    best = [math.inf]
+
+    def objective(xs: torch.Tensor) -> torch.Tensor:
+        values = f(xs.to(torch.float64))
+        best[0] = min(best[0], float(values.min()))
+        trace.evaluations += xs.shape[0]
+        return values
+
+    problem = Problem("min", objective, solution_length=dim, vectorized=True, dtype=torch.float64,
+                      initial_bounds=(-X0_RANGE, X0_RANGE), seed=seed)
+    searcher = getattr(algorithms, dict(method.options)["algorithm"])(
+        problem, stdev_init=SIGMA0, center_init=x0())
+    last_improvement = 0
+    while True:
+        previous = trace.gaps[-1] if trace.gaps else math.inf
+        searcher.step()
+        trace.generations += 1
+        trace.record(trace.evaluations, best[0] - fopt, clock.elapsed())
+        if trace.gaps[-1] < previous:
+            last_improvement = trace.generations
+        trace.stop = clock.reason(trace) or ("stall" if trace.generations - last_improvement >= stall else "")
+        if trace.stop:
+            break
+    trace.seconds = clock.elapsed()
+    return trace
+
+
+def run_method(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
+               time_cap: float, settings: Settings) -> Trace:
+    """One run; an exception ends it with ``status`` set (and the trace so far)."""
+    try:
+        if method.kind == "nes":
+            return run_nes(method, f, fopt, x0, dim, seed, budget, restarts, time_cap)
+        if method.kind == "cma":
+            return run_cma(method, f, fopt, x0, dim, seed, budget, restarts, time_cap)
+        return run_evotorch(method, f, fopt, x0, dim, seed, budget, restarts, time_cap, settings.stall)
+    except (ValueError, RuntimeError, FloatingPointError, np.linalg.LinAlgError) as err:
+        trace = Trace(status=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
+        trace.stop = "error"
+        return trace
+
+
+@dataclass
+class Run:
+    """One BBOB run (``function``, ``dim``, ``instance``, ``seed``) of ``method``."""
+
+    method: str
+    function: int
+    dim: int
+    instance: int
+    seed: int
+    budget: int
+    trace: Trace
+
+
+def active_methods(settings: Settings) -> Tuple[List[str], List[str]]:
+    """The methods that run, and notes on those left out (evotorch not installed)."""
+    keep, notes = [], []
+    has_evotorch = None
+    for key in settings.methods:
+        if METHODS[key].kind == "evotorch":
+            has_evotorch = evotorch_available() if has_evotorch is None else has_evotorch
+            if not has_evotorch:
+                notes.append(f"{METHODS[key].label} skipped: evotorch does not import (pip install evotorch)")
+                continue
+        keep.append(key)
+    return keep, notes
+
+
+def run_bbob(settings: Settings, methods: Sequence[str]) -> Tuple[List[Run], List[dict]]:
+    """Every BBOB run; and the (method, dim) pairs whose structure does not exist."""
+    plan, skipped = [], []
+    for dim in settings.dims:
+        for key in methods:
+            if METHODS[key].group_options(dim) is None:
+                skipped.append({"method": key, "dim": dim, "reason": f"{METHODS[key].label} needs 2k < d"})
+                continue
+            for function in settings.functions:
+                for instance in settings.instances:
+                    for seed in settings.seeds:
+                        plan.append((key, function, dim, instance, seed))
+    bar = common.progress(len(plan), "es bbob")
+    runs, problems = [], {}
+    for key, function, dim, instance, seed in plan:
+        bar.set_postfix_str(f"f{function} d={dim} i{instance} {key}")
+        problem = problems.setdefault((function, dim, instance), bbob.get(function, dim, instance))
+        budget = settings.budget_factor * dim
+        trace = run_method(METHODS[key], problem, problem.fopt, x0_sampler(seed, function, dim, instance), dim,
+                           seed, budget, settings.restarts, settings.time_cap, settings)
+        runs.append(Run(key, function, dim, instance, seed, budget, trace))
+        bar.update()
+    bar.close()
+    return runs, skipped
+
+
+@dataclass
+class LargeRun:
+    method: str
+    problem: str
+    dim: int
+    seed: int
+    trace: Trace
+
+
+def run_large(settings: Settings) -> List[LargeRun]:
+    """The large-scale runs (one seed: the first), each capped at ``large_time_cap`` seconds."""
+    plan = [(p, d, m) for d in settings.large_dims for p in settings.large_problems for m in settings.large_methods]
+    bar = common.progress(len(plan), "es large")
+    runs, seed = [], settings.seeds[0]
+    for name, dim, key in plan:
+        bar.set_postfix_str(f"{name} d={dim} {key}")
+        problem = large_problem(name, dim, seed)
+        trace = run_method(METHODS[key], problem, problem.fopt, x0_sampler(seed, 0, dim, 1), dim, seed,
+                           settings.large_budget_factor * dim, 0, settings.large_time_cap, settings)
+        runs.append(LargeRun(key, name, dim, seed, trace))
+        bar.update()
+    bar.close()
+    return runs
+
+
+# ------------------------------------------------------------------ summary
+def ert(traces: Sequence[Trace], target: float = FTARGET) -> Tuple[float, int]:
+    """``(ERT, successes)``: evaluations of every run up to its first hit (all of them for a
+    failed run) over the successes; ``inf`` without any success."""
+    total, successes = 0, 0
+    for t in traces:
+        hit = t.first_hit(target)
+        if hit is None:
+            total += t.evaluations
+        else:
+            total += hit
+            successes += 1
+    return (total / successes if successes else math.inf), successes
+
+
+def ert_rows(runs: List[Run], methods: Sequence[str], settings: Settings) -> List[dict]:
+    """One row per (method, function, dim): runs, successes, ERT and its ratio to CMA-ES."""
+    grouped: Dict[tuple, List[Run]] = defaultdict(list)
+    for r in runs:
+        grouped[(r.method, r.function, r.dim)].append(r)
+    cma = {(f, d): ert([r.trace for r in rs])[0] for (m, f, d), rs in grouped.items() if m == "cma"}
+    rows = []
+    for dim in settings.dims:
+        for function in settings.functions:
+            for key in methods:
+                members = grouped.get((key, function, dim))
+                if not members:
+                    continue
+                traces = [r.trace for r in members]
+                value, successes = ert(traces)
+                ref = cma.get((function, dim), math.nan)
+                rows.append({
+                    "part": "bbob", "method": key, "method_label": METHODS[key].describe(dim),
+                    "function": function, "function_name": bbob.FUNCTIONS[function], "dim": dim,
+                    "runs": len(traces), "successes": successes, "ert": value,
+                    "ert_over_d": value / dim, "ratio_to_cma": value / ref if math.isfinite(ref) else math.nan,
+                    "median_final_gap": float(np.median([t.final_gap for t in traces])),
+                    "evaluations": sum(t.evaluations for t in traces),
+                    "restarts": sum(t.restarts for t in traces),
+                    "seconds": sum(t.seconds for t in traces),
+                    "failed": sum(t.status != "ok" for t in traces),
+                })
+    return rows
+
+
+def large_rows(runs: List[LargeRun]) -> List[dict]:
+    """One row per large-scale run: evaluations / seconds to the target, final gap, ms per generation."""
+    rows = []
+    for r in runs:
+        t = r.trace
+        rows.append({
+            "part": "large", "method": r.method, "method_label": METHODS[r.method].describe(r.dim),
+            "problem": r.problem, "dim": r.dim, "solved": t.first_hit(FTARGET) is not None,
+            "evals_to_target": t.first_hit(FTARGET), "seconds_to_target": t.seconds_to(FTARGET),
+            "final_gap": t.final_gap, "evaluations": t.evaluations, "seconds": t.seconds,
+            "ms_per_generation": 1e3 * t.seconds / max(t.generations, 1), "stop": t.stop, "status": t.status,
+        })
+    return rows
+
+
+# ------------------------------------------------------------------ checks
+def _cell(rows: List[dict], method: str, function: int, dim: int) -> Optional[dict]:
+    return next((r for r in rows if r["method"] == method and r["function"] == function and r["dim"] == dim), None)
+
+
+def target_checks(rows: List[dict], large: List[dict], settings: Settings, methods: Sequence[str]) -> List[dict]:
+    """The study's targets, each ``{"check", "status" (PASS / FAIL / n/a), "detail"}``."""
+    checks = []
+
+    def add(name: str, results: List[Tuple[bool, str]], missing: str) -> None:
+        if not results:
+            checks.append({"check": name, "status": "n/a", "detail": missing})
+            return
+        ok = all(r for r, _ in results)
+        checks.append({"check": name, "status": "PASS" if ok else "FAIL",
+                       "detail": "; ".join(text for _, text in results)})
+
+    results = []
+    for dim in settings.dims:
+        for function in (1, 2, 8, 10):
+            dense, cma = _cell(rows, "dense", function, dim), _cell(rows, "cma", function, dim)
+            if dense is None or cma is None or dim > 40:
+                continue
+            ratio = dense["ratio_to_cma"]
+            ok = math.isfinite(dense["ert"]) and (not math.isfinite(cma["ert"]) or ratio <= 1.3)
+            results.append((ok, f"f{function} d={dim} {fmt(ratio, 3) if ratio == ratio else '–'}x"))
+    add("dense ERT <= 1.3 x CMA-ES's on f1 f2 f8 f10, d <= 40", results, "needs dense and cma on f1/f2/f8/f10")
+
+    results = []
+    snes_key = "evotorch_snes" if "evotorch_snes" in methods else "snes"
+    for dim in settings.dims:
+        for function in (1, 2):
+            diag, snes = _cell(rows, "diagonal", function, dim), _cell(rows, snes_key, function, dim)
+            if diag is None or snes is None:
+                continue
+            ok = diag["ert"] <= snes["ert"] or not math.isfinite(snes["ert"]) and math.isfinite(diag["ert"])
+            results.append((ok, f"f{function} d={dim} {fmt(diag['ert'], 4)} vs {fmt(snes['ert'], 4)}"))
+    add(f"diagonal ERT <= SNES's ({METHODS[snes_key].label}) on the separable f1 f2", results,
+        "needs diagonal and SNES on f1/f2")
+
+    results = []
+    for dim in settings.dims:
+        diag = _cell(rows, "diagonal", 8, dim)
+        if diag is not None:
+            results.append((diag["successes"] == diag["runs"],
+                            f"d={diag['dim']} {diag['successes']}/{diag['runs']} solved, {diag['restarts']} restarts"))
+    add("diagonal solves Rosenbrock f8 (every run, restarts allowed)", results, "needs diagonal on f8")
+
+    results = []
+    structured = [m for m in settings.large_methods if METHODS[m].kind == "nes"]
+    for problem in settings.large_problems:
+        for dim in settings.large_dims:
+            here = [r for r in large if r["problem"] == problem and r["dim"] == dim]
+            ours = [r for r in here if r["method"] in structured and r["solved"]]
+            theirs = [r for r in here if r["method"] in ("cma", "sep_cma")]
+            if dim < 1000 or not here:
+                continue
+            best = min(ours, key=lambda r: r["seconds_to_target"], default=None)
+            beaten = [r for r in theirs if r["solved"] and best is not None
+                      and r["seconds_to_target"] <= best["seconds_to_target"]]
+            ok = best is not None and not beaten
+            text = (f"{problem} d={dim}: best structured " +
+                    (f"{best['method']} {best['seconds_to_target']:.1f} s" if best else "unsolved") + "; pycma " +
+                    ", ".join(f"{r['method']} " + (f"{r['seconds_to_target']:.1f} s" if r["solved"]
+                                                   else f"unsolved in {r['seconds']:.0f} s") for r in theirs))
+            results.append((ok, text))
+    add("a structured variant faster (wall time to 1e-8) than pycma at d >= 1000", results,
+        "needs the large-scale part at d >= 1000 (full preset)")
+    return checks
+
+
+def reference_lines(rows: List[dict]) -> List[str]:
+    """This run's ERT next to the reference numbers measured before (where both exist)."""
+    out = []
+    for (key, function), by_dim in REFERENCE_ERT.items():
+        for dim, ref in by_dim.items():
+            row = _cell(rows, key, function, dim)
+            if row is not None:
+                out.append(f"{METHODS[key].label} f{function} d={dim}: {_ert_text(row['ert'])} "
+                           f"(reference {ref:,}; {row['successes']}/{row['runs']} solved)")
+    return out
+
+
+# ------------------------------------------------------------------ report
+def _ert_text(value: float) -> str:
+    return "∞" if not math.isfinite(value) else f"{value:,.0f}"
+
+
+def ert_cell(row: Optional[dict]) -> str:
+    """``ERT (ratio to CMA-ES) successes/runs``; ``∞`` when no run succeeded."""
+    if row is None:
+        return "–"
+    ratio = row["ratio_to_cma"]
+    ratio_text = f" ({fmt(ratio, 2)}x)" if ratio == ratio and math.isfinite(ratio) and row["method"] != "cma" else ""
+    return f"{_ert_text(row['ert'])}{ratio_text} {row['successes']}/{row['runs']}"
+
+
+def markdown_report(rows: List[dict], large: List[dict], checks: List[dict], settings: Settings,
+                    methods: Sequence[str], runtime: float, notes: List[str]) -> str:
+    lines = [
+        "# Evolution strategies: StructuredNES vs CMA-ES on BBOB",
+        "",
+        f"ERT = evaluations of all runs (each up to its first success) / successes, to f - fopt <= {FTARGET:g}; "
+        "`(r x)` = ratio to CMA-ES's ERT (< 1: fewer evaluations than CMA-ES); `s/n` = successful runs / runs; "
+        "∞ = no run succeeded.",
+        "",
+        f"Settings ({settings.size}): dims {list(settings.dims)}, functions {list(settings.functions)}, "
+        f"instances {list(settings.instances)}, seeds {list(settings.seeds)}; x0 ~ U[-{X0_RANGE:g}, {X0_RANGE:g}]^d, "
+        f"sigma0 = {SIGMA0:g}; budget {settings.budget_factor:g} d evaluations, up to {settings.restarts} IPOP "
+        f"restarts (StructuredNES, pycma); time cap {settings.time_cap:g} s per run; population evaluated in one "
+        f"batched torch call; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; "
+        f"study runtime {runtime:.0f} s.",
+        "",
+        "## Target checks",
+        "",
+    ]
+    lines += [f"- **{c['status']}** {c['check']}: {c['detail']}" for c in checks]
+    ref = reference_lines(rows)
+    if ref:
+        lines += ["", "Reference ERTs measured before (same protocol):", ""] + [f"- {r}" for r in ref]
+    for dim in settings.dims:
+        header = ["method"] + [f"f{f} {bbob.FUNCTIONS[f]}" for f in settings.functions]
+        body = [[METHODS[key].describe(dim)] + [ert_cell(_cell(rows, key, f, dim)) for f in settings.functions]
+                for key in methods if any(_cell(rows, key, f, dim) for f in settings.functions)]
+        lines += ["", f"## ERT, d = {dim}", "", common.markdown_table(header, body)]
+    if large:
+        lines += [
+            "", f"## Large scale (time cap {settings.large_time_cap:g} s per run, budget "
+            f"{settings.large_budget_factor:g} d evaluations, no restarts)", "",
+            "ellipsoid_sep = BBOB f2 (separable, cond 1e6); cigar_rank2 = rotated rank-2 cigar "
+            "(rank-2 + identity ideal covariance).", "",
+        ]
+        header = ["problem", "d", "method", "evals to 1e-8", "s to 1e-8", "final gap", "evals", "s", "ms/gen", "stop"]
+        body = [[r["problem"], r["dim"], r["method_label"],
+                 f"{r['evals_to_target']:,}" if r["solved"] else "not reached",
+                 fmt(r["seconds_to_target"], 3) if r["solved"] else "–",
+                 fmt(r["final_gap"], 2), f"{r['evaluations']:,}", fmt(r["seconds"], 3),
+                 fmt(r["ms_per_generation"], 3), r["stop"] + ("" if r["status"] == "ok" else f" ({r['status']})")]
+                for r in large]
+        lines += [common.markdown_table(header, body)]
+    if notes:
+        lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
+    return "\n".join(lines) + "\n"
+
+
+def run_notes(runs: List[Run], skipped: List[dict], extra: List[str]) -> List[str]:
+    out = list(extra)
+    for s in skipped:
+        out.append(f"{s['method']} at d={s['dim']} skipped: {s['reason']}")
+    failed = [r for r in runs if r.trace.status != "ok"]
+    if failed:
+        r = failed[0]
+        out.append(f"{len(failed)} run(s) stopped by an error, e.g. {r.method} f{r.function} d={r.dim} "
+                   f"instance {r.instance}: {r.trace.status} (all in results.json)")
+    capped = [r for r in runs if r.trace.stop == "timecap"]
+    if capped:
+        out.append(f"{len(capped)} run(s) hit the time cap (counted with their evaluations so far)")
+    return out
+
+
+# ------------------------------------------------------------------ plots
+def _colors(methods: Sequence[str]) -> Dict[str, tuple]:
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab20"]
+    return {key: cmap((2 * i) % 20 + (i // 10)) for i, key in enumerate(METHODS)}
+
+
+def _style(key: str) -> str:
+    return {"nes": "-", "cma": "--", "evotorch": ":"}[METHODS[key].kind]
+
+
+def plot_ecdf(runs: List[Run], methods: Sequence[str], settings: Settings, out: Path) -> Path:
+    """Fraction of (function, instance, seed, target) reached vs log10(evaluations / d), per dimension."""
+    color = _colors(methods)
+    panels: Dict[str, List[Line]] = {}
+    for dim in settings.dims:
+        top = math.log10(settings.budget_factor)
+        grid = [i * top / 200 for i in range(201)]
+        lines = []
+        for key in methods:
+            members = [r for r in runs if r.method == key and r.dim == dim]
+            if not members:
+                continue
+            hits = [r.trace.first_hit(t) for r in members for t in ECDF_TARGETS]
+            logs = sorted(math.log10(h / dim) for h in hits if h is not None)
+            n = len(hits)
+            y, j = [], 0
+            for x in grid:
+                while j < len(logs) and logs[j] <= x:
+                    j += 1
+                y.append(j / n)
+            lines.append(Line(grid, y, color[key], _style(key)))
+        panels[f"d = {dim} ({len(settings.functions)} functions)"] = lines
+    legend = [(METHODS[k].label, color[k], _style(k)) for k in methods]
+    path = out / "ecdf.png"
+    common.plot_panels(path, panels, xlabel="log10(evaluations / d)", ylabel="fraction of (f, instance, target)",
+                       title="Runtime ECDF, targets 10^{2..-8} (COCO style)", legend=legend, logy=False, floor=-1.0)
+    return path
+
+
+def plot_ert(rows: List[dict], methods: Sequence[str], settings: Settings, out: Path) -> Path:
+    """ERT / d against d, one panel per function (missing points: no success)."""
+    color = _colors(methods)
+    panels: Dict[str, List[Line]] = {}
+    for function in settings.functions:
+        lines = []
+        for key in methods:
+            pts = [(r["dim"], r["ert_over_d"]) for r in rows if r["method"] == key and r["function"] == function]
+            if pts:
+                lines.append(Line([math.log2(d) for d, _ in pts],
+                                  [v if math.isfinite(v) else math.nan for _, v in pts], color[key], _style(key)))
+        panels[f"f{function} {bbob.FUNCTIONS[function]}"] = lines
+    legend = [(METHODS[k].label, color[k], _style(k)) for k in methods]
+    path = out / "ert_vs_dim.png"
+    common.plot_panels(path, panels, xlabel="log2(d)", ylabel="ERT / d", title=f"ERT to f - fopt <= {FTARGET:g}",
+                       legend=legend)
+    return path
+
+
+def plot_large(runs: List[LargeRun], out: Path) -> Optional[Path]:
+    """Best f - fopt against seconds, one panel per (problem, d)."""
+    if not runs:
+        return None
+    keys = list(dict.fromkeys(r.method for r in runs))
+    color = _colors(keys)
+    panels: Dict[str, List[Line]] = defaultdict(list)
+    for r in runs:
+        panels[f"{r.problem}, d = {r.dim}"].append(Line(r.trace.seconds_at, r.trace.gaps, color[r.method],
+                                                        _style(r.method)))
+    legend = [(METHODS[k].label, color[k], _style(k)) for k in keys]
+    path = out / "large_scale.png"
+    common.plot_panels(path, dict(panels), xlabel="seconds", ylabel="best f - fopt", title="Large scale: wall time",
+                       legend=legend, ncols=len({r.dim for r in runs}))
+    return path
+
+
+# ------------------------------------------------------------------ outputs
+def _trace_record(t: Trace) -> dict:
+    return {**asdict(t), "gaps": [float(f"{g:.6g}") for g in t.gaps],
+            "seconds_at": [float(f"{s:.4g}") for s in t.seconds_at]}
+
+
+def write_outputs(out: Path, settings: Settings, methods, runs, skipped, large_runs, rows, large, checks, report
+                  ) -> List[Path]:
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "table.md").write_text(report)
+    keys = list(dict.fromkeys(k for r in rows + large for k in r))
+    common.write_csv(out / "summary.csv", [{k: r.get(k, "") for k in keys} for r in rows + large])
+    common.write_json(out / "results.json", {
+        "settings": asdict(settings), "methods": {k: METHODS[k].label for k in methods},
+        "ftarget": FTARGET, "skipped": skipped, "checks": checks, "ert": rows, "large": large,
+        "runs": [{"method": r.method, "function": r.function, "dim": r.dim, "instance": r.instance, "seed": r.seed,
+                  "budget": r.budget, **_trace_record(r.trace)} for r in runs],
+        "large_runs": [{"method": r.method, "problem": r.problem, "dim": r.dim, "seed": r.seed,
+                        **_trace_record(r.trace)} for r in large_runs],
+    })
+    return [out / "table.md", out / "summary.csv", out / "results.json"]
+
+
+# ---------------------------------------------------------------------- CLI
+def add_arguments(parser: argparse.ArgumentParser) -> None:
+    """Options of ``python -m experiments es``; unset ones come from the preset."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--quick", action="store_true", help="small preset (a few minutes on 2 cores)")
+    mode.add_argument("--tiny", action="store_true", help="smoke test (seconds)")
+    parser.add_argument("--out", type=Path, default=Path("results/es"), help="output directory")
+    parser.add_argument("--dims", type=int, nargs="+", help="BBOB dimensions")
+    parser.add_argument("--functions", type=int, nargs="+", choices=tuple(bbob.FUNCTIONS), help="BBOB functions")
+    parser.add_argument("--instances", type=int, nargs="+", help="BBOB instances")
+    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (one run per instance and seed)")
+    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")
+    parser.add_argument("--budget-factor", type=int, help="evaluation budget per run / d")
+    parser.add_argument("--restarts", type=int, help="maximal IPOP restarts (StructuredNES, pycma)")
+    parser.add_argument("--time-cap", type=float, help="seconds per BBOB run")
+    parser.add_argument("--stall", type=int, help="evotorch: generations without improvement that end a run")
+    parser.add_argument("--large-dims", type=int, nargs="*", help="large-scale dimensions (none: skip the part)")
+    parser.add_argument("--large-methods", nargs="+", choices=tuple(METHODS), help="large-scale methods")
+    parser.add_argument("--large-problems", nargs="+", choices=LARGE_PROBLEMS, help="large-scale problems")
+    parser.add_argument("--large-time-cap", type=float, help="seconds per large-scale run")
+    parser.add_argument("--large-budget-factor", type=int, help="large-scale evaluation budget / d")
+    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+
+
+def resolve_settings(args: argparse.Namespace) -> Settings:
+    preset = PRESETS["tiny" if getattr(args, "tiny", False) else "quick" if getattr(args, "quick", False) else "full"]
+    overrides = {}
+    for name in Settings.__dataclass_fields__:
+        value = getattr(args, name, None)
+        if value is not None:
+            overrides[name] = tuple(value) if isinstance(value, list) else value
+    return replace(preset, **overrides)
+
+
+def _blas_threads(threads: Optional[int]):
+    """numpy's BLAS (pycma) on as many threads as torch, when threadpoolctl is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads) if threads else contextlib.nullcontext()
+
+
+def run(args: argparse.Namespace) -> None:
+    """Run the study, write the outputs and print the table."""
+    settings = resolve_settings(args)
+    common.configure_torch(settings.threads, torch.float64)
+    start = time.perf_counter()
+    methods, notes = active_methods(settings)
+    with warnings.catch_warnings(), _blas_threads(settings.threads):
+        warnings.simplefilter("ignore")  # pycma's and evotorch's chatter; failures are recorded per run
+        runs, skipped = run_bbob(settings, methods)
+        large_runs = run_large(settings) if settings.large_dims else []
+    rows = ert_rows(runs, methods, settings)
+    large = large_rows(large_runs)
+    checks = target_checks(rows, large, settings, methods)
+    report = markdown_report(rows, large, checks, settings, methods, time.perf_counter() - start,
+                             run_notes(runs, skipped, notes))
+    paths = write_outputs(args.out, settings, methods, runs, skipped, large_runs, rows, large, checks, report)
+    paths.append(plot_ecdf(runs, methods, settings, args.out))
+    paths.append(plot_ert(rows, methods, settings, args.out))
+    large_plot = plot_large(large_runs, args.out)
+    paths += [large_plot] if large_plot else []
+    print(report)
+    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
+    for path in paths:
+        print(f"  {path}")
