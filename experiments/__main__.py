@@ -16,6 +16,7 @@ STUDIES = {
     "gaussian": "experiments.gaussian",
     "vi": "experiments.vi",
     "dl": "experiments.dl",
+    "es": "experiments.es",
 }
 
 

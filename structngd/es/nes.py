@@ -473,7 +473,7 @@ class StructuredNES:
             hist = len(self._run_best)
             ell = int(max(n_stag / 10, hist / 10))
             if self.run_iteration > n_stag and hist >= 2 * ell:
-                med = lambda v: float(torch.tensor(v).median())  # noqa: E731
+                med = lambda v: float(torch.tensor(v, dtype=torch.float64).median())  # noqa: E731
                 recent_m, older_m = self._run_median[-ell:], self._run_median[-2 * ell : -ell]
                 recent_b, older_b = self._run_best[-ell:], self._run_best[-2 * ell : -ell]
                 if med(recent_m) >= med(older_m) and med(recent_b) >= med(older_b):
