@@ -1,7 +1,10 @@
-"""Dispatcher: ``python -m experiments <study> [options]``.
+"""Dispatcher: ``python -m experiments <study> [options]`` or ``python -m experiments quick``.
 
 Adding a study is one line in :data:`STUDIES`: its name and the module that defines
-``add_arguments(parser)`` (its command-line options) and ``run(args)``.
+``add_arguments(parser)`` (its command-line options, including ``--tiny/--quick/--full`` and
+``--out``) and ``run(args)``. ``quick`` runs every study's quick preset (``--tiny``: the
+seconds-long smoke presets) into ``<out>/<study>/`` and writes ``<out>/REPORT.md`` linking
+their tables and plots. The console script ``structngd-experiments`` is the same command.
 """
 
 from __future__ import annotations
@@ -9,7 +12,11 @@ from __future__ import annotations
 import argparse
 import importlib
 import sys
-from typing import List, Optional
+import time
+from pathlib import Path
+from typing import Dict, List, Optional
+
+import torch
 
 #: study name -> module defining ``add_arguments(parser)`` and ``run(args)``
 STUDIES = {
@@ -20,10 +27,27 @@ STUDIES = {
 }
 
 
+def study_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one study's options."""
+    module = importlib.import_module(STUDIES[name])
+    parser = argparse.ArgumentParser(
+        prog=f"python -m experiments {name}", description=module.__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    module.add_arguments(parser)
+    parser.set_defaults(run=module.run)
+    return parser
+
+
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-command per study."""
+    """The top-level parser with one sub-command per study, plus ``quick``."""
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="study", metavar="STUDY", required=True)
+    quick = commands.add_parser("quick", help="every study's quick preset and one REPORT.md")
+    quick.add_argument("--tiny", action="store_true", help="the seconds-long smoke presets instead")
+    quick.add_argument("--out", type=Path, default=Path("results"), help="output root (default results/)")
+    quick.add_argument("--studies", nargs="+", choices=tuple(STUDIES), default=list(STUDIES))
+    quick.set_defaults(run=run_quick)
     for name, module_name in STUDIES.items():
         module = importlib.import_module(module_name)
         summary = (module.__doc__ or name).strip().splitlines()[0]
@@ -34,6 +58,46 @@ def build_parser() -> argparse.ArgumentParser:
         module.add_arguments(sub)
         sub.set_defaults(run=module.run)
     return parser
+
+
+def run_quick(args: argparse.Namespace) -> None:
+    """Run the chosen studies one after the other, then write the report."""
+    preset = "--tiny" if args.tiny else "--quick"
+    seconds: Dict[str, float] = {}
+    for name in args.studies:
+        print(f"\n=== {name} ({preset})", flush=True)
+        study_args = study_parser(name).parse_args([preset, "--out", str(args.out / name)])
+        torch.set_default_dtype(torch.float32)  # each study sets what it needs
+        start = time.perf_counter()
+        study_args.run(study_args)
+        seconds[name] = time.perf_counter() - start
+    report = write_report(args.out, args.studies, seconds, preset)
+    print(f"\nreport: {report}")
+
+
+def write_report(out: Path, studies: List[str], seconds: Dict[str, float], preset: str) -> Path:
+    """``out/REPORT.md``: per study its command, run time, table and plots (relative links)."""
+    lines = [
+        "# structngd: study report",
+        "",
+        f"`python -m experiments quick{' --tiny' if preset == '--tiny' else ''}`; "
+        f"total {sum(seconds.values()):.0f} s. Each section links the study's files under `{out}`.",
+        "",
+    ]
+    for name in studies:
+        folder = out / name
+        module = importlib.import_module(STUDIES[name])
+        lines += [f"## {name}: {(module.__doc__ or name).strip().splitlines()[0]}", ""]
+        lines += [f"`python -m experiments {name} {preset}` ({seconds.get(name, float('nan')):.0f} s). Files: "
+                  + ", ".join(f"[{p.name}]({name}/{p.name})" for p in sorted(folder.iterdir()) if p.is_file()), ""]
+        table = folder / "table.md"
+        if table.exists():
+            body = table.read_text().splitlines()
+            lines += [line.replace("# ", "### ", 1) if line.startswith("#") else line for line in body] + [""]
+        lines += [f"![{p.stem}]({name}/{p.name})" for p in sorted(folder.glob("*.png"))] + [""]
+    path = out / "REPORT.md"
+    path.write_text("\n".join(lines))
+    return path
 
 
 def main(argv: Optional[List[str]] = None) -> int:

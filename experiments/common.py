@@ -27,6 +27,25 @@ def configure_torch(threads: Optional[int] = None, dtype: torch.dtype = torch.fl
         torch.set_num_threads(threads)
 
 
+PRESET_NAMES = ("tiny", "quick", "full")
+
+
+def add_preset_arguments(parser, minutes: str) -> None:
+    """``--tiny`` (seconds), ``--quick`` (the default) and ``--full`` (``minutes``: how long)."""
+    mode = parser.add_mutually_exclusive_group()
+    mode.add_argument("--tiny", action="store_true", help="smoke test (seconds)")
+    mode.add_argument("--quick", action="store_true", help="the default: a few minutes on 2 cores")
+    mode.add_argument("--full", action="store_true", help=f"the README's tables ({minutes})")
+
+
+def preset_name(args) -> str:
+    """The preset chosen on the command line (``quick`` unless ``--tiny`` or ``--full``)."""
+    for name in ("tiny", "full"):
+        if getattr(args, name, False):
+            return name
+    return "quick"
+
+
 def parse_optional_float(text: str) -> Optional[float]:
     """``argparse`` type for a float that may be ``none`` (no value)."""
     return None if text.lower() in ("none", "off", "inf") else float(text)

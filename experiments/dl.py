@@ -605,10 +605,7 @@ def write_outputs(out: Path, settings: Settings, runs: List[Run], info: Dict[str
 # --------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments dl``; unset ones come from the preset."""
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--tiny", action="store_true", help="smoke test (seconds)")
-    mode.add_argument("--quick", action="store_true", help="the default preset (a few minutes on 2 cores)")
-    mode.add_argument("--full", action="store_true", help="all tasks, 3 seeds, longer runs (30-60 minutes)")
+    common.add_preset_arguments(parser, "30-60 minutes")
     parser.add_argument("--out", type=Path, default=Path("results/dl"), help="output directory")
     parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks")
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")
@@ -640,7 +637,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """The preset (``--tiny``, ``--full``, else quick) with every option given on the command line."""
-    preset = PRESETS["tiny" if getattr(args, "tiny", False) else "full" if getattr(args, "full", False) else "quick"]
+    preset = PRESETS[common.preset_name(args)]
     overrides = {}
     for name in Settings.__dataclass_fields__:
         value = getattr(args, name, None)

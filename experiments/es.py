@@ -802,9 +802,7 @@ def write_outputs(out: Path, settings: Settings, methods, runs, skipped, large_r
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments es``; unset ones come from the preset."""
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small preset (a few minutes on 2 cores)")
-    mode.add_argument("--tiny", action="store_true", help="smoke test (seconds)")
+    common.add_preset_arguments(parser, "5-6 hours")
     parser.add_argument("--out", type=Path, default=Path("results/es"), help="output directory")
     parser.add_argument("--dims", type=int, nargs="+", help="BBOB dimensions")
     parser.add_argument("--functions", type=int, nargs="+", choices=tuple(bbob.FUNCTIONS), help="BBOB functions")
@@ -824,7 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    preset = PRESETS["tiny" if getattr(args, "tiny", False) else "quick" if getattr(args, "quick", False) else "full"]
+    preset = PRESETS[common.preset_name(args)]
     overrides = {}
     for name in Settings.__dataclass_fields__:
         value = getattr(args, name, None)

@@ -109,6 +109,11 @@ class Settings:
 
 
 PRESETS = {
+    "tiny": Settings(
+        dims=(5,), conds=(10.0,), seeds=(0,), structures=("dense", "diagonal", "block_triangular"),
+        iterations=20, mc_iterations=20, num_samples=4, ngd_lrs=(0.5,), ngd_mc_lrs=(0.01,),
+        ngd_max_steps=(1.0,), adam_lrs=(0.01,), adam_mc_lrs=(0.01,), eval_points=5,
+    ),
     "quick": Settings(
         dims=(10, 100), conds=(10.0, 1e3), seeds=(0,), iterations=200, mc_iterations=300, num_samples=16
     ),
@@ -577,7 +582,7 @@ def write_outputs(
 # -------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments gaussian``; unset ones come from the preset."""
-    parser.add_argument("--quick", action="store_true", help="small preset (about 3 minutes on 2 cores)")
+    common.add_preset_arguments(parser, "hours")
     parser.add_argument("--out", type=Path, default=Path("results/gaussian"), help="output directory")
     parser.add_argument("--dims", type=int, nargs="+", help="target dimensions")
     parser.add_argument("--conds", type=float, nargs="+", help="target condition numbers")
@@ -602,8 +607,8 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    """The preset (``quick`` or ``full``) with every option given on the command line."""
-    preset = PRESETS["quick" if args.quick else "full"]
+    """The preset (``tiny``, ``quick`` or ``full``) with every option given on the command line."""
+    preset = PRESETS[common.preset_name(args)]
     overrides = {}
     for name in Settings.__dataclass_fields__:
         value = getattr(args, name, None)

@@ -789,9 +789,7 @@ def rows_for_csv(rows: List[dict]) -> List[dict]:
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments vi``; unset ones come from the preset."""
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--quick", action="store_true", help="small preset (about 3 minutes on 2 cores)")
-    mode.add_argument("--tiny", action="store_true", help="smoke test (seconds)")
+    common.add_preset_arguments(parser, "hours")
     parser.add_argument("--out", type=Path, default=Path("results/vi"), help="output directory")
     parser.add_argument("--problems", nargs="+", choices=vi_data.DATASETS, help="data sets")
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")
@@ -818,7 +816,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    preset = PRESETS["tiny" if getattr(args, "tiny", False) else "quick" if args.quick else "full"]
+    preset = PRESETS[common.preset_name(args)]
     overrides = {}
     for name in Settings.__dataclass_fields__:
         value = getattr(args, name, None)

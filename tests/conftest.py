@@ -12,3 +12,12 @@ def _single_thread():
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(before)
+
+
+@pytest.fixture(autouse=True)
+def _restore_default_dtype():
+    """Studies run in tests set torch's default dtype (float64); later tests, and the fresh
+    processes of the distributed test, must see torch's own default again."""
+    before = torch.get_default_dtype()
+    yield
+    torch.set_default_dtype(before)

@@ -18,10 +18,12 @@ STEPS = 3
 
 
 def make_model():
-    torch.manual_seed(0)
+    torch.manual_seed(0)  # float64 layers drawn directly: the same in every process whatever its default dtype
+    f64 = dict(dtype=torch.float64)
     return nn.Sequential(
-        nn.Conv2d(2, 3, 3, padding=1), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 5), nn.Tanh(), nn.Linear(5, 3)
-    ).double()
+        nn.Conv2d(2, 3, 3, padding=1, **f64), nn.Tanh(), nn.Flatten(), nn.Linear(3 * 3 * 3, 5, **f64), nn.Tanh(),
+        nn.Linear(5, 3, **f64),
+    )
 
 
 def make_data():
