@@ -7,7 +7,7 @@ import csv
 import json
 import math
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -44,6 +44,18 @@ def preset_name(args) -> str:
         if getattr(args, name, False):
             return name
     return "quick"
+
+
+def resolve_preset(presets: dict, args, skip: Iterable[str] = ()):
+    """The preset chosen on the command line with every option given there
+    (``args.<field>`` not ``None``; lists become tuples) except the fields in ``skip``."""
+    preset = presets[preset_name(args)]
+    overrides = {}
+    for name in preset.__dataclass_fields__:
+        value = getattr(args, name, None)
+        if value is not None and name not in skip:
+            overrides[name] = tuple(value) if isinstance(value, list) else value
+    return replace(preset, **overrides)
 
 
 def parse_optional_float(text: str) -> Optional[float]:

@@ -52,7 +52,7 @@ import platform
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -637,13 +637,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """The preset (``--tiny``, ``--full``, else quick) with every option given on the command line."""
-    preset = PRESETS[common.preset_name(args)]
-    overrides = {}
-    for name in Settings.__dataclass_fields__:
-        value = getattr(args, name, None)
-        if value is not None and name != "size":
-            overrides[name] = tuple(value) if isinstance(value, list) else value
-    return replace(preset, **overrides)
+    return common.resolve_preset(PRESETS, args, skip=("size",))
 
 
 def run(args: argparse.Namespace) -> None:

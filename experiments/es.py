@@ -77,7 +77,7 @@ import platform
 import time
 import warnings
 from collections import defaultdict
-from dataclasses import asdict, dataclass, field, replace
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -822,13 +822,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    preset = PRESETS[common.preset_name(args)]
-    overrides = {}
-    for name in Settings.__dataclass_fields__:
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[name] = tuple(value) if isinstance(value, list) else value
-    return replace(preset, **overrides)
+    return common.resolve_preset(PRESETS, args)
 
 
 def _blas_threads(threads: Optional[int]):

@@ -608,13 +608,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """The preset (``tiny``, ``quick`` or ``full``) with every option given on the command line."""
-    preset = PRESETS[common.preset_name(args)]
-    overrides = {}
-    for name in Settings.__dataclass_fields__:
-        value = getattr(args, name, None)
-        if value is not None:
-            overrides[name] = tuple(value) if isinstance(value, list) else value
-    return replace(preset, **overrides)
+    return common.resolve_preset(PRESETS, args)
 
 
 def run(args: argparse.Namespace) -> None:

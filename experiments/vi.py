@@ -816,12 +816,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    preset = PRESETS[common.preset_name(args)]
-    overrides = {}
-    for name in Settings.__dataclass_fields__:
-        value = getattr(args, name, None)
-        if value is not None and name != "ngd":
-            overrides[name] = tuple(value) if isinstance(value, list) else value
+    preset = common.resolve_preset(PRESETS, args, skip=("ngd",))
     ngd = {}
     for name, attr in (("estimator", "ngd_estimator"), ("price_lrs", "ngd_price_lrs"),
                        ("reparam_lrs", "ngd_reparam_lrs"), ("particles", "ngd_particles")):
@@ -830,7 +825,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             ngd[name] = tuple(value) if isinstance(value, list) else value
     if "ngd_max_step" in vars(args) and args.ngd_max_step is not None:
         ngd["max_step"] = args.ngd_max_step
-    return replace(preset, ngd=replace(preset.ngd, **ngd), **overrides)
+    return replace(preset, ngd=replace(preset.ngd, **ngd))
 
 
 def run(args: argparse.Namespace) -> None:
