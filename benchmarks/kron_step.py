@@ -40,7 +40,6 @@ import copy
 import datetime
 import gc
 import json
-import math
 import os
 import platform
 import statistics
@@ -55,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.step_time import CpuMonitor, Progress, fmt_bytes, fmt_ms, fmt_ratio, table
+from benchmarks.step_time import CpuMonitor, Progress, apply_threads, fmt_bytes, fmt_ms, fmt_ratio, table
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 from structngd.kron.capture import find_layers
 
@@ -757,10 +756,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 def main(argv: Optional[Sequence[str]] = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse_args(argv)
-    if args.threads:
-        torch.set_num_threads(args.threads)
-    if args.busy is None:
-        args.busy = max(0, (os.cpu_count() or 1) - torch.get_num_threads()) + 0.3
+    apply_threads(args)
     if args.device == "cuda" and not torch.cuda.is_available():
         raise SystemExit("--device cuda: CUDA is not available")
     device = torch.device(args.device)

@@ -605,13 +605,19 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def main(argv: Optional[Sequence[str]] = None) -> str:
-    argv = list(sys.argv[1:] if argv is None else argv)
-    args = parse_args(argv)
+def apply_threads(args: argparse.Namespace) -> None:
+    """``--threads`` into torch, and the default ``--busy`` threshold: the cores torch leaves
+    free plus a margin (other processes using more than that make a sample count as loaded)."""
     if args.threads:
         torch.set_num_threads(args.threads)
     if args.busy is None:
         args.busy = max(0, (os.cpu_count() or 1) - torch.get_num_threads()) + 0.3
+
+
+def main(argv: Optional[Sequence[str]] = None) -> str:
+    argv = list(sys.argv[1:] if argv is None else argv)
+    args = parse_args(argv)
+    apply_threads(args)
     generator = torch.Generator().manual_seed(args.seed)
     monitor = CpuMonitor()
     waited, redone = 0.0, 0
