@@ -1,0 +1,377 @@
+"""Layer 2: the Wishart ``W(n, V)`` with a structured factor of its mean ``E[W] = n V = B B^T``.
+
+MATH.md §4. The family is parameterized by the degrees of freedom ``n`` and the mean
+``Psi = E[W] = n V = B B^T`` (``B`` in a matrix group): in these coordinates the Fisher
+of the local parameterization is block-diagonal (``n`` and ``Psi`` are orthogonal).
+Local coordinates around ``(n_t, B_t)``::
+
+    n = d - 1 + (n_t - d + 1) exp(delta)      (log coordinate: keeps n > d - 1)
+    B = B_t h(M),  h(M) = I + M + M^2 / 2
+
+with Fisher at ``eta0``: ``c_t^2 F_nn(n_t)`` for ``delta`` (``c_t = n_t - d + 1``,
+``F_nn(n) = psi_d'(n/2)/4 - d/(2n)``), ``n_t * w`` for ``M`` (``w`` the Gaussian weights of
+MATH.md §1.3: 2 on diagonal / symmetric-block entries, 1 on free entries), no cross term.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Callable, Optional, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import groups as _groups
+
+DF_COORDINATES = ("log", "linear")
+
+# Bernoulli numbers B_2, B_4, ..., B_10 for the asymptotic series of the trigamma function
+_BERNOULLI = (1.0 / 6, -1.0 / 30, 1.0 / 42, -1.0 / 30, 5.0 / 66)
+_ASYMPTOTIC_FROM = 30.0
+
+
+def _trigamma_minus_reciprocal(a: Tensor) -> Tensor:
+    """``psi'(a) - 1/a`` to float64 precision, without cancellation for large ``a``.
+
+    ``torch.polygamma(1, a)`` is only accurate to ~1e-9 relative for small ``a``, and the
+    difference ``psi'(a) - 1/a ~ 1/(2a^2)`` cancels for large ``a``. Here: the recurrence
+    ``psi'(a) = sum_{j<k} 1/(a+j)^2 + psi'(a+k)`` with ``k`` the number of shifts that bring
+    ``a`` to ``>= 30``, then the asymptotic series ``psi'(x) - 1/x = 1/(2x^2) + sum B_2k / x^(2k+1)``
+    (truncation error below 1e-16 relative for ``x >= 30``); the two reciprocals combine as
+    ``1/(a+k) - 1/a = -k / (a (a+k))``.
+    """
+    j = torch.arange(int(_ASYMPTOTIC_FROM), dtype=a.dtype, device=a.device)
+    shifted = a.unsqueeze(-1) + j
+    take = shifted < _ASYMPTOTIC_FROM
+    k = take.sum(-1).to(a.dtype)
+    head = torch.where(take, 1.0 / shifted.clamp_min(1e-300) ** 2, torch.zeros_like(shifted)).sum(-1)
+    x = a + k
+    series = 0.5 / x**2
+    for i, b in enumerate(_BERNOULLI, start=1):
+        series = series + b / x ** (2 * i + 1)
+    return head - k / (a * x) + series
+
+
+def _df_fisher(n: Tensor, d: int) -> Tensor:
+    """``F_nn(n) = psi_d'(n/2)/4 - d/(2n)`` (Fisher of ``n`` at fixed mean), computed stably.
+
+    With ``a_i = (n + 1 - i)/2`` (``i = 1..d``) and ``a_1 = n/2``:
+    ``4 F_nn = sum_i [psi'(a_i) - 1/a_i] + sum_i (a_1 - a_i) / (a_i a_1)``; both sums are
+    positive, so no cancellation for large ``n``.
+    """
+    shift = 0.5 * torch.arange(d, dtype=n.dtype, device=n.device)
+    a1 = 0.5 * n
+    a = a1 - shift
+    return 0.25 * (_trigamma_minus_reciprocal(a).sum(-1) + (shift / (a * a1)).sum(-1))
+
+
+def trigamma(a: Tensor) -> Tensor:
+    """``psi'(a)`` to float64 precision (``torch.polygamma(1, a)`` has ~1e-9 relative error for small ``a``)."""
+    return _trigamma_minus_reciprocal(a) + 1.0 / a
+
+
+class _MultivariateDigamma(torch.autograd.Function):
+    """``psi_d(x)``; its derivative ``psi_d'(x)`` uses the accurate :func:`trigamma`."""
+
+    @staticmethod
+    def forward(ctx, x: Tensor, d: int) -> Tensor:
+        ctx.save_for_backward(x)
+        ctx.d = d
+        shift = 0.5 * torch.arange(d, dtype=x.dtype, device=x.device)
+        return torch.digamma(x.unsqueeze(-1) - shift).sum(-1)
+
+    @staticmethod
+    def backward(ctx, grad: Tensor):
+        (x,) = ctx.saved_tensors
+        shift = 0.5 * torch.arange(ctx.d, dtype=x.dtype, device=x.device)
+        return grad * trigamma(x.unsqueeze(-1) - shift).sum(-1), None
+
+
+def multivariate_digamma(x: Tensor, d: int) -> Tensor:
+    """``psi_d(x) = sum_{i=1..d} psi(x + (1 - i)/2)``, differentiable (first derivative to float64 precision)."""
+    return _MultivariateDigamma.apply(x, d)
+
+
+class Wishart(nn.Module):
+    """Wishart ``W(n, V)`` over SPD matrices with mean ``Psi = n V = B B^T``, ``B`` in a group.
+
+    Density ``|W|^{(n-d-1)/2} exp(-tr(V^{-1} W)/2) / (2^{nd/2} |V|^{n/2} Gamma_d(n/2))``,
+    ``n > d - 1``. Typical use: a variational posterior over a precision (or covariance)
+    matrix; the structure of ``B`` restricts the mean (a diagonal ``B`` gives a diagonal
+    ``E[W]``, a triangular one any SPD mean, ...), never the support.
+
+    Parameters (``tau``): ``df`` (``n``, a 0-d tensor) and ``factor`` (``B``, compact
+    form). Their Euclidean gradients are ``dL/dn`` *at fixed mean* and ``dL/dB``, which is
+    what autograd gives through :meth:`rsample`, :meth:`log_prob`, :meth:`entropy`,
+    :attr:`mean`, :meth:`expected_logdet`, ... The optimizer's step, with
+    ``g_n = df.grad``, ``g_B = factor.grad``::
+
+        n <- d - 1 + c exp(-lr g_n / (c F_nn(n))),  c = n - d + 1     (df_coordinate="log")
+        n <- n - lr g_n / F_nn(n)                                      (df_coordinate="linear")
+        B <- B h(-lr M),  M = C ⊙ κ(B^T g_B) / n
+
+    Args:
+        dim: dimension ``d`` of the matrices.
+        df: degrees of freedom ``n > d - 1``.
+        structure: a group name for :func:`structngd.groups.make` or a group instance.
+        mean: initial ``E[W] = Psi``: a positive scalar or ``(d,)`` vector (a diagonal mean,
+            every structure) or an SPD ``(d, d)`` matrix (dense and triangular structures).
+        scale: initial scale ``V`` instead (``Psi = n V``), same forms. Default: ``V = I``.
+        df_coordinate: ``"log"`` (default, MATH.md §4's constraint-safe map: every step
+            keeps ``n > d - 1``) or ``"linear"`` (``n = n_t + delta``: one step at ``lr = 1``
+            with exact gradients solves the ``n`` part of a conjugate problem, but a large
+            step can leave ``n > d - 1``, which :meth:`retract` refuses).
+        **group_options: options of the group (``k``, ``block_size``, ...).
+    """
+
+    def __init__(
+        self,
+        dim: int,
+        df: Union[float, Tensor],
+        structure: Union[str, _groups.MatrixGroup] = "dense",
+        mean: Union[None, float, Tensor] = None,
+        scale: Union[None, float, Tensor] = None,
+        df_coordinate: str = "log",
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        **group_options,
+    ):
+        super().__init__()
+        self.group = _groups.make(structure, dim, **group_options)
+        self.dim = dim
+        if df_coordinate not in DF_COORDINATES:
+            raise ValueError(f"df_coordinate must be one of {DF_COORDINATES}, got {df_coordinate!r}")
+        self.df_coordinate = df_coordinate
+        if mean is not None and scale is not None:
+            raise ValueError("pass at most one of mean and scale")
+        if dtype is None:
+            for x in (df, mean, scale):
+                if isinstance(x, Tensor) and x.is_floating_point():
+                    dtype = x.dtype
+                    break
+            else:
+                dtype = torch.get_default_dtype()
+        df = self._check_df(df, dtype, device)
+        self.df = nn.Parameter(df)
+        if mean is None:
+            given, multiplier = (1.0 if scale is None else scale), df
+        else:
+            given, multiplier = mean, None
+        self.factor = nn.Parameter(self._initial_factor(given, multiplier, df))
+
+    # ------------------------------------------------------------ set-up
+    def _check_df(self, df, dtype, device) -> Tensor:
+        d = self.dim
+        if isinstance(df, bool) or not isinstance(df, (int, float, Tensor)):
+            raise ValueError(f"df must be a real number > dim - 1 = {d - 1}, got {df!r}")
+        df = torch.as_tensor(df, dtype=dtype, device=device).detach().clone()
+        if df.numel() != 1:
+            raise ValueError(f"df must be a scalar, got shape {tuple(df.shape)}")
+        df = df.reshape(())
+        if not torch.isfinite(df) or df.item() <= d - 1:
+            raise ValueError(f"df must be a finite number > dim - 1 = {d - 1}, got {df.item()!r}")
+        return df
+
+    def _initial_factor(self, given, multiplier: Optional[Tensor], df: Tensor) -> Tensor:
+        """``B`` with ``B B^T = given`` (times ``multiplier`` for a scale)."""
+        d, group = self.dim, self.group
+        what = "mean" if multiplier is None else "scale"
+        value = torch.as_tensor(given, dtype=df.dtype, device=df.device)
+        if not torch.isfinite(value).all():
+            raise ValueError(f"{what} must be finite")
+        if multiplier is not None:
+            value = value * multiplier
+        if value.dim() <= 1:
+            diag = value.expand(d) if value.dim() == 0 else value
+            if diag.shape != (d,) or (diag <= 0).any():
+                raise ValueError(f"a diagonal {what} must be positive with shape ({d},), got {tuple(diag.shape)}")
+            return group.from_diagonal(diag.sqrt())
+        if value.shape != (d, d):
+            raise ValueError(f"{what} must have shape ({d}, {d}), got {tuple(value.shape)}")
+        asym = (value - value.mT).abs().max()
+        if asym > 64 * torch.finfo(value.dtype).eps * value.abs().max():
+            raise ValueError(f"{what} must be symmetric positive-definite (it is not symmetric)")
+        value = 0.5 * (value + value.mT)
+        if group.name in ("dense", "lower_triangular"):
+            chol, info = torch.linalg.cholesky_ex(value)
+        elif group.name == "upper_triangular":  # Psi = U U^T via the Cholesky factor of the flipped matrix
+            chol, info = torch.linalg.cholesky_ex(value.flip(0, 1))
+            chol = chol.flip(0, 1)
+        else:
+            raise ValueError(
+                f"a dense {what} matrix can only initialize dense or triangular structures, "
+                f"not {group.name!r}; pass a scalar or a vector of diagonal entries"
+            )
+        if info != 0:
+            raise ValueError(f"{what} must be symmetric positive-definite")
+        return chol
+
+    @property
+    def structure(self) -> str:
+        return self.group.name
+
+    def extra_repr(self) -> str:
+        return f"{self.group!r}, df_coordinate={self.df_coordinate!r}"
+
+    # ------------------------------------------------------ distribution
+    @property
+    def mean(self) -> Tensor:
+        """``E[W] = Psi = B B^T`` (dense)."""
+        b = self.group.to_dense(self.factor)
+        return b @ b.mT
+
+    def scale(self) -> Tensor:
+        """The scale matrix ``V = Psi / n`` (dense)."""
+        return self.mean / self.df
+
+    def mean_inverse(self) -> Tensor:
+        """``Psi^{-1} = B^{-T} B^{-1}`` (dense, by solves)."""
+        eye = torch.eye(self.dim, dtype=self.factor.dtype, device=self.factor.device)
+        r = self.group.solve(self.factor, eye)  # rows B^{-1} e_i: r = B^{-T}
+        return r @ r.mT
+
+    def variance(self) -> Tensor:
+        """Entrywise ``Var W_ij = n (V_ij^2 + V_ii V_jj)``."""
+        v = self.scale()
+        diag = v.diagonal(dim1=-2, dim2=-1)
+        return self.df * (v**2 + diag.unsqueeze(-1) * diag.unsqueeze(-2))
+
+    def log_det_scale(self) -> Tensor:
+        """``log |V| = 2 log|det B| - d log n``."""
+        return 2 * self.group.logdet(self.factor) - self.dim * torch.log(self.df)
+
+    def expected_logdet(self) -> Tensor:
+        """``E[log |W|] = psi_d(n/2) + d log 2 + log |V|``."""
+        return multivariate_digamma(0.5 * self.df, self.dim) + self.dim * math.log(2.0) + self.log_det_scale()
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        """Reparameterized samples by the Bartlett decomposition, differentiable in ``n`` and ``B``.
+
+        ``W = (B A)(B A)^T / n`` with ``A`` lower triangular, ``A_ii^2 ~ chi2(n - i + 1)``
+        (implicitly reparameterized gamma), ``A_ij ~ N(0, 1)`` below the diagonal, so
+        ``A A^T ~ W(n, I)`` and ``W ~ W(n, B B^T / n)``.
+        """
+        d = self.dim
+        shape = tuple(sample_shape)
+        dtype, device = self.factor.dtype, self.factor.device
+        dfs = self.df - torch.arange(d, dtype=dtype, device=device)
+        diag = torch.distributions.Chi2(dfs).rsample(shape).sqrt()
+        noise = torch.randn(shape + (d, d), dtype=dtype, device=device).tril(-1)
+        a = noise + torch.diag_embed(diag)
+        ba = self.group.matvec(self.factor, a.mT).mT  # columns B a_j
+        w = ba @ ba.mT / self.df
+        return 0.5 * (w + w.mT)
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        return self.rsample(sample_shape)
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        """``log W(W; n, V)`` for SPD ``W`` of shape ``(..., d, d)``; returns shape ``(...)``."""
+        d = self.dim
+        if w.dim() < 2 or w.shape[-2:] != (d, d):
+            raise ValueError(f"Wishart.log_prob expects matrices of shape (..., {d}, {d}), got {tuple(w.shape)}")
+        chol, info = torch.linalg.cholesky_ex(w)
+        if (info != 0).any():
+            raise ValueError("Wishart.log_prob expects symmetric positive-definite matrices")
+        logdet_w = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
+        whitened = self.group.solve(self.factor, chol.mT).mT  # B^{-1} L_W, so |.|_F^2 = tr(Psi^{-1} W)
+        trace = self.df * whitened.pow(2).sum((-2, -1))  # tr(V^{-1} W)
+        n = self.df
+        return (
+            0.5 * (n - d - 1) * logdet_w
+            - 0.5 * trace
+            - 0.5 * n * d * math.log(2.0)
+            - 0.5 * n * self.log_det_scale()
+            - torch.mvlgamma(0.5 * n, d)
+        )
+
+    def entropy(self) -> Tensor:
+        """``H = (d+1)/2 log|V| + d(d+1)/2 log 2 + log Gamma_d(n/2) - (n-d-1)/2 psi_d(n/2) + nd/2``."""
+        d, n = self.dim, self.df
+        return (
+            0.5 * (d + 1) * self.log_det_scale()
+            + 0.5 * d * (d + 1) * math.log(2.0)
+            + torch.mvlgamma(0.5 * n, d)
+            - 0.5 * (n - d - 1) * multivariate_digamma(0.5 * n, d)
+            + 0.5 * n * d
+        )
+
+    def to_torch(self) -> torch.distributions.Wishart:
+        """The same distribution as a ``torch.distributions.Wishart``."""
+        v = self.scale()
+        return torch.distributions.Wishart(df=self.df, covariance_matrix=0.5 * (v + v.mT))
+
+    # ------------------------------------------------ gradient estimation
+    def estimate_gradients(
+        self,
+        log_density: Callable[[Tensor], Tensor],
+        num_samples: int = 1,
+        gamma: float = 1.0,
+    ) -> Tensor:
+        """Accumulate into ``.grad`` the reparameterization gradient of ``E_q[-log p(W)] - gamma H(q)``.
+
+        ``log_density`` maps a batch ``(s, d, d)`` to ``(s,)``. Returns the loss estimate (detached).
+        """
+        if not isinstance(num_samples, int) or num_samples < 1:
+            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        loss = -log_density(self.rsample((num_samples,))).mean() - gamma * self.entropy()
+        loss.backward()
+        return loss.detach()
+
+    # ------------------------------------------- natural-gradient interface
+    def df_fisher(self) -> Tensor:
+        """``F_nn(n) = psi_d'(n/2)/4 - d/(2n)``: the Fisher of ``n`` at fixed mean ``Psi``."""
+        return _df_fisher(self.df.detach(), self.dim)
+
+    def check_gradients(self) -> None:
+        """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
+        for name, p in (("df", self.df), ("factor", self.factor)):
+            if p.grad is None:
+                raise ValueError(
+                    f"{type(self).__name__}.{name} has no gradient: call backward() on a loss "
+                    f"that depends on the family (or estimate_gradients) before step()"
+                )
+            if not torch.isfinite(p.grad).all():
+                raise ValueError(f"{type(self).__name__}.{name}.grad has non-finite values")
+
+    @torch.no_grad()
+    def natural_gradient(self) -> Tuple[Tensor, Tensor]:
+        """Natural gradient in local coordinates from ``df.grad`` and ``factor.grad``.
+
+        ``delta = g_n / (c F_nn)`` (log coordinate, ``c = n - d + 1``) or ``g_n / F_nn``
+        (linear); ``M = C ⊙ κ(B^T g_B) / n`` in compact form.
+        """
+        self.check_gradients()
+        n = self.df.detach()
+        fisher = self.df_fisher()
+        delta = self.df.grad / fisher
+        if self.df_coordinate == "log":
+            delta = delta / (n - self.dim + 1)
+        m = self.group.pullback(self.factor, self.factor.grad) / n
+        return delta.reshape(self.df.shape), m
+
+    @torch.no_grad()
+    def retract(self, step: Tuple[Tensor, Tensor], lr: float) -> None:
+        """``tau <- phi_tau(eta0 - lr * step)``: ``n`` by its coordinate map, ``B <- B h(-lr M)``.
+
+        Raises ``ValueError`` (and changes nothing) if the new ``n`` would not be a finite
+        number ``> d - 1`` (the linear coordinate after a too large step, or an overflow).
+        """
+        delta, m = step
+        n = self.df.detach()
+        if self.df_coordinate == "log":
+            c = n - self.dim + 1
+            new_df = (self.dim - 1) + c * torch.exp(-lr * delta)
+        else:
+            new_df = n - lr * delta
+        if not torch.isfinite(new_df) or new_df.item() <= self.dim - 1:
+            raise ValueError(
+                f"Wishart step would move df from {n.item()!r} to {new_df.item()!r}, outside "
+                f"(dim - 1, inf) = ({self.dim - 1}, inf); lower the learning rate"
+                + (" or use df_coordinate='log'" if self.df_coordinate == "linear" else "")
+                + "; no parameter was changed"
+            )
+        new_factor = self.group.mul(self.factor, self.group.expm(-lr * m))
+        self.df.copy_(new_df.reshape(self.df.shape))
+        self.factor.copy_(new_factor)
