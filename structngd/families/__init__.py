@@ -3,4 +3,4 @@
 from .gaussian import ESTIMATORS, Gaussian
 from .wishart import Wishart
 
-__all__ = ["Gaussian", "ESTIMATORS"]
+__all__ = ["Gaussian", "Wishart", "ESTIMATORS"]
