@@ -24,6 +24,7 @@ STUDIES = {
     "vi": "experiments.vi",
     "dl": "experiments.dl",
     "es": "experiments.es",
+    "wishart": "experiments.wishart",
 }
 
 
@@ -34,6 +35,7 @@ QUICK_OVERVIEW = {
     "vi": ["--seeds", "0"],
     "dl": ["--seeds", "0"],
     "es": ["--instances", "1"],
+    "wishart": [],
 }
 
 
