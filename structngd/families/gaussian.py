@@ -9,6 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import groups as _groups
+from .checks import require_finite_gradients
 from . import estimators
 
 ESTIMATORS = ("reparam", "price", "delta")
@@ -203,14 +204,7 @@ class Gaussian(nn.Module):
     # ------------------------------------------- natural-gradient interface
     def check_gradients(self) -> None:
         """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
-        for name, p in (("loc", self.loc), ("factor", self.factor)):
-            if p.grad is None:
-                raise ValueError(
-                    f"{type(self).__name__}.{name} has no gradient: call backward() on a loss "
-                    f"that depends on the family (or estimate_gradients) before step()"
-                )
-            if not torch.isfinite(p.grad).all():
-                raise ValueError(f"{type(self).__name__}.{name}.grad has non-finite values")
+        require_finite_gradients(self, (("loc", self.loc), ("factor", self.factor)))
 
     @torch.no_grad()
     def natural_gradient(self) -> Tuple[Tensor, Tensor]:

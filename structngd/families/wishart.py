@@ -22,6 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import groups as _groups
+from .checks import require_finite_gradients
 
 DF_COORDINATES = ("log", "linear")
 
@@ -326,14 +327,7 @@ class Wishart(nn.Module):
 
     def check_gradients(self) -> None:
         """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
-        for name, p in (("df", self.df), ("factor", self.factor)):
-            if p.grad is None:
-                raise ValueError(
-                    f"{type(self).__name__}.{name} has no gradient: call backward() on a loss "
-                    f"that depends on the family (or estimate_gradients) before step()"
-                )
-            if not torch.isfinite(p.grad).all():
-                raise ValueError(f"{type(self).__name__}.{name}.grad has non-finite values")
+        require_finite_gradients(self, (("df", self.df), ("factor", self.factor)))
 
     @torch.no_grad()
     def natural_gradient(self) -> Tuple[Tensor, Tensor]:
