@@ -118,6 +118,16 @@ class Curve:
         return self.values[-1] if self.values else math.nan
 
 
+def missing_last(value: Optional[float]) -> float:
+    """Sort value with ``None`` (never reached) and ``nan`` (diverged) after every number."""
+    return math.inf if value is None or value != value else value
+
+
+def reach_then_final(reached: Optional[float], curve: Curve) -> Tuple[float, float]:
+    """Selection key: the reach (iterations or seconds to a tolerance) first, then the final value."""
+    return missing_last(reached), missing_last(curve.final)
+
+
 def mean_curve(curves: Sequence[Curve]) -> Curve:
     """Pointwise mean of curves evaluated at the same iterations (``nan`` propagates)."""
     first = curves[0]

@@ -433,8 +433,7 @@ def select(runs: List[Run]) -> Dict[str, Dict[str, Selected]]:
 
 
 def _final_key(selected: Selected) -> float:
-    value = selected.curve.final
-    return value if value == value else math.inf
+    return common.missing_last(selected.curve.final)
 
 
 def reach(curve: Curve, target: float) -> Tuple[Optional[int], Optional[float]]:

@@ -359,9 +359,7 @@ class MethodResult:
 
 def selection_key(result: MethodResult) -> tuple:
     """Fewest iterations to ``gap < tol``; if never reached, smallest final gap."""
-    iterations = result.reached[0]
-    final = result.gap.final
-    return (iterations if iterations is not None else math.inf, final if final == final else math.inf)
+    return common.reach_then_final(result.reached[0], result.gap)
 
 
 def best_results(runs: List[Run], settings: Settings) -> Dict[tuple, Dict[str, MethodResult]]:

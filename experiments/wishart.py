@@ -404,9 +404,8 @@ class MethodResult:
 
 
 def _key(result: MethodResult) -> tuple:
-    it = result.reached[0]
-    final = result.gap.final
-    return (it if it is not None else math.inf, final if final == final else math.inf)
+    """Fewest iterations to ``tol``; if never reached, smallest final gap."""
+    return common.reach_then_final(result.reached[0], result.gap)
 
 
 def best_results(runs: List[Run], settings: Settings) -> Dict[ProblemSpec, Dict[str, MethodResult]]:
@@ -436,11 +435,7 @@ def _geoopt_reference(methods: Dict[str, MethodResult]) -> Optional[MethodResult
     if not candidates:
         return None
 
-    def key(r):
-        final = r.gap.final
-        return (r.reached[1] if r.reached[1] is not None else math.inf, final if final == final else math.inf)
-
-    return min(candidates, key=key)
+    return min(candidates, key=lambda r: common.reach_then_final(r.reached[1], r.gap))
 
 
 def _total_seconds(curve: Curve) -> float:
