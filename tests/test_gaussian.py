@@ -19,6 +19,7 @@ from structngd.families import Gaussian
 from structngd.groups import make
 from structngd.optim import NaturalGradient
 from structngd.targets import GaussianTarget
+from helpers import config_id, gen, rel
 
 f64 = torch.float64
 
@@ -40,21 +41,7 @@ CONFIGS = [
 FULL = ["dense", "lower_triangular", "upper_triangular"]  # can represent any SPD precision
 
 
-def _cid(cfg):
-    name, d, opts = cfg
-    return f"{name}-d{d}" + "".join(f"-{k}{v}" for k, v in opts.items())
-
-
-IDS = [_cid(c) for c in CONFIGS]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(got, expected):
-    got, expected = got.detach().to(f64), expected.detach().to(f64)
-    return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+IDS = [config_id(c) for c in CONFIGS]
 
 
 def random_gaussian(cfg, seed=0, scale=0.3, factor_scale=1.0):
@@ -308,7 +295,7 @@ def test_exact_gradients_diagonal_reaches_mean_field(target6):
 _RESTRICTED = [c for c in CONFIGS if c[0] not in FULL + ["diagonal"]]
 
 
-@pytest.mark.parametrize("cfg", _RESTRICTED, ids=[_cid(c) for c in _RESTRICTED])
+@pytest.mark.parametrize("cfg", _RESTRICTED, ids=[config_id(c) for c in _RESTRICTED])
 def test_exact_gradients_restricted_structures_between_diagonal_and_dense(cfg):
     name, d, opts = cfg
     target = GaussianTarget.random(d, condition=30.0, generator=gen(200 + d))

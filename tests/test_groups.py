@@ -13,6 +13,7 @@ import pytest
 import torch
 
 from structngd.groups import GROUPS, make
+from helpers import config_id, gen, rel
 
 # ----------------------------------------------------------------------------- configs
 CONFIGS = [
@@ -32,12 +33,7 @@ CONFIGS = [
 ]
 
 
-def _cid(cfg):
-    name, d, opts = cfg
-    return f"{name}-d{d}" + "".join(f"-{k}{v}" for k, v in opts.items())
-
-
-@pytest.fixture(params=CONFIGS, ids=[_cid(c) for c in CONFIGS])
+@pytest.fixture(params=CONFIGS, ids=[config_id(c) for c in CONFIGS])
 def cfg(request):
     return request.param
 
@@ -51,10 +47,6 @@ def group(cfg):
 @pytest.fixture
 def pattern(cfg):
     return expected_pattern(*cfg)
-
-
-def gen(seed=0):
-    return torch.Generator().manual_seed(seed)
 
 
 def expected_pattern(name, d, opts):
@@ -97,12 +89,6 @@ def expected_pattern(name, d, opts):
         p[m:, k1:] = True  # D and dense E
         return p
     raise AssertionError(name)
-
-
-def rel(got, expected):
-    got = got.to(torch.float64)
-    expected = expected.to(torch.float64)
-    return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def compact_basis(group, pattern):

@@ -19,6 +19,7 @@ import torch
 from structngd.families import Gaussian
 from structngd.optim import NaturalGradient
 from structngd.targets import GaussianTarget
+from helpers import gen, rel
 
 f64 = torch.float64
 
@@ -35,15 +36,6 @@ STRUCTURES = [
     ("heisenberg", {"k": 1, "k2": 2}),
     ("hierarchical", {"k1": 2, "k2": 2}),
 ]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(got, expected):
-    got, expected = got.detach().to(f64), expected.detach().to(f64)
-    return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
 
 
 def random_gaussian(d, name="dense", seed=0, **opts):

@@ -23,6 +23,7 @@ import torch
 from structngd.families import Wishart
 from structngd.groups import make
 from structngd.optim import NaturalGradient
+from helpers import config_id, gen, rel
 
 f64 = torch.float64
 
@@ -39,21 +40,7 @@ CONFIGS = [
 FULL = ["dense", "lower_triangular", "upper_triangular"]  # E[W] can be any SPD matrix
 
 
-def _cid(cfg):
-    name, d, opts = cfg
-    return f"{name}-d{d}" + "".join(f"-{k}{v}" for k, v in opts.items())
-
-
-IDS = [_cid(c) for c in CONFIGS]
-
-
-def gen(seed):
-    return torch.Generator().manual_seed(seed)
-
-
-def rel(got, expected):
-    got, expected = got.detach().to(f64), expected.detach().to(f64)
-    return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+IDS = [config_id(c) for c in CONFIGS]
 
 
 def random_wishart(cfg, seed=0, df_excess=1.7, scale=0.5, df_coordinate="log"):
@@ -251,7 +238,7 @@ def test_local_fisher_nn_entry_to_1e12_where_torch_trigamma_is_accurate():
 
 
 @pytest.mark.parametrize("cfg", [("dense", 3, {}), ("lower_triangular", 3, {}), ("block_triangular", 4, {"k": 1})],
-                         ids=_cid)
+                         ids=config_id)
 def test_local_fisher_equals_monte_carlo_score_outer_products(cfg):
     """E[s s^T] over samples, s = grad_eta log q (torch.distributions.Wishart.log_prob through the
     dense maps): agrees with the closed form within 5 standard errors estimated from the samples."""
@@ -428,7 +415,7 @@ def test_restricted_structures_reach_the_constrained_optimum(problem):
 
 # --------------------------------------------------------------- 3. sample moments
 @pytest.mark.parametrize("cfg", [("dense", 3, {}), ("upper_triangular", 4, {}), ("block_triangular", 4, {"k": 1})],
-                         ids=_cid)
+                         ids=config_id)
 def test_rsample_moments(cfg):
     """E W = n V, Cov(W_ij, W_kl) = n (V_ik V_jl + V_il V_jk) (so Var W_ij = n (V_ij^2 + V_ii V_jj)),
     within 5 standard errors: sqrt(Var/S) for the mean, the sample std of the centred products
@@ -569,7 +556,7 @@ def _kl_at_posterior_df(problem, q):
     return problem.kl(other).item()
 
 
-@pytest.mark.parametrize("cfg", NOISY, ids=[_cid(c) for c in NOISY])
+@pytest.mark.parametrize("cfg", NOISY, ids=[config_id(c) for c in NOISY])
 def test_spd_df_and_structure_kept_over_1000_noisy_steps(cfg):
     """Exact conjugate gradients plus large noise in the local coordinates (std 2 per step for
     the log coordinate of n, so n - d + 1 swings over four decades; a Frobenius norm ~0.2 in
@@ -600,7 +587,7 @@ def test_spd_df_and_structure_kept_over_1000_noisy_steps(cfg):
     assert math.isfinite(kl) and kl < kl0
 
 
-@pytest.mark.parametrize("cfg", [("lower_triangular", 4, {}), ("hierarchical", 6, {"k1": 2, "k2": 2})], ids=_cid)
+@pytest.mark.parametrize("cfg", [("lower_triangular", 4, {}), ("hierarchical", 6, {"k1": 2, "k2": 2})], ids=config_id)
 def test_monte_carlo_gradients_keep_spd_and_structure_over_1000_steps(cfg):
     """One-sample reparameterization gradients (estimate_gradients through rsample) of the
     conjugate negative ELBO, lr = 0.05, 1000 steps: valid after every step, KL decreased."""
