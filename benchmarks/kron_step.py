@@ -54,7 +54,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from benchmarks.step_time import CpuMonitor, Progress, apply_threads, fmt_bytes, fmt_ms, fmt_ratio, table
+from benchmarks.step_time import CpuMonitor, Progress, apply_threads, cpu_name, fmt_bytes, fmt_ms, fmt_ratio, table
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 from structngd.kron.capture import find_layers
 
@@ -629,15 +629,7 @@ def report_summary(results: List[dict], args: argparse.Namespace) -> str:
 
 
 def environment(args, argv, device, dtype, elapsed, budget, load_start, load_end) -> Dict[str, object]:
-    cpu = platform.processor() or platform.machine()
-    try:
-        with open("/proc/cpuinfo") as fh:
-            for line in fh:
-                if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
-    except OSError:
-        pass
+    cpu = cpu_name()
     env = {
         "command": "python -m benchmarks.kron_step" + ((" " + " ".join(argv)) if argv else ""),
         "date": datetime.datetime.now().isoformat(timespec="seconds"),

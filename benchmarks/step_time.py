@@ -529,16 +529,20 @@ def report_scaling(rows: List[ScaleRow], batch: int) -> str:
     return "\n".join(out)
 
 
-def environment(args: argparse.Namespace, argv: Sequence[str], load_start, load_end, elapsed: float, busy: str) -> str:
-    cpu = platform.processor() or platform.machine()
+def cpu_name() -> str:
+    """The processor's model name (``/proc/cpuinfo`` on Linux, else what ``platform`` knows)."""
     try:
         with open("/proc/cpuinfo") as f:
             for line in f:
                 if line.startswith("model name"):
-                    cpu = line.split(":", 1)[1].strip()
-                    break
+                    return line.split(":", 1)[1].strip()
     except OSError:
         pass
+    return platform.processor() or platform.machine()
+
+
+def environment(args: argparse.Namespace, argv: Sequence[str], load_start, load_end, elapsed: float, busy: str) -> str:
+    cpu = cpu_name()
     return "\n".join(
         [
             "# structngd step-time and memory benchmark",
