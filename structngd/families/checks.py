@@ -18,3 +18,42 @@ def require_finite_gradients(owner: object, named: Iterable[Tuple[str, torch.Ten
             )
         if not torch.isfinite(p.grad).all():
             raise ValueError(f"{kind}.{name}.grad has non-finite values")
+
+
+def factor_of_spd(group, value: torch.Tensor, what: str, symmetric_check: bool = False) -> torch.Tensor:
+    """A group element ``B`` with ``B B^T = value``.
+
+    ``value`` is a positive scalar or vector (a diagonal: ``B = diag(sqrt(value))``, any group) or,
+    for dense and triangular groups, an SPD ``d x d`` matrix (its Cholesky factor; for
+    ``upper_triangular`` the upper factor, from the Cholesky factor of the flipped matrix).
+    ``symmetric_check`` rejects a visibly non-symmetric matrix (beyond rounding) and symmetrizes it;
+    without it only the lower triangle is read. ``what`` names ``value`` in the error messages.
+    """
+    d = group.dim
+    if not torch.isfinite(value).all():
+        raise ValueError(f"{what} must be finite")
+    if value.dim() <= 1:
+        diag = value.expand(d) if value.dim() == 0 else value
+        if diag.shape != (d,) or (diag <= 0).any():
+            raise ValueError(f"a diagonal {what} must be positive with shape ({d},), got {tuple(diag.shape)}")
+        return group.from_diagonal(diag.sqrt())
+    if value.shape != (d, d):
+        raise ValueError(f"{what} must have shape ({d}, {d}), got {tuple(value.shape)}")
+    if symmetric_check:
+        asym = (value - value.mT).abs().max()
+        if asym > 64 * torch.finfo(value.dtype).eps * value.abs().max():
+            raise ValueError(f"{what} must be symmetric positive-definite (it is not symmetric)")
+        value = 0.5 * (value + value.mT)
+    if group.name in ("dense", "lower_triangular"):
+        chol, info = torch.linalg.cholesky_ex(value)
+    elif group.name == "upper_triangular":
+        chol, info = torch.linalg.cholesky_ex(value.flip(0, 1))
+        chol = chol.flip(0, 1)
+    else:
+        raise ValueError(
+            f"a dense {what} matrix can only initialize dense or triangular structures, "
+            f"not {group.name!r}; pass a scalar or a vector of diagonal entries"
+        )
+    if info != 0:
+        raise ValueError(f"{what} must be symmetric positive-definite")
+    return chol

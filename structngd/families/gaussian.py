@@ -9,7 +9,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import groups as _groups
-from .checks import require_finite_gradients
+from .checks import factor_of_spd, require_finite_gradients
 from . import estimators
 
 ESTIMATORS = ("reparam", "price", "delta")
@@ -83,32 +83,10 @@ class Gaussian(nn.Module):
 
     # ------------------------------------------------------------ set-up
     def _initial_factor(self, precision, loc: Tensor) -> Tensor:
-        d, group = self.dim, self.group
         if precision is None:
-            return group.identity(loc.dtype, loc.device)
+            return self.group.identity(loc.dtype, loc.device)
         precision = torch.as_tensor(precision, dtype=loc.dtype, device=loc.device)
-        if not torch.isfinite(precision).all():
-            raise ValueError("precision must be finite")
-        if precision.dim() <= 1:
-            diag = precision.expand(d) if precision.dim() == 0 else precision
-            if diag.shape != (d,) or (diag <= 0).any():
-                raise ValueError(f"a diagonal precision must be positive with shape ({d},)")
-            return group.from_diagonal(diag.sqrt())
-        if precision.shape != (d, d):
-            raise ValueError(f"precision must have shape ({d}, {d}), got {tuple(precision.shape)}")
-        if group.name in ("dense", "lower_triangular"):
-            chol, info = torch.linalg.cholesky_ex(precision)
-        elif group.name == "upper_triangular":  # S = U U^T via the Cholesky factor of the flipped matrix
-            chol, info = torch.linalg.cholesky_ex(precision.flip(0, 1))
-            chol = chol.flip(0, 1)
-        else:
-            raise ValueError(
-                f"a dense precision matrix can only initialize dense or triangular structures, "
-                f"not {group.name!r}; pass a scalar or a vector of diagonal precisions"
-            )
-        if info != 0:
-            raise ValueError("precision must be symmetric positive-definite")
-        return chol
+        return factor_of_spd(self.group, precision, "precision")
 
     @property
     def structure(self) -> str:

@@ -22,7 +22,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import groups as _groups
-from .checks import require_finite_gradients
+from .checks import factor_of_spd, require_finite_gradients
 
 DF_COORDINATES = ("log", "linear")
 
@@ -175,37 +175,13 @@ class Wishart(nn.Module):
 
     def _initial_factor(self, given, multiplier: Optional[Tensor], df: Tensor) -> Tensor:
         """``B`` with ``B B^T = given`` (times ``multiplier`` for a scale)."""
-        d, group = self.dim, self.group
         what = "mean" if multiplier is None else "scale"
         value = torch.as_tensor(given, dtype=df.dtype, device=df.device)
         if not torch.isfinite(value).all():
             raise ValueError(f"{what} must be finite")
         if multiplier is not None:
             value = value * multiplier
-        if value.dim() <= 1:
-            diag = value.expand(d) if value.dim() == 0 else value
-            if diag.shape != (d,) or (diag <= 0).any():
-                raise ValueError(f"a diagonal {what} must be positive with shape ({d},), got {tuple(diag.shape)}")
-            return group.from_diagonal(diag.sqrt())
-        if value.shape != (d, d):
-            raise ValueError(f"{what} must have shape ({d}, {d}), got {tuple(value.shape)}")
-        asym = (value - value.mT).abs().max()
-        if asym > 64 * torch.finfo(value.dtype).eps * value.abs().max():
-            raise ValueError(f"{what} must be symmetric positive-definite (it is not symmetric)")
-        value = 0.5 * (value + value.mT)
-        if group.name in ("dense", "lower_triangular"):
-            chol, info = torch.linalg.cholesky_ex(value)
-        elif group.name == "upper_triangular":  # Psi = U U^T via the Cholesky factor of the flipped matrix
-            chol, info = torch.linalg.cholesky_ex(value.flip(0, 1))
-            chol = chol.flip(0, 1)
-        else:
-            raise ValueError(
-                f"a dense {what} matrix can only initialize dense or triangular structures, "
-                f"not {group.name!r}; pass a scalar or a vector of diagonal entries"
-            )
-        if info != 0:
-            raise ValueError(f"{what} must be symmetric positive-definite")
-        return chol
+        return factor_of_spd(self.group, value, what, symmetric_check=True)
 
     @property
     def structure(self) -> str:
