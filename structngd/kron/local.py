@@ -125,16 +125,6 @@ class LocalKFAC(KroneckerPreconditioner):
     def _factor_dtype(self, layer: KronLayer) -> torch.dtype:
         return self.factor_dtype or layer.weight.dtype
 
-    def _update_factors(self, layer: KronLayer, a_batch: Tensor, g_batch: Tensor) -> None:
-        dtype = self._factor_dtype(layer)
-        state = self.state[layer.name]
-        a_batch, g_batch = a_batch.to(dtype), g_batch.to(dtype)
-        if self.factor_decay > 0 and "A" in state:
-            state["A"].mul_(self.factor_decay).add_(a_batch, alpha=1 - self.factor_decay)
-            state["G"].mul_(self.factor_decay).add_(g_batch, alpha=1 - self.factor_decay)
-        else:
-            state["A"], state["G"] = a_batch, g_batch
-
     def _refresh(self, layer: KronLayer) -> None:
         """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition)."""
         state = self.state[layer.name]
