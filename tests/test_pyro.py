@@ -8,8 +8,6 @@ bad configurations raise and change nothing; checkpoints resume bit for bit.
 """
 
 import math
-import os
-import warnings
 
 import pyro
 import pyro.distributions as dist

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MatrixGroup, apply_columns, sym
+from .base import MatrixGroup, sym
 
 
 class BlockDiagonal(MatrixGroup):
