@@ -361,7 +361,7 @@ class StructuredNES:
             popsize=self.popsize,
             restart=self.restarts_done,
         )
-        reasons = self._termination(f[order[: self.popsize - n_bad]])
+        reasons = self._termination(good)
         if reasons and not any(k in FINAL_REASONS for k in reasons) and self.restarts_done < self.restarts:
             self.restart_log.append({"iteration": self.iterations, "evaluations": self.evaluations, "reasons": reasons})
             self.restarts_done += 1
