@@ -192,6 +192,48 @@ def test_ekfac_is_never_farther_from_the_fisher_than_kfac(seed, device):
             assert err_ekfac < err_kfac  # strictly better on these (non-Kronecker) Fisher blocks
 
 
+@pytest.mark.parametrize("fisher", ["empirical", "true"])
+def test_ekfac_scale_every_refits_the_scaling_on_its_period_only(fisher):
+    """With ``factor_decay = 0``, at a scaling step ``s`` is the exact diagonal of that batch's
+    Fisher in the eigenbasis; between scaling steps ``s`` stays as it was, and the gradient is
+    preconditioned with it (the parameters never move, so per-example gradients are exact)."""
+    model, twin, damping = mlp(sizes=(4, 6, 3)), mlp(sizes=(4, 6, 3)), 1e-2  # twin: no hooks, for vmap
+    pre = EKFAC(model, factor_decay=0.0, update_every=4, scale_every=3, damping=damping, fisher=fisher)
+    previous = {}
+    for t in range(9):
+        x, y = data(n=32, seed=100 + t)
+        model.zero_grad()
+        torch.manual_seed(t)
+        out = model(x)
+        if fisher == "true":
+            pre.sample_fisher(out)
+            torch.manual_seed(t)
+            y_fisher = torch.distributions.Categorical(logits=out.detach()).sample()
+        else:
+            y_fisher = y
+        scaling = t % 4 == 0 or t % 3 == 0
+        assert pre.is_scaling_step == scaling
+        F.cross_entropy(out, y).backward()
+        raw = {layer.name: layer.grad_matrix().clone() for layer in pre.layers}
+        pre.step()
+        grads = per_example_grads(twin, x, y_fisher)
+        for layer in pre.layers:
+            state = pre.state[layer.name]
+            if scaling:
+                basis = torch.kron(state["U_A"], state["U_G"])
+                fisher_block = exact_fisher(weight_matrix_grads(grads, layer.name))
+                torch.testing.assert_close(vec(state["s"]), (basis.mT @ fisher_block @ basis).diagonal(),
+                                           rtol=1e-9, atol=1e-12)
+            else:
+                assert torch.equal(state["s"], previous[layer.name])
+            u_a, u_g = state["U_A"], state["U_G"]
+            expected = u_g @ ((u_g.mT @ raw[layer.name] @ u_a) / (state["s"] + damping)) @ u_a.mT
+            torch.testing.assert_close(layer.grad_matrix(), expected, rtol=1e-10, atol=1e-12)
+            previous[layer.name] = state["s"].clone()
+    with pytest.raises(ValueError, match="scale_every"):
+        EKFAC(model, scale_every=0)
+
+
 # ---------------------------------------------------------------- workflow
 def test_gradient_accumulation_matches_the_full_batch():
     model = mlp()
@@ -209,8 +251,8 @@ def test_gradient_accumulation_matches_the_full_batch():
         torch.testing.assert_close(layer.grad_matrix(), expected[layer.name], rtol=1e-10, atol=1e-12)
 
 
-@pytest.mark.parametrize("cls", [KFAC, EKFAC, LocalKFAC])
-def test_state_dict_resumes_bit_for_bit(cls):
+@pytest.mark.parametrize("cls,options", [(KFAC, {}), (EKFAC, {}), (EKFAC, {"scale_every": 2}), (LocalKFAC, {})])
+def test_state_dict_resumes_bit_for_bit(cls, options):
     x, y = data(n=32)
 
     def train(pre, model, opt, steps):
@@ -221,7 +263,7 @@ def test_state_dict_resumes_bit_for_bit(cls):
             opt.step()
 
     model = mlp(sizes=(4, 8, 3))
-    pre, opt = cls(model, update_every=3), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
+    pre, opt = cls(model, update_every=3, **options), torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
     train(pre, model, opt, 7)
     saved = copy.deepcopy((pre.state_dict(), opt.state_dict(), model.state_dict()))
     train(pre, model, opt, 5)
@@ -229,7 +271,7 @@ def test_state_dict_resumes_bit_for_bit(cls):
 
     model2 = mlp(sizes=(4, 8, 3), seed=99)
     model2.load_state_dict(saved[2])
-    pre2, opt2 = cls(model2, update_every=3), torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
+    pre2, opt2 = cls(model2, update_every=3, **options), torch.optim.SGD(model2.parameters(), lr=0.1, momentum=0.9)
     pre2.load_state_dict(saved[0])
     opt2.load_state_dict(saved[1])
     train(pre2, model2, opt2, 5)

@@ -118,6 +118,10 @@ class KroneckerPreconditioner:
         """Whether the coming ``step()`` updates the factors."""
         return self.steps % self.update_every == 0
 
+    def _arm_capture(self) -> None:
+        """Tell the hooks what the coming step gathers (here: ``A`` and ``G`` on update steps)."""
+        self.capture.factors = self.is_update_step
+
     def sample_fisher(self, output: Tensor, likelihood: str = "categorical") -> None:
         """Backpropagate ``-log p(y_hat | output)`` for labels ``y_hat`` sampled from the model.
 
@@ -125,8 +129,8 @@ class KroneckerPreconditioner:
         means of a unit-variance Gaussian for ``"gaussian"``) before the loss's backward
         pass; ``"bernoulli"`` takes logits of independent binary outputs (pixels of an
         autoencoder, multi-label heads), summed per example. Only the Kronecker statistics
-        see these gradients; ``.grad`` is untouched. Between factor updates it returns at once (except for EKFAC, which needs the
-        sampled gradients every step).
+        see these gradients; ``.grad`` is untouched. At steps that gather no statistics (between
+        factor updates; for EKFAC, between scaling steps) it returns at once.
         """
         if self.fisher != "true":
             raise RuntimeError(f"sample_fisher is for fisher='true'; this {self.kind} uses fisher={self.fisher!r}")
@@ -192,7 +196,7 @@ class KroneckerPreconditioner:
             layer.set_grad_matrix((p if nu == 1.0 else p * nu).to(grads[layer.name].dtype))
         self.steps += 1
         self.capture.reset()
-        self.capture.factors = self.is_update_step
+        self._arm_capture()
 
     def _update_factors(self, layer: KronLayer, a_batch: Tensor, g_batch: Tensor) -> None:
         state, dtype = self.state[layer.name], self._factor_dtype(layer)
@@ -296,7 +300,7 @@ class KroneckerPreconditioner:
         for key, value in state_dict.get("hyperparameters", {}).items():
             setattr(self, key, value)
         self.capture.reset()
-        self.capture.factors = self.is_update_step
+        self._arm_capture()
 
     def _layer(self, name: str) -> KronLayer:
         return next(layer for layer in self.layers if layer.name == name)

@@ -7,7 +7,7 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .base import KroneckerPreconditioner, all_reduce_mean
+from .base import KroneckerPreconditioner, _check_count, all_reduce_mean
 from .capture import KronLayer
 
 
@@ -15,20 +15,37 @@ class EKFAC(KroneckerPreconditioner):
     """EKFAC: ``F ≈ U diag(s) U^T`` with ``U = U_A ⊗ U_G`` the eigenbasis of KFAC's factors.
 
     The eigenbases are recomputed every ``update_every`` steps (amortized); the scaling
-    ``s = E[(U_G^T dW_n U_A)^2]`` is re-estimated every step from the per-example gradients
+    ``s = E[(U_G^T dW_n U_A)^2]`` is re-estimated every ``scale_every`` steps (default: every
+    step, and always at a basis change; George et al.'s separate, shorter period) from the
+    per-example gradients
     ``dW_n = sum_t g_{n,t} a_bar_{n,t}^T`` projected into the basis (a moving average with
     ``factor_decay``; at a basis change it restarts from KFAC's eigenvalues
     ``lambda_G lambda_A^T`` blended with the batch). Preconditioned gradient
     ``U_G [(U_G^T dW U_A) / (s + lambda)] U_A^T``. In Frobenius norm ``U diag(s*) U^T`` is never
     farther from the Fisher block than KFAC's ``A ⊗ G`` (the optimal diagonal in that basis).
+
+    The scaling needs the per-example rows (and, with ``fisher="true"``, the sampled-label
+    backward pass of :meth:`sample_fisher`) at every scaling step: ``scale_every > 1`` saves
+    that work on the steps in between, which reuse the last ``s``.
     """
 
     kind = "EKFAC"
 
-    def __init__(self, model, *args, **kwargs):
+    def __init__(self, model, *args, scale_every: int = 1, **kwargs):
+        _check_count("scale_every", scale_every)
+        self.scale_every = scale_every
         super().__init__(model, *args, **kwargs)
         self._rows: Dict[str, list] = {layer.name: [] for layer in self.layers}
-        self.capture.on_rows = self._on_rows
+        self._arm_capture()
+
+    @property
+    def is_scaling_step(self) -> bool:
+        """Whether the coming ``step()`` re-estimates the scaling ``s``."""
+        return self.is_update_step or self.steps % self.scale_every == 0
+
+    def _arm_capture(self) -> None:
+        super()._arm_capture()
+        self.capture.on_rows = self._on_rows if self.is_scaling_step else None
 
     # per-example statistics -------------------------------------------
     def _on_rows(self, layer: KronLayer, a_rows: Tensor, g_rows: Tensor) -> None:
@@ -96,6 +113,11 @@ class EKFAC(KroneckerPreconditioner):
         u_a, u_g = state["U_A"], state["U_G"]
         projected = u_g.mT @ grad @ u_a
         return u_g @ (projected / (state["s"] + self.damping)) @ u_a.mT
+
+    def state_dict(self) -> dict:
+        out = super().state_dict()
+        out["hyperparameters"]["scale_every"] = self.scale_every
+        return out
 
     def fisher_block(self, name: str) -> Tensor:
         state = self.state[name]
