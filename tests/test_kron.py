@@ -149,6 +149,19 @@ def test_kfac_preconditioned_gradient_is_the_damped_kronecker_solve():
         torch.testing.assert_close(vec(layer.grad_matrix()), expected, rtol=1e-9, atol=1e-12)
 
 
+@pytest.mark.parametrize("dim", [7, 128, 256])
+def test_damped_inverse_is_the_inverse_at_every_size(dim):
+    """Sizes that are multiples of 128 take the padded Cholesky on the CPU: same inverse."""
+    from structngd.kron.base import damped_inverse
+
+    g = torch.Generator().manual_seed(dim)
+    x = torch.randn(dim + 3, dim, generator=g, dtype=torch.float64)
+    inverse = damped_inverse(x.T @ x, 0.1)
+    assert inverse.shape == (dim, dim)
+    eye = torch.eye(dim, dtype=torch.float64)
+    torch.testing.assert_close(inverse @ (x.T @ x + 0.1 * eye), eye, rtol=0, atol=1e-10)
+
+
 def test_kfac_with_vanishing_damping_solves_with_a_kron_g():
     """On the hidden layer (the softmax layer's ``G`` is singular: its output gradients sum
     to zero over the classes, so only the damped solve exists there)."""
