@@ -12,8 +12,8 @@ Tasks (``TASKS``; data from ``experiments/dl_data.py``, nothing downloads):
 Methods (``METHODS``): SGD with momentum 0.9, Adam, and the preconditioners of
 ``structngd.kron`` in front of SGD with momentum 0.9 (as in the KFAC paper): ``KFAC``,
 ``EKFAC`` and ``LocalKFAC`` with the structures ``dense``, ``diagonal``, ``hierarchical(k, k)``
-(default ``k = 10``), ``lower_triangular`` and ``block_diagonal`` (its block size must divide
-every factor's dimension, bias included, so most factors fall back to dense: opt-in).
+(default ``k = 10``), ``lower_triangular`` and ``block_diagonal`` (blocks of ``--block-size``,
+a smaller last block where it does not divide a factor's size; opt-in).
 Preconditioners use the true Fisher by default (``--fisher true``: output gradients for
 targets sampled from the model, ``Task.sample_fisher``; the autoencoders' Bernoulli pixels go
 through ``sample_fisher(..., "bernoulli")``), or ``--fisher empirical``. ``--kl-clip`` bounds each
@@ -169,6 +169,9 @@ class Settings:
     kl_clip: Optional[float] = 1e-3
     factor_decay: float = 0.95
     update_every: int = 10
+    #: EKFAC's scaling period (re-fitting s every step costs per-example projections and,
+    #: with the true Fisher, a second backward pass)
+    ekfac_scale_every: int = 1
     lr_cov: float = 0.3
     local_momentum: float = 0.5
     local_damping: float = 0.03
@@ -232,7 +235,8 @@ def build_preconditioner(method: Method, model: nn.Module, settings: Settings, l
     if method.preconditioner == "kfac":
         return KFAC(model, damping=settings.damping, factor_decay=settings.factor_decay, **shared)
     if method.preconditioner == "ekfac":
-        return EKFAC(model, damping=settings.damping, factor_decay=settings.factor_decay, **shared)
+        return EKFAC(model, damping=settings.damping, factor_decay=settings.factor_decay,
+                     scale_every=settings.ekfac_scale_every, **shared)
     if method.preconditioner == "local":
         return LocalKFAC(
             model, structure=method.structure, damping=settings.local_damping, lr_cov=settings.lr_cov,
@@ -493,7 +497,8 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"Settings: preset `{settings.size}`; seeds {list(settings.seeds)}; {settings.steps} steps of batch "
         f"{settings.batch_size}; base optimizer of the preconditioners SGD momentum {settings.momentum:g}; "
         f"{settings.fisher} Fisher; "
-        f"KFAC/EKFAC damping {settings.damping:g}, kl_clip {settings.kl_clip}, factor_decay {settings.factor_decay:g}; LocalKFAC damping "
+        f"KFAC/EKFAC damping {settings.damping:g}, kl_clip {settings.kl_clip}, factor_decay {settings.factor_decay:g}, "
+        f"EKFAC scale_every {settings.ekfac_scale_every}; LocalKFAC damping "
         f"{settings.local_damping:g}, lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
         f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32; torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; study runtime "
@@ -622,6 +627,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kl-clip", type=float, help="bound on lr^2 <p, g> per step (preconditioners; 0 = off)")
     parser.add_argument("--factor-decay", type=float, help="KFAC / EKFAC factor moving-average decay")
     parser.add_argument("--update-every", type=int, help="steps between preconditioner updates")
+    parser.add_argument("--ekfac-scale-every", type=int, help="steps between EKFAC's scaling re-fits")
     parser.add_argument("--lr-cov", type=float, help="LocalKFAC factor step size")
     parser.add_argument("--local-momentum", type=float, help="LocalKFAC Riemannian momentum")
     parser.add_argument("--local-damping", type=float, help="LocalKFAC damping")

@@ -24,6 +24,8 @@ CONFIGS = [
     ("upper_triangular", 7, {}),
     ("block_diagonal", 6, {"block_size": 2}),
     ("block_diagonal", 6, {"block_size": 3}),
+    ("block_diagonal", 8, {"block_size": 3, "ragged": True}),  # blocks 3, 3, 2
+    ("block_diagonal", 7, {"block_size": 3, "ragged": True}),  # blocks 3, 3, 1
     ("block_triangular", 7, {"k": 1}),
     ("block_triangular", 8, {"k": 2}),
     ("heisenberg", 8, {"k": 1, "k2": 2}),
@@ -634,9 +636,13 @@ def test_storage_is_compact():
 
 
 def test_storage_matches_pattern_size(group, pattern):
-    """No group except the triangular ones stores anything beyond its pattern."""
+    """No group except the triangular ones and a ragged block-diagonal (its last block is
+    stored padded to b x b) stores anything beyond its pattern."""
     if group.name in ("lower_triangular", "upper_triangular"):
         assert group.numel() <= group.dim * group.dim
+    elif getattr(group, "padding", 0):
+        b, r = group.block_size, group.block_size - group.padding
+        assert group.numel() == int(pattern.sum()) + b * b - r * r
     else:
         assert group.numel() == int(pattern.sum())
     assert tuple(group.random(generator=gen(38), dtype=torch.float64).shape) == tuple(group.shape)

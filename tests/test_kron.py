@@ -377,7 +377,8 @@ def test_training_reduces_the_loss_on_every_device(device, cls):
 
 # -------------------------------------------------------------- LocalKFAC
 LOCAL_STRUCTURES = [("dense", {}), ("diagonal", {}), ("lower_triangular", {}), ("upper_triangular", {}),
-                    ("block_diagonal", {"block_size": 2}), ("hierarchical", {"k1": 2, "k2": 1}),
+                    ("block_diagonal", {"block_size": 2}), ("block_diagonal", {"block_size": 4}),  # K: 4 + 2
+                    ("hierarchical", {"k1": 2, "k2": 1}),
                     ("block_triangular", {"k": 2})]
 
 

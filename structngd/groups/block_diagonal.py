@@ -3,42 +3,70 @@
 from __future__ import annotations
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor
 
 from .base import MatrixGroup, sym
 
 
 class BlockDiagonal(MatrixGroup):
-    """``d / b`` dense invertible ``b x b`` blocks stored as ``(d // b, b, b)``.
+    """``ceil(d / b)`` dense invertible ``b x b`` blocks stored as ``(ceil(d / b), b, b)``.
 
     Each block's algebra is symmetric: ``project(G)`` keeps ``sym(G_ii) / 2`` per block.
+
+    ``block_size`` must divide ``d``, unless ``ragged=True``: then the last block has
+    ``r = d - (ceil(d / b) - 1) b`` rows and is stored padded to ``b x b``. The padding slots are
+    no coordinates of the group: every operation keeps them at zero (``from_diagonal``,
+    ``restrict`` and products never fill them) and reads the padded corner as the identity
+    where an inverse or determinant needs it, so they never reach a result.
     """
 
     name = "block_diagonal"
 
-    def __init__(self, dim: int, block_size: int):
+    def __init__(self, dim: int, block_size: int, ragged: bool = False):
         super().__init__(dim)
-        if not isinstance(block_size, int) or block_size < 1 or dim % block_size:
+        if not isinstance(block_size, int) or block_size < 1 or block_size > dim or (dim % block_size and not ragged):
             raise ValueError(
-                f"block_size must be a positive integer dividing dim={dim}, got {block_size!r}"
+                f"block_size must be a positive integer dividing dim={dim} (or at most dim with "
+                f"ragged=True, for a smaller last block), got {block_size!r}"
             )
-        self.block_size = block_size
-        self.num_blocks = dim // block_size
+        self.block_size, self.ragged = block_size, bool(ragged)
+        self.num_blocks = -(-dim // block_size)
+        self.padding = self.num_blocks * block_size - dim
 
     def __repr__(self):
-        return f"BlockDiagonal(dim={self.dim}, block_size={self.block_size})"
+        ragged = ", ragged=True" if self.ragged else ""
+        return f"BlockDiagonal(dim={self.dim}, block_size={self.block_size}{ragged})"
 
     @property
     def shape(self):
         return (self.num_blocks, self.block_size, self.block_size)
 
     def _blocks(self, x: Tensor) -> Tensor:
+        """``(..., d)`` vectors as ``(..., num_blocks, b)`` (zero-padded)."""
+        if self.padding:
+            x = F.pad(x, (0, self.padding))
         return x.unflatten(-1, (self.num_blocks, self.block_size))
+
+    def _cut(self, x: Tensor) -> Tensor:
+        """``(..., num_blocks, b)`` back to ``(..., d)``."""
+        return x.flatten(-2)[..., : self.dim]
+
+    def _unit(self, a: Tensor) -> Tensor:
+        """``a`` with the padded corner of the last block set to the identity (for inverses)."""
+        if not self.padding:
+            return a
+        r = self.block_size - self.padding
+        a = a.clone()
+        a[..., -1, r:, r:] = torch.eye(self.padding, dtype=a.dtype, device=a.device)
+        return a
 
     def from_diagonal(self, diag: Tensor) -> Tensor:
         return torch.diag_embed(self._blocks(diag))
 
     def restrict(self, g: Tensor) -> Tensor:
+        if self.padding:
+            g = F.pad(g, (0, self.padding, 0, self.padding))
         grid = g.unflatten(-1, (self.num_blocks, self.block_size)).unflatten(
             -3, (self.num_blocks, self.block_size)
         )  # (..., nb, b, nb, b)
@@ -48,7 +76,7 @@ class BlockDiagonal(MatrixGroup):
         nb, b = self.num_blocks, self.block_size
         out = a.new_zeros(a.shape[:-3] + (nb, b, nb, b))
         out.diagonal(dim1=-4, dim2=-2).copy_(a.movedim(-3, -1))
-        return out.flatten(-4, -3).flatten(-2, -1)
+        return out.flatten(-4, -3).flatten(-2, -1)[..., : self.dim, : self.dim]
 
     def project(self, g: Tensor) -> Tensor:
         return 0.5 * sym(self.restrict(g))
@@ -61,9 +89,9 @@ class BlockDiagonal(MatrixGroup):
 
     def _apply(self, a: Tensor, x: Tensor, fn) -> Tensor:
         if self._unbatched(a):  # one call per block for all vectors
-            cols = x.reshape(-1, self.num_blocks, self.block_size).permute(1, 2, 0)
-            return fn(a, cols).permute(2, 0, 1).reshape(x.shape)
-        return fn(a, self._blocks(x).unsqueeze(-1)).squeeze(-1).flatten(-2)
+            cols = self._blocks(x.reshape(-1, self.dim)).permute(1, 2, 0)
+            return self._cut(fn(a, cols).permute(2, 0, 1)).reshape(x.shape)
+        return self._cut(fn(a, self._blocks(x).unsqueeze(-1)).squeeze(-1))
 
     def matvec(self, a, x):
         return self._apply(a, x, torch.matmul)
@@ -72,13 +100,13 @@ class BlockDiagonal(MatrixGroup):
         return self._apply(a.mT, x, torch.matmul)
 
     def solve(self, a, x):
-        return self._apply(a, x, torch.linalg.solve)
+        return self._apply(self._unit(a), x, torch.linalg.solve)
 
     def tsolve(self, a, x):
-        return self._apply(a.mT, x, torch.linalg.solve)
+        return self._apply(self._unit(a).mT, x, torch.linalg.solve)
 
     def logdet(self, a):
-        return torch.linalg.slogdet(a)[1].sum(-1)
+        return torch.linalg.slogdet(self._unit(a))[1].sum(-1)
 
     def diagonal(self, a):
-        return a.diagonal(dim1=-2, dim2=-1).flatten(-2)
+        return self._cut(a.diagonal(dim1=-2, dim2=-1))

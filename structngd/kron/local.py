@@ -54,7 +54,9 @@ class LocalKFAC(KroneckerPreconditioner):
 
     Args:
         structure: the group of both factors; layers too small for the group's options
-            (``k >= d``) use ``"dense"`` for that factor (listed in ``self.structures``).
+            (``k >= d``, a block size above ``d``) use ``"dense"`` for that factor (listed in
+            ``self.structures``). ``"block_diagonal"`` is ragged by default (a smaller last
+            block where ``block_size`` does not divide the factor's size, as in SINGD).
         lr_cov: step size ``beta_1`` of the factors (SINGD's default 1e-2).
         momentum: Riemannian momentum ``alpha_1`` in ``[0, 1)`` on ``m_K``, ``m_C``.
         max_step: trust region ``lr_cov ||m||_F <= max_step`` per factor update (the step is
@@ -97,11 +99,14 @@ class LocalKFAC(KroneckerPreconditioner):
         self.groups = {}
         self.structures = {}
         fallbacks = []
+        options = dict(group_options or {})
+        if structure == "block_diagonal":  # factor sizes (bias included) rarely divide b
+            options.setdefault("ragged", True)
         for layer in self.layers:
             pair = []
             for side, dim in (("K", layer.in_dim), ("C", layer.out_dim)):
                 try:
-                    group = _groups.make(structure, dim, **(group_options or {}))
+                    group = _groups.make(structure, dim, **options)
                 except ValueError:
                     group = _groups.make("dense", dim)
                     fallbacks.append(f"{layer.name}.{side} (dim {dim})")
