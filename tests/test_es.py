@@ -160,6 +160,7 @@ def test_diagonal_xnes_is_snes():
         ("lower_triangular", {}),
         ("diagonal", {}),
         ("block_diagonal", {"block_size": 3}),
+        ("block_diagonal", {"block_size": 4, "ragged": True}),
         ("block_triangular", {"k": 2}),
         ("heisenberg", {"k": 1, "k2": 2}),
         ("hierarchical", {"k1": 2, "k2": 1}),

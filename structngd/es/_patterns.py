@@ -25,7 +25,7 @@ def outer_pattern(group: MatrixGroup, z: Tensor, weights: Tensor) -> Tensor:
         return wz.mT @ z
     if isinstance(group, _Triangular):
         return group.restrict(wz.mT @ z)
-    if isinstance(group, BlockDiagonal):
+    if isinstance(group, BlockDiagonal) and not group.padding:
         zb = z.unflatten(-1, (group.num_blocks, group.block_size))
         wzb = wz.unflatten(-1, (group.num_blocks, group.block_size))
         return torch.einsum("kni,knj->nij", wzb, zb)
@@ -65,7 +65,7 @@ def row_sq_norms(group: MatrixGroup, b: Tensor) -> Tensor:
         return b * b
     if isinstance(group, (Dense, _Triangular)):
         return (b * b).sum(-1)
-    if isinstance(group, BlockDiagonal):
+    if isinstance(group, BlockDiagonal) and not group.padding:
         return (b * b).sum(-1).flatten(-2)
     if isinstance(group, BlockUpperTriangular):
         bd, bc = group.unpack(b)
@@ -85,7 +85,7 @@ def col_sq_norms(group: MatrixGroup, b: Tensor) -> Tensor:
         return b * b
     if isinstance(group, (Dense, _Triangular)):
         return (b * b).sum(-2)
-    if isinstance(group, BlockDiagonal):
+    if isinstance(group, BlockDiagonal) and not group.padding:
         return (b * b).sum(-2).flatten(-2)
     if isinstance(group, BlockUpperTriangular):
         bd, bc = group.unpack(b)
@@ -108,7 +108,7 @@ def group_exp(group: MatrixGroup, m: Tensor) -> Tensor:
     """
     if isinstance(group, Diagonal):
         return torch.exp(m)
-    if isinstance(group, (Dense, _Triangular, BlockDiagonal)):
+    if isinstance(group, (Dense, _Triangular)) or (isinstance(group, BlockDiagonal) and not group.padding):
         out = torch.linalg.matrix_exp(m)
         return group.restrict(out) if isinstance(group, _Triangular) else out
     norm = float(m.abs().sum())  # crude bound of any induced norm on the pattern
