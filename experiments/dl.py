@@ -169,8 +169,9 @@ class Settings:
     kl_clip: Optional[float] = 1e-3
     factor_decay: float = 0.95
     update_every: int = 10
-    #: EKFAC's scaling period (re-fitting s every step costs per-example projections and,
-    #: with the true Fisher, a second backward pass)
+    #: EKFAC's eigenbasis period (None: update_every) and scaling period (re-fitting s costs
+    #: per-example projections and, with the true Fisher, a second backward pass)
+    ekfac_update_every: Optional[int] = None
     ekfac_scale_every: int = 1
     lr_cov: float = 0.3
     local_momentum: float = 0.5
@@ -235,6 +236,7 @@ def build_preconditioner(method: Method, model: nn.Module, settings: Settings, l
     if method.preconditioner == "kfac":
         return KFAC(model, damping=settings.damping, factor_decay=settings.factor_decay, **shared)
     if method.preconditioner == "ekfac":
+        shared["update_every"] = settings.ekfac_update_every or settings.update_every
         return EKFAC(model, damping=settings.damping, factor_decay=settings.factor_decay,
                      scale_every=settings.ekfac_scale_every, **shared)
     if method.preconditioner == "local":
@@ -498,7 +500,8 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"{settings.batch_size}; base optimizer of the preconditioners SGD momentum {settings.momentum:g}; "
         f"{settings.fisher} Fisher; "
         f"KFAC/EKFAC damping {settings.damping:g}, kl_clip {settings.kl_clip}, factor_decay {settings.factor_decay:g}, "
-        f"EKFAC scale_every {settings.ekfac_scale_every}; LocalKFAC damping "
+        f"EKFAC update_every {settings.ekfac_update_every or settings.update_every}, scale_every "
+        f"{settings.ekfac_scale_every}; LocalKFAC damping "
         f"{settings.local_damping:g}, lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
         f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32; torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; study runtime "
@@ -627,6 +630,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--kl-clip", type=float, help="bound on lr^2 <p, g> per step (preconditioners; 0 = off)")
     parser.add_argument("--factor-decay", type=float, help="KFAC / EKFAC factor moving-average decay")
     parser.add_argument("--update-every", type=int, help="steps between preconditioner updates")
+    parser.add_argument("--ekfac-update-every", type=int, help="steps between EKFAC's eigenbasis updates")
     parser.add_argument("--ekfac-scale-every", type=int, help="steps between EKFAC's scaling re-fits")
     parser.add_argument("--lr-cov", type=float, help="LocalKFAC factor step size")
     parser.add_argument("--local-momentum", type=float, help="LocalKFAC Riemannian momentum")
