@@ -16,18 +16,17 @@ from .capture import KronLayer
 _DENSE_STORAGE = ("dense", "lower_triangular", "upper_triangular")
 
 
-def _sandwich(group, f: Tensor, m: Tensor) -> Tensor:
-    """``F^T M F`` for symmetric ``M`` by the group's products (O(d^2 k) for sparse groups)."""
+def _curvature(group, f: Tensor, m: Tensor):
+    """``(F_dense, M F, tr(F^T M F), tr(F^T F))`` for symmetric ``M``: one product by the
+    group's matvecs (O(d^2 k) for sparse groups), the traces as elementwise sums."""
+    dense = group.to_dense(f)
     mf = group.tmatvec(f, m)  # row i: F^T M[i] = (M F)[i]
-    return group.tmatvec(f, mf.mT).mT
+    return dense, mf, (dense * mf).sum(), (dense * dense).sum()
 
 
-def _gram(group, f: Tensor) -> Tensor:
-    """``F^T F``: one product for dense storage, the group's products otherwise."""
-    if group.name in _DENSE_STORAGE:
-        dense = group.to_dense(f)
-        return dense.mT @ dense
-    return _sandwich(group, f, torch.eye(group.dim, dtype=f.dtype, device=f.device))
+def _left(group, f: Tensor, y: Tensor) -> Tensor:
+    """``F^T Y`` for a dense ``Y`` by the group's products."""
+    return group.tmatvec(f, y.mT).mT
 
 
 class LocalKFAC(KroneckerPreconditioner):
@@ -138,10 +137,11 @@ class LocalKFAC(KroneckerPreconditioner):
         d_in, d_out = group_k.dim, group_c.dim
         eye_k = torch.eye(d_in, dtype=state["A"].dtype, device=state["A"].device)
         eye_c = torch.eye(d_out, dtype=state["G"].dtype, device=state["G"].device)
-        ktak, ktk = _sandwich(group_k, k, state["A"]), _gram(group_k, k)
-        ctgc, ctc = _sandwich(group_c, c, state["G"]), _gram(group_c, c)
-        x_k = ctgc.trace() * ktak + self.damping * ctc.trace() * ktk - d_out * eye_k
-        x_c = ktak.trace() * ctgc + self.damping * ktk.trace() * ctc - d_in * eye_c
+        # X_K = K^T (tr(C^T G C) A + lambda tr(C^T C) I) K - d_out I: two products per side
+        k_dense, ak, tr_ktak, tr_ktk = _curvature(group_k, k, state["A"])
+        c_dense, gc, tr_ctgc, tr_ctc = _curvature(group_c, c, state["G"])
+        x_k = _left(group_k, k, tr_ctgc * ak + self.damping * tr_ctc * k_dense) - d_out * eye_k
+        x_c = _left(group_c, c, tr_ktak * gc + self.damping * tr_ktk * c_dense) - d_in * eye_c
         for side, group, x, scale in (("K", group_k, x_k, d_out), ("C", group_c, x_c, d_in)):
             m = state["m_" + side].mul_(self.momentum).add_(group.project(x) / scale)
             step = self.lr_cov
