@@ -170,9 +170,11 @@ class Settings:
     factor_decay: float = 0.95
     update_every: int = 10
     #: EKFAC's eigenbasis period (None: update_every) and scaling period (re-fitting s costs
-    #: per-example projections and, with the true Fisher, a second backward pass)
-    ekfac_update_every: Optional[int] = None
-    ekfac_scale_every: int = 1
+    #: per-example projections and, with the true Fisher, a second backward pass). Tuned on
+    #: CURVES (1000 steps, 2 seeds): time to Adam's final loss 0.37x Adam's with (20, 5),
+    #: 0.42x with (20, 10), 0.54x with (10, 10), 0.59x with (10, 5), about 1.3x with (10, 1)
+    ekfac_update_every: Optional[int] = 20
+    ekfac_scale_every: int = 5
     lr_cov: float = 0.3
     local_momentum: float = 0.5
     local_damping: float = 0.03
@@ -203,7 +205,7 @@ PRESETS = {
     "tiny": Settings(
         size="tiny", tasks=tuple(TASKS), seeds=(0,), steps=10, batch_size=32,
         sgd_lrs=(0.03,), sgd_autoencoder_lrs=(3e-3,), adam_lrs=(3e-3,), kfac_lrs=(0.1,), ekfac_lrs=(0.1,),
-        local_lrs=(0.1,), update_every=5, curves_train=256, curves_test=64, mnist1d_samples=400,
+        local_lrs=(0.1,), update_every=5, ekfac_update_every=None, curves_train=256, curves_test=64, mnist1d_samples=400,
         eval_examples=128, eval_points=4, warmup_steps=1,
     ),
     "quick": Settings(size="quick", tasks=("curves", "digits", "mnist1d_mlp"), seeds=(0, 1), steps=400),
