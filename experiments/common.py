@@ -65,17 +65,35 @@ def parse_optional_float(text: str) -> Optional[float]:
 
 # --------------------------------------------------------------- timing
 class Stopwatch:
-    """Accumulates the wall-clock time of the ``with`` blocks it times (``perf_counter``)."""
+    """Accumulates the wall-clock time of the ``with`` blocks it times (``perf_counter``); on a
+    CUDA ``device`` it synchronizes at both ends, so queued kernels are counted."""
 
-    def __init__(self):
+    def __init__(self, device=None):
         self.seconds = 0.0
+        device = torch.device(device) if device is not None else None
+        self._sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else None
 
     def __enter__(self) -> "Stopwatch":
+        if self._sync:
+            self._sync()
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
+        if self._sync:
+            self._sync()
         self.seconds += time.perf_counter() - self._start
+
+
+def resolve_device(name: str) -> torch.device:
+    """``torch.device(name)``, with a clear error for a CUDA device this machine lacks."""
+    try:
+        device = torch.device(name)
+    except RuntimeError as err:
+        raise SystemExit(f"--device: {err}") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise SystemExit(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+    return device
 
 
 def eval_points(iterations: int, count: int = 100) -> List[int]:

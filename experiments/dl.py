@@ -192,6 +192,8 @@ class Settings:
     eval_points: int = 30
     warmup_steps: int = 3
     threads: Optional[int] = 1
+    #: where models, data and preconditioner state live ("cpu", "cuda", "cuda:1", ...)
+    device: str = "cpu"
 
     def lrs(self, method: Method, task: Task) -> Tuple[float, ...]:
         if method.preconditioner is not None:
@@ -256,11 +258,15 @@ def build_optimizer(method: Method, model: nn.Module, lr: float, settings: Setti
 
 
 def load_data(task: Task, settings: Settings) -> dl_data.Dataset:
+    """The task's data set, generated on the CPU and moved to ``settings.device``."""
     if task.data == "curves":
-        return dl_data.curves(settings.curves_train, settings.curves_test, settings.curves_size, settings.data_seed)
-    if task.data == "digits":
-        return dl_data.digits(settings.data_seed)
-    return dl_data.mnist1d(settings.mnist1d_samples, settings.data_seed)
+        data = dl_data.curves(settings.curves_train, settings.curves_test, settings.curves_size, settings.data_seed)
+    elif task.data == "digits":
+        data = dl_data.digits(settings.data_seed)
+    else:
+        data = dl_data.mnist1d(settings.mnist1d_samples, settings.data_seed)
+    move = lambda t: None if t is None else t.to(settings.device)  # noqa: E731
+    return dl_data.Dataset(data.name, move(data.x_train), move(data.x_test), move(data.y_train), move(data.y_test))
 
 
 # -------------------------------------------------------------- evaluation
@@ -317,8 +323,8 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
     """Train one model; a failing step (non-finite loss or gradient, singular factor) ends the
     run with status ``diverged at step ...`` and ``nan`` for the rest of the curve."""
     steps = settings.steps if steps is None else steps
-    torch.manual_seed(seed)  # the initialization: the same for every method
-    model = task.build(data, settings)
+    torch.manual_seed(seed)  # the initialization: the same for every method (drawn on the CPU)
+    model = task.build(data, settings).to(settings.device)
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
         pre = build_preconditioner(method, model, settings, lr)
@@ -331,7 +337,7 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
     x_eval = data.x_train[:n_eval]
     y_eval = None if data.y_train is None else data.y_train[:n_eval]
     points = common.eval_points(steps, settings.eval_points)
-    clock, curve, it = common.Stopwatch(), run.curve, 0
+    clock, curve, it = common.Stopwatch(settings.device), run.curve, 0
     order = batches(data.x_train.shape[0], settings.batch_size, seed)
     try:
         _record(curve, 0, 0.0, evaluate(task, model, x_eval, y_eval)["loss"])
@@ -505,7 +511,8 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"EKFAC update_every {settings.ekfac_update_every or settings.update_every}, scale_every "
         f"{settings.ekfac_scale_every}; LocalKFAC damping "
         f"{settings.local_damping:g}, lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
-        f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32; torch "
+        f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32 on "
+        f"{settings.device}; torch "
         f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; study runtime "
         f"{runtime:.0f} s.",
     ]
@@ -644,6 +651,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--eval-examples", type=int, help="training examples of the loss evaluations")
     parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--device", help="device of models, data and preconditioners (default cpu; e.g. cuda)")
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -654,6 +662,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
 def run(args: argparse.Namespace) -> None:
     """Run the study, write the outputs and print the table."""
     settings = resolve_settings(args)
+    common.resolve_device(settings.device)
     common.configure_torch(settings.threads, torch.float32)
     start = time.perf_counter()
     runs, info = run_all(settings)

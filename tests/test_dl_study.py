@@ -2,6 +2,7 @@
 
 import argparse
 import csv
+import dataclasses
 import json
 import math
 
@@ -61,3 +62,33 @@ def test_tiny_study_end_to_end(tmp_path, restore_torch, capsys):
         assert dl.TASKS[task].label in table
     for method in settings.methods:
         assert f"| {dl.METHODS[method].label} |" in table
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["adam", "kfac", "ekfac", "local_dense"])
+def test_a_run_on_a_device_follows_the_cpu_run(device, method, restore_torch):
+    """Same seed, same batches: the training-loss curve on ``device`` is the CPU curve (to float32
+    round-off), and the model, data and preconditioner all live on that device."""
+    torch.set_default_dtype(torch.float32)
+    base = dl.PRESETS["tiny"]
+    task = dl.TASKS["curves"]
+    curves = {}
+    for where in ("cpu", device):
+        settings = dataclasses.replace(base, device=where)
+        data = dl.load_data(task, settings)
+        assert data.x_train.device.type == where
+        run = dl.run_one(task, data, dl.METHODS[method], settings.lrs(dl.METHODS[method], task)[0], 0, settings)
+        assert run.status == "ok", run.status
+        curves[where] = run.curve.values
+    torch.testing.assert_close(torch.tensor(curves[device]), torch.tensor(curves["cpu"]), rtol=2e-3, atol=1e-3)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_missing_cuda_is_a_clear_error(tmp_path, restore_torch):
+    parser = argparse.ArgumentParser()
+    dl.add_arguments(parser)
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        dl.run(parser.parse_args(["--tiny", "--device", "cuda", "--out", str(tmp_path)]))
