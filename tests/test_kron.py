@@ -587,3 +587,31 @@ def test_kl_clip_bounds_the_predicted_kl_change(cls):
         cls(mlp(), kl_clip=1e-3)
     with pytest.raises(ValueError, match="kl_clip"):
         cls(mlp(), kl_clip=-1.0, lr=0.1)
+
+
+def test_ekfac_eigh_falls_back_to_float64_and_rejects_non_finite_factors(monkeypatch):
+    """A float32 eigh that does not converge is redone in float64 (with a warning), giving the
+    float64 eigenbasis; a non-finite factor is a ValueError naming it."""
+    from structngd.kron import ekfac as ekfac_module
+
+    x = torch.randn(50, 6, generator=torch.Generator().manual_seed(3))
+    factor = x.T @ x / 50
+    real_eigh = torch.linalg.eigh
+
+    def failing_in_float32(matrix):
+        if matrix.dtype == torch.float32:
+            raise torch.linalg.LinAlgError("simulated: the algorithm failed to converge")
+        return real_eigh(matrix)
+
+    monkeypatch.setattr(torch.linalg, "eigh", failing_in_float32)
+    with pytest.warns(RuntimeWarning, match="recomputed in float64"):
+        values, vectors = ekfac_module.symmetric_eigh(factor, "layer.A")
+    assert values.dtype == vectors.dtype == torch.float32
+    expected_values, expected_vectors = real_eigh(factor.double())
+    torch.testing.assert_close(values, expected_values.float())
+    torch.testing.assert_close((vectors * values) @ vectors.mT, factor, rtol=1e-5, atol=1e-6)
+    monkeypatch.setattr(torch.linalg, "eigh", real_eigh)
+    broken = factor.clone()
+    broken[0, 0] = float("nan")
+    with pytest.raises(ValueError, match="layer.A holds non-finite"):
+        ekfac_module.symmetric_eigh(broken, "layer.A")

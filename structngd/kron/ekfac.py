@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import warnings
 from typing import Dict, Optional
 
 import torch
@@ -9,6 +10,25 @@ from torch import Tensor
 
 from .base import KroneckerPreconditioner, _check_count, all_reduce_mean
 from .capture import KronLayer
+
+
+def symmetric_eigh(matrix: Tensor, name: str):
+    """``torch.linalg.eigh`` of a factor (float32 / float64 statistics); where LAPACK's solver
+    does not converge (ill-conditioned or clustered spectra) it is retried in float64 with a
+    warning, and non-finite statistics are a clear error."""
+    if not torch.isfinite(matrix).all():
+        raise ValueError(f"the Kronecker factor {name} holds non-finite values (non-finite activations?)")
+    try:
+        return torch.linalg.eigh(matrix)
+    except torch.linalg.LinAlgError as err:
+        if matrix.dtype == torch.float64:
+            raise ValueError(f"the eigendecomposition of the Kronecker factor {name} failed: {err}") from None
+        warnings.warn(
+            f"EKFAC: eigh of {name} did not converge in {matrix.dtype}; recomputed in float64 ({err})",
+            RuntimeWarning, stacklevel=4,
+        )
+        values, vectors = torch.linalg.eigh(matrix.double())
+        return values.to(matrix.dtype), vectors.to(matrix.dtype)
 
 
 class EKFAC(KroneckerPreconditioner):
@@ -82,8 +102,8 @@ class EKFAC(KroneckerPreconditioner):
 
     def _refresh(self, layer: KronLayer) -> None:
         state = self.state[layer.name]
-        state["lam_A"], state["U_A"] = torch.linalg.eigh(state["A"])
-        state["lam_G"], state["U_G"] = torch.linalg.eigh(state["G"])
+        state["lam_A"], state["U_A"] = symmetric_eigh(state["A"], f"{layer.name}.A")
+        state["lam_G"], state["U_G"] = symmetric_eigh(state["G"], f"{layer.name}.G")
 
     def _after_refresh(self, layer: KronLayer) -> None:
         """Rescale in the new basis: the step's per-example squares, blended with KFAC's
