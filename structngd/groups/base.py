@@ -30,8 +30,10 @@ def apply_columns(
     problems.
     """
     if unbatched:
-        flat = x.reshape(-1, x.shape[-1]).mT
-        return fn(a, flat).mT.reshape(x.shape[:-1] + (a.shape[-2],))
+        flat = x.reshape(-1, x.shape[-1])
+        if fn is torch.matmul:  # rows times A^T: a contiguous result (a transposed one made sums slow)
+            return (flat @ a.mT).reshape(x.shape[:-1] + (a.shape[-2],))
+        return fn(a, flat.mT).mT.reshape(x.shape[:-1] + (a.shape[-2],))
     return fn(a, x.unsqueeze(-1)).squeeze(-1)
 
 
