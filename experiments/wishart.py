@@ -98,9 +98,10 @@ class Settings:
     iterations: int = 400
     samples_per_dim: int = 4
     ngd_lrs: Tuple[float, ...] = (0.5, 1.0)
-    #: with and without the trust region: 4 NGD settings against RSGD's 4 learning rates (at
-    #: d = 200, cond = 10 the trust region alone held lower_triangular MAP at 8 steps; off: 5)
-    ngd_max_steps: Tuple[Optional[float], ...] = (1.0, None)
+    #: two trust regions: 4 NGD settings against RSGD's 4 learning rates (at d = 200, cond = 10,
+    #: max_step 1 held lower_triangular MAP at 8 steps, 2 at 5; without one, the first steps from
+    #: the prior overflow on every cond = 1e4 problem)
+    ngd_max_steps: Tuple[Optional[float], ...] = (1.0, 2.0)
     rsgd_lrs: Tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
     radam_lrs: Tuple[float, ...] = (0.01, 0.1, 1.0)
     adam_lrs: Tuple[float, ...] = (0.001, 0.01, 0.1)
