@@ -4,15 +4,22 @@ Adding a study is one line in :data:`STUDIES`: its name and the module that defi
 ``add_arguments(parser)`` (its command-line options, including ``--tiny/--quick/--full`` and
 ``--out``) and ``run(args)``. ``quick`` runs every study's quick preset (``--tiny``: the
 seconds-long smoke presets) into ``<out>/<study>/`` and writes ``<out>/REPORT.md`` linking
-their tables and plots. The console script ``structngd-experiments`` is the same command.
+their tables and plots; ``--jobs 2`` (the default on 2 cores) runs two studies at a time, each
+in its own single-threaded process with its output in ``<out>/logs/<study>.log`` (every study
+times its methods against each other inside its own process; ``--jobs 1`` gives the quietest
+timings). The console script ``structngd-experiments`` is the same command.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import importlib
+import multiprocessing
+import os
 import sys
 import time
+from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -38,6 +45,9 @@ QUICK_OVERVIEW = {
     "wishart": [],
 }
 
+#: the order in which ``quick`` hands studies to its workers: the longest first (2-core timings)
+LONGEST_FIRST = ("es", "gaussian", "dl", "vi", "wishart")
+
 
 def study_parser(name: str) -> argparse.ArgumentParser:
     """The parser of one study's options."""
@@ -59,6 +69,10 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--tiny", action="store_true", help="the seconds-long smoke presets instead")
     quick.add_argument("--out", type=Path, default=Path("results"), help="output root (default results/)")
     quick.add_argument("--studies", nargs="+", choices=tuple(STUDIES), default=list(STUDIES))
+    quick.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
+                       help="studies run at once, each in its own single-threaded process (default: 2 "
+                            "where there are 2 cores; 1 runs them one after the other, in this process, "
+                            "with their progress bars)")
     quick.set_defaults(run=run_quick)
     for name, module_name in STUDIES.items():
         module = importlib.import_module(module_name)
@@ -72,32 +86,64 @@ def build_parser() -> argparse.ArgumentParser:
     return parser
 
 
+def run_study(name: str, preset: str, extra: List[str], out: Path) -> float:
+    """Run one study's preset into ``out / name``; returns its seconds."""
+    study_args = study_parser(name).parse_args([preset, *extra, "--out", str(out / name)])
+    torch.set_default_dtype(torch.float32)  # each study sets what it needs
+    start = time.perf_counter()
+    study_args.run(study_args)
+    return time.perf_counter() - start
+
+
+def _run_study_logged(name: str, preset: str, extra: List[str], out: Path, log: Path) -> float:
+    """:func:`run_study` in a worker process, its output (tables, progress bars) into ``log``."""
+    with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+        return run_study(name, preset, extra, out)
+
+
 def run_quick(args: argparse.Namespace) -> None:
-    """Run the chosen studies one after the other, then write the report."""
+    """Run the chosen studies (``--jobs`` at once), then write the report."""
+    if not isinstance(args.jobs, int) or args.jobs < 1:
+        raise SystemExit(f"--jobs must be a positive integer, got {args.jobs!r}")
     preset = "--tiny" if args.tiny else "--quick"
+    names = [n for n in LONGEST_FIRST if n in args.studies] + [n for n in args.studies if n not in LONGEST_FIRST]
+    extras = {name: [] if args.tiny else QUICK_OVERVIEW[name] for name in names}
+    commands = {name: " ".join([f"python -m experiments {name}", preset, *extras[name]]) for name in names}
     seconds: Dict[str, float] = {}
-    commands: Dict[str, str] = {}
-    for name in args.studies:
-        print(f"\n=== {name} ({preset})", flush=True)
-        extra = [] if args.tiny else QUICK_OVERVIEW[name]
-        commands[name] = " ".join([f"python -m experiments {name}", preset, *extra])
-        study_args = study_parser(name).parse_args([preset, *extra, "--out", str(args.out / name)])
-        torch.set_default_dtype(torch.float32)  # each study sets what it needs
-        start = time.perf_counter()
-        study_args.run(study_args)
-        seconds[name] = time.perf_counter() - start
-    report = write_report(args.out, args.studies, seconds, commands, preset)
+    start = time.perf_counter()
+    if args.jobs == 1:
+        for name in names:
+            print(f"\n=== {name} ({preset})", flush=True)
+            seconds[name] = run_study(name, preset, extras[name], args.out)
+    else:
+        logs = args.out / "logs"
+        logs.mkdir(parents=True, exist_ok=True)
+        print(f"running {len(names)} studies, {args.jobs} at a time; their output goes to {logs}/", flush=True)
+        context = multiprocessing.get_context("spawn")  # no forked torch / OpenMP state
+        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
+            futures = {
+                pool.submit(_run_study_logged, name, preset, extras[name], args.out, logs / f"{name}.log"): name
+                for name in names
+            }
+            for future in as_completed(futures):
+                name = futures[future]
+                seconds[name] = future.result()
+                print(f"  {name} done in {seconds[name]:.0f} s ({time.perf_counter() - start:.0f} s so far)",
+                      flush=True)
+    wall = time.perf_counter() - start
+    report = write_report(args.out, list(args.studies), seconds, commands, preset, wall, args.jobs)
     print(f"\nreport: {report}")
 
 
 def write_report(out: Path, studies: List[str], seconds: Dict[str, float], commands: Dict[str, str],
-                 preset: str) -> Path:
+                 preset: str, wall: float, jobs: int = 1) -> Path:
     """``out/REPORT.md``: per study its command, run time, table and plots (relative links)."""
+    parallel = f", {jobs} studies at a time (their own times add up to {sum(seconds.values()):.0f} s)" if jobs > 1 else ""
     lines = [
         "# structngd: study report",
         "",
         f"`python -m experiments quick{' --tiny' if preset == '--tiny' else ''}`; "
-        f"total {sum(seconds.values()):.0f} s. Each section links the study's files under `{out}`.",
+        f"{wall:.0f} s wall clock{parallel}. Each section links the study's files under `{out}`.",
         "",
     ]
     for name in studies:

@@ -5,6 +5,8 @@ import csv
 import math
 import re
 
+import pytest
+
 from experiments.__main__ import STUDIES, main
 
 #: study -> the summary.csv columns that must be finite on every row
@@ -17,9 +19,12 @@ HEADLINES = {
 }
 
 
-def test_quick_tiny_writes_every_study_and_the_report(tmp_path):
+@pytest.mark.parametrize("jobs", [1, 2])
+def test_quick_tiny_writes_every_study_and_the_report(tmp_path, jobs):
     assert set(HEADLINES) == set(STUDIES)
-    main(["quick", "--tiny", "--out", str(tmp_path)])
+    main(["quick", "--tiny", "--jobs", str(jobs), "--out", str(tmp_path)])
+    if jobs > 1:
+        assert {p.stem for p in (tmp_path / "logs").glob("*.log")} == set(STUDIES)
     report = (tmp_path / "REPORT.md").read_text()
     for study, columns in HEADLINES.items():
         folder = tmp_path / study
@@ -38,3 +43,8 @@ def test_quick_tiny_writes_every_study_and_the_report(tmp_path):
                 continue
             for column in columns:
                 assert math.isfinite(float(row[column])), (study, row.get("method"), column, row[column])
+
+
+def test_quick_rejects_a_bad_jobs_count(tmp_path):
+    with pytest.raises(SystemExit, match="--jobs must be a positive integer"):
+        main(["quick", "--tiny", "--jobs", "0", "--out", str(tmp_path)])
