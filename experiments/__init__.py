@@ -2,6 +2,6 @@
 
 Run one with ``python -m experiments <study> [options]`` (``python -m experiments -h`` lists
 them). Each study is a module with ``add_arguments(parser)`` and ``run(args)``, registered in
-:data:`experiments.__main__.STUDIES`; :mod:`experiments.common` holds the helpers they share
+:data:`experiments.runner.STUDIES`; :mod:`experiments.common` holds the helpers they share
 (timing, evaluation schedules, tables, plots, output files).
 """
