@@ -170,9 +170,10 @@ class Settings:
     factor_decay: float = 0.95
     update_every: int = 10
     #: EKFAC's eigenbasis period (None: update_every) and scaling period (re-fitting s costs
-    #: per-example projections and, with the true Fisher, a second backward pass). Tuned on
-    #: CURVES (1000 steps, 2 seeds): time to Adam's final loss 0.37x Adam's with (20, 5),
-    #: 0.42x with (20, 10), 0.54x with (10, 10), 0.59x with (10, 5), about 1.3x with (10, 1)
+    #: per-example projections and, with the true Fisher, a second backward pass). Chosen on
+    #: CURVES (1000 steps, 2 seeds, runs on a loaded machine, so the ratios are noisy): time to
+    #: Adam's final loss 0.37x Adam's with (20, 5), 0.42x with (20, 10), 0.54x with (10, 10),
+    #: 0.59x with (10, 5); a quieter run of (20, 5) gave 0.60x; (10, 1) about 1.3x (earlier session)
     ekfac_update_every: Optional[int] = 20
     ekfac_scale_every: int = 5
     lr_cov: float = 0.3
@@ -194,6 +195,11 @@ class Settings:
     threads: Optional[int] = 1
     #: where models, data and preconditioner state live ("cpu", "cuda", "cuda:1", ...)
     device: str = "cpu"
+
+    @property
+    def ekfac_period(self) -> int:
+        """EKFAC's eigenbasis period (its own, else ``update_every``)."""
+        return self.ekfac_update_every or self.update_every
 
     def lrs(self, method: Method, task: Task) -> Tuple[float, ...]:
         if method.preconditioner is not None:
@@ -240,7 +246,7 @@ def build_preconditioner(method: Method, model: nn.Module, settings: Settings, l
     if method.preconditioner == "kfac":
         return KFAC(model, damping=settings.damping, factor_decay=settings.factor_decay, **shared)
     if method.preconditioner == "ekfac":
-        shared["update_every"] = settings.ekfac_update_every or settings.update_every
+        shared["update_every"] = settings.ekfac_period
         return EKFAC(model, damping=settings.damping, factor_decay=settings.factor_decay,
                      scale_every=settings.ekfac_scale_every, **shared)
     if method.preconditioner == "local":
@@ -508,7 +514,7 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"{settings.batch_size}; base optimizer of the preconditioners SGD momentum {settings.momentum:g}; "
         f"{settings.fisher} Fisher; "
         f"KFAC/EKFAC damping {settings.damping:g}, kl_clip {settings.kl_clip}, factor_decay {settings.factor_decay:g}, "
-        f"EKFAC update_every {settings.ekfac_update_every or settings.update_every}, scale_every "
+        f"EKFAC update_every {settings.ekfac_period}, scale_every "
         f"{settings.ekfac_scale_every}; LocalKFAC damping "
         f"{settings.local_damping:g}, lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
         f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32 on "
