@@ -53,11 +53,18 @@ LONGEST_FIRST = ("es", "gaussian", "dl", "vi", "wishart")
 
 def study_parser(name: str) -> argparse.ArgumentParser:
     """The parser of one study's options."""
+    return _with_study(argparse.ArgumentParser(prog=f"python -m experiments {name}", **_study_help(name)), name)
+
+
+def _study_help(name: str) -> dict:
+    """The parser keywords of a study: its module docstring, kept as written."""
     module = importlib.import_module(STUDIES[name])
-    parser = argparse.ArgumentParser(
-        prog=f"python -m experiments {name}", description=module.__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    return {"description": module.__doc__, "formatter_class": argparse.RawDescriptionHelpFormatter}
+
+
+def _with_study(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
+    """``parser`` with the study's options and its ``run``."""
+    module = importlib.import_module(STUDIES[name])
     module.add_arguments(parser)
     parser.set_defaults(run=module.run)
     return parser
@@ -77,14 +84,8 @@ def build_parser() -> argparse.ArgumentParser:
                             "with their progress bars)")
     quick.set_defaults(run=run_quick)
     for name, module_name in STUDIES.items():
-        module = importlib.import_module(module_name)
-        summary = (module.__doc__ or name).strip().splitlines()[0]
-        sub = commands.add_parser(
-            name, help=summary, description=module.__doc__,
-            formatter_class=argparse.RawDescriptionHelpFormatter,
-        )
-        module.add_arguments(sub)
-        sub.set_defaults(run=module.run)
+        summary = (importlib.import_module(module_name).__doc__ or name).strip().splitlines()[0]
+        _with_study(commands.add_parser(name, help=summary, **_study_help(name)), name)
     return parser
 
 
