@@ -214,6 +214,25 @@ def test_vector_ops_multi_batch_x(group):
     _check_vector_ops(group, a, x, 1e-10)
 
 
+@pytest.mark.parametrize("batch_shape", [(), (3,)], ids=["single", "batched"])
+def test_gram_is_a_a_transpose_where_the_pattern_holds_it(group, pattern, batch_shape):
+    """``gram(A)`` is ``A A^T`` in compact form exactly when the pattern (written out here) holds
+    ``A A^T`` of a generic element, and ``None`` otherwise; its padding slots stay zero."""
+    a, _ = _elements(group, batch_shape, seed=11)
+    dense = group.to_dense(a)
+    aat = dense @ dense.mT
+    closed = bool((aat[..., ~pattern].abs() < 1e-12).all())
+    gram = group.gram(a)
+    assert (gram is not None) == closed, f"{group!r}: A A^T in the pattern: {closed}"
+    if gram is None:
+        return
+    assert gram.shape == a.shape
+    assert rel(group.to_dense(gram), aat) < 1e-12
+    assert torch.equal(group.restrict(group.to_dense(gram)), gram)  # nothing hides in padding
+    x = torch.randn(batch_shape + (group.dim,), generator=gen(12), dtype=torch.float64)
+    assert rel(group.matvec(gram, x), (aat @ x.unsqueeze(-1)).squeeze(-1)) < 1e-12
+
+
 def test_solve_inverts_matvec(group):
     a, _ = _elements(group, (), seed=9)
     x = torch.randn(5, group.dim, generator=gen(10), dtype=torch.float64)

@@ -170,6 +170,12 @@ class MatrixGroup(abc.ABC):
         """The diagonal of ``A`` as a ``(..., d)`` tensor."""
         return self.to_dense(a).diagonal(dim1=-2, dim2=-1)
 
+    def gram(self, a: Tensor) -> Optional[Tensor]:
+        """``A A^T`` in compact form where the storage pattern holds it (diagonal and
+        block-diagonal groups, dense), else ``None`` (triangular and low-rank-like groups,
+        whose ``A A^T`` fills the pattern's complement). ``matvec(gram(a), x) = A A^T x``."""
+        return None
+
     # ------------------------------------------------------------------ misc
     def _check_vector(self, x: Tensor) -> None:
         if x.shape[-1] != self.dim:

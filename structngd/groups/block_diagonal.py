@@ -87,6 +87,9 @@ class BlockDiagonal(MatrixGroup):
     def mul(self, a, b):
         return a @ b
 
+    def gram(self, a):  # block by block; the padded rows and columns stay zero
+        return a @ a.mT
+
     def _apply(self, a: Tensor, x: Tensor, fn) -> Tensor:
         if self._unbatched(a):  # one call per block for all vectors
             cols = self._blocks(x.reshape(-1, self.dim)).permute(1, 2, 0)

@@ -39,6 +39,9 @@ class Dense(MatrixGroup):
     def mul(self, a: Tensor, b: Tensor) -> Tensor:
         return a @ b
 
+    def gram(self, a):
+        return a @ a.mT
+
     def matvec(self, a, x):
         return apply_columns(a, x, torch.matmul, self._unbatched(a))
 

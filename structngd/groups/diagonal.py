@@ -38,6 +38,9 @@ class Diagonal(MatrixGroup):
     def mul(self, a, b):
         return a * b
 
+    def gram(self, a):
+        return a * a
+
     def matvec(self, a, x):
         return a * x
 

@@ -44,9 +44,9 @@ class LocalKFAC(KroneckerPreconditioner):
     (half on diagonal entries and symmetric blocks). Only matrix products: no inverse or
     decomposition, so it runs in bfloat16. The preconditioned gradient is
     ``(C C^T) dW (K K^T)``: for dense and triangular groups ``C C^T`` and ``K K^T`` are cached
-    at each update (two matrix products per layer and step); the sparse groups (diagonal,
-    block-diagonal, low-rank-like) apply ``K (K^T x)`` by their O(d k) products and store
-    only O(d k) numbers per factor.
+    at each update (two matrix products per layer and step), and so are the compact ones of the
+    diagonal and block-diagonal groups (``group.gram``); the low-rank-like groups apply
+    ``K (K^T x)`` by their O(d k) products. Sparse groups store only O(d k) numbers per factor.
 
     The factors start at ``K = C = init_scale^{1/2} I``. The fixed point with ``lambda -> 0`` is
     ``(K K^T) ⊗ (C C^T) = (A ⊗ G)^{-1}`` for dense groups.
@@ -154,13 +154,19 @@ class LocalKFAC(KroneckerPreconditioner):
         self._cache_products(layer)
 
     def _cache_products(self, layer: KronLayer) -> None:
-        """Dense ``K K^T`` / ``C C^T`` for O(d^2) groups (one product each per step); the
-        sparse groups apply ``K (K^T x)`` through their O(d k) matvecs instead."""
+        """``K K^T`` / ``C C^T`` where it costs no more storage than the factor: dense for the
+        O(d^2) groups, compact for groups that hold it (``group.gram``: diagonal, block-diagonal),
+        so applying it is one product per side and step. The other sparse groups apply
+        ``K (K^T x)`` through their O(d k) matvecs instead."""
         state = self.state[layer.name]
         for side, group in zip("KC", self.groups[layer.name]):
             if group.name in _DENSE_STORAGE:
                 f = group.to_dense(state[side])
                 state[side + side + "t"] = f @ f.mT
+            else:
+                gram = group.gram(state[side])
+                if gram is not None:
+                    state[side + side + "t"] = gram
 
     def _apply(self, layer: KronLayer, side: str, x: Tensor) -> Tensor:
         """``F F^T x`` for the rows of ``x`` (``F`` = ``K`` or ``C``)."""
@@ -168,6 +174,9 @@ class LocalKFAC(KroneckerPreconditioner):
         group = self.groups[layer.name][0 if side == "K" else 1]
         if group.name in _DENSE_STORAGE:
             return x @ state[side + side + "t"]  # symmetric
+        gram = state.get(side + side + "t")
+        if gram is not None:
+            return group.matvec(gram, x)
         return group.matvec(state[side], group.tmatvec(state[side], x))
 
     def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
