@@ -92,3 +92,20 @@ def test_missing_cuda_is_a_clear_error(tmp_path, restore_torch):
     dl.add_arguments(parser)
     with pytest.raises(SystemExit, match="CUDA is not available"):
         dl.run(parser.parse_args(["--tiny", "--device", "cuda", "--out", str(tmp_path)]))
+
+
+def test_damping_is_chosen_per_task_kind_and_reaches_the_preconditioner():
+    """Autoencoders (summed pixel losses) and classifiers get their own damping, from the
+    command line into the built preconditioners."""
+    parser = argparse.ArgumentParser()
+    dl.add_arguments(parser)
+    args = parser.parse_args(["--tiny", "--damping", "0.2", "--autoencoder-damping", "0.05",
+                              "--local-damping", "0.3", "--local-autoencoder-damping", "0.07"])
+    settings = dl.resolve_settings(args)
+    expected = {("curves", "kfac"): 0.05, ("curves", "ekfac"): 0.05, ("curves", "local_dense"): 0.07,
+                ("mnist1d_mlp", "kfac"): 0.2, ("mnist1d_mlp", "ekfac"): 0.2, ("mnist1d_mlp", "local_dense"): 0.3}
+    for (task_key, method_key), damping in expected.items():
+        task, method = dl.TASKS[task_key], dl.METHODS[method_key]
+        model = torch.nn.Sequential(torch.nn.Linear(4, 3))
+        pre = dl.build_preconditioner(method, model, settings, 0.1, settings.damping_for(method, task))
+        assert pre.damping == damping, (task_key, method_key)
