@@ -41,12 +41,19 @@ class BlockUpperTriangular(MatrixGroup):
             shape = (n, n) if kind == DENSE else (n,)
             self._layout.append((i, offset, shape))
             offset += n * n if kind == DENSE else n
-        for i, (sli, _) in enumerate(self.blocks):
-            for j in range(i + 1, len(self.blocks)):
-                slj = self.blocks[j][0]
+        # couplings ordered by column block j, then row block i: the U_ij of one j are one
+        # contiguous (sum_i n_i, n_j) matrix, so A x takes one GEMM per source block x_j
+        self._sources: List[Tuple[int, int, int, List[int]]] = []  # (j, offset, rows, [i...])
+        for j, (slj, _) in enumerate(self.blocks):
+            start, rows = offset, 0
+            for i in range(j):
+                sli = self.blocks[i][0]
                 shape = (sli.stop - sli.start, slj.stop - slj.start)
                 self._layout.append(((i, j), offset, shape))
                 offset += shape[0] * shape[1]
+                rows += shape[0]
+            if j:
+                self._sources.append((j, start, rows, list(range(j))))
         self._numel = offset
 
     @property
@@ -192,27 +199,59 @@ class BlockUpperTriangular(MatrixGroup):
             return x / d
         return apply_columns(d.mT if transpose else d, x, torch.linalg.solve, unbatched)
 
+    def _rows(self, a: Tensor, x: Tensor, transpose: bool) -> Tensor:
+        """``A x`` (``A^T x``) for every vector of ``x`` against one unbatched ``A``, as rows:
+        ``y_i = x_i D_i^T + sum_{j > i} x_j U_ij^T`` (``y_i = x_i D_i + sum_{j < i} x_j U_ji``).
+        ``A x`` takes one GEMM per source block ``x_j`` with the stacked ``[U_ij]_{i < j}`` (one
+        contiguous slice of the storage); ``A^T x`` accumulates each coupling GEMM into its
+        block's result (``addmm_``); one ``cat`` joins the blocks."""
+        ad, ac = self.unpack(a)
+        flat = x.reshape(-1, self.dim)
+        xs = [flat[:, sl] for sl, _ in self.blocks]
+        ys = []
+        for i in range(len(self.blocks)):
+            if self._dense(i):
+                ys.append(xs[i] @ (ad[i] if transpose else ad[i].mT))
+            else:
+                ys.append(xs[i] * ad[i])
+        if transpose:
+            for (i, j), u in ac.items():
+                ys[j].addmm_(xs[i], u)
+        else:
+            for j, offset, rows, targets in self._sources:
+                stacked = a.narrow(-1, offset, rows * self._size(j)).unflatten(-1, (rows, self._size(j)))
+                z = xs[j] @ stacked.mT
+                start = 0
+                for i in targets:
+                    ys[i].add_(z[:, start : start + self._size(i)])
+                    start += self._size(i)
+        return self._assemble(ys).reshape(x.shape)
+
     def matvec(self, a, x):
         self._check_vector(x)
+        if self._unbatched(a):
+            return self._rows(a, x, transpose=False)
         ad, ac = self.unpack(a)
-        ub, xs = self._unbatched(a), self._split(x)
+        xs = self._split(x)
         out = []
         for i in range(len(self.blocks)):
-            y = self._dmv(i, ad[i], xs[i], ub)
+            y = self._dmv(i, ad[i], xs[i], False)
             for j in range(i + 1, len(self.blocks)):
-                y = y + apply_columns(ac[i, j], xs[j], torch.matmul, ub)
+                y = y + apply_columns(ac[i, j], xs[j], torch.matmul, False)
             out.append(y)
         return self._assemble(out)
 
     def tmatvec(self, a, x):
         self._check_vector(x)
+        if self._unbatched(a):
+            return self._rows(a, x, transpose=True)
         ad, ac = self.unpack(a)
-        ub, xs = self._unbatched(a), self._split(x)
+        xs = self._split(x)
         out = []
         for j in range(len(self.blocks)):
-            y = self._dmv(j, ad[j], xs[j], ub, transpose=True)
+            y = self._dmv(j, ad[j], xs[j], False, transpose=True)
             for i in range(j):
-                y = y + apply_columns(ac[i, j].mT, xs[i], torch.matmul, ub)
+                y = y + apply_columns(ac[i, j].mT, xs[i], torch.matmul, False)
             out.append(y)
         return self._assemble(out)
 

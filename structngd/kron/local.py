@@ -177,6 +177,7 @@ class LocalKFAC(KroneckerPreconditioner):
         gram = state.get(side + side + "t")
         if gram is not None:
             return group.matvec(gram, x)
+        x = x.contiguous()  # the C side gets dW K K^T transposed; the block products want rows
         return group.matvec(state[side], group.tmatvec(state[side], x))
 
     def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
