@@ -43,7 +43,7 @@ class BlockUpperTriangular(MatrixGroup):
             offset += n * n if kind == DENSE else n
         # couplings ordered by column block j, then row block i: the U_ij of one j are one
         # contiguous (sum_i n_i, n_j) matrix, so A x takes one GEMM per source block x_j
-        self._sources: List[Tuple[int, int, int, List[int]]] = []  # (j, offset, rows, [i...])
+        self._sources: List[Tuple[int, int, int]] = []  # (j, offset, sum_{i < j} n_i)
         for j, (slj, _) in enumerate(self.blocks):
             start, rows = offset, 0
             for i in range(j):
@@ -53,7 +53,7 @@ class BlockUpperTriangular(MatrixGroup):
                 offset += shape[0] * shape[1]
                 rows += shape[0]
             if j:
-                self._sources.append((j, start, rows, list(range(j))))
+                self._sources.append((j, start, rows))
         self._numel = offset
 
     @property
@@ -218,13 +218,11 @@ class BlockUpperTriangular(MatrixGroup):
             for (i, j), u in ac.items():
                 ys[j].addmm_(xs[i], u)
         else:
-            for j, offset, rows, targets in self._sources:
+            for j, offset, rows in self._sources:
                 stacked = a.narrow(-1, offset, rows * self._size(j)).unflatten(-1, (rows, self._size(j)))
-                z = xs[j] @ stacked.mT
-                start = 0
-                for i in targets:
-                    ys[i].add_(z[:, start : start + self._size(i)])
-                    start += self._size(i)
+                parts = (xs[j] @ stacked.mT).split([self._size(i) for i in range(j)], dim=-1)
+                for i, part in enumerate(parts):
+                    ys[i].add_(part)
         return self._assemble(ys).reshape(x.shape)
 
     def matvec(self, a, x):
