@@ -188,6 +188,7 @@ class Settings:
     large_time_cap: float = 120.0
     large_budget_factor: int = 2000
     threads: Optional[int] = 1
+    device: str = "cpu"  # StructuredNES, evotorch and their function evaluations (pycma: numpy, CPU)
 
 
 PRESETS = {
@@ -215,6 +216,8 @@ class RankCigar:
         self.xopt = torch.rand(dim, generator=g, dtype=torch.float64) * 8 - 4
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
+        if self.u.device != x.device:  # the constants follow the points (e.g. a CUDA search)
+            self.u, self.xopt = self.u.to(x.device), self.xopt.to(x.device)
         s = x - self.xopt
         z = s @ self.u
         perp = s - z @ self.u.T
@@ -297,12 +300,13 @@ class _Budget:
 
 
 def run_nes(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
-            time_cap: float) -> Trace:
-    """StructuredNES with IPOP restarts; the population is evaluated in one batched call."""
+            time_cap: float, device: str = "cpu") -> Trace:
+    """StructuredNES with IPOP restarts; the population is evaluated in one batched call (on
+    ``device``, where the search state lives)."""
     opts = dict(method.options)
     opts.update(method.group_options(dim) or {})
     es = StructuredNES(x0, SIGMA0, structure=method.structure, seed=seed, target=fopt + FTARGET, budget=budget,
-                       restarts=restarts, **opts)
+                       restarts=restarts, device=device, **opts)
     trace, clock = Trace(), _Budget(fopt, budget, time_cap)
     while not es.stop():
         es.tell(f(es.ask()))
@@ -351,9 +355,9 @@ def run_cma(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, b
 
 
 def run_evotorch(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
-                 time_cap: float, stall: int = 300) -> Trace:
-    """evotorch's XNES / SNES (no restarts): ends at the target, the budget, the time cap or
-    after ``stall`` generations without improvement of the best value."""
+                 time_cap: float, stall: int = 300, device: str = "cpu") -> Trace:
+    """evotorch's XNES / SNES (no restarts, on ``device``): ends at the target, the budget, the
+    time cap or after ``stall`` generations without improvement of the best value."""
     from evotorch import Problem
     from evotorch import algorithms
 
@@ -368,7 +372,7 @@ def run_evotorch(method: Method, f, fopt: float, x0: Callable, dim: int, seed: i
         return values
 
     problem = Problem("min", objective, solution_length=dim, vectorized=True, dtype=torch.float64,
-                      initial_bounds=(-X0_RANGE, X0_RANGE), seed=seed)
+                      initial_bounds=(-X0_RANGE, X0_RANGE), seed=seed, device=device)
     searcher = getattr(algorithms, dict(method.options)["algorithm"])(
         problem, stdev_init=SIGMA0, center_init=x0())
     last_improvement = 0
@@ -391,10 +395,11 @@ def run_method(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int
     """One run; an exception ends it with ``status`` set (and the trace so far)."""
     try:
         if method.kind == "nes":
-            return run_nes(method, f, fopt, x0, dim, seed, budget, restarts, time_cap)
+            return run_nes(method, f, fopt, x0, dim, seed, budget, restarts, time_cap, settings.device)
         if method.kind == "cma":
             return run_cma(method, f, fopt, x0, dim, seed, budget, restarts, time_cap)
-        return run_evotorch(method, f, fopt, x0, dim, seed, budget, restarts, time_cap, settings.stall)
+        return run_evotorch(method, f, fopt, x0, dim, seed, budget, restarts, time_cap, settings.stall,
+                            settings.device)
     except (ValueError, RuntimeError, FloatingPointError, np.linalg.LinAlgError) as err:
         trace = Trace(status=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
         trace.stop = "error"
@@ -649,7 +654,8 @@ def markdown_report(rows: List[dict], large: List[dict], checks: List[dict], set
         f"instances {list(settings.instances)}, seeds {list(settings.seeds)}; x0 ~ U[-{X0_RANGE:g}, {X0_RANGE:g}]^d, "
         f"sigma0 = {SIGMA0:g}; budget {settings.budget_factor:g} d evaluations, up to {settings.restarts} IPOP "
         f"restarts (StructuredNES, pycma); time cap {settings.time_cap:g} s per run; population evaluated in one "
-        f"batched torch call; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; "
+        f"batched torch call on {settings.device} (pycma: numpy on the CPU); torch {torch.__version__}, "
+        f"{torch.get_num_threads()} thread(s), {platform.machine()}; "
         f"study runtime {runtime:.0f} s.",
         "",
         "## Target checks",
@@ -819,10 +825,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--large-time-cap", type=float, help="seconds per large-scale run")
     parser.add_argument("--large-budget-factor", type=int, help="large-scale evaluation budget / d")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--device", help="device of StructuredNES, evotorch and their function evaluations "
+                                         "(default cpu; e.g. cuda); pycma runs on the CPU")
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    return common.resolve_preset(PRESETS, args)
+    settings = common.resolve_preset(PRESETS, args)
+    common.resolve_device(settings.device)
+    return settings
 
 
 def _blas_threads(threads: Optional[int]):

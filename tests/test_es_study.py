@@ -4,6 +4,9 @@ import argparse
 import json
 import math
 
+import pytest
+import torch
+
 from experiments import es
 
 
@@ -31,3 +34,48 @@ def test_es_study_tiny(tmp_path):
     assert dense_sphere["successes"] == dense_sphere["runs"] > 0
     table = (tmp_path / "table.md").read_text()
     assert "Target checks" in table and "## ERT, d = 2" in table
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["dense", "block_triangular"])
+def test_a_structured_nes_run_evaluates_on_its_device_and_solves_the_sphere(device, method):
+    """``--device``: every population reaches the function on that device, and the run still
+    hits the target (the draws differ between devices, so only the outcome is compared)."""
+    settings = es.resolve_settings(_parse(["--tiny", "--device", device]))
+    problem = es.bbob.get(1, 5, 1)
+    seen = set()
+
+    def f(x):
+        seen.add(x.device.type)
+        return problem(x)
+
+    trace = es.run_method(es.METHODS[method], f, problem.fopt, es.x0_sampler(0, 1, 5, 1), 5, 0, 20_000, 0, 60.0,
+                          settings)
+    assert trace.status == "ok" and "ftarget" in trace.stop, trace.stop
+    assert seen == {device}
+
+
+@pytest.mark.parametrize("device", DEVICES)
+def test_the_rank_cigar_takes_points_on_any_device(device):
+    cigar = es.RankCigar(50, 2, seed=3)
+    x = torch.randn(7, 50, dtype=torch.float64)
+    expected = cigar(x)
+    torch.testing.assert_close(cigar(x.to(device)).cpu(), expected)
+    s = x - cigar.xopt.cpu()  # the definition, written out
+    proj = s @ cigar.u.cpu()
+    torch.testing.assert_close(expected, (proj**2).sum(-1) + 1e6 * ((s - proj @ cigar.u.cpu().T) ** 2).sum(-1))
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        es.resolve_settings(_parse(["--tiny", "--device", "cuda"]))
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    es.add_arguments(parser)
+    return parser.parse_args(argv)
