@@ -108,6 +108,7 @@ class Settings:
     tol: float = 1e-6
     eval_points: int = 60
     threads: Optional[int] = 1
+    device: str = "cpu"  # of the data and every method's parameters (drawn on the CPU, then moved)
 
     def configs(self, method: str) -> List["Config"]:
         if method in OURS:
@@ -156,8 +157,8 @@ class ProblemSpec:
 class CovarianceData:
     """Samples of ``N(0, Sigma*)`` and the conjugate Wishart prior/posterior of the precision."""
 
-    def __init__(self, dim: int, cond: float, seed: int, samples_per_dim: int):
-        g = torch.Generator().manual_seed(seed)
+    def __init__(self, dim: int, cond: float, seed: int, samples_per_dim: int, device="cpu"):
+        g = torch.Generator().manual_seed(seed)  # the same draws on every device
         d = dim
         rot, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
         half = 0.5 * math.log10(cond)
@@ -173,6 +174,9 @@ class CovarianceData:
         self.logdet_a = 2 * torch.linalg.cholesky(self.a).diagonal().log().sum()
         self.c = self.n_post - d - 1  # exponent of log|P| in the log posterior
         self.p_map = self.c * torch.cholesky_inverse(torch.linalg.cholesky(self.a))
+        self.device = torch.device(device)
+        for name in ("sigma", "a", "logdet_a", "p_map"):
+            setattr(self, name, getattr(self, name).to(self.device))
 
     # objective (a): MAP
     def map_objective(self, p: torch.Tensor, logdet_p: torch.Tensor) -> torch.Tensor:
@@ -197,7 +201,7 @@ class CovarianceData:
         )
         expected_log_p = (
             0.5 * (n_p - d - 1) * expected_logdet - 0.5 * (self.a * psi).sum() - 0.5 * n_p * d * ln2
-            + 0.5 * n_p * self.logdet_a - torch.mvlgamma(torch.tensor(0.5 * n_p, dtype=torch.float64), d)
+            + 0.5 * n_p * self.logdet_a - torch.mvlgamma(self.a.new_tensor(0.5 * n_p), d)
         )
         return -entropy - expected_log_p
 
@@ -218,30 +222,30 @@ class Solver:
 
     def __init__(self, kind: str, data: CovarianceData, config: Config):
         self.kind, self.data, self.config = kind, data, config
-        d = data.d
+        d, kw = data.d, dict(dtype=torch.float64, device=data.device)
         method = config.method
         self.log_excess = None  # vi baselines: n = d - 1 + exp(r)
         if method in OURS:
             structure = NGD_STRUCTURES[method]
             if kind == "map":
-                self.family = Gaussian(d, structure=structure, dtype=torch.float64)
+                self.family = Gaussian(d, structure=structure, **kw)
             else:
-                self.family = Wishart(d, data.n0, structure, mean=1.0, dtype=torch.float64)
+                self.family = Wishart(d, data.n0, structure, mean=1.0, **kw)
             self.optimizer = NaturalGradient(self.family, lr=config.lr, max_step=config.max_step)
             return
         if kind == "vi":
-            self.log_excess = torch.nn.Parameter(torch.tensor(math.log(data.n0 - d + 1), dtype=torch.float64))
+            self.log_excess = torch.nn.Parameter(torch.tensor(math.log(data.n0 - d + 1), **kw))
         if method in GEOOPT:
             import geoopt
 
             self.spd = geoopt.ManifoldParameter(
-                torch.eye(d, dtype=torch.float64), manifold=geoopt.SymmetricPositiveDefinite()
+                torch.eye(d, **kw), manifold=geoopt.SymmetricPositiveDefinite()
             )
             params = [self.spd] + ([self.log_excess] if self.log_excess is not None else [])
             cls = geoopt.optim.RiemannianSGD if method == "rsgd" else geoopt.optim.RiemannianAdam
             self.optimizer = cls(params, lr=config.lr)
         else:  # adam_chol: L = tril(R, -1) + diag(exp(diag R)), R = 0 at L = I
-            self.raw = torch.nn.Parameter(torch.zeros(d, d, dtype=torch.float64))
+            self.raw = torch.nn.Parameter(torch.zeros(d, d, **kw))
             params = [self.raw] + ([self.log_excess] if self.log_excess is not None else [])
             self.optimizer = torch.optim.Adam(params, lr=config.lr)
 
@@ -296,7 +300,7 @@ class Solver:
         if self.kind == "map":
             value = self.data.map_objective(m, logdet)
         else:
-            value = self.data.kl(torch.tensor(n, dtype=torch.float64), m, logdet)
+            value = self.data.kl(m.new_tensor(n), m, logdet)
         value = float(value)
         return value, math.isfinite(value), finite and math.isfinite(value)
 
@@ -328,7 +332,7 @@ def run_one(
     points = common.eval_points(steps, settings.eval_points)
     value0, _, _ = solver.evaluate()
     curve = Curve([0], [0.0], [value0])
-    clock, status, failures = common.Stopwatch(), "ok", 0
+    clock, status, failures = common.Stopwatch(data.device), "ok", 0
     for it in range(1, steps + 1):
         try:
             with clock:
@@ -365,7 +369,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
     bar = common.progress(len(specs) * len(settings.seeds) * len(configs), "wishart")
     runs, optima = [], {}
     for spec, seed in itertools.product(specs, settings.seeds):
-        data = CovarianceData(spec.dim, spec.cond, seed, settings.samples_per_dim)
+        data = CovarianceData(spec.dim, spec.cond, seed, settings.samples_per_dim, settings.device)
         reference = data.map_optimum() if spec.kind == "map" else 0.0
         optima[(spec, seed)] = {"reference": reference, "n_post": data.n_post, "num_samples": data.num}
         for config in configs:
@@ -502,7 +506,7 @@ def markdown_report(rows: List[dict], settings: Settings, runtime: float) -> str
         f"Settings: seeds {list(settings.seeds)}; N = {settings.samples_per_dim} d samples; "
         f"{settings.iterations} iterations; float64; lr grids: NGD {grid(settings.ngd_lrs)} with max_step "
         f"{grid(settings.ngd_max_steps)}, RSGD {grid(settings.rsgd_lrs)}, RAdam {grid(settings.radam_lrs)}, "
-        f"Adam {grid(settings.adam_lrs)}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"Adam {grid(settings.adam_lrs)}; float64 on {settings.device}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{platform.machine()}; study runtime {runtime:.0f} s.",
     ]
     for problem in dict.fromkeys(row["problem"] for row in rows):
@@ -601,10 +605,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tol", type=float, help="relative-gap tolerance for iterations/seconds to reach it")
     parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--device", help="device of the data and of every method's parameters (default cpu; "
+                                         "e.g. cuda)")
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    return common.resolve_preset(PRESETS, args)
+    settings = common.resolve_preset(PRESETS, args)
+    common.resolve_device(settings.device)
+    return settings
 
 
 def run(args: argparse.Namespace) -> None:

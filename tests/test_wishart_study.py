@@ -6,6 +6,9 @@ import csv
 import json
 import math
 
+import pytest
+import torch
+
 from experiments import wishart
 
 
@@ -42,3 +45,41 @@ def test_wishart_study_tiny(tmp_path):
         assert math.isfinite(entry["optimum"])
     table = (tmp_path / "table.md").read_text()
     assert "## map, d=5, cond=10" in table and "## vi, d=5, cond=10" in table and "RAdam (geoopt)" in table
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("kind", wishart.PROBLEMS)
+@pytest.mark.parametrize("method", wishart.METHODS)
+def test_a_run_on_a_device_follows_the_cpu_run(device, kind, method):
+    """``--device``: the same data and the same deterministic steps give the CPU's objective
+    curve (to float64 round-off), with the data and the iterate on that device."""
+    settings = wishart.resolve_settings(_parse(["--tiny", "--device", device]))
+    spec = wishart.ProblemSpec(kind, 5, 10.0)
+    config = settings.configs(method)[0]
+    curves, statuses = {}, {}
+    for where in ("cpu", device):
+        data = wishart.CovarianceData(5, 10.0, 0, settings.samples_per_dim, where)
+        assert data.a.device.type == where
+        reference = data.map_optimum() if kind == "map" else 0.0
+        run = wishart.run_one(spec, data, config, 0, settings, reference)
+        curves[where], statuses[where] = run.objective.values, run.status
+        assert wishart.Solver(kind, data, config).point()[1].device.type == where
+    assert statuses[device] == statuses["cpu"]  # a diverging learning rate diverges on both
+    assert math.isfinite(curves["cpu"][1])
+    torch.testing.assert_close(torch.tensor(curves[device]), torch.tensor(curves["cpu"]), rtol=1e-9, atol=1e-12,
+                               equal_nan=True)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        wishart.resolve_settings(_parse(["--tiny", "--device", "cuda"]))
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    wishart.add_arguments(parser)
+    return parser.parse_args(argv)
