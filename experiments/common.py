@@ -85,6 +85,15 @@ class Stopwatch:
         self.seconds += time.perf_counter() - self._start
 
 
+def fork_rng(device=None):
+    """``torch.random.fork_rng`` over the CPU generator and, for a CUDA ``device``, that device's:
+    seeds set inside (fixed-noise evaluations) leave the training stream where it was."""
+    device = torch.device(device) if device is not None else torch.device("cpu")
+    if device.type == "cuda":
+        return torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()])
+    return torch.random.fork_rng(devices=[])
+
+
 def resolve_device(name: str) -> torch.device:
     """``torch.device(name)``, with a clear error for a CUDA device this machine lacks."""
     try:

@@ -300,7 +300,7 @@ def evaluate(task: Task, model: nn.Module, x: Tensor, y: Optional[Tensor], chunk
     was_training = model.training
     model.eval()
     loss = metric = 0.0
-    with torch.random.fork_rng(devices=[]):
+    with common.fork_rng(x.device):
         for start in range(0, x.shape[0], chunk):
             xb = x[start : start + chunk]
             yb = None if y is None else y[start : start + chunk]

@@ -282,6 +282,7 @@ class Settings:
     uci_adam_steps: Optional[int] = None
     uci_max_dense_dim: int = 300  # UCI problems: O(d^2) guides also skipped above this
     uci_root: Optional[str] = None  # UCI data in the original folder layout (None: vendored npz)
+    device: str = "cpu"  # of the data, the models' priors and the guides (the splits are made on the CPU)
 
     def steps(self, method: str, problem: Optional[str] = None) -> int:
         ngd = METHODS[method].optimizer == "ngd"
@@ -326,7 +327,7 @@ PRESETS = {
 def elbo_estimate(problem: Problem, guide, particles: int, seed: int) -> float:
     """ELBO from ``particles`` vectorized particles with a fixed noise stream (``seed``)."""
     loss = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), common.fork_rng(problem.x_train.device):
         torch.manual_seed(seed)
         value = -loss.loss(problem.model, guide, problem.x_train, problem.y_train)
     if not math.isfinite(value):
@@ -366,7 +367,7 @@ def run_one(problem: Problem, config: RunConfig, seed: int, steps: int, settings
     loss = Trace_ELBO(num_particles=config.particles, vectorize_particles=config.particles > 1, max_plate_nesting=1)
     svi = SVI(problem.model, guide, config.build_optimizer(settings.ngd), loss)
     points = common.eval_points(steps, settings.eval_points)
-    clock, status = common.Stopwatch(), "ok"
+    clock, status = common.Stopwatch(problem.x_train.device), "ok"
     curve = Curve([], [], [])
     it = 0
     try:
@@ -431,7 +432,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict], List[dict]]
         if vi_data.is_uci(name) and settings.uci_root is not None:
             spec = replace(spec, uci_root=str(settings.uci_root))
         for seed in settings.seeds:
-            problem = vi_data.load(spec, seed)
+            problem = vi_data.load(spec, seed, settings.device)
             dim = vi_data.latent_dim(spec, problem)
             info.setdefault(name, {
                 "label": spec.label, "task": spec.task, "latent_dim": dim, "hidden": spec.hidden,
@@ -600,7 +601,7 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"{ngd.price_max_dim}, {ngd.num_pairs} pair; reparam with {ngd.particles} particles above), lr "
         f"price {grid(ngd.price_lrs)} / reparam {grid(ngd.reparam_lrs)}, max_step {ngd.max_step}; "
         f"Adam {settings.adam_steps} steps, lr {grid(settings.adam_lrs)}, {settings.adam_particles} particles; "
-        f"init_to_median, init_scale 0.1; float64; torch {torch.__version__}, {torch.get_num_threads()} "
+        f"init_to_median, init_scale 0.1; float64 on {settings.device}; torch {torch.__version__}, {torch.get_num_threads()} "
         f"thread(s), {platform.machine()}; study runtime {runtime:.0f} s.",
     ]
     header = ["method", "setting", "final ELBO", "steps to 1 nat", "s to 1 nat", "ms/step", "test LL"]
@@ -813,6 +814,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--uci-max-dense-dim", type=int, help="skip O(d^2) guides on UCI problems above this dim")
     parser.add_argument("--uci-root", type=str,
                         help="read the UCI sets from this folder (original layout) instead of the vendored copies")
+    parser.add_argument("--device", help="device of the data, the models and the guides (default cpu; e.g. cuda)")
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
@@ -825,6 +827,7 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             ngd[name] = tuple(value) if isinstance(value, list) else value
     if "ngd_max_step" in vars(args) and args.ngd_max_step is not None:
         ngd["max_step"] = args.ngd_max_step
+    common.resolve_device(preset.device)
     return replace(preset, ngd=replace(preset.ngd, **ngd))
 
 

@@ -45,6 +45,7 @@ from torch import Tensor
 from models import BNN, BayesianLogisticRegression
 
 from . import uci_data
+from .common import fork_rng
 
 TASKS = ("binary", "multiclass", "regression")
 
@@ -144,8 +145,10 @@ def gap_data(num: int, generator: torch.Generator, gap: bool = True) -> Tuple[Te
     return x.unsqueeze(-1), y
 
 
-def load(spec: ProblemSpec, seed: int) -> Problem:
-    """The split of ``spec``'s data set for ``seed`` (standardized) and its model."""
+def load(spec: ProblemSpec, seed: int, device=None) -> Problem:
+    """The split of ``spec``'s data set for ``seed`` (standardized) and its model; the tensors are
+    made on the CPU (the same split everywhere) and moved to ``device`` (the models follow their
+    inputs' device)."""
     dtype = torch.get_default_dtype()
     grid, extra = None, {}
     if is_uci(spec.name):
@@ -171,6 +174,9 @@ def load(spec: ProblemSpec, seed: int) -> Problem:
             y_train, y_test = (v.squeeze(-1) for v in _standardize(y_train.unsqueeze(-1), y_test.unsqueeze(-1)))
     else:
         raise ValueError(f"unknown data set {spec.name!r}; known: {DATASETS}")
+    if device is not None:
+        x_train, y_train, x_test, y_test = (t.to(device) for t in (x_train, y_train, x_test, y_test))
+        grid = None if grid is None else grid.to(device)
     return Problem(spec, build_model(spec, x_train, y_train), x_train, y_train, x_test, y_test, grid, extra)
 
 
@@ -233,7 +239,7 @@ def _sized_specs(size: str) -> Dict[str, ProblemSpec]:
 # ------------------------------------------------------- predictive metrics
 def predictive_distribution(problem: Problem, guide, x: torch.Tensor, samples: int, seed: int):
     """The likelihood ``p(y | x, theta_s)`` (batch ``(samples, n)``) for posterior draws."""
-    with torch.no_grad(), torch.random.fork_rng(devices=[]):
+    with torch.no_grad(), fork_rng(x.device):
         torch.manual_seed(seed)
         with pyro.plate("_posterior_samples", samples, dim=-2):
             guide_trace = poutine.trace(guide).get_trace(x)
@@ -245,7 +251,7 @@ def expected_calibration_error(probs: torch.Tensor, labels: torch.Tensor, bins: 
     """ECE: bin-weighted ``|accuracy - confidence|`` over equal-width confidence bins."""
     confidence, predicted = probs.max(-1)
     correct = (predicted == labels).to(probs.dtype)
-    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype)
+    edges = torch.linspace(0, 1, bins + 1, dtype=probs.dtype, device=probs.device)
     ece = 0.0
     for lo, hi in zip(edges[:-1], edges[1:]):
         inside = (confidence > lo) & (confidence <= hi)
@@ -274,7 +280,7 @@ def test_metrics(problem: Problem, guide, samples: int, seed: int) -> Dict[str, 
     else:
         mean = fn.mean.mean(0)
         draws = fn.sample()
-        lo, hi = torch.quantile(draws, torch.tensor([0.05, 0.95], dtype=draws.dtype), dim=0)
+        lo, hi = torch.quantile(draws, draws.new_tensor([0.05, 0.95]), dim=0)
         out["rmse"] = (mean - y).pow(2).mean().sqrt().item() * (1.0 if y_std is None else y_std)
         out["coverage90"] = ((y >= lo) & (y <= hi)).double().mean().item()
     return out
@@ -284,6 +290,6 @@ def predictive_band(problem: Problem, guide, samples: int, seed: int) -> Dict[st
     """Predictive mean and 5% / 95% quantiles of ``y`` on ``problem.x_grid``."""
     fn = predictive_distribution(problem, guide, problem.x_grid, samples, seed)
     draws = fn.sample()
-    lo, hi = torch.quantile(draws, torch.tensor([0.05, 0.95], dtype=draws.dtype), dim=0)
+    lo, hi = torch.quantile(draws, draws.new_tensor([0.05, 0.95]), dim=0)
     rnd = lambda t: [float(f"{v:.4g}") for v in t.tolist()]
     return {"x": rnd(problem.x_grid.squeeze(-1)), "mean": rnd(fn.mean.mean(0)), "lo": rnd(lo), "hi": rnd(hi)}

@@ -1,8 +1,13 @@
 """The VI study end to end at its ``--tiny`` size: every file written, every number finite."""
 
+import argparse
 import json
 import math
 
+import pytest
+import torch
+
+from experiments import vi, vi_data
 from experiments.__main__ import main
 
 
@@ -21,3 +26,48 @@ def test_vi_study_tiny_writes_finite_results(tmp_path):
     for name in results["problems"]:
         rows = {r["method"]: r for r in results["summary"] if r["problem"] == name}
         assert rows["NGD dense"]["final_elbo"] > rows["Adam AutoMVN"]["final_elbo"]
+
+
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+@pytest.fixture
+def float64_default():
+    dtype = torch.get_default_dtype()
+    torch.set_default_dtype(torch.float64)
+    yield
+    torch.set_default_dtype(dtype)
+
+
+@pytest.mark.parametrize("device", DEVICES)
+@pytest.mark.parametrize("method", ["ngd_dense", "adam_normal"])
+def test_a_run_on_a_device_fits_the_same_problem(device, method, float64_default):
+    """``--device``: the data and the fitted guide live on that device, and the run reaches the
+    CPU run's final ELBO within Monte Carlo noise (the two devices draw different noise)."""
+    settings = vi.resolve_settings(_parse(["--tiny", "--device", device]))
+    spec = vi_data.problem_specs("tiny")["gap1d"]
+    results = {}
+    for where in ("cpu", device):
+        problem = vi_data.load(spec, 0, where)
+        assert problem.x_train.device.type == where and problem.y_test.device.type == where
+        dim = vi_data.latent_dim(spec, problem)
+        config = settings.configs(method, dim)[0]
+        run, guide = vi.run_one(problem, config, 0, settings.steps(method), settings, dim)
+        assert run.status == "ok", run.status
+        assert {p.device.type for p in guide.parameters()} == {where}
+        results[where] = run
+    assert all(math.isfinite(v) for v in results[device].curve.values)
+    assert abs(results[device].curve.values[-1] - results["cpu"].curve.values[-1]) < 5.0
+    assert results[device].curve.values[-1] > results[device].curve.values[0]
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+def test_missing_cuda_is_a_clear_error():
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        vi.resolve_settings(_parse(["--tiny", "--device", "cuda"]))
+
+
+def _parse(argv):
+    parser = argparse.ArgumentParser()
+    vi.add_arguments(parser)
+    return parser.parse_args(argv)
