@@ -92,6 +92,7 @@ class Settings:
     tol: float = 1e-2
     eval_points: int = 100
     threads: Optional[int] = 1
+    device: str = "cpu"  # of the targets (drawn on the CPU, then moved) and of every fitted q
 
     def steps(self, gradient: str) -> int:
         """Number of optimizer steps of a run with this gradient type."""
@@ -156,8 +157,9 @@ class TargetSpec:
         cond = f"1e{exponent:.0f}" if self.cond >= 100 and exponent == round(exponent) else f"{self.cond:g}"
         return f"d={self.dim}, cond={cond}"
 
-    def build(self, seed: int) -> GaussianTarget:
-        return GaussianTarget.random(self.dim, self.cond, torch.Generator().manual_seed(seed))
+    def build(self, seed: int, device="cpu") -> GaussianTarget:
+        """The seed's target, drawn on the CPU (the same on every device) and moved to ``device``."""
+        return GaussianTarget.random(self.dim, self.cond, torch.Generator().manual_seed(seed)).to(device)
 
 
 @dataclass(frozen=True)
@@ -172,9 +174,11 @@ class StructureSpec:
         values = ",".join(str(v) for _, v in self.options)
         return f"{self.name}({values})" if values else self.name
 
-    def family(self, dim: int, **kwargs) -> Gaussian:
-        """A float64 ``Gaussian`` with this structure (``N(0, I)`` unless ``kwargs`` say otherwise)."""
-        return Gaussian(dim, structure=self.name, dtype=torch.float64, **dict(self.options), **kwargs)
+    def family(self, target: GaussianTarget, **kwargs) -> Gaussian:
+        """A float64 ``Gaussian`` over ``target``'s space with this structure, on the target's
+        device (``N(0, I)`` unless ``kwargs`` say otherwise)."""
+        return Gaussian(target.dim, structure=self.name, dtype=torch.float64, device=target.mean.device,
+                        **dict(self.options), **kwargs)
 
 
 def structure_specs(dim: int, names: Sequence[str] = STRUCTURES) -> List[StructureSpec]:
@@ -202,7 +206,7 @@ def block_mean_field_kl(target: GaussianTarget, block_size: int) -> float:
 
 def lbfgs_kl(target: GaussianTarget, spec: StructureSpec, max_rounds: int = 20) -> float:
     """The structure's optimal KL by L-BFGS on the exact KL, started at the mean-field optimum."""
-    q = spec.family(target.dim, loc=target.mean, precision=target.precision.diagonal())
+    q = spec.family(target, loc=target.mean, precision=target.precision.diagonal())
     opt = torch.optim.LBFGS(
         q.parameters(), lr=1.0, max_iter=200, history_size=50, line_search_fn="strong_wolfe",
         tolerance_grad=1e-12, tolerance_change=1e-15,
@@ -283,12 +287,12 @@ def run_one(
     the status says where and why, the rest of the curve is ``nan``.
     """
     torch.manual_seed(seed)  # the Monte Carlo noise: the same stream for every optimizer
-    q = spec.family(target.dim)
+    q = spec.family(target)
     optimizer = config.build(q)
     steps = settings.steps(gradient)
     points = common.eval_points(steps, settings.eval_points)
     curve = Curve([0], [0.0], [exact_kl(q, target)])
-    clock, status = common.Stopwatch(), "ok"
+    clock, status = common.Stopwatch(target.mean.device), "ok"
     for it in range(1, steps + 1):
         try:
             with clock:
@@ -318,7 +322,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
     bar = common.progress(total, "gaussian")
     runs, optima = [], {}
     for spec, seed in itertools.product(specs, settings.seeds):
-        target = spec.build(seed)
+        target = spec.build(seed, settings.device)
         for structure in structure_specs(spec.dim, settings.structures):
             bar.set_postfix_str(f"{spec.label} {structure.label}")
             value, source = reference_optimum(target, structure)
@@ -449,7 +453,7 @@ def markdown_report(rows: List[dict], settings: Settings, runtime: float, warnin
         f"method did not reach it). Best setting per method: fewest iterations to the tolerance, else "
         f"smallest final gap. NGD lr `a, tr b` = lr a with trust region max_step b.",
         "",
-        f"Settings: seeds {list(settings.seeds)}; init N(0, I); float64; {settings.iterations} exact / "
+        f"Settings: seeds {list(settings.seeds)}; init N(0, I); float64 on {settings.device}; {settings.iterations} exact / "
         f"{settings.mc_iterations} MC iterations; MC: {settings.num_samples} samples, "
         f"estimator `{settings.estimator}`; NGD lr exact {grid(settings.ngd_lrs)}, MC "
         f"{grid(settings.ngd_mc_lrs)}, max_step {grid(settings.ngd_max_steps)}; Adam lr exact "
@@ -602,11 +606,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--tol", type=float, help="gap threshold for iterations/seconds to reach it")
     parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
     parser.add_argument("--threads", type=int, help="torch threads (default 1: steadier timings under load)")
+    parser.add_argument("--device", help="device of the targets and the fitted Gaussians (default cpu; e.g. cuda)")
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """The preset (``tiny``, ``quick`` or ``full``) with every option given on the command line."""
-    return common.resolve_preset(PRESETS, args)
+    settings = common.resolve_preset(PRESETS, args)
+    common.resolve_device(settings.device)
+    return settings
 
 
 def run(args: argparse.Namespace) -> None:

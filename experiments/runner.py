@@ -78,6 +78,7 @@ def build_parser() -> argparse.ArgumentParser:
     quick.add_argument("--tiny", action="store_true", help="the seconds-long smoke presets instead")
     quick.add_argument("--out", type=Path, default=Path("results"), help="output root (default results/)")
     quick.add_argument("--studies", nargs="+", choices=tuple(STUDIES), default=list(STUDIES))
+    quick.add_argument("--device", help="passed to every study (default cpu; e.g. cuda)")
     quick.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
                        help="studies run at once, each in its own single-threaded process (default: 2 "
                             "where there are 2 cores; 1 runs them one after the other, in this process, "
@@ -110,7 +111,8 @@ def run_quick(args: argparse.Namespace) -> None:
         raise SystemExit(f"--jobs must be a positive integer, got {args.jobs!r}")
     preset = "--tiny" if args.tiny else "--quick"
     names = [n for n in LONGEST_FIRST if n in args.studies] + [n for n in args.studies if n not in LONGEST_FIRST]
-    extras = {name: [] if args.tiny else QUICK_OVERVIEW[name] for name in names}
+    device = ["--device", args.device] if getattr(args, "device", None) else []
+    extras = {name: ([] if args.tiny else QUICK_OVERVIEW[name]) + device for name in names}
     commands = {name: " ".join([f"python -m experiments {name}", preset, *extras[name]]) for name in names}
     seconds: Dict[str, float] = {}
     start = time.perf_counter()

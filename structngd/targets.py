@@ -39,6 +39,15 @@ class GaussianTarget:
         mean = torch.randn(dim, generator=generator, dtype=dtype)
         return cls(mean, (q * eig) @ q.mT)
 
+    def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "GaussianTarget":
+        """The same target with its tensors (mean, precision, Cholesky factor, log-determinant)
+        moved, not recomputed: a CUDA copy holds the CPU's values bit for bit."""
+        moved = object.__new__(GaussianTarget)
+        moved.dim = self.dim
+        for name in ("mean", "precision", "chol", "logdet"):
+            setattr(moved, name, getattr(self, name).to(device=device, dtype=dtype))
+        return moved
+
     def log_prob(self, w: Tensor) -> Tensor:
         u = (w - self.mean) @ self.chol
         return -0.5 * u.pow(2).sum(-1) + 0.5 * self.logdet - 0.5 * self.dim * math.log(2 * math.pi)

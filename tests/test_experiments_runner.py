@@ -48,3 +48,19 @@ def test_quick_tiny_writes_every_study_and_the_report(tmp_path, jobs):
 def test_quick_rejects_a_bad_jobs_count(tmp_path):
     with pytest.raises(SystemExit, match="--jobs must be a positive integer"):
         main(["quick", "--tiny", "--jobs", "0", "--out", str(tmp_path)])
+
+
+def test_every_study_takes_a_device_and_quick_passes_it_on(tmp_path, monkeypatch):
+    import importlib
+
+    from experiments import runner
+
+    for name, module in STUDIES.items():
+        args = runner.study_parser(name).parse_args(["--tiny", "--device", "cpu", "--out", str(tmp_path)])
+        assert importlib.import_module(module).resolve_settings(args).device == "cpu", name
+    calls = []
+    monkeypatch.setattr(runner, "run_study", lambda name, preset, extra, out: calls.append((name, extra)) or 0.0)
+    monkeypatch.setattr(runner, "write_report", lambda out, *a, **k: out / "REPORT.md")
+    main(["quick", "--tiny", "--jobs", "1", "--device", "cpu", "--out", str(tmp_path)])
+    assert sorted(name for name, _ in calls) == sorted(STUDIES)
+    assert all(extra[-2:] == ["--device", "cpu"] for _, extra in calls)
