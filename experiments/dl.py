@@ -681,13 +681,14 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """The preset (``--tiny``, ``--full``, else quick) with every option given on the command line."""
-    return common.resolve_preset(PRESETS, args, skip=("size",))
+    settings = common.resolve_preset(PRESETS, args, skip=("size",))
+    common.resolve_device(settings.device)
+    return settings
 
 
 def run(args: argparse.Namespace) -> None:
     """Run the study, write the outputs and print the table."""
     settings = resolve_settings(args)
-    common.resolve_device(settings.device)
     common.configure_torch(settings.threads, torch.float32)
     start = time.perf_counter()
     runs, info = run_all(settings)

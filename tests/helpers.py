@@ -1,7 +1,20 @@
 """Small helpers shared by the test modules (ids for group configurations, seeded
-generators, relative errors in float64)."""
+generators, relative errors in float64, the devices to run on, study options)."""
 
+import argparse
+
+import pytest
 import torch
+
+#: parametrize over these: CUDA cases skip where CUDA is absent
+DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+
+
+def study_settings(module, argv):
+    """``module.resolve_settings`` of a study's command line ``argv``."""
+    parser = argparse.ArgumentParser()
+    module.add_arguments(parser)
+    return module.resolve_settings(parser.parse_args(argv))
 
 
 def config_id(cfg) -> str:

@@ -11,6 +11,8 @@ import torch
 
 from experiments import dl
 
+from helpers import DEVICES
+
 
 @pytest.fixture
 def restore_torch():
@@ -64,9 +66,6 @@ def test_tiny_study_end_to_end(tmp_path, restore_torch, capsys):
         assert f"| {dl.METHODS[method].label} |" in table
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["adam", "kfac", "ekfac", "local_dense"])
 def test_a_run_on_a_device_follows_the_cpu_run(device, method, restore_torch):
@@ -84,14 +83,6 @@ def test_a_run_on_a_device_follows_the_cpu_run(device, method, restore_torch):
         assert run.status == "ok", run.status
         curves[where] = run.curve.values
     torch.testing.assert_close(torch.tensor(curves[device]), torch.tensor(curves["cpu"]), rtol=2e-3, atol=1e-3)
-
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
-def test_missing_cuda_is_a_clear_error(tmp_path, restore_torch):
-    parser = argparse.ArgumentParser()
-    dl.add_arguments(parser)
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        dl.run(parser.parse_args(["--tiny", "--device", "cuda", "--out", str(tmp_path)]))
 
 
 def test_damping_is_chosen_per_task_kind_and_reaches_the_preconditioner():

@@ -9,6 +9,8 @@ import torch
 
 from experiments import es
 
+from helpers import DEVICES, study_settings
+
 
 def test_es_study_tiny(tmp_path):
     parser = argparse.ArgumentParser()
@@ -36,15 +38,12 @@ def test_es_study_tiny(tmp_path):
     assert "Target checks" in table and "## ERT, d = 2" in table
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["dense", "block_triangular"])
 def test_a_structured_nes_run_evaluates_on_its_device_and_solves_the_sphere(device, method):
     """``--device``: every population reaches the function on that device, and the run still
     hits the target (the draws differ between devices, so only the outcome is compared)."""
-    settings = es.resolve_settings(_parse(["--tiny", "--device", device]))
+    settings = study_settings(es, ["--tiny", "--device", device])
     problem = es.bbob.get(1, 5, 1)
     seen = set()
 
@@ -69,13 +68,3 @@ def test_the_rank_cigar_takes_points_on_any_device(device):
     torch.testing.assert_close(expected, (proj**2).sum(-1) + 1e6 * ((s - proj @ cigar.u.cpu().T) ** 2).sum(-1))
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
-def test_missing_cuda_is_a_clear_error():
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        es.resolve_settings(_parse(["--tiny", "--device", "cuda"]))
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    es.add_arguments(parser)
-    return parser.parse_args(argv)

@@ -6,6 +6,7 @@ import math
 import re
 
 import pytest
+import torch
 
 from experiments.__main__ import STUDIES, main
 
@@ -64,3 +65,10 @@ def test_every_study_takes_a_device_and_quick_passes_it_on(tmp_path, monkeypatch
     main(["quick", "--tiny", "--jobs", "1", "--device", "cpu", "--out", str(tmp_path)])
     assert sorted(name for name, _ in calls) == sorted(STUDIES)
     assert all(extra[-2:] == ["--device", "cpu"] for _, extra in calls)
+
+
+@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
+@pytest.mark.parametrize("study", sorted(STUDIES))
+def test_a_missing_cuda_device_is_a_clear_error(study, tmp_path):
+    with pytest.raises(SystemExit, match="CUDA is not available"):
+        main([study, "--tiny", "--device", "cuda", "--out", str(tmp_path)])

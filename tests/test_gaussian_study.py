@@ -1,6 +1,5 @@
 """The Gaussian-target study (experiments/gaussian.py) on a device."""
 
-import argparse
 
 import pytest
 import torch
@@ -8,13 +7,7 @@ import torch
 from experiments import gaussian
 from structngd.targets import GaussianTarget
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    gaussian.add_arguments(parser)
-    return parser.parse_args(argv)
+from helpers import DEVICES, study_settings
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -35,7 +28,7 @@ def test_a_moved_target_holds_the_same_numbers(device):
 def test_an_exact_gradient_run_on_a_device_follows_the_cpu_run(device, structure):
     """``--device``: same target, same deterministic steps: the KL curve on ``device`` is the CPU
     curve to float64 round-off, and the fitted Gaussian lives on that device."""
-    settings = gaussian.resolve_settings(_parse(["--tiny", "--device", device]))
+    settings = study_settings(gaussian, ["--tiny", "--device", device])
     spec = gaussian.TargetSpec(6, 10.0)
     struct = next(s for s in gaussian.structure_specs(6, (structure,)))
     config = settings.configs("exact")[0]
@@ -50,8 +43,3 @@ def test_an_exact_gradient_run_on_a_device_follows_the_cpu_run(device, structure
     assert curves["cpu"][-1] < 0.5 * curves["cpu"][0]  # the run made progress
     torch.testing.assert_close(torch.tensor(curves[device]), torch.tensor(curves["cpu"]), rtol=1e-9, atol=1e-12)
 
-
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
-def test_missing_cuda_is_a_clear_error():
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        gaussian.resolve_settings(_parse(["--tiny", "--device", "cuda"]))

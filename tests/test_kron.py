@@ -17,7 +17,7 @@ from torch.func import functional_call, grad, vmap
 
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
+from helpers import DEVICES
 
 
 def mlp(seed=0, sizes=(4, 5, 3), dtype=torch.float64):

@@ -1,6 +1,5 @@
 """The VI study end to end at its ``--tiny`` size: every file written, every number finite."""
 
-import argparse
 import json
 import math
 
@@ -9,6 +8,8 @@ import torch
 
 from experiments import vi, vi_data
 from experiments.__main__ import main
+
+from helpers import DEVICES, study_settings
 
 
 def test_vi_study_tiny_writes_finite_results(tmp_path):
@@ -28,9 +29,6 @@ def test_vi_study_tiny_writes_finite_results(tmp_path):
         assert rows["NGD dense"]["final_elbo"] > rows["Adam AutoMVN"]["final_elbo"]
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-
-
 @pytest.fixture
 def float64_default():
     dtype = torch.get_default_dtype()
@@ -44,7 +42,7 @@ def float64_default():
 def test_a_run_on_a_device_fits_the_same_problem(device, method, float64_default):
     """``--device``: the data and the fitted guide live on that device, and the run reaches the
     CPU run's final ELBO within Monte Carlo noise (the two devices draw different noise)."""
-    settings = vi.resolve_settings(_parse(["--tiny", "--device", device]))
+    settings = study_settings(vi, ["--tiny", "--device", device])
     spec = vi_data.problem_specs("tiny")["gap1d"]
     results = {}
     for where in ("cpu", device):
@@ -61,13 +59,3 @@ def test_a_run_on_a_device_fits_the_same_problem(device, method, float64_default
     assert results[device].curve.values[-1] > results[device].curve.values[0]
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
-def test_missing_cuda_is_a_clear_error():
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        vi.resolve_settings(_parse(["--tiny", "--device", "cuda"]))
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    vi.add_arguments(parser)
-    return parser.parse_args(argv)

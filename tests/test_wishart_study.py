@@ -11,6 +11,8 @@ import torch
 
 from experiments import wishart
 
+from helpers import DEVICES, study_settings
+
 
 def test_wishart_study_tiny(tmp_path):
     parser = argparse.ArgumentParser()
@@ -47,16 +49,13 @@ def test_wishart_study_tiny(tmp_path):
     assert "## map, d=5, cond=10" in table and "## vi, d=5, cond=10" in table and "RAdam (geoopt)" in table
 
 
-DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("kind", wishart.PROBLEMS)
 @pytest.mark.parametrize("method", wishart.METHODS)
 def test_a_run_on_a_device_follows_the_cpu_run(device, kind, method):
     """``--device``: the same data and the same deterministic steps give the CPU's objective
     curve (to float64 round-off), with the data and the iterate on that device."""
-    settings = wishart.resolve_settings(_parse(["--tiny", "--device", device]))
+    settings = study_settings(wishart, ["--tiny", "--device", device])
     spec = wishart.ProblemSpec(kind, 5, 10.0)
     config = settings.configs(method)[0]
     curves, statuses = {}, {}
@@ -73,13 +72,3 @@ def test_a_run_on_a_device_follows_the_cpu_run(device, kind, method):
                                equal_nan=True)
 
 
-@pytest.mark.skipif(torch.cuda.is_available(), reason="CUDA present")
-def test_missing_cuda_is_a_clear_error():
-    with pytest.raises(SystemExit, match="CUDA is not available"):
-        wishart.resolve_settings(_parse(["--tiny", "--device", "cuda"]))
-
-
-def _parse(argv):
-    parser = argparse.ArgumentParser()
-    wishart.add_arguments(parser)
-    return parser.parse_args(argv)
