@@ -29,19 +29,12 @@ def test_vi_study_tiny_writes_finite_results(tmp_path):
         assert rows["NGD dense"]["final_elbo"] > rows["Adam AutoMVN"]["final_elbo"]
 
 
-@pytest.fixture
-def float64_default():
-    dtype = torch.get_default_dtype()
-    torch.set_default_dtype(torch.float64)
-    yield
-    torch.set_default_dtype(dtype)
-
-
 @pytest.mark.parametrize("device", DEVICES)
 @pytest.mark.parametrize("method", ["ngd_dense", "adam_normal"])
-def test_a_run_on_a_device_fits_the_same_problem(device, method, float64_default):
+def test_a_run_on_a_device_fits_the_same_problem(device, method):
     """``--device``: the data and the fitted guide live on that device, and the run reaches the
     CPU run's final ELBO within Monte Carlo noise (the two devices draw different noise)."""
+    torch.set_default_dtype(torch.float64)  # as the study runs (conftest restores it)
     settings = study_settings(vi, ["--tiny", "--device", device])
     spec = vi_data.problem_specs("tiny")["gap1d"]
     results = {}
