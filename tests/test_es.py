@@ -503,6 +503,9 @@ def test_restarts_ipop_and_tolerances():
 
 
 def test_mirrored_sampling():
+    assert StructuredNES(torch.zeros(4), 1.0).mirrored  # the default rates sample mirrored pairs
+    assert not StructuredNES(torch.zeros(4), 1.0, rates="xnes").mirrored  # xNES stays xNES
+    assert not StructuredNES(torch.zeros(4), 1.0, mirrored=False).mirrored
     es = StructuredNES(torch.zeros(4), 1.0, seed=0, popsize=7, mirrored=True)
     assert es.popsize == 8
     x = es.ask()
