@@ -504,6 +504,7 @@ def test_restarts_ipop_and_tolerances():
 
 def test_mirrored_sampling():
     assert StructuredNES(torch.zeros(4), 1.0).mirrored  # the default rates sample mirrored pairs
+    assert not StructuredNES(torch.zeros(500), 1.0, structure="diagonal").mirrored  # ... below d = 500
     assert not StructuredNES(torch.zeros(4), 1.0, rates="xnes").mirrored  # xNES stays xNES
     assert not StructuredNES(torch.zeros(4), 1.0, mirrored=False).mirrored
     es = StructuredNES(torch.zeros(4), 1.0, seed=0, popsize=7, mirrored=True)
@@ -513,3 +514,13 @@ def test_mirrored_sampling():
     es.tell(sphere(x))
     es = solve(sphere, 5, mirrored=True, seed=2)
     assert es.best_f <= 1e-8
+
+
+@pytest.mark.parametrize("dim,base", [(10, 0.5), (499, 0.5), (500, 1.0), (1000, 1.0)])
+def test_default_step_size_damping_is_half_of_cma_below_500_dimensions(dim, base):
+    es = StructuredNES(torch.zeros(dim), 1.0, structure="diagonal")
+    mueff, cs = es.mueff, es.rates["cs"]
+    assert cs == pytest.approx((mueff + 2) / (dim + mueff + 5))
+    cma = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (dim + 1)) - 1) + cs  # Hansen's d_sigma
+    assert es.rates["ds"] == pytest.approx(cma - (1 - base), rel=1e-12)
+    assert es.mirrored == (base == 0.5)

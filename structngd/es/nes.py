@@ -31,6 +31,10 @@ RETRACTIONS = ("h", "exp")
 FINAL_REASONS = ("ftarget", "maxfevals", "maxiter")
 _DEFAULT_KEYS = ("eta_mu", "c1", "cmu", "cs", "ds", "cc")
 _XNES_KEYS = ("eta_mu", "eta_sigma", "eta_B")
+#: below this dimension the default rates sample mirrored pairs and halve CMA-ES's step-size
+#: damping; from it on they keep CMA-ES's (on the rotated rank-2 cigar with rank-10 + diagonal
+#: covariance both changes were even at d = 500 and hurt at 1000 and 2000, see _set_parameters)
+MIRRORED_BELOW_DIM = 500
 
 
 class StructuredNES:
@@ -55,15 +59,16 @@ class StructuredNES:
             with ``"dense"`` this *is* xNES, with ``"diagonal"`` SNES.
             ``"default"``: the same natural-gradient shape update with CMA-ES-sized
             learning rates plus a cumulative rank-one term and cumulative step-size
-            adaptation with half of CMA-ES's damping, on mirrored samples (see
-            :meth:`_update_default`). A dict ``{"base": "default", "cmu": 0.1}``
+            adaptation; below 500 dimensions with half of CMA-ES's damping, on mirrored
+            samples (see :meth:`_update_default`). A dict ``{"base": "default", "cmu": 0.1}``
             overrides single constants (keys ``eta_mu, c1, cmu, cs, ds, cc`` for
             ``"default"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``). ``c1`` and ``cmu``
             are dense rates; groups with fewer parameters scale them entry-wise (sep-CMA's
             ``(d + 2) / 3`` for the diagonal, see :meth:`_set_parameters`).
         mirrored: draw ``z`` and ``-z`` pairs (mirrored sampling; the population is rounded up
-            to an even size). ``None`` (default): on with ``rates="default"``, off with
-            ``"xnes"`` (so that it stays the published algorithm).
+            to an even size). ``None`` (default): on with ``rates="default"`` below
+            ``MIRRORED_BELOW_DIM`` = 500 dimensions, off above and with ``"xnes"`` (so that it
+            stays the published algorithm).
         restarts: number of IPOP restarts: when a restartable criterion fires (``tolx``,
             ``tolfun``, ``tolstagnation``, ``tolflatfitness``, ``tolupsigma``) the run starts
             again from ``x0`` with the population multiplied by ``incpopsize``.
@@ -140,7 +145,8 @@ class StructuredNES:
         if popsize is not None and (not isinstance(popsize, int) or isinstance(popsize, bool) or popsize < 2):
             raise ValueError(f"popsize must be an integer >= 2, got {popsize!r}")
         self.base_popsize = popsize if popsize is not None else default_popsize(self.dim)
-        self.mirrored = base == "default" if mirrored is None else bool(mirrored)
+        default_mirrored = base == "default" and self.dim < MIRRORED_BELOW_DIM
+        self.mirrored = default_mirrored if mirrored is None else bool(mirrored)
         if not isinstance(restarts, int) or restarts < 0:
             raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
         if not isinstance(incpopsize, (int, float)) or incpopsize < 1:
@@ -240,11 +246,16 @@ class StructuredNES:
             self.rates = {"eta_mu": 1.0, "eta_sigma": eta, "eta_B": eta}
         else:
             cs = (mueff + 2) / (d + mueff + 5)
-            # half of CMA-ES's base damping 1, so sigma adapts twice as fast: together with
-            # mirrored pairs (the default) this took dense from 1.0-1.6x CMA-ES's ERT to
+            # below MIRRORED_BELOW_DIM half of CMA-ES's base damping 1, so sigma adapts twice as
+            # fast: together with mirrored pairs this took dense from 1.0-1.6x CMA-ES's ERT to
             # 0.6-1.15x on BBOB f1 / f2 / f8 / f10 at d = 2..20 (15 instances x 2 seeds; one seed
-            # at d = 40; damping 0.5 alone: 0.84-1.8x, mirroring alone: 0.76-1.33x; README)
-            ds = 0.5 + 2 * max(0.0, math.sqrt((mueff - 1) / (d + 1)) - 1) + cs
+            # at d = 40; damping 0.5 alone: 0.84-1.8x, mirroring alone: 0.76-1.33x; README), and
+            # improved diagonal and rank-10 + diagonal on the rank-2 cigar at d = 200 (final gap
+            # 9.3 / 2.2 against 142 / 12.7). At d = 1000 and 2000 either change alone left the
+            # rank-10 + diagonal search on that cigar 9-9000 times farther from the optimum
+            # after 120 s, so large dimensions keep CMA-ES's damping.
+            damping = 0.5 if d < MIRRORED_BELOW_DIM else 1.0
+            ds = damping + 2 * max(0.0, math.sqrt((mueff - 1) / (d + 1)) - 1) + cs
             cc = (4 + mueff / d) / (d + 4 + 2 * mueff / d)
             c1 = 2 / ((d + 1.3) ** 2 + mueff)
             # 4x CMA-ES's rank-mu rate: the zero-sum utilities make the rank-mu term an
