@@ -504,9 +504,9 @@ def markdown_report(rows: List[dict], settings: Settings, runtime: float) -> str
         "the iterate failed Cholesky, was non-finite or the step raised.",
         "",
         f"Settings: seeds {list(settings.seeds)}; N = {settings.samples_per_dim} d samples; "
-        f"{settings.iterations} iterations; float64; lr grids: NGD {grid(settings.ngd_lrs)} with max_step "
+        f"{settings.iterations} iterations on {settings.device}; float64; lr grids: NGD {grid(settings.ngd_lrs)} with max_step "
         f"{grid(settings.ngd_max_steps)}, RSGD {grid(settings.rsgd_lrs)}, RAdam {grid(settings.radam_lrs)}, "
-        f"Adam {grid(settings.adam_lrs)}; float64 on {settings.device}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
+        f"Adam {grid(settings.adam_lrs)}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
         f"{platform.machine()}; study runtime {runtime:.0f} s.",
     ]
     for problem in dict.fromkeys(row["problem"] for row in rows):
