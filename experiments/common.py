@@ -48,14 +48,18 @@ def preset_name(args) -> str:
 
 def resolve_preset(presets: dict, args, skip: Iterable[str] = ()):
     """The preset chosen on the command line with every option given there
-    (``args.<field>`` not ``None``; lists become tuples) except the fields in ``skip``."""
+    (``args.<field>`` not ``None``; lists become tuples) except the fields in ``skip``. A
+    ``device`` field is checked with :func:`resolve_device` (a clear error for missing CUDA)."""
     preset = presets[preset_name(args)]
     overrides = {}
     for name in preset.__dataclass_fields__:
         value = getattr(args, name, None)
         if value is not None and name not in skip:
             overrides[name] = tuple(value) if isinstance(value, list) else value
-    return replace(preset, **overrides)
+    settings = replace(preset, **overrides)
+    if "device" in preset.__dataclass_fields__:
+        resolve_device(settings.device)
+    return settings
 
 
 def parse_optional_float(text: str) -> Optional[float]:

@@ -681,9 +681,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """The preset (``--tiny``, ``--full``, else quick) with every option given on the command line."""
-    settings = common.resolve_preset(PRESETS, args, skip=("size",))
-    common.resolve_device(settings.device)
-    return settings
+    return common.resolve_preset(PRESETS, args, skip=("size",))
 
 
 def run(args: argparse.Namespace) -> None:

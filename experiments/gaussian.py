@@ -611,9 +611,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     """The preset (``tiny``, ``quick`` or ``full``) with every option given on the command line."""
-    settings = common.resolve_preset(PRESETS, args)
-    common.resolve_device(settings.device)
-    return settings
+    return common.resolve_preset(PRESETS, args)
 
 
 def run(args: argparse.Namespace) -> None:

@@ -111,7 +111,7 @@ def run_quick(args: argparse.Namespace) -> None:
         raise SystemExit(f"--jobs must be a positive integer, got {args.jobs!r}")
     preset = "--tiny" if args.tiny else "--quick"
     names = [n for n in LONGEST_FIRST if n in args.studies] + [n for n in args.studies if n not in LONGEST_FIRST]
-    device = ["--device", args.device] if getattr(args, "device", None) else []
+    device = ["--device", args.device] if args.device else []
     extras = {name: ([] if args.tiny else QUICK_OVERVIEW[name]) + device for name in names}
     commands = {name: " ".join([f"python -m experiments {name}", preset, *extras[name]]) for name in names}
     seconds: Dict[str, float] = {}

@@ -827,7 +827,6 @@ def resolve_settings(args: argparse.Namespace) -> Settings:
             ngd[name] = tuple(value) if isinstance(value, list) else value
     if "ngd_max_step" in vars(args) and args.ngd_max_step is not None:
         ngd["max_step"] = args.ngd_max_step
-    common.resolve_device(preset.device)
     return replace(preset, ngd=replace(preset.ngd, **ngd))
 
 

@@ -610,9 +610,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    settings = common.resolve_preset(PRESETS, args)
-    common.resolve_device(settings.device)
-    return settings
+    return common.resolve_preset(PRESETS, args)
 
 
 def run(args: argparse.Namespace) -> None:
