@@ -1,6 +1,7 @@
 """The ES study end to end at its ``--tiny`` size: every file written, ERTs consistent."""
 
 import argparse
+import dataclasses
 import json
 import math
 
@@ -68,17 +69,20 @@ def test_the_rank_cigar_takes_points_on_any_device(device):
     torch.testing.assert_close(expected, (proj**2).sum(-1) + 1e6 * ((s - proj @ cigar.u.cpu().T) ** 2).sum(-1))
 
 
-
-
 def _large_row(method, problem, dim, seconds):
     solved = seconds is not None
     return {"method": method, "problem": problem, "dim": dim, "solved": solved,
             "seconds_to_target": seconds if solved else None, "seconds": 120.0}
 
 
+def _large_checks(large, settings):
+    """The study's checks keyed by the problem label before the colon."""
+    return {c["check"].split(":")[0]: c for c in es.target_checks([], large, settings, ["dense"])}
+
+
 def test_the_large_scale_target_is_checked_per_problem_against_both_pycma_variants():
     settings = study_settings(es, ["--tiny"])
-    settings = es.Settings(**{**settings.__dict__, "large_dims": (500, 1000), "large_problems": es.LARGE_PROBLEMS})
+    settings = dataclasses.replace(settings, large_dims=(500, 1000), large_problems=es.LARGE_PROBLEMS)
     large = [
         # separable: diagonal beats both pycma variants at d = 1000; d = 500 is not judged
         _large_row("diagonal", "ellipsoid_sep", 1000, 20.0), _large_row("cma", "ellipsoid_sep", 1000, None),
@@ -88,15 +92,12 @@ def test_the_large_scale_target_is_checked_per_problem_against_both_pycma_varian
         _large_row("block_triangular", "cigar_rank2", 1000, 30.0), _large_row("diagonal", "cigar_rank2", 1000, None),
         _large_row("sep_cma", "cigar_rank2", 1000, 29.0), _large_row("cma", "cigar_rank2", 1000, None),
     ]
-    checks = es.target_checks([], large, settings, ["dense", "diagonal", "cma"])
-    by_name = {c["check"].split(":")[0]: c for c in checks}
+    by_name = _large_checks(large, settings)
     assert by_name["separable ellipsoid"]["status"] == "PASS"
     assert "diagonal 20.0 s" in by_name["separable ellipsoid"]["detail"]
     assert "d=500" not in by_name["separable ellipsoid"]["detail"]
     assert by_name["rotated rank-2 cigar"]["status"] == "FAIL"
     without_sep = [r for r in large if r["problem"] == "cigar_rank2" and r["method"] != "sep_cma"]
-    checks = {c["check"].split(":")[0]: c for c in es.target_checks([], without_sep, settings, ["dense"])}
-    assert checks["rotated rank-2 cigar"]["status"] == "PASS"  # 30 s, and pycma's CMA-ES unsolved
+    assert _large_checks(without_sep, settings)["rotated rank-2 cigar"]["status"] == "PASS"  # 30 s, and pycma's CMA-ES unsolved
     nobody = [r for r in without_sep if not r["solved"]]
-    checks = {c["check"].split(":")[0]: c for c in es.target_checks([], nobody, settings, ["dense"])}
-    assert checks["rotated rank-2 cigar"]["status"] == "FAIL"  # no structured run reached the target
+    assert _large_checks(nobody, settings)["rotated rank-2 cigar"]["status"] == "FAIL"  # no structured run reached the target
