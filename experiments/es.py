@@ -50,15 +50,18 @@ Modes (2 CPU cores, one torch thread, sequential runs):
 
 * ``--tiny`` (about 5 s, smoke test): d = 2, f1 and f2, one instance, five methods, no
   large-scale part;
-* ``--quick`` (about 7 minutes: 5.5 for the 384 BBOB runs, 1.2 for the large-scale part):
-  d in {2, 5, 10}, f1 f2 f8 f10, 3 instances, budget 1e4 d; large-scale part at d = 200 with
-  a 15 s cap;
-* default (full): d in {2, 5, 10, 20, 40}, all six functions, 15 instances, budget 1e4 d;
+* ``--quick`` (the default; about 7 minutes: 5.5 for the 384 BBOB runs, 1.2 for the
+  large-scale part): d in {2, 5, 10}, f1 f2 f8 f10, 3 instances, budget 1e4 d; large-scale
+  part at d = 200 with a 15 s cap;
+* ``--full``: d in {2, 5, 10, 20, 40}, all six functions, 15 instances, budget 1e4 d;
   large-scale part at d in {500, 1000, 2000} with a 120 s cap. Estimated at 5-6 hours: the
   runs that never reach 1e-8 (f15 for nearly every method; f8, f10, f12 for the diagonal-like
   ones) spend their whole budget at about 50 us per evaluation (about 3e8 evaluations),
   plus at most 48 minutes of capped large-scale runs. Restrict it with ``--dims``,
   ``--functions``, ``--methods``, ``--instances``.
+
+Options given on the command line replace the chosen preset's values (without ``--full`` they
+replace the quick preset's, including its 60 s cap per BBOB run).
 
 With the same seed, evotorch's XNES / SNES draw the same normals as StructuredNES's
 ``rates="xnes"`` runs and reproduce them exactly until the first restart (a check of the

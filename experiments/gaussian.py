@@ -31,7 +31,7 @@ Modes (2 CPU cores, one torch thread, 9 optimizer settings per structure and gra
 
 * ``--quick`` (the README's main command): d in {10, 100}, cond in {10, 1e3}, seed 0,
   200 exact / 300 MC iterations, 16 MC samples: 576 runs, about 2-3 minutes.
-* default (full): d in {10, 100, 1000}, cond in {10, 1e4}, seed 0, 500 exact / 1000 MC
+* ``--full``: d in {10, 100, 1000}, cond in {10, 1e4}, seed 0, 500 exact / 1000 MC
   iterations, 32 MC samples: 864 runs. The d <= 100 part takes about 12 minutes; d = 1000
   is estimated from measured step times at about 4 hours per condition number (about 2 h for
   dense and 1 h for each triangular structure, whose steps are O(d^3); half an hour for the
