@@ -101,3 +101,22 @@ def test_the_large_scale_target_is_checked_per_problem_against_both_pycma_varian
     assert _large_checks(without_sep, settings)["rotated rank-2 cigar"]["status"] == "PASS"  # 30 s, and pycma's CMA-ES unsolved
     nobody = [r for r in without_sep if not r["solved"]]
     assert _large_checks(nobody, settings)["rotated rank-2 cigar"]["status"] == "FAIL"  # no structured run reached the target
+
+
+def test_a_cell_of_a_small_grid_is_the_same_cell_of_a_larger_grid():
+    """The README's tables come from slices of ``--full``'s grid (``--dims``, ``--functions``,
+    ``--instances``, ``--methods``): each run's draws depend only on its own (seed, function,
+    dimension, instance), not on which other runs came before, so a slice reproduces the
+    larger grid's cells run for run."""
+    big = study_settings(es, ["--tiny", "--dims", "2", "3", "--functions", "1", "8", "--instances", "1", "2",
+                              "--methods", "dense", "diagonal", "cma"])
+    small = study_settings(es, ["--tiny", "--dims", "3", "--functions", "8", "--instances", "2",
+                                "--methods", "diagonal", "cma"])
+    big_runs, _ = es.run_bbob(big, big.methods)
+    small_runs, _ = es.run_bbob(small, small.methods)
+    cells = {(r.method, r.function, r.dim, r.instance): r.trace for r in big_runs}
+    assert len(small_runs) == 2
+    for run in small_runs:
+        expected = cells[(run.method, run.function, run.dim, run.instance)]
+        assert run.trace.evaluations == expected.evaluations and run.trace.evaluations > 0
+        assert run.trace.gaps == expected.gaps  # bit for bit
