@@ -61,7 +61,10 @@ Modes (2 CPU cores, one torch thread, sequential runs):
   ``--functions``, ``--methods``, ``--instances``.
 
 Options given on the command line replace the chosen preset's values (without ``--full`` they
-replace the quick preset's, including its 60 s cap per BBOB run).
+replace the quick preset's, including its 60 s cap per BBOB run). ``--jobs N`` runs N BBOB runs
+at once in worker processes (``threads`` each): the same runs, since each run's draws depend only
+on its own (seed, function, dimension, instance); evaluation counts are unchanged, per-run
+seconds grow with the load. The timed large-scale part always runs alone.
 
 With the same seed, evotorch's XNES / SNES draw the same normals as StructuredNES's
 ``rates="xnes"`` runs and reproduce them exactly until the first restart (a check of the
@@ -78,8 +81,10 @@ import logging
 import math
 import platform
 import time
+import multiprocessing
 import warnings
 from collections import defaultdict
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
@@ -193,6 +198,7 @@ class Settings:
     large_budget_factor: int = 2000
     threads: Optional[int] = 1
     device: str = "cpu"  # StructuredNES, evotorch and their function evaluations (pycma: numpy, CPU)
+    jobs: int = 1  # BBOB runs at once, each in its own process of ``threads`` threads
 
 
 PRESETS = {
@@ -437,8 +443,31 @@ def active_methods(settings: Settings) -> Tuple[List[str], List[str]]:
     return keep, notes
 
 
+def run_cell(settings: Settings, key: str, function: int, dim: int, instance: int, seed: int) -> Run:
+    """One BBOB run: ``key`` on ``(function, dim, instance)`` with ``seed``. Its draws depend on
+    nothing else, so a run is the same in any grid, in any order, in any process."""
+    problem = bbob.get(function, dim, instance)
+    budget = settings.budget_factor * dim
+    trace = run_method(METHODS[key], problem, problem.fopt, x0_sampler(seed, function, dim, instance), dim,
+                       seed, budget, settings.restarts, settings.time_cap, settings)
+    return Run(key, function, dim, instance, seed, budget, trace)
+
+
+_WORKER_LIMITS = []  # a worker's BLAS thread limit, held for the process's life
+
+
+def _init_worker(threads: Optional[int]) -> None:
+    """A ``--jobs`` worker: the study's torch / BLAS threads and dtype, pycma's chatter off."""
+    common.configure_torch(threads, torch.float64)
+    warnings.simplefilter("ignore")
+    limits = _blas_threads(threads)
+    limits.__enter__()
+    _WORKER_LIMITS.append(limits)
+
+
 def run_bbob(settings: Settings, methods: Sequence[str]) -> Tuple[List[Run], List[dict]]:
-    """Every BBOB run; and the (method, dim) pairs whose structure does not exist."""
+    """Every BBOB run, in plan order (``settings.jobs`` at once in worker processes when more
+    than one); and the (method, dim) pairs whose structure does not exist."""
     plan, skipped = [], []
     for dim in settings.dims:
         for key in methods:
@@ -450,15 +479,21 @@ def run_bbob(settings: Settings, methods: Sequence[str]) -> Tuple[List[Run], Lis
                     for seed in settings.seeds:
                         plan.append((key, function, dim, instance, seed))
     bar = common.progress(len(plan), "es bbob")
-    runs, problems = [], {}
-    for key, function, dim, instance, seed in plan:
-        bar.set_postfix_str(f"f{function} d={dim} i{instance} {key}")
-        problem = problems.setdefault((function, dim, instance), bbob.get(function, dim, instance))
-        budget = settings.budget_factor * dim
-        trace = run_method(METHODS[key], problem, problem.fopt, x0_sampler(seed, function, dim, instance), dim,
-                           seed, budget, settings.restarts, settings.time_cap, settings)
-        runs.append(Run(key, function, dim, instance, seed, budget, trace))
-        bar.update()
+    if settings.jobs == 1:
+        runs = []
+        for cell in plan:
+            key, function, dim, instance, _ = cell
+            bar.set_postfix_str(f"f{function} d={dim} i{instance} {key}")
+            runs.append(run_cell(settings, *cell))
+            bar.update()
+    else:
+        context = multiprocessing.get_context("spawn")  # no forked torch / OpenMP state
+        with ProcessPoolExecutor(settings.jobs, mp_context=context, initializer=_init_worker,
+                                 initargs=(settings.threads,)) as pool:
+            futures = [pool.submit(run_cell, settings, *cell) for cell in plan]
+            for future in futures:
+                future.add_done_callback(lambda _: bar.update())
+            runs = [future.result() for future in futures]
     bar.close()
     return runs, skipped
 
@@ -660,7 +695,7 @@ def markdown_report(rows: List[dict], large: List[dict], checks: List[dict], set
         f"restarts (StructuredNES, pycma); time cap {settings.time_cap:g} s per run; population evaluated in one "
         f"batched torch call on {settings.device} (pycma: numpy on the CPU); torch {torch.__version__}, "
         f"{torch.get_num_threads()} thread(s), {platform.machine()}; "
-        f"study runtime {runtime:.0f} s.",
+        f"{settings.jobs} BBOB run(s) at once; study runtime {runtime:.0f} s.",
         "",
         "## Target checks",
         "",
@@ -829,12 +864,17 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--large-time-cap", type=float, help="seconds per large-scale run")
     parser.add_argument("--large-budget-factor", type=int, help="large-scale evaluation budget / d")
     parser.add_argument("--threads", type=int, help="torch threads (default 1)")
+    parser.add_argument("--jobs", type=int, help="BBOB runs at once, each in its own process (default 1; "
+                                                 "the large-scale part, timed, always runs alone)")
     parser.add_argument("--device", help="device of StructuredNES, evotorch and their function evaluations "
                                          "(default cpu; e.g. cuda); pycma runs on the CPU")
 
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
-    return common.resolve_preset(PRESETS, args)
+    settings = common.resolve_preset(PRESETS, args)
+    if not isinstance(settings.jobs, int) or settings.jobs < 1:
+        raise SystemExit(f"--jobs must be a positive integer, got {settings.jobs!r}")
+    return settings
 
 
 def _blas_threads(threads: Optional[int]):

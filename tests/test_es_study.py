@@ -120,3 +120,21 @@ def test_a_cell_of_a_small_grid_is_the_same_cell_of_a_larger_grid():
         expected = cells[(run.method, run.function, run.dim, run.instance)]
         assert run.trace.evaluations == expected.evaluations and run.trace.evaluations > 0
         assert run.trace.gaps == expected.gaps  # bit for bit
+
+
+def test_jobs_run_the_same_grid_in_worker_processes():
+    """``--jobs 2``: the runs come back in plan order with the same draws as one at a time."""
+    argv = ["--tiny", "--dims", "2", "--functions", "1", "8", "--methods", "dense", "cma"]
+    alone = study_settings(es, argv)
+    pooled = study_settings(es, argv + ["--jobs", "2"])
+    assert pooled.jobs == 2
+    expected, _ = es.run_bbob(alone, alone.methods)
+    got, _ = es.run_bbob(pooled, pooled.methods)
+    assert [(r.method, r.function, r.instance) for r in got] == [(r.method, r.function, r.instance) for r in expected]
+    for run, reference in zip(got, expected):
+        assert (run.trace.evaluations, run.trace.gaps) == (reference.trace.evaluations, reference.trace.gaps)
+
+
+def test_jobs_must_be_positive():
+    with pytest.raises(SystemExit, match="--jobs"):
+        study_settings(es, ["--tiny", "--jobs", "0"])
