@@ -44,7 +44,7 @@ the best ELBO, one panel per problem) and ``gap1d_bands.png`` (predictive mean a
 of each method on the gap regression, training points shown).
 
 Modes (2 CPU cores, one torch thread): ``--tiny`` (seconds, smoke test), ``--quick`` (breast
-cancer, wine, gap1d with small BNNs, 2 seeds; about 3 minutes) and the default full study
+cancer, wine, gap1d with small BNNs, 2 seeds; about 3 minutes; the default) and ``--full``
 (the five small problems and the UCI sets boston, concrete, energy, yacht and wine, 5 seeds =
 splits 0-4, longer runs; about 1-2 hours for the small problems, dominated by the dense
 methods on digits, plus roughly 3 hours for the UCI sets, mostly Adam's 2000-step runs).
