@@ -54,11 +54,12 @@ Modes (2 CPU cores, one torch thread, sequential runs):
   large-scale part): d in {2, 5, 10}, f1 f2 f8 f10, 3 instances, budget 1e4 d; large-scale
   part at d = 200 with a 15 s cap;
 * ``--full``: d in {2, 5, 10, 20, 40}, all six functions, 15 instances, budget 1e4 d;
-  large-scale part at d in {500, 1000, 2000} with a 120 s cap. Estimated at 5-6 hours: the
-  runs that never reach 1e-8 (f15 for nearly every method; f8, f10, f12 for the diagonal-like
-  ones) spend their whole budget at about 50 us per evaluation (about 3e8 evaluations),
-  plus at most 48 minutes of capped large-scale runs. Restrict it with ``--dims``,
-  ``--functions``, ``--methods``, ``--instances``.
+  large-scale part at d in {500, 1000, 2000} with a 120 s cap. About 6 hours in one process:
+  its slices with 5 instances took 37 minutes (f1 f2 f8 f10 at d = 20, 40, nine methods), 19
+  (f12, f15 at d <= 20) and 27 (f12, f15 at d = 40), so the 15 instances take about 5 hours,
+  mostly in runs that never reach 1e-8 and spend their whole budget, plus at most 48 minutes of
+  capped large-scale runs. ``--jobs N`` divides the BBOB part by about N. Restrict it with
+  ``--dims``, ``--functions``, ``--methods``, ``--instances``.
 
 Options given on the command line replace the chosen preset's values (without ``--full`` they
 replace the quick preset's, including its 60 s cap per BBOB run). ``--jobs N`` runs N BBOB runs
@@ -847,7 +848,7 @@ def write_outputs(out: Path, settings: Settings, methods, runs, skipped, large_r
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments es``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "5-6 hours")
+    common.add_preset_arguments(parser, "about 6 hours; --jobs N divides its BBOB part")
     parser.add_argument("--out", type=Path, default=Path("results/es"), help="output directory")
     parser.add_argument("--dims", type=int, nargs="+", help="BBOB dimensions")
     parser.add_argument("--functions", type=int, nargs="+", choices=tuple(bbob.FUNCTIONS), help="BBOB functions")
