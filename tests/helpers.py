@@ -17,6 +17,13 @@ def study_settings(module, argv):
     return module.resolve_settings(parser.parse_args(argv))
 
 
+def run_with_gaps(module, settings):
+    """A study's ``run_all(settings)`` with ``attach_gaps`` applied: ``(runs, optima)``."""
+    runs, optima = module.run_all(settings)
+    module.attach_gaps(runs, optima)
+    return runs, optima
+
+
 def config_id(cfg) -> str:
     """Test id of a ``(structure, dim, options)`` configuration."""
     name, d, opts = cfg

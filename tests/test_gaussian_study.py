@@ -7,7 +7,7 @@ import torch
 from experiments import gaussian
 from structngd.targets import GaussianTarget
 
-from helpers import DEVICES, study_settings
+from helpers import DEVICES, run_with_gaps, study_settings
 
 
 @pytest.mark.parametrize("device", DEVICES)
@@ -52,13 +52,8 @@ def test_a_cell_of_a_small_grid_is_the_same_cell_of_a_larger_grid():
     big = study_settings(gaussian, ["--tiny", "--dims", "4", "6", "--seeds", "0", "1",
                                     "--structures", "dense", "diagonal", "block_triangular"])
     small = study_settings(gaussian, ["--tiny", "--dims", "6", "--seeds", "1", "--structures", "block_triangular", "dense"])
-    results = {}
-    for name, settings in (("big", big), ("small", small)):
-        runs, optima = gaussian.run_all(settings)
-        gaussian.attach_gaps(runs, optima)
-        results[name] = runs, optima
-    big_runs, big_optima = results["big"]
-    small_runs, small_optima = results["small"]
+    big_runs, big_optima = run_with_gaps(gaussian, big)
+    small_runs, small_optima = run_with_gaps(gaussian, small)
     cells = {(r.target, r.seed, r.structure, r.gradient, r.config): r for r in big_runs}
     assert len(small_runs) == 2 * 4 and {r.gradient for r in small_runs} == {"exact", "mc"}
     for run in small_runs:

@@ -11,7 +11,7 @@ import torch
 
 from experiments import wishart
 
-from helpers import DEVICES, study_settings
+from helpers import DEVICES, run_with_gaps, study_settings
 
 
 def test_wishart_study_tiny(tmp_path):
@@ -88,13 +88,8 @@ def test_a_cell_of_a_small_grid_is_the_same_cell_of_a_larger_grid():
                                    "--methods", "ngd_dense", "rsgd", "adam_chol"])
     small = study_settings(wishart, ["--tiny", "--dims", "5", "--conds", "1000", "--seeds", "1", "--problems", "vi", "map",
                                      "--methods", "adam_chol", "rsgd", "ngd_dense"])
-    results = {}
-    for name, settings in (("big", big), ("small", small)):
-        runs, optima = wishart.run_all(settings)
-        wishart.attach_gaps(runs, optima)
-        results[name] = runs, optima
-    big_runs, big_optima = results["big"]
-    small_runs, small_optima = results["small"]
+    big_runs, big_optima = run_with_gaps(wishart, big)
+    small_runs, small_optima = run_with_gaps(wishart, small)
     cells = {(r.spec, r.seed, r.config): r for r in big_runs}
     assert len(small_runs) == 2 * (2 + 1 + 1)  # two problems; NGD has two trust regions
     for run in small_runs:
