@@ -584,7 +584,7 @@ def write_outputs(
 # -------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments gaussian``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "hours")
+    common.add_preset_arguments(parser, "about 9 hours, most of it d = 1000")
     parser.add_argument("--out", type=Path, default=Path("results/gaussian"), help="output directory")
     parser.add_argument("--dims", type=int, nargs="+", help="target dimensions")
     parser.add_argument("--conds", type=float, nargs="+", help="target condition numbers")

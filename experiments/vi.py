@@ -790,7 +790,7 @@ def rows_for_csv(rows: List[dict]) -> List[dict]:
 # ---------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments vi``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "hours")
+    common.add_preset_arguments(parser, "about 4-5 hours")
     parser.add_argument("--out", type=Path, default=Path("results/vi"), help="output directory")
     parser.add_argument("--problems", nargs="+", choices=vi_data.DATASETS, help="data sets")
     parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")

@@ -587,7 +587,7 @@ def write_outputs(out: Path, settings, runs, optima, rows, report) -> List[Path]
 # -------------------------------------------------------------------- CLI
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Options of ``python -m experiments wishart``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "about 40 minutes")
+    common.add_preset_arguments(parser, "about 17 minutes")
     parser.add_argument("--out", type=Path, default=Path("results/wishart"), help="output directory")
     parser.add_argument("--dims", type=int, nargs="+", help="dimensions d")
     parser.add_argument("--conds", type=float, nargs="+", help="condition numbers of Sigma*")
