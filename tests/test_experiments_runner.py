@@ -2,13 +2,18 @@
 them, and finite headline numbers for every method."""
 
 import csv
+import dataclasses
+import importlib
 import math
 import re
+import shlex
+from pathlib import Path
 
 import pytest
 import torch
 
 from experiments.__main__ import STUDIES, main
+from experiments.runner import build_parser
 
 #: study -> the summary.csv columns that must be finite on every row
 HEADLINES = {
@@ -72,3 +77,27 @@ def test_every_study_takes_a_device_and_quick_passes_it_on(tmp_path, monkeypatch
 def test_a_missing_cuda_device_is_a_clear_error(study, tmp_path):
     with pytest.raises(SystemExit, match="CUDA is not available"):
         main([study, "--tiny", "--device", "cuda", "--out", str(tmp_path)])
+
+
+def _readme_commands():
+    """The concrete ``python -m experiments ...`` commands quoted in the README (templates with
+    ``{...}``, ``[...]`` or ``...`` left out)."""
+    readme = (Path(__file__).resolve().parents[1] / "README.md").read_text()
+    commands = {c for c in re.findall(r"`(python -m experiments [^`]+)`", readme)}
+    return sorted(c for c in commands if not any(mark in c for mark in ("{", "[", "...")))
+
+
+@pytest.mark.parametrize("command", _readme_commands())
+def test_every_readme_command_parses_and_resolves(command):
+    """Each command the README gives for a table is valid: its options exist and its settings
+    resolve (a renamed or removed option fails here, not for a reader)."""
+    argv = shlex.split(command)[3:]
+    args = build_parser().parse_args(argv)
+    if args.study != "quick" and "--device" not in argv:
+        settings = importlib.import_module(STUDIES[args.study]).resolve_settings(args)
+        assert dataclasses.is_dataclass(settings)
+
+
+def test_the_readme_quotes_commands_of_every_study():
+    quoted = {shlex.split(c)[3] for c in _readme_commands()}
+    assert quoted >= set(STUDIES) | {"quick"}, quoted
