@@ -62,6 +62,13 @@ def resolve_preset(presets: dict, args, skip: Iterable[str] = ()):
     return settings
 
 
+def check_jobs(jobs) -> int:
+    """``--jobs``: a positive integer (how many runs or studies go at once), else a clear error."""
+    if not isinstance(jobs, int) or jobs < 1:
+        raise SystemExit(f"--jobs must be a positive integer, got {jobs!r}")
+    return jobs
+
+
 def parse_optional_float(text: str) -> Optional[float]:
     """``argparse`` type for a float that may be ``none`` (no value)."""
     return None if text.lower() in ("none", "off", "inf") else float(text)

@@ -80,13 +80,14 @@ import argparse
 import contextlib
 import logging
 import math
+import multiprocessing
 import platform
 import time
-import multiprocessing
 import warnings
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
@@ -444,10 +445,16 @@ def active_methods(settings: Settings) -> Tuple[List[str], List[str]]:
     return keep, notes
 
 
+@lru_cache(maxsize=None)
+def _problem(function: int, dim: int, instance: int):
+    """``bbob.get``, built once per process for all the methods and seeds that run on it."""
+    return bbob.get(function, dim, instance)
+
+
 def run_cell(settings: Settings, key: str, function: int, dim: int, instance: int, seed: int) -> Run:
     """One BBOB run: ``key`` on ``(function, dim, instance)`` with ``seed``. Its draws depend on
     nothing else, so a run is the same in any grid, in any order, in any process."""
-    problem = bbob.get(function, dim, instance)
+    problem = _problem(function, dim, instance)
     budget = settings.budget_factor * dim
     trace = run_method(METHODS[key], problem, problem.fopt, x0_sampler(seed, function, dim, instance), dim,
                        seed, budget, settings.restarts, settings.time_cap, settings)
@@ -873,8 +880,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
 
 def resolve_settings(args: argparse.Namespace) -> Settings:
     settings = common.resolve_preset(PRESETS, args)
-    if not isinstance(settings.jobs, int) or settings.jobs < 1:
-        raise SystemExit(f"--jobs must be a positive integer, got {settings.jobs!r}")
+    common.check_jobs(settings.jobs)
     return settings
 
 

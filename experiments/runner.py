@@ -27,6 +27,8 @@ from typing import Dict, List, Optional
 
 import torch
 
+from . import common
+
 #: study name -> module defining ``add_arguments(parser)`` and ``run(args)``
 STUDIES = {
     "gaussian": "experiments.gaussian",
@@ -107,8 +109,7 @@ def _run_study_logged(name: str, preset: str, extra: List[str], out: Path, log: 
 
 def run_quick(args: argparse.Namespace) -> None:
     """Run the chosen studies (``--jobs`` at once), then write the report."""
-    if not isinstance(args.jobs, int) or args.jobs < 1:
-        raise SystemExit(f"--jobs must be a positive integer, got {args.jobs!r}")
+    common.check_jobs(args.jobs)
     preset = "--tiny" if args.tiny else "--quick"
     names = [n for n in LONGEST_FIRST if n in args.studies] + [n for n in args.studies if n not in LONGEST_FIRST]
     device = ["--device", args.device] if args.device else []
