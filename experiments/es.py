@@ -55,8 +55,9 @@ Modes (2 CPU cores, one torch thread, sequential runs):
   part at d = 200 with a 15 s cap;
 * ``--full``: d in {2, 5, 10, 20, 40}, all six functions, 15 instances, budget 1e4 d;
   large-scale part at d in {500, 1000, 2000} with a 120 s cap. About 6 hours in one process:
-  its slices with 5 instances took 37 minutes (f1 f2 f8 f10 at d = 20, 40, nine methods), 19
-  (f12, f15 at d <= 20) and 27 (f12, f15 at d = 40), so the 15 instances take about 5 hours,
+  its slices with 5 instances took 37 minutes (f1 f2 f8 f10 at d = 20, 40, nine methods),
+  about 20 (f12, f15 at d <= 20: 588 s with ``--jobs 2``) and 27 (f12, f15 at d = 40), and
+  f1 f2 f8 f10 at d <= 10 with all 15 instances 58, so the 15 instances take about 5 hours,
   mostly in runs that never reach 1e-8 and spend their whole budget, plus at most 48 minutes of
   capped large-scale runs. ``--jobs N`` divides the BBOB part by about N. Restrict it with
   ``--dims``, ``--functions``, ``--methods``, ``--instances``.
