@@ -21,7 +21,6 @@ import torch
 from torch.overrides import TorchFunctionMode
 
 from structngd.es import StructuredNES, minimize, rank_order, recombination_weights, utilities
-from structngd.es import _patterns
 from structngd.groups import make
 
 F64 = torch.float64
@@ -194,16 +193,6 @@ def test_structured_step_equals_dense_formula(structure, opts, transpose):
     assert torch.allclose(b, b_ref, rtol=1e-12, atol=1e-13)
     assert es.sigma == pytest.approx(s0 * math.exp(es.rates["eta_sigma"] / 2 * float(g_sigma)), rel=1e-13)
     assert torch.allclose(es.mean, mu0 + s0 * b0 @ (u @ zs), rtol=1e-12, atol=1e-13)
-
-
-def test_group_exp_matches_dense_expm():
-    for structure, opts in [("block_triangular", {"k": 2}), ("heisenberg", {"k": 2, "k2": 1})]:
-        group = make(structure, 7, **opts)
-        m = group.random(torch.Generator().manual_seed(1), dtype=F64) - group.identity(F64)
-        for scale in (0.1, 3.0):
-            e = group.to_dense(_patterns.group_exp(group, scale * m))
-            ref = torch.from_numpy(scipy.linalg.expm(scale * group.to_dense(m).numpy()))
-            assert torch.allclose(e, ref, rtol=1e-12, atol=1e-12)
 
 
 def test_xnes_convergence_budget():

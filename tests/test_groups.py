@@ -277,24 +277,72 @@ def test_product_closed_exactly(group, pattern):
     assert torch.all(group.to_dense(group.mul(a, b))[~pattern] == 0)
 
 
-def test_expm_of_projection_closed_exactly(group, pattern):
+def test_h_of_projection_closed_exactly(group, pattern):
     x = torch.randn(group.dim, group.dim, generator=gen(14), dtype=torch.float64)
     m = group.project(x)
-    e = group.to_dense(group.expm(m))
+    e = group.to_dense(group.h(m))
     assert torch.all(e[~pattern] == 0)
     md = group.to_dense(m)
     eye = torch.eye(group.dim, dtype=torch.float64)
     assert (e - (eye + md + md @ md / 2)).abs().max().item() < 1e-12
 
 
-def test_expm_equals_polynomial_for_generic_compact_m(group, pattern):
+def test_h_equals_polynomial_for_generic_compact_m(group, pattern):
     """h(M) = I + M + M^2/2 for any compact M (not only projected, symmetric-block ones)."""
     m = group.restrict(torch.randn(3, group.dim, group.dim, generator=gen(15), dtype=torch.float64))
-    e = group.to_dense(group.expm(m))
+    e = group.to_dense(group.h(m))
     md = group.to_dense(m)
     eye = torch.eye(group.dim, dtype=torch.float64)
     assert (e - (eye + md + md @ md / 2)).abs().max().item() < 1e-12
     assert torch.all(e[..., ~pattern] == 0)
+
+
+def test_expm_is_a_deprecated_alias_of_h(group):
+    m = group.restrict(torch.randn(group.dim, group.dim, generator=gen(16), dtype=torch.float64))
+    with pytest.warns(DeprecationWarning, match="MatrixGroup.h"):
+        old = group.expm(m)
+    assert torch.equal(old, group.h(m))
+
+
+@pytest.mark.parametrize("scale", [0.1, 3.0])
+def test_exp_is_the_matrix_exponential_and_stays_in_the_group(group, pattern, scale):
+    """``exp`` of a projected algebra element equals scipy's dense ``expm`` (independent Padé)."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    x = torch.randn(group.dim, group.dim, generator=gen(17), dtype=torch.float64)
+    m = scale * group.project(x + x.mT) / group.dim**0.5
+    e = group.exp(m)
+    ref = torch.from_numpy(scipy_linalg.expm(group.to_dense(m).numpy()))
+    assert rel(group.to_dense(e), ref) < 1e-12
+    assert torch.equal(group.restrict(group.to_dense(e)), e)  # padding slots stay zero
+    assert torch.all(group.to_dense(e)[~pattern] == 0)
+
+
+def test_inverse_fisher_weights_are_half_on_symmetric_entries_one_on_free(group, pattern):
+    """``C``: 1/2 where the entry's transpose is also in the pattern (diagonal, symmetric dense
+    blocks), 1 where it is not (free triangular / coupling entries), 0 off the pattern."""
+    expected = torch.where(pattern & pattern.T, 0.5, torch.where(pattern, 1.0, 0.0)).double()
+    weights = group.inverse_fisher_weights(torch.float64)
+    assert torch.equal(group.to_dense(weights), expected)
+    x = torch.randn(group.dim, group.dim, generator=gen(18), dtype=torch.float64)
+    x = x + x.mT
+    assert rel(weights * group.restrict(x), group.project(x)) < 1e-15
+    free = int(pattern.sum()) - int((pattern & pattern.T & ~torch.eye(group.dim, dtype=torch.bool)).sum()) // 2
+    assert group.algebra_dim == free
+
+
+def test_outer_is_the_pattern_of_the_weighted_sum(group):
+    z = torch.randn(5, group.dim, generator=gen(19), dtype=torch.float64)
+    w = torch.randn(5, generator=gen(20), dtype=torch.float64)
+    dense = sum(w[k] * torch.outer(z[k], z[k]) for k in range(5))
+    assert rel(group.to_dense(group.outer(z, w)), group.to_dense(group.restrict(dense))) < 1e-14
+    assert rel(group.outer(z), group.restrict(z.mT @ z)) < 1e-14
+
+
+def test_row_and_column_square_norms(group):
+    a = group.random(gen(21), dtype=torch.float64)
+    dense = group.to_dense(a)
+    assert rel(group.row_sq_norms(a), (dense @ dense.mT).diagonal()) < 1e-14
+    assert rel(group.col_sq_norms(a), (dense.mT @ dense).diagonal()) < 1e-14
 
 
 def test_long_run_keeps_structure_exactly(group, pattern):
@@ -305,7 +353,7 @@ def test_long_run_keeps_structure_exactly(group, pattern):
     xs = 0.5 * (xs + xs.mT)
     b = group.random(generator=gen(160), dtype=torch.float64)
     for t in range(steps):
-        b = group.mul(b, group.expm(-0.01 * group.project(xs[t])))
+        b = group.mul(b, group.h(-0.01 * group.project(xs[t])))
     bd = group.to_dense(b)
     assert torch.all(bd[~pattern] == 0)
     assert torch.equal(group.restrict(bd), b)
@@ -324,7 +372,7 @@ def test_long_run_matches_dense_recurrence(group, pattern):
     eye = torch.eye(d, dtype=torch.float64)
     for t in range(steps):
         m = group.project(xs[t])
-        b = group.mul(b, group.expm(-0.05 * m))
+        b = group.mul(b, group.h(-0.05 * m))
         md = -0.05 * group.to_dense(m)
         ref = ref @ (eye + md + md @ md / 2)
     assert rel(group.to_dense(b), ref) < 1e-10
@@ -424,7 +472,7 @@ def test_pullback_is_the_local_gradient(group, pattern):
     w = torch.randn(d, d, generator=gen(28), dtype=torch.float64)
     grad = group.restrict(w)  # dL/dB in compact form (only pattern entries are coordinates)
     m = torch.zeros(group.shape, dtype=torch.float64, requires_grad=True)
-    loss = (group.to_dense(group.mul(b, group.expm(m))) * w).sum()
+    loss = (group.to_dense(group.mul(b, group.h(m))) * w).sum()
     (gm,) = torch.autograd.grad(loss, m)
     local = group.to_dense(gm)  # d L / d M on the pattern
     expected, _ = fisher_oracle(group, pattern, local)
@@ -449,7 +497,7 @@ def test_identity_and_from_diagonal(group):
     a2, _ = _elements(group, (), seed=30)
     assert torch.equal(group.to_dense(group.mul(eye, a2)), group.to_dense(a2))
     assert torch.equal(group.to_dense(group.mul(a2, eye)), group.to_dense(a2))
-    assert torch.equal(group.expm(torch.zeros_like(a2)), eye)
+    assert torch.equal(group.h(torch.zeros_like(a2)), eye)
 
 
 def test_random_deterministic(group):
@@ -480,7 +528,7 @@ def test_dtype_and_device_kept(group, dtype):
         group.to_dense(a),
         group.restrict(g),
         group.mul(a, b),
-        group.expm(group.project(g)),
+        group.h(group.project(g)),
         group.project(g),
         group.pullback(a, group.restrict(g)),
         group.matvec(a, x),
@@ -719,6 +767,6 @@ def test_float32_agreement(group):
     m = group.project(x)
     md = group.to_dense(m).double()
     eye = torch.eye(d, dtype=torch.float64)
-    assert rel(group.to_dense(group.expm(m)), eye + md + md @ md / 2) < 1e-4
+    assert rel(group.to_dense(group.h(m)), eye + md + md @ md / 2) < 1e-4
     grad = group.restrict(x)
     assert rel(group.pullback(a, grad), group.pullback(a.double(), grad.double())) < 1e-4

@@ -21,7 +21,6 @@ import torch
 from torch import Tensor
 
 from .. import groups as _groups
-from . import _patterns
 from .result import ESHistory, ESResult
 from .utilities import default_popsize, rank_order, recombination_weights, utilities
 
@@ -178,9 +177,9 @@ class StructuredNES:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
-        self._weights_c = _patterns.algebra_weights(self.group, dtype, self.device)
+        self._weights_c = self.group.inverse_fisher_weights(dtype, self.device)
         self._eye_c = self.group.identity(dtype, self.device)
-        self._algebra_dim = _patterns.algebra_dimension(self.group, self._weights_c)
+        self._algebra_dim = self.group.algebra_dim
 
         # run-independent counters
         self.iterations = 0
@@ -391,7 +390,7 @@ class StructuredNES:
     def _shape_step(self, zs: Tensor, coef: Tensor) -> tuple:
         """Pattern entries of ``G = sum_k coef_k (z_k z_k^T - I)``, its trace / d, and ``M``
         ``= 1/2 Pi_hat(G - tr(G)/d I)`` in compact form (exactly ``(G - g I)/2`` for dense)."""
-        g = _patterns.outer_pattern(self.group, zs, coef) - coef.sum() * self._eye_c
+        g = self.group.outer(zs, coef) - coef.sum() * self._eye_c
         g_sigma = ((coef * (zs * zs).sum(-1)).sum() - self.dim * coef.sum()) / self.dim
         m = self._weights_c * (g - g_sigma * self._eye_c)
         return g_sigma, m
@@ -408,13 +407,13 @@ class StructuredNES:
     def _sq_norms(self) -> Tensor:
         """Diagonal of ``B B^T`` (``B^T B`` with ``transpose``): marginal variances / sigma^2."""
         if self.transpose:
-            return _patterns.col_sq_norms(self.group, self.factor)
-        return _patterns.row_sq_norms(self.group, self.factor)
+            return self.group.col_sq_norms(self.factor)
+        return self.group.row_sq_norms(self.factor)
 
     def _retract(self, m: Tensor) -> Tensor:
         if self.retraction == "exp":
-            return _patterns.group_exp(self.group, m)
-        return self.group.expm(m)
+            return self.group.exp(m)
+        return self.group.h(m)
 
     def _update_xnes(self, zs: Tensor) -> None:
         """xNES / SNES (Glasmachers et al. 2010, Schaul et al. 2011) with the group's pattern:

@@ -200,7 +200,7 @@ class Gaussian(nn.Module):
         """``tau <- phi_tau(eta0 - lr * step)``: ``mu -= lr B^{-T} delta``, ``B <- B h(-lr M)``."""
         delta, m = step
         self.loc.sub_(lr * self.group.tsolve(self.factor, delta))
-        self.factor.copy_(self.group.mul(self.factor, self.group.expm(-lr * m)))
+        self.factor.copy_(self.group.mul(self.factor, self.group.h(-lr * m)))
 
 
 def _accumulate(param: nn.Parameter, grad: Tensor) -> None:

@@ -342,6 +342,6 @@ class Wishart(nn.Module):
                 + (" or use df_coordinate='log'" if self.df_coordinate == "linear" else "")
                 + "; no parameter was changed"
             )
-        new_factor = self.group.mul(self.factor, self.group.expm(-lr * m))
+        new_factor = self.group.mul(self.factor, self.group.h(-lr * m))
         self.df.copy_(new_df.reshape(self.df.shape))
         self.factor.copy_(new_factor)

@@ -9,6 +9,8 @@ linear: ``M1 + M2`` and ``c * M`` are plain tensor operations.
 from __future__ import annotations
 
 import abc
+import math
+import warnings
 from typing import Callable, Optional, Tuple
 
 import torch
@@ -40,8 +42,9 @@ def apply_columns(
 class MatrixGroup(abc.ABC):
     """A matrix Lie group of structured invertible d x d factors (layer 1 of structngd).
 
-    Subclasses define the compact storage (:attr:`shape`) and the operations below;
-    ``expm`` (the local map ``h(M) = I + M + M^2/2``) is shared.
+    Subclasses define the compact storage (:attr:`shape`) and the operations below. The
+    local map :meth:`h`, the exact :meth:`exp`, the inverse Fisher weights and the pattern
+    products have dense (or generic) fallbacks that structured groups override with O(nnz) code.
     """
 
     #: snake_case name used by :func:`structngd.groups.make`
@@ -118,7 +121,7 @@ class MatrixGroup(abc.ABC):
         noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
         noise = self.restrict(self.to_dense(noise))  # zero any storage slot off the pattern
         diag = torch.randn(tuple(batch_shape) + (self.dim,), generator=generator, dtype=dtype, device=device)
-        return self.expm(noise * (scale / self.dim**0.5) + self.from_diagonal(diag * scale))
+        return self.h(noise * (scale / self.dim**0.5) + self.from_diagonal(diag * scale))
 
     # ------------------------------------------------------------- the algebra
     @abc.abstractmethod
@@ -137,9 +140,82 @@ class MatrixGroup(abc.ABC):
         """
         return self.project(self.to_dense(b).mT @ self.to_dense(grad))
 
-    def expm(self, m: Tensor) -> Tensor:
-        """The local map ``h(M) = I + M + M^2 / 2``; stays in the group for any ``M``."""
+    def h(self, m: Tensor) -> Tensor:
+        """The local map ``h(M) = I + M + M^2 / 2``; stays in the group for any ``M``.
+
+        ``h`` is not the matrix exponential (it agrees with ``exp`` to second order); its
+        inverse exists for every ``M`` because ``h(M)`` has the eigenvalues ``h(m) >= 1/2``
+        on the algebra's symmetric blocks and a unit-free triangular part elsewhere.
+        """
         return self.identity(m.dtype, m.device) + m + 0.5 * self.mul(m, m)
+
+    def expm(self, m: Tensor) -> Tensor:
+        """Deprecated alias of :meth:`h` (``h`` is not the matrix exponential; see :meth:`exp`)."""
+        warnings.warn(
+            "MatrixGroup.expm is deprecated: it is the local map h(M) = I + M + M^2/2, now "
+            "MatrixGroup.h; the exact exponential is MatrixGroup.exp",
+            DeprecationWarning,
+            stacklevel=2,
+        )
+        return self.h(m)
+
+    def exp(self, m: Tensor) -> Tensor:
+        """The exact matrix exponential ``exp(M)`` of a compact algebra element, in compact form.
+
+        Generic: Taylor series with scaling and squaring through the compact product (the
+        pattern is closed under products), to float64 round-off. Dense-storage groups use
+        ``torch.linalg.matrix_exp``, the diagonal group ``torch.exp``.
+        """
+        norm = float(m.abs().sum())  # bounds any induced norm of M on the pattern
+        squarings = max(0, int(math.ceil(math.log2(norm / 0.25)))) if norm > 0.25 else 0
+        x = m / (2.0**squarings)
+        eye = self.identity(m.dtype, m.device)
+        term, out = eye, eye
+        for n in range(1, 19):
+            term = self.mul(term, x) / n
+            out = out + term
+            if float(term.abs().max()) <= 1e-18 * float(out.abs().max()):
+                break
+        for _ in range(squarings):
+            out = self.mul(out, out)
+        return out
+
+    def inverse_fisher_weights(self, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
+        """The compact weights ``C`` of ``project(G) = C ⊙ κ(G)`` for symmetric ``G``.
+
+        ``1/2`` on diagonal entries and dense (symmetric) diagonal blocks, ``1`` on free
+        (triangular, coupling) entries, ``0`` on storage slots off the pattern: the inverse
+        of the local coordinates' Fisher weights at ``eta0``. For a symmetric ``X`` given
+        by its pattern entries ``x = restrict(X)``, ``C * x = project(X)``.
+        """
+        dtype = dtype or torch.get_default_dtype()
+        return self.project(torch.ones(self.dim, self.dim, dtype=dtype, device=device))
+
+    @property
+    def algebra_dim(self) -> int:
+        """Number of free coordinates of the algebra: ``d (d + 1) / 2`` for dense, ``d`` for diagonal.
+
+        Twice the weights' sum counts each symmetric-block entry (weight 1/2, off-diagonal
+        pairs share one coordinate) and free entries twice; adding ``d`` restores the
+        diagonal's own coordinate."""
+        return int(round(float(self.inverse_fisher_weights(torch.float64).sum()) + self.dim / 2))
+
+    def outer(self, z: Tensor, weights: Optional[Tensor] = None) -> Tensor:
+        """Pattern entries of ``sum_k w_k z_k z_k^T`` for ``z`` of shape ``(n, d)`` (compact form).
+
+        ``weights`` (shape ``(n,)``) defaults to ones. Generic: the dense sum restricted to the
+        pattern; structured groups compute only their pattern entries (O(n nnz)).
+        """
+        wz = z if weights is None else z * weights.unsqueeze(-1)
+        return self.restrict(wz.mT @ z)
+
+    def row_sq_norms(self, a: Tensor) -> Tensor:
+        """Squared row norms of ``A``: the diagonal of ``A A^T``, shape ``(..., d)``."""
+        return self.to_dense(a).pow(2).sum(-1)
+
+    def col_sq_norms(self, a: Tensor) -> Tensor:
+        """Squared column norms of ``A``: the diagonal of ``A^T A``, shape ``(..., d)``."""
+        return self.to_dense(a).pow(2).sum(-2)
 
     # -------------------------------------------------------- group operations
     @abc.abstractmethod

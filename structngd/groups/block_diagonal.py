@@ -87,6 +87,24 @@ class BlockDiagonal(MatrixGroup):
     def mul(self, a, b):
         return a @ b
 
+    def exp(self, m):
+        out = torch.linalg.matrix_exp(m)
+        if self.padding:  # exp(0) = 1 would fill the padded corner: keep it off the pattern
+            r = self.block_size - self.padding
+            out[..., -1, r:, :] = 0
+            out[..., -1, :, r:] = 0
+        return out
+
+    def outer(self, z, weights=None):
+        wz = z if weights is None else z * weights.unsqueeze(-1)
+        return torch.einsum("kni,knj->nij", self._blocks(wz), self._blocks(z))  # padding rows are zero
+
+    def row_sq_norms(self, a):
+        return self._cut((a * a).sum(-1))
+
+    def col_sq_norms(self, a):
+        return self._cut((a * a).sum(-2))
+
     def gram(self, a):  # block by block; the padded rows and columns stay zero
         return a @ a.mT
 

@@ -137,6 +137,43 @@ class BlockUpperTriangular(MatrixGroup):
         parts = [0.5 * (sym(x) if self._dense(i) else x) for i, x in enumerate(x_diag)]
         return self.pack(parts, x_coup)
 
+    def inverse_fisher_weights(self, dtype=None, device=None):
+        ones = torch.ones(self.shape, dtype=dtype or torch.get_default_dtype(), device=device)
+        return self._weigh(*self.unpack(ones))
+
+    def outer(self, z, weights=None):
+        """Only the pattern's blocks of ``sum_k w_k z_k z_k^T``: O(n d k)."""
+        wz = z if weights is None else z * weights.unsqueeze(-1)
+        parts, wparts = self._split(z), self._split(wz)
+        diag = [
+            wparts[i].mT @ parts[i] if self._dense(i) else (wparts[i] * parts[i]).sum(0)
+            for i in range(len(self.blocks))
+        ]
+        coup = {(i, j): wparts[i].mT @ parts[j] for i, j in self._pairs()}
+        return self.pack(diag, coup)
+
+    def row_sq_norms(self, a):
+        """``diag(A A^T)`` block row by block row: O(nnz)."""
+        ad, ac = self.unpack(a)
+        pieces = []
+        for i in range(len(self.blocks)):
+            r = (ad[i] * ad[i]).sum(-1) if self._dense(i) else ad[i] * ad[i]
+            for j in range(i + 1, len(self.blocks)):
+                r = r + (ac[i, j] * ac[i, j]).sum(-1)
+            pieces.append(r)
+        return self._assemble(pieces)
+
+    def col_sq_norms(self, a):
+        """``diag(A^T A)`` block column by block column: O(nnz)."""
+        ad, ac = self.unpack(a)
+        pieces = []
+        for j in range(len(self.blocks)):
+            c = (ad[j] * ad[j]).sum(-2) if self._dense(j) else ad[j] * ad[j]
+            for i in range(j):
+                c = c + (ac[i, j] * ac[i, j]).sum(-2)
+            pieces.append(c)
+        return self._assemble(pieces)
+
     def project(self, g: Tensor) -> Tensor:
         x_diag = []
         for i, (sl, kind) in enumerate(self.blocks):

@@ -39,6 +39,19 @@ class Dense(MatrixGroup):
     def mul(self, a: Tensor, b: Tensor) -> Tensor:
         return a @ b
 
+    def exp(self, m: Tensor) -> Tensor:
+        return torch.linalg.matrix_exp(m)
+
+    def outer(self, z, weights=None):
+        wz = z if weights is None else z * weights.unsqueeze(-1)
+        return wz.mT @ z
+
+    def row_sq_norms(self, a):
+        return (a * a).sum(-1)
+
+    def col_sq_norms(self, a):
+        return (a * a).sum(-2)
+
     def gram(self, a):
         return a @ a.mT
 

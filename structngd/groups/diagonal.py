@@ -38,6 +38,21 @@ class Diagonal(MatrixGroup):
     def mul(self, a, b):
         return a * b
 
+    def exp(self, m):
+        return torch.exp(m)
+
+    def inverse_fisher_weights(self, dtype=None, device=None):
+        return torch.full((self.dim,), 0.5, dtype=dtype or torch.get_default_dtype(), device=device)
+
+    def outer(self, z, weights=None):
+        wz = z if weights is None else z * weights.unsqueeze(-1)
+        return (wz * z).sum(0)
+
+    def row_sq_norms(self, a):
+        return a * a
+
+    col_sq_norms = row_sq_norms
+
     def gram(self, a):
         return a * a
 

@@ -39,6 +39,15 @@ class _Triangular(MatrixGroup):
     def mul(self, a, b):
         return self._tri(a @ b)
 
+    def exp(self, m):
+        return self._tri(torch.linalg.matrix_exp(m))
+
+    def row_sq_norms(self, a):
+        return (a * a).sum(-1)
+
+    def col_sq_norms(self, a):
+        return (a * a).sum(-2)
+
     def _solve(self, a: Tensor, x: Tensor, transpose: bool) -> Tensor:
         upper = self.upper != transpose
         fn = lambda m, rhs: torch.linalg.solve_triangular(m, rhs, upper=upper)  # noqa: E731

@@ -148,7 +148,7 @@ class LocalKFAC(KroneckerPreconditioner):
             if self.max_step is not None:
                 size = step * float(torch.linalg.vector_norm(m.float()))
                 step *= min(1.0, self.max_step / size) if size > 0 else 1.0
-            state[side] = group.mul(state[side], group.expm(-step * m))
+            state[side] = group.mul(state[side], group.h(-step * m))
         if self.factor_decay == 0:  # nothing to average into: keep only K, C and their momenta
             del state["A"], state["G"]
         self._cache_products(layer)
