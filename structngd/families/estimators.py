@@ -1,17 +1,46 @@
-"""Bonnet/Price gradient estimators: expected gradient and Hessian of a log-density.
+"""Every gradient estimator of the families, each written once.
 
-``dL/dmu = E[grad l]`` and ``dL/dSigma = E[hess l] / 2 - gamma S / 2`` for
-``L = E_q[l] - gamma H(q)``, ``l = -log p``.
+* noise: :func:`standard_normal_noise` (independent or mirrored ``+-eps`` pairs);
+* Bonnet/Price: ``dL/dmu = E[grad l]`` and ``dL/dSigma = E[hess l] / 2 - gamma S / 2`` for
+  ``L = E_q[l] - gamma H(q)``, ``l = -log p`` (:func:`expected_gradient_and_hessian`,
+  :func:`factor_gradient_from_hessian`).
 """
 
 from __future__ import annotations
 
-from typing import Callable, Tuple
+from typing import Callable, Optional, Sequence, Tuple
 
 import torch
 from torch import Tensor
 
 from ..groups import MatrixGroup
+
+
+def standard_normal_noise(
+    shape: Sequence[int],
+    mirrored: bool = False,
+    generator: Optional[torch.Generator] = None,
+    dtype: Optional[torch.dtype] = None,
+    device=None,
+) -> Tensor:
+    """``eps ~ N(0, I)`` of shape ``(*shape, d)``; with ``mirrored`` the draws over the flattened
+    sample dimensions come in pairs: the second half is the negated first half.
+
+    Each draw is still exactly standard normal; the pairs cancel the odd moments of the noise
+    (the mean's share of a factor-gradient estimate, the mean's share of an ES shape update).
+    ``mirrored`` needs an even number of draws (``ValueError`` otherwise).
+    """
+    shape = tuple(shape)
+    options = dict(generator=generator, dtype=dtype, device=device)
+    if not mirrored:
+        return torch.randn(shape, **options)
+    count = 1
+    for s in shape[:-1]:
+        count *= s
+    if count % 2:
+        raise ValueError(f"mirrored noise needs an even number of draws, got {count}")
+    half = torch.randn((count // 2, shape[-1]), **options)
+    return torch.cat([half, -half]).reshape(shape)
 
 
 def expected_gradient_and_hessian(

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -13,6 +13,13 @@ from .checks import factor_of_spd, require_finite_gradients
 from . import estimators
 
 ESTIMATORS = ("reparam", "price", "delta")
+
+
+class GaussianStep(NamedTuple):
+    """A Gaussian's local-coordinate direction: ``loc`` (``delta``) and ``factor`` (compact ``M``)."""
+
+    loc: Tensor
+    factor: Tensor
 
 
 class Gaussian(nn.Module):
@@ -168,10 +175,10 @@ class Gaussian(nn.Module):
             if estimator == "delta":
                 w = self.loc.detach().unsqueeze(0)
             else:
-                eps = torch.randn(
-                    (max(1, num_samples // 2), self.dim), dtype=self.loc.dtype, device=self.loc.device
+                eps = estimators.standard_normal_noise(
+                    (2 * max(1, num_samples // 2), self.dim), True, dtype=self.loc.dtype, device=self.loc.device
                 )
-                w = self.loc + self.group.tsolve(self.factor, torch.cat([eps, -eps]))
+                w = self.from_noise(eps)
         value, g_mu, hess = estimators.expected_gradient_and_hessian(log_density, w)
         with torch.no_grad():
             g_factor = estimators.factor_gradient_from_hessian(self.group, self.factor, hess, gamma)
@@ -184,8 +191,11 @@ class Gaussian(nn.Module):
         """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
         require_finite_gradients(self, (("loc", self.loc), ("factor", self.factor)))
 
+    #: the parts whose step moves a group factor (the optimizer's trust region acts on them)
+    factor_parts = ("factor",)
+
     @torch.no_grad()
-    def natural_gradient(self) -> Tuple[Tensor, Tensor]:
+    def natural_gradient(self) -> GaussianStep:
         """Natural gradient in local coordinates from ``loc.grad`` and ``factor.grad``.
 
         ``delta = B^{-1} g_mu`` (Fisher ``I``) and ``M = C ⊙ κ(B^T g_B)`` in compact form.
@@ -193,14 +203,24 @@ class Gaussian(nn.Module):
         self.check_gradients()
         delta = self.group.solve(self.factor, self.loc.grad)
         m = self.group.pullback(self.factor, self.factor.grad)
-        return delta, m
+        return GaussianStep(delta, m)
 
     @torch.no_grad()
-    def retract(self, step: Tuple[Tensor, Tensor], lr: float) -> None:
-        """``tau <- phi_tau(eta0 - lr * step)``: ``mu -= lr B^{-T} delta``, ``B <- B h(-lr M)``."""
+    def retracted(self, step: GaussianStep, retraction: str = "h") -> Dict[str, Tensor]:
+        """New ``(loc, factor)`` at ``phi_tau(eta0 - step)``, without writing them:
+        ``mu - B^{-T} delta`` and ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``)."""
         delta, m = step
-        self.loc.sub_(lr * self.group.tsolve(self.factor, delta))
-        self.factor.copy_(self.group.mul(self.factor, self.group.h(-lr * m)))
+        local_map = self.group.exp if retraction == "exp" else self.group.h
+        return {
+            "loc": self.loc - self.group.tsolve(self.factor, delta),
+            "factor": self.group.mul(self.factor, local_map(-m)),
+        }
+
+    @torch.no_grad()
+    def retract(self, step: GaussianStep, lr: float = 1.0, retraction: str = "h") -> None:
+        """``tau <- phi_tau(eta0 - lr * step)`` in place (see :meth:`retracted`)."""
+        for name, value in self.retracted(GaussianStep(*(lr * t for t in step)), retraction).items():
+            getattr(self, name).copy_(value)
 
 
 def _accumulate(param: nn.Parameter, grad: Tensor) -> None:

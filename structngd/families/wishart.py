@@ -16,7 +16,7 @@ MATH.md §1.3: 2 on diagonal / symmetric-block entries, 1 on free entries), no c
 from __future__ import annotations
 
 import math
-from typing import Callable, Optional, Tuple, Union
+from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import torch
 from torch import Tensor, nn
@@ -25,6 +25,13 @@ from .. import groups as _groups
 from .checks import factor_of_spd, require_finite_gradients
 
 DF_COORDINATES = ("log", "linear")
+
+
+class WishartStep(NamedTuple):
+    """A Wishart's local-coordinate direction: ``df`` (``delta``) and ``factor`` (compact ``M``)."""
+
+    df: Tensor
+    factor: Tensor
 
 # Bernoulli numbers B_2, B_4, ..., B_10 for the asymptotic series of the trigamma function
 _BERNOULLI = (1.0 / 6, -1.0 / 30, 1.0 / 42, -1.0 / 30, 5.0 / 66)
@@ -305,8 +312,11 @@ class Wishart(nn.Module):
         """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
         require_finite_gradients(self, (("df", self.df), ("factor", self.factor)))
 
+    #: the parts whose step moves a group factor (the optimizer's trust region acts on them)
+    factor_parts = ("factor",)
+
     @torch.no_grad()
-    def natural_gradient(self) -> Tuple[Tensor, Tensor]:
+    def natural_gradient(self) -> WishartStep:
         """Natural gradient in local coordinates from ``df.grad`` and ``factor.grad``.
 
         ``delta = g_n / (c F_nn)`` (log coordinate, ``c = n - d + 1``) or ``g_n / F_nn``
@@ -319,22 +329,22 @@ class Wishart(nn.Module):
         if self.df_coordinate == "log":
             delta = delta / (n - self.dim + 1)
         m = self.group.pullback(self.factor, self.factor.grad) / n
-        return delta.reshape(self.df.shape), m
+        return WishartStep(delta.reshape(self.df.shape), m)
 
     @torch.no_grad()
-    def retract(self, step: Tuple[Tensor, Tensor], lr: float) -> None:
-        """``tau <- phi_tau(eta0 - lr * step)``: ``n`` by its coordinate map, ``B <- B h(-lr M)``.
+    def retracted(self, step: WishartStep, retraction: str = "h") -> Dict[str, Tensor]:
+        """New ``(df, factor)`` at ``phi_tau(eta0 - step)``, without writing them:
+        ``n`` by its coordinate map, ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``).
 
-        Raises ``ValueError`` (and changes nothing) if the new ``n`` would not be a finite
-        number ``> d - 1`` (the linear coordinate after a too large step, or an overflow).
+        Raises ``ValueError`` if the new ``n`` would not be a finite number ``> d - 1`` (the
+        linear coordinate after a too large step, or an overflow).
         """
         delta, m = step
         n = self.df.detach()
         if self.df_coordinate == "log":
-            c = n - self.dim + 1
-            new_df = (self.dim - 1) + c * torch.exp(-lr * delta)
+            new_df = (self.dim - 1) + (n - self.dim + 1) * torch.exp(-delta)
         else:
-            new_df = n - lr * delta
+            new_df = n - delta
         if not torch.isfinite(new_df) or new_df.item() <= self.dim - 1:
             raise ValueError(
                 f"Wishart step would move df from {n.item()!r} to {new_df.item()!r}, outside "
@@ -342,6 +352,12 @@ class Wishart(nn.Module):
                 + (" or use df_coordinate='log'" if self.df_coordinate == "linear" else "")
                 + "; no parameter was changed"
             )
-        new_factor = self.group.mul(self.factor, self.group.h(-lr * m))
-        self.df.copy_(new_df.reshape(self.df.shape))
-        self.factor.copy_(new_factor)
+        local_map = self.group.exp if retraction == "exp" else self.group.h
+        return {"df": new_df.reshape(self.df.shape), "factor": self.group.mul(self.factor, local_map(-m))}
+
+    @torch.no_grad()
+    def retract(self, step: WishartStep, lr: float = 1.0, retraction: str = "h") -> None:
+        """``tau <- phi_tau(eta0 - lr * step)`` in place (see :meth:`retracted`); a refused
+        step raises ``ValueError`` and changes nothing."""
+        for name, value in self.retracted(WishartStep(*(lr * t for t in step)), retraction).items():
+            getattr(self, name).copy_(value)

@@ -1,18 +1,14 @@
-"""Layer 3: the optimizer that applies any family's local-parameterization step."""
+"""Layer 3: ``NaturalGradient``, the ``torch.optim.Optimizer`` around :func:`natural_gradient_step`."""
 
 from __future__ import annotations
 
-from typing import Iterable, Optional, Union
+from typing import Iterable, Mapping, Optional, Union
 
 import torch
 from torch import nn
 from torch.optim import Optimizer
 
-
-def _is_family(obj) -> bool:
-    return isinstance(obj, nn.Module) and callable(getattr(obj, "natural_gradient", None)) and callable(
-        getattr(obj, "retract", None)
-    )
+from .kernel import check_hyperparameters, is_family, natural_gradient_step
 
 
 class NaturalGradient(Optimizer):
@@ -23,12 +19,13 @@ class NaturalGradient(Optimizer):
     gradients, forms each natural gradient in local coordinates (Fisher = identity up
     to constant weights) and retracts ``tau <- phi_tau(eta0 - lr * step)``.
 
-    With ``momentum > 0`` the local natural gradients are averaged,
-    ``m <- momentum * m + nat``, and the step uses ``m`` (Riemannian momentum in the
-    re-centred coordinates, as in SINGD).
+    The step itself is :func:`~structngd.optim.kernel.natural_gradient_step`: with
+    ``momentum > 0`` the local natural gradients are averaged, ``m <- momentum * m + nat``,
+    and the step uses ``m`` (Riemannian momentum in the re-centred coordinates, as in SINGD).
 
     Args:
-        families: a family, an iterable of families, or dicts ``{"family": f, "lr": ...}``.
+        families: a family, an iterable of families, or dicts ``{"family": f, "lr": ...}``
+            (any of the hyperparameters below per family).
         lr: learning rate ``beta`` (``beta = 1`` is the full natural-gradient step).
         momentum: momentum factor in ``[0, 1)``.
         max_step: optional trust region in the local coordinates: a step with
@@ -37,6 +34,10 @@ class NaturalGradient(Optimizer):
             eigenvalue of ``lr * M`` where ``h`` is monotone. Off by default (the exact
             method); useful far from the optimum, where ``h(-lr M)`` overshoots
             (``h(m) >= 1/2`` grows again for ``m < -1``).
+        retraction: ``"h"`` (``h(M) = I + M + M^2/2``, inverse-free) or ``"exp"`` (the exact
+            matrix exponential, as xNES uses).
+        part_lrs: learning-rate multipliers per named part (``{"loc": 1.0, "factor": 0.1}``);
+            unnamed parts use ``lr`` itself.
 
     Example::
 
@@ -54,9 +55,11 @@ class NaturalGradient(Optimizer):
         lr: float = 0.1,
         momentum: float = 0.0,
         max_step: Optional[float] = None,
+        retraction: str = "h",
+        part_lrs: Optional[Mapping[str, float]] = None,
     ):
-        check_hyperparameters(lr, momentum, max_step)
-        if _is_family(families):
+        check_hyperparameters(lr, momentum, max_step, retraction, part_lrs)
+        if is_family(families):
             families = [families]
         groups = []
         for entry in families:
@@ -64,14 +67,15 @@ class NaturalGradient(Optimizer):
             groups.append(self._as_param_group(entry))
         if not groups:
             raise ValueError("NaturalGradient got an empty list of families")
-        super().__init__(groups, dict(lr=lr, momentum=momentum, max_step=max_step))
+        defaults = dict(lr=lr, momentum=momentum, max_step=max_step, retraction=retraction, part_lrs=part_lrs)
+        super().__init__(groups, defaults)
 
     @staticmethod
     def _as_param_group(entry: dict) -> dict:
         family = entry.get("family")
-        if not _is_family(family):
+        if not is_family(family):
             raise TypeError(
-                f"NaturalGradient optimizes families (nn.Modules with natural_gradient() and retract()), "
+                f"NaturalGradient optimizes families (nn.Modules with natural_gradient() and retracted()), "
                 f"got {type(family).__name__}"
             )
         if "params" in entry and list(entry["params"]) != list(family.parameters()):
@@ -83,7 +87,7 @@ class NaturalGradient(Optimizer):
         if "family" in param_group:
             param_group = self._as_param_group(dict(param_group))
         full = {**self.defaults, **param_group}  # validate before the group is added
-        check_hyperparameters(full["lr"], full["momentum"], full["max_step"])
+        _check_group(full)
         super().add_param_group(param_group)
 
     # -------------------------------------------------------------- step
@@ -91,43 +95,47 @@ class NaturalGradient(Optimizer):
     def step(self, closure=None):
         """One natural-gradient step for every family; returns the closure's loss.
 
-        All natural gradients are formed before any parameter moves, so a family with
-        missing or non-finite gradients raises ``ValueError`` and nothing changes.
+        All natural gradients and new values are formed and checked before any parameter
+        moves, so a family with missing or non-finite gradients (or a step it refuses)
+        raises ``ValueError`` and nothing changes, in any family or buffer.
         """
         loss = None
         if closure is not None:
             with torch.enable_grad():
                 loss = closure()
-        steps = []
-        for index, group in enumerate(self.param_groups):
-            check_hyperparameters(group["lr"], group["momentum"], group["max_step"])
+        groups = self.param_groups
+        for index, group in enumerate(groups):
             try:
-                nat = group["family"].natural_gradient()
+                _check_group(group)
             except ValueError as err:
                 raise ValueError(f"NaturalGradient param group {index}: {err}") from None
-            if not all(torch.isfinite(t).all() for t in nat):
-                raise ValueError(
-                    f"NaturalGradient param group {index}: the natural gradient is non-finite "
-                    f"(singular factor?); no parameter was changed"
-                )
-            steps.append(nat)
-        for group, nat in zip(self.param_groups, steps):
-            if group["momentum"] > 0:
-                nat = self._momentum(group, nat)
-            group["family"].retract(nat, group["lr"] * _trust_region_scale(group, nat[-1]))
+        families = [group["family"] for group in groups]
+        buffers = [self._buffers(group) for group in groups]
+        try:
+            new_buffers = natural_gradient_step(
+                families,
+                buffers,
+                lr=[g["lr"] for g in groups],
+                momentum=[g["momentum"] for g in groups],
+                max_step=[g["max_step"] for g in groups],
+                retraction=[g["retraction"] for g in groups],
+                part_lrs=[g["part_lrs"] for g in groups],
+                labels=[f"NaturalGradient param group {i}" for i in range(len(groups))],
+            )
+        except ValueError as err:
+            raise ValueError(str(err)) from None
+        for group, new in zip(groups, new_buffers):
+            if new is not None:
+                for (name, p) in group["family"].named_parameters():
+                    self.state[p]["momentum_buffer"] = new[name]
         return loss
 
-    def _momentum(self, group: dict, nat):
-        out = []
-        for p, direction in zip(group["params"], nat):
-            state = self.state[p]
-            buf = state.get("momentum_buffer")
-            if buf is None:
-                buf = state["momentum_buffer"] = direction.clone()
-            else:
-                buf.mul_(group["momentum"]).add_(direction)
-            out.append(buf)
-        return tuple(out)
+    def _buffers(self, group: dict):
+        """The group's momentum buffers keyed by part (parameter) name, ``None`` before the first."""
+        named = list(group["family"].named_parameters())
+        if not named or "momentum_buffer" not in self.state.get(named[0][1], {}):
+            return None
+        return {name: self.state[p]["momentum_buffer"] for name, p in named}
 
     # -------------------------------------------------------- state dicts
     def state_dict(self):
@@ -149,18 +157,7 @@ class NaturalGradient(Optimizer):
             group["family"] = family
 
 
-def _trust_region_scale(group: dict, m: torch.Tensor) -> float:
-    """Factor ``<= 1`` that keeps ``lr * ||M||_F <= max_step``."""
-    if group["max_step"] is None or group["lr"] == 0:
-        return 1.0
-    size = group["lr"] * float(torch.linalg.vector_norm(m))
-    return min(1.0, group["max_step"] / size) if size > 0 else 1.0
-
-
-def check_hyperparameters(lr, momentum, max_step=None) -> None:
-    if not (isinstance(lr, (int, float)) and lr >= 0 and lr == lr and lr != float("inf")):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if max_step is not None and not (isinstance(max_step, (int, float)) and 0 < max_step < float("inf")):
-        raise ValueError(f"max_step must be None or a finite number > 0, got {max_step!r}")
+def _check_group(group: dict) -> None:
+    check_hyperparameters(
+        group["lr"], group["momentum"], group["max_step"], group.get("retraction", "h"), group.get("part_lrs")
+    )

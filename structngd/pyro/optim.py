@@ -10,7 +10,7 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
-from ..optim.natural_gradient import NaturalGradient, check_hyperparameters
+from ..optim import NaturalGradient, check_hyperparameters
 from .guide import live_guides
 
 ESTIMATORS = ("reparam", "price")
