@@ -484,3 +484,83 @@ def test_optimizer_is_a_torch_optimizer_over_family_parameters():
     assert group["family"] is q
     assert [id(p) for p in group["params"]] == [id(p) for p in q.parameters()]
     assert group["momentum"] == 0.0 and group["max_step"] is None
+
+
+# ------------------------------------------------------------ the functional kernel
+def test_a_step_refused_by_one_family_moves_no_family():
+    """All or nothing: a Wishart step that would leave ``n > d - 1`` is refused after the
+    Gaussian's step was formed; neither family nor any momentum buffer changes."""
+    from structngd.families import Wishart
+
+    q = random_gaussian(4, "dense", seed=3)
+    w = Wishart(3, df=3.5, structure="dense", df_coordinate="linear", dtype=f64)
+    GaussianTarget(torch.zeros(4, dtype=f64), torch.eye(4, dtype=f64)).kl(q).backward()
+    w.df.grad = torch.tensor(1e6, dtype=f64)  # a huge linear step on n: refused
+    w.factor.grad = torch.zeros_like(w.factor)
+    opt = NaturalGradient([q, w], lr=1.0, momentum=0.5)
+    before = snapshot(q, w)
+    with pytest.raises(ValueError, match="param group 1.*no parameter was changed"):
+        opt.step()
+    assert unchanged(before, q, w)
+    assert len(opt.state) == 0
+
+
+def test_a_step_that_would_write_non_finite_values_is_refused():
+    """A finite gradient can still overflow the step (float32, diagonal factor, lr 1)."""
+    q = Gaussian(3, "diagonal", dtype=torch.float32)
+    q.loc.grad = torch.zeros(3)
+    q.factor.grad = torch.tensor([-1e20, 0.0, 0.0])
+    before = snapshot(q)
+    with pytest.raises(ValueError, match="non-finite values into factor"):
+        NaturalGradient(q, lr=1.0).step()
+    assert unchanged(before, q)
+
+
+def test_part_learning_rates_scale_each_part():
+    q = random_gaussian(5, "lower_triangular", seed=5)
+    ref = copy.deepcopy(q)
+    GaussianTarget(torch.ones(5, dtype=f64), 2 * torch.eye(5, dtype=f64)).kl(q).backward()
+    ref.loc.grad, ref.factor.grad = q.loc.grad.clone(), q.factor.grad.clone()
+    delta, m = ref.natural_gradient()
+    NaturalGradient(q, lr=0.5, part_lrs={"loc": 0.2}).step()
+    with torch.no_grad():
+        ref.loc.sub_(0.1 * ref.group.tsolve(ref.factor, delta))
+        ref.factor.copy_(ref.group.mul(ref.factor, ref.group.h(-0.5 * m)))
+    assert rel(q.loc, ref.loc) < 1e-14 and rel(q.factor, ref.factor) < 1e-14
+
+
+@pytest.mark.parametrize("name,opts", [("dense", {}), ("block_triangular", {"k": 2})])
+def test_exp_retraction_is_the_exact_exponential(name, opts):
+    """With ``retraction="exp"`` the factor moves by ``B exp(-lr M)`` (scipy's dense ``expm``)."""
+    scipy_linalg = pytest.importorskip("scipy.linalg")
+    q = random_gaussian(6, name, seed=7, **opts)
+    GaussianTarget(torch.zeros(6, dtype=f64), 3 * torch.eye(6, dtype=f64)).kl(q).backward()
+    _, m = q.natural_gradient()
+    b = q.group.to_dense(q.factor.detach()).clone()
+    NaturalGradient(q, lr=0.7, retraction="exp").step()
+    expected = b @ torch.from_numpy(scipy_linalg.expm(-0.7 * q.group.to_dense(m).numpy()))
+    assert rel(q.group.to_dense(q.factor), expected) < 1e-12
+
+
+def test_kernel_takes_directions_computed_elsewhere():
+    """``natural_gradient_step`` with given directions does not read ``.grad`` at all."""
+    from structngd.families.gaussian import GaussianStep
+    from structngd.optim import natural_gradient_step
+
+    q = random_gaussian(4, "diagonal", seed=9)
+    ref = copy.deepcopy(q)
+    step = GaussianStep(torch.ones(4, dtype=f64), 0.1 * torch.ones(4, dtype=f64))
+    buffers = natural_gradient_step(
+        [q], [None], lr=[0.3], momentum=[0.0], max_step=[None], retraction=["h"], part_lrs=[None], directions=[step]
+    )
+    assert buffers == [None] and q.loc.grad is None
+    ref.retract(step, 0.3)
+    assert torch.equal(q.loc, ref.loc) and torch.equal(q.factor, ref.factor)
+
+
+def test_bad_retraction_and_part_lrs_raise():
+    q = random_gaussian(3)
+    with pytest.raises(ValueError, match="retraction"):
+        NaturalGradient(q, retraction="cayley")
+    with pytest.raises(ValueError, match="part 'loc'"):
+        NaturalGradient(q, part_lrs={"loc": -1.0})
