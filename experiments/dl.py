@@ -255,7 +255,7 @@ def build_preconditioner(method: Method, model: nn.Module, settings: Settings, l
     """The method's preconditioner on ``model`` (``None`` for plain SGD / Adam)."""
     shared = dict(update_every=settings.update_every, fisher=settings.fisher)
     if settings.kl_clip:  # None or 0: off
-        shared.update(kl_clip=settings.kl_clip, lr=lr)
+        shared.update(kl_clip=settings.kl_clip, optimizer_lr=lr)
     if settings.fisher == "true":
         shared["batch_averaged"] = False  # Task.sample_fisher backpropagates a summed loss
     if method.preconditioner == "kfac":

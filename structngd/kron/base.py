@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 from typing import Dict, Iterable, Optional, Tuple
 
 import torch
@@ -56,9 +57,10 @@ class KroneckerPreconditioner:
         skip: names of modules to leave alone.
         kl_clip: bound on the step's predicted KL change: the preconditioned gradients ``p``
             are scaled by ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l <p_l, g_l>)))`` (Ba et al.
-            2017; kfac-pytorch's default 1e-3). ``None`` (default) leaves them unscaled.
-        lr: the optimizer's learning rate, needed with ``kl_clip`` (assign ``pre.lr`` when a
-            schedule changes it).
+            2017; kfac-pytorch's default 1e-3), ``lr`` the outer optimizer's learning rate.
+            ``None`` (default) leaves them unscaled.
+        optimizer_lr: the outer optimizer's learning rate ``lr`` that ``kl_clip`` needs (assign
+            ``pre.optimizer_lr`` when a schedule changes it). ``lr=`` is a deprecated alias.
     """
 
     kind = "KroneckerPreconditioner"
@@ -75,13 +77,23 @@ class KroneckerPreconditioner:
         grad_scaler=None,
         skip: Iterable[str] = (),
         kl_clip: Optional[float] = None,
+        optimizer_lr: Optional[float] = None,
         lr: Optional[float] = None,
     ):
+        if lr is not None:
+            if optimizer_lr is not None:
+                raise ValueError("pass the outer optimizer's learning rate once, as optimizer_lr")
+            warnings.warn(
+                f"{self.kind}(lr=...) is deprecated: the outer optimizer's learning rate is optimizer_lr",
+                DeprecationWarning,
+                stacklevel=2,
+            )
+            optimizer_lr = lr
         _check_positive("damping", damping)
         if kl_clip is not None:
             _check_positive("kl_clip", kl_clip)
-            _check_positive("lr (needed with kl_clip)", lr)
-        self.kl_clip, self.lr = kl_clip, lr
+            _check_positive("optimizer_lr (the outer optimizer's learning rate, needed with kl_clip)", optimizer_lr)
+        self.kl_clip, self.optimizer_lr = kl_clip, optimizer_lr
         if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
             raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
         _check_count("update_every", update_every)
@@ -273,7 +285,7 @@ class KroneckerPreconditioner:
         if self.kl_clip is None:
             return 1.0
         vg = sum(float((p * g.to(p.dtype)).sum()) for p, g in zip(preconditioned.values(), grads.values()))
-        vg *= self.lr**2
+        vg *= self.optimizer_lr**2
         return min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
 
     # -------------------------------------------------------- state dicts
@@ -283,7 +295,7 @@ class KroneckerPreconditioner:
             "layers": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()},
             "hyperparameters": {
                 "damping": self.damping, "factor_decay": self.factor_decay, "update_every": self.update_every,
-                "kl_clip": self.kl_clip, "lr": self.lr,
+                "kl_clip": self.kl_clip, "optimizer_lr": self.optimizer_lr,
             },
         }
 
@@ -298,7 +310,7 @@ class KroneckerPreconditioner:
             device = self._layer(name).weight.device
             self.state[name] = {k: v.to(device).clone() for k, v in tensors.items()}
         for key, value in state_dict.get("hyperparameters", {}).items():
-            setattr(self, key, value)
+            setattr(self, "optimizer_lr" if key == "lr" else key, value)  # "lr": older state dicts
         self.capture.reset()
         self._arm_capture()
 
