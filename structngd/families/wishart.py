@@ -21,6 +21,7 @@ from typing import Callable, Dict, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from .. import groups as _groups
 from .checks import factor_of_spd, require_finite_gradients
 
@@ -297,8 +298,7 @@ class Wishart(nn.Module):
 
         ``log_density`` maps a batch ``(s, d, d)`` to ``(s,)``. Returns the loss estimate (detached).
         """
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        checks.count("num_samples", num_samples)
         loss = -log_density(self.rsample((num_samples,))).mean() - gamma * self.entropy()
         loss.backward()
         return loss.detach()

@@ -11,6 +11,7 @@ import torch.distributed as dist
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from .. import checks
 from .capture import Capture, KronLayer, find_layers, warn_skipped
 
 FISHERS = ("empirical", "true")
@@ -94,8 +95,7 @@ class KroneckerPreconditioner:
             _check_positive("kl_clip", kl_clip)
             _check_positive("optimizer_lr (the outer optimizer's learning rate, needed with kl_clip)", optimizer_lr)
         self.kl_clip, self.optimizer_lr = kl_clip, optimizer_lr
-        if not (isinstance(factor_decay, (int, float)) and 0.0 <= factor_decay < 1.0):
-            raise ValueError(f"factor_decay must be in [0, 1), got {factor_decay!r}")
+        checks.fraction("factor_decay", factor_decay)
         _check_count("update_every", update_every)
         _check_count("accumulation_steps", accumulation_steps)
         if fisher not in FISHERS:
@@ -341,14 +341,8 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     return t
 
 
-def _check_positive(name: str, value) -> None:
-    if not (isinstance(value, (int, float)) and value > 0 and math.isfinite(value)):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-
-
-def _check_count(name: str, value) -> None:
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
-        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+_check_positive = checks.positive
+_check_count = checks.count
 
 
 def damped_inverse(matrix: Tensor, damping: float) -> Tensor:

@@ -24,6 +24,8 @@ from typing import Dict, List, Mapping, NamedTuple, Optional, Sequence
 import torch
 from torch import Tensor, nn
 
+from .. import checks
+
 RETRACTIONS = ("h", "exp")
 
 
@@ -36,17 +38,13 @@ def is_family(obj) -> bool:
 
 def check_hyperparameters(lr, momentum, max_step=None, retraction="h", part_lrs=None) -> None:
     """``ValueError`` naming the first bad hyperparameter of a natural-gradient step."""
-    if not (isinstance(lr, (int, float)) and not isinstance(lr, bool) and 0 <= lr < math.inf):
-        raise ValueError(f"lr must be a finite number >= 0, got {lr!r}")
-    if not (isinstance(momentum, (int, float)) and not isinstance(momentum, bool) and 0.0 <= momentum < 1.0):
-        raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-    if max_step is not None and not (isinstance(max_step, (int, float)) and 0 < max_step < math.inf):
-        raise ValueError(f"max_step must be None or a finite number > 0, got {max_step!r}")
+    checks.non_negative("lr", lr)
+    checks.fraction("momentum", momentum)
+    checks.optional_positive("max_step", max_step)
     if retraction not in RETRACTIONS:
         raise ValueError(f"retraction must be one of {RETRACTIONS}, got {retraction!r}")
     for name, value in (part_lrs or {}).items():
-        if not (isinstance(value, (int, float)) and 0 <= value < math.inf):
-            raise ValueError(f"the learning-rate multiplier of part {name!r} must be a finite number >= 0, got {value!r}")
+        checks.non_negative(f"the learning-rate multiplier of part {name!r}", value)
 
 
 def natural_gradient_step(

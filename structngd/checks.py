@@ -1,0 +1,44 @@
+"""Argument checks shared by every layer: each raises ``ValueError`` naming the argument."""
+
+from __future__ import annotations
+
+import math
+
+
+def _is_number(value) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def positive(name: str, value) -> float:
+    """A finite number ``> 0``."""
+    if not (_is_number(value) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
+    return float(value)
+
+
+def non_negative(name: str, value) -> float:
+    """A finite number ``>= 0``."""
+    if not (_is_number(value) and 0 <= value < math.inf):
+        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
+    return float(value)
+
+
+def fraction(name: str, value) -> float:
+    """A number in ``[0, 1)`` (momentum, decay rates)."""
+    if not (_is_number(value) and 0.0 <= value < 1.0):
+        raise ValueError(f"{name} must be in [0, 1), got {value!r}")
+    return float(value)
+
+
+def count(name: str, value) -> int:
+    """A positive integer (not a bool)."""
+    if not (isinstance(value, int) and not isinstance(value, bool) and value >= 1):
+        raise ValueError(f"{name} must be a positive integer, got {value!r}")
+    return value
+
+
+def optional_positive(name: str, value):
+    """``None`` or a finite number ``> 0``."""
+    if value is not None and not (_is_number(value) and 0 < value < math.inf):
+        raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
+    return value
