@@ -4,15 +4,16 @@ from __future__ import annotations
 
 import math
 import warnings
-from typing import Dict, Iterable, Optional, Tuple
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .. import checks
 from .capture import Capture, KronLayer, find_layers, warn_skipped
+from .distributed import all_reduce_factors, world
+from .fisher_sampling import sampled_label_loss
 
 FISHERS = ("empirical", "true")
 
@@ -110,8 +111,7 @@ class KroneckerPreconditioner:
             raise ValueError(f"{self.kind} found no supported layer (nn.Linear, nn.Conv2d) in the model")
         warn_skipped(self.kind, skipped)
         self.skipped = skipped
-        self.capture = Capture(self.layers, self._grad_scale)
-        self.capture.use_sampled_g = fisher == "true"
+        self.capture = Capture(self.layers, self._grad_scale, from_sampled_labels=fisher == "true")
         self.steps = 0
         self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in self.layers}
 
@@ -132,7 +132,7 @@ class KroneckerPreconditioner:
 
     def _arm_capture(self) -> None:
         """Tell the hooks what the coming step gathers (here: ``A`` and ``G`` on update steps)."""
-        self.capture.factors = self.is_update_step
+        self.capture.arm(factors=self.is_update_step)
 
     def sample_fisher(self, output: Tensor, likelihood: str = "categorical") -> None:
         """Backpropagate ``-log p(y_hat | output)`` for labels ``y_hat`` sampled from the model.
@@ -148,31 +148,10 @@ class KroneckerPreconditioner:
             raise RuntimeError(f"sample_fisher is for fisher='true'; this {self.kind} uses fisher={self.fisher!r}")
         if not self.capture.capturing:
             return  # no statistics are gathered at this step
-        if output.dtype not in (torch.float32, torch.float64):  # half / bfloat16 outputs
-            output = output.float()
-        with torch.no_grad():
-            if likelihood == "categorical":
-                sampled = torch.distributions.Categorical(logits=output.detach()).sample()
-            elif likelihood == "gaussian":
-                sampled = output.detach() + torch.randn_like(output)
-            elif likelihood == "bernoulli":
-                sampled = torch.bernoulli(torch.sigmoid(output.detach()))
-            else:
-                raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
-        if likelihood == "categorical":
-            loss = F.cross_entropy(output, sampled, reduction="mean" if self.batch_averaged else "sum")
-        elif likelihood == "bernoulli":  # independent pixels / labels: summed per example
-            per_example = F.binary_cross_entropy_with_logits(output, sampled, reduction="none").flatten(1).sum(1)
-            loss = per_example.mean() if self.batch_averaged else per_example.sum()
-        else:
-            per_example = 0.5 * (output - sampled).pow(2).flatten(1).sum(1)
-            loss = per_example.mean() if self.batch_averaged else per_example.sum()
+        loss = sampled_label_loss(output, likelihood, self.batch_averaged)
         params = [p for layer in self.layers for p in layer.parameters]
-        self.capture.sampled_g = True
-        try:
+        with self.capture.sampled_label_pass():
             torch.autograd.grad(loss / self.accumulation_steps, params, retain_graph=True, allow_unused=True)
-        finally:
-            self.capture.sampled_g = False
 
     # -------------------------------------------------------------- step
     @torch.no_grad()
@@ -192,7 +171,7 @@ class KroneckerPreconditioner:
                 raise ValueError(f"layer {layer.name!r} has non-finite gradients; nothing was changed")
         if self.capture.factors:
             batch = {layer.name: self.capture.batch_factors(layer) for layer in self.layers}
-            batch = self._all_reduce(batch)
+            batch = all_reduce_factors(batch)
             for layer in self.layers:
                 self._update_factors(layer, *batch[layer.name])
             self._refresh_all()
@@ -222,20 +201,20 @@ class KroneckerPreconditioner:
     def _refresh_all(self) -> None:
         """Refresh every layer's cache; with several ranks each refreshes its share of the
         layers (round-robin) and broadcasts the results (``_broadcast_keys``)."""
-        world, rank = _world()
-        split = world > 1 and bool(self._broadcast_keys)
+        world_size, rank = world()
+        split = world_size > 1 and bool(self._broadcast_keys)
         for index, layer in enumerate(self.layers):
-            if not split or index % world == rank:
+            if not split or index % world_size == rank:
                 self._refresh(layer)
         if split:
             for index, layer in enumerate(self.layers):
                 state = self.state[layer.name]
                 for key, like in self._broadcast_keys.items():
-                    if index % world == rank:
+                    if index % world_size == rank:
                         state[key] = state[key].contiguous()  # e.g. eigh's column-major eigenvectors
                     elif key not in state:
                         state[key] = torch.empty_like(state[like[0]] if len(like) == 1 else state[like[0]][0])
-                    dist.broadcast(state[key], src=index % world)
+                    dist.broadcast(state[key], src=index % world_size)
         for layer in self.layers:
             self._after_refresh(layer)
 
@@ -245,23 +224,6 @@ class KroneckerPreconditioner:
 
     def _after_refresh(self, layer: KronLayer) -> None:
         """Work every rank does after the caches are refreshed (collectives allowed)."""
-
-    def _all_reduce(self, batch: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, Tuple[Tensor, Tensor]]:
-        """Average the step's factors over the ranks of the default process group."""
-        world, _ = _world()
-        if world == 1:
-            return batch
-        flat = torch.cat([t.reshape(-1) for pair in batch.values() for t in pair])
-        dist.all_reduce(flat)
-        flat /= world
-        out, offset = {}, 0
-        for name, (a, g) in batch.items():
-            a2 = flat[offset : offset + a.numel()].view_as(a)
-            offset += a.numel()
-            g2 = flat[offset : offset + g.numel()].view_as(g)
-            offset += g.numel()
-            out[name] = (a2, g2)
-        return out
 
     # -------------------------------------------------- subclass interface
     def _refresh(self, layer: KronLayer) -> None:
@@ -320,25 +282,6 @@ class KroneckerPreconditioner:
     def remove_hooks(self) -> None:
         """Detach from the model (the preconditioner can no longer step)."""
         self.capture.remove()
-
-
-LIKELIHOODS = ("categorical", "gaussian", "bernoulli")
-
-
-def _world() -> Tuple[int, int]:
-    """``(world size, rank)`` of the default process group, ``(1, 0)`` without one."""
-    if dist.is_available() and dist.is_initialized():
-        return dist.get_world_size(), dist.get_rank()
-    return 1, 0
-
-
-def all_reduce_mean(t: Tensor) -> Tensor:
-    """``t`` averaged over the ranks (in place; unchanged without a process group)."""
-    world, _ = _world()
-    if world > 1:
-        dist.all_reduce(t)
-        t /= world
-    return t
 
 
 _check_positive = checks.positive

@@ -15,6 +15,7 @@ that the layer's Fisher block is approximated by ``A ⊗ G`` (KFAC / KFC).
 
 from __future__ import annotations
 
+import contextlib
 import warnings
 from typing import Callable, Dict, List, Optional, Tuple
 
@@ -151,21 +152,35 @@ class Capture:
     A forward hook takes the layer's input rows and registers a hook on the layer's output
     tensor, which receives the output gradient in the backward pass (this also works when
     the first layer's input does not require gradients, and under ``torch.autograd.grad``).
-    ``factors`` switches the accumulation of ``A`` and ``G`` on (set before the forward pass
-    of a factor-update step); ``on_rows(layer, a_rows, g_rows)`` (if set) gets the rows of
-    every micro-batch in the backward pass (EKFAC's per-example gradients). ``grad_scale(n)``
-    multiplies the output gradients of a micro-batch of ``n`` examples.
+    :meth:`arm` says, before a step's forward pass, what the step gathers: ``A`` and ``G``
+    (a factor-update step) and/or the rows of every micro-batch for ``on_rows(layer, a_rows,
+    g_rows)`` (EKFAC's per-example gradients). ``grad_scale(n)`` multiplies the output
+    gradients of a micro-batch of ``n`` examples. With ``from_sampled_labels`` (the true
+    Fisher) only the backward passes inside :meth:`sampled_label_pass` feed ``G``.
     """
 
-    def __init__(self, layers: List[KronLayer], grad_scale: Callable[[int], float]):
+    def __init__(self, layers: List[KronLayer], grad_scale: Callable[[int], float], from_sampled_labels: bool = False):
         self.layers = layers
         self.grad_scale = grad_scale
+        self.from_sampled_labels = bool(from_sampled_labels)
         self.factors = True
         self.on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None
-        self.sampled_g = False  # True while a sampled-label backward (true Fisher) runs
-        self.use_sampled_g = False  # G (and on_rows) from the sampled labels only
+        self._in_sampled_pass = False
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in layers]
         self.reset()
+
+    def arm(self, factors: bool, on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None) -> None:
+        """What the coming step gathers: ``A`` and ``G`` (``factors``) and the rows for ``on_rows``."""
+        self.factors, self.on_rows = bool(factors), on_rows
+
+    @contextlib.contextmanager
+    def sampled_label_pass(self):
+        """Backward passes inside feed the true Fisher's statistics (and nothing else)."""
+        self._in_sampled_pass = True
+        try:
+            yield
+        finally:
+            self._in_sampled_pass = False
 
     def reset(self) -> None:
         """Forget the statistics of the current step."""
@@ -199,9 +214,9 @@ class Capture:
 
     def _gradient_hook(self, layer: KronLayer, n: int, a_rows: Optional[Tensor]):
         def hook(grad: Tensor):
-            if not self.sampled_g:
+            if not self._in_sampled_pass:
                 self.backward_seen = True
-            if self.sampled_g != self.use_sampled_g:  # not the Fisher's gradients
+            if self._in_sampled_pass != self.from_sampled_labels:  # not the Fisher's gradients
                 return
             g = grad.detach()
             g_rows = layer.grad_rows(g).to(_stat_dtype(g)) * self.grad_scale(n)

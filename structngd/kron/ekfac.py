@@ -8,7 +8,9 @@ from typing import Dict, Optional
 import torch
 from torch import Tensor
 
-from .base import KroneckerPreconditioner, _check_count, all_reduce_mean
+from .. import checks
+from .base import KroneckerPreconditioner
+from .distributed import all_reduce_mean
 from .capture import KronLayer
 
 
@@ -52,7 +54,7 @@ class EKFAC(KroneckerPreconditioner):
     kind = "EKFAC"
 
     def __init__(self, model, *args, scale_every: int = 1, **kwargs):
-        _check_count("scale_every", scale_every)
+        checks.count("scale_every", scale_every)
         self.scale_every = scale_every
         super().__init__(model, *args, **kwargs)
         self._rows: Dict[str, list] = {layer.name: [] for layer in self.layers}
@@ -64,8 +66,7 @@ class EKFAC(KroneckerPreconditioner):
         return self.is_update_step or self.steps % self.scale_every == 0
 
     def _arm_capture(self) -> None:
-        super()._arm_capture()
-        self.capture.on_rows = self._on_rows if self.is_scaling_step else None
+        self.capture.arm(factors=self.is_update_step, on_rows=self._on_rows if self.is_scaling_step else None)
 
     # per-example statistics -------------------------------------------
     def _on_rows(self, layer: KronLayer, a_rows: Tensor, g_rows: Tensor) -> None:
