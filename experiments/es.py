@@ -1,6 +1,6 @@
 """Evolution strategies: StructuredNES structures against CMA-ES (pycma) and evotorch on BBOB and at large d.
 
-**BBOB part.** The noiseless BBOB functions of :mod:`structngd.es.bbob` (f1 sphere, f2
+**BBOB part.** The noiseless BBOB functions of :mod:`experiments.bbob` (f1 sphere, f2
 ellipsoid, f8 Rosenbrock, f10 rotated ellipsoid, f12 bent cigar, f15 rotated Rastrigin; the
 values match ``cocoex`` to round-off) in several dimensions and instances, minimised by
 (``METHODS``)
@@ -95,9 +95,9 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
-from structngd.es import StructuredNES, bbob, default_popsize
+from structngd.es import StructuredNES, default_popsize
 
-from . import common
+from . import bbob, common
 from .common import Line, fmt
 
 #: target precision of the ERT and the success criterion

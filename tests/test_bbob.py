@@ -1,4 +1,4 @@
-"""Tests for ``structngd.es.bbob`` against the published BBOB 2009 definitions and ``cocoex``.
+"""Tests for ``experiments.bbob`` against the published BBOB 2009 definitions and ``cocoex``.
 
 Without ``cocoex`` the comparison at random points is skipped; the fixed reference values
 below were computed with cocoex 2.8.2 (``pip install coco-experiment``) and keep the
@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 import torch
 
-from structngd.es import bbob
+from experiments import bbob
 
 IDS = sorted(bbob.FUNCTIONS)
 

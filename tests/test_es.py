@@ -367,7 +367,7 @@ def test_bad_inputs():
     with pytest.raises(ValueError, match="bad options"):
         StructuredNES(torch.zeros(3), 1.0, structure="dense", k=1)
     with pytest.raises(ValueError, match="rates"):
-        StructuredNES(torch.zeros(3), 1.0, rates="cma")
+        StructuredNES(torch.zeros(3), 1.0, rates="banana")
     with pytest.raises(ValueError, match="unknown rate"):
         StructuredNES(torch.zeros(3), 1.0, rates={"base": "xnes", "c1": 0.1})
     with pytest.raises(ValueError, match="popsize"):
@@ -513,3 +513,51 @@ def test_default_step_size_damping_is_half_of_cma_below_500_dimensions(dim, base
     cma = 1 + 2 * max(0.0, math.sqrt((mueff - 1) / (dim + 1)) - 1) + cs  # Hansen's d_sigma
     assert es.rates["ds"] == pytest.approx(cma - (1 - base), rel=1e-12)
     assert es.mirrored == (base == 0.5)
+
+
+def test_cma_is_the_default_rates_and_default_an_alias():
+    """``rates="cma"`` is the default; ``"default"`` (its former name) gives the same run."""
+    f = lambda x: ellipsoid(x @ rotation(5).T)  # noqa: E731
+    runs = [StructuredNES(torch.ones(5, dtype=F64), 0.5, seed=3, **kw) for kw in ({}, {"rates": "cma"},
+            {"rates": "default"}, {"rates": {"base": "default", "cmu": 0.2}}, {"rates": {"base": "cma", "cmu": 0.2}})]
+    for es in runs:
+        run(es, f, 20)
+        assert es.mode == "cma"
+    assert torch.equal(runs[0].mean, runs[1].mean) and torch.equal(runs[0].mean, runs[2].mean)
+    assert torch.equal(runs[3].mean, runs[4].mean) and not torch.equal(runs[0].mean, runs[3].mean)
+    legacy = runs[0].state_dict()
+    legacy["mode"] = "default"
+    clone = StructuredNES(torch.ones(5, dtype=F64), 0.5, seed=3)
+    clone.load_state_dict(legacy)
+    assert torch.equal(clone.mean, runs[0].mean) and clone.sigma == runs[0].sigma
+
+
+def test_search_distribution_is_a_covariance_gaussian():
+    """The strategy's state is a covariance-parameterized layer-2 Gaussian with a scale part:
+    its covariance is ``sigma^2 A A^T`` and ``ask`` samples ``mu + sigma A z``."""
+    es = StructuredNES(torch.ones(6, dtype=F64), 0.4, structure="block_triangular", k=2, transpose=True, seed=1)
+    run(es, sphere, 5)
+    q = es.family
+    assert q.parameterization == "covariance" and q.has_scale
+    a = es.covariance_factor()
+    assert torch.allclose(q.covariance(), a @ a.mT, rtol=1e-13, atol=1e-15)
+    assert float(q.scale) == es.sigma and torch.equal(q.loc, es.mean)
+
+
+@pytest.mark.parametrize("structure,opts", [("dense", {}), ("diagonal", {}), ("block_triangular", {"k": 2})])
+def test_score_function_gradients_are_the_dense_loss_gradients(structure, opts):
+    """Utilities ``u`` stand for the costs ``-u``: ``g_delta = -sum u z``, the pattern entries of
+    ``g_M = -sum u (z z^T - I)`` and ``g_s = tr(g_M)``; the kernel's descent step along their
+    natural gradient moves the mean towards the better samples."""
+    from structngd.families.estimators import score_function_gradients
+
+    d = 6
+    group = make(structure, d, **opts)
+    z = torch.randn(10, d, generator=torch.Generator().manual_seed(0), dtype=F64)
+    u = utilities(10)
+    g_delta, g_m, g_s = score_function_gradients(group, z, u)
+    dense = -sum(u[k] * (torch.outer(z[k], z[k]) - torch.eye(d, dtype=F64)) for k in range(10))
+    assert torch.allclose(g_delta, -(u @ z), rtol=1e-14, atol=1e-15)
+    assert torch.allclose(g_m, group.restrict(dense), rtol=1e-13, atol=1e-14)
+    assert float(g_s) == pytest.approx(float(torch.trace(dense)), rel=1e-13)
+    assert float(g_delta @ z[0]) < 0 < float(g_delta @ z[-1])  # best sample first: descent goes towards it

@@ -8,7 +8,7 @@ import math
 import pytest
 import torch
 
-from experiments import es
+from experiments import bbob, es
 
 from helpers import DEVICES, study_settings
 
@@ -45,7 +45,7 @@ def test_a_structured_nes_run_evaluates_on_its_device_and_solves_the_sphere(devi
     """``--device``: every population reaches the function on that device, and the run still
     hits the target (the draws differ between devices, so only the outcome is compared)."""
     settings = study_settings(es, ["--tiny", "--device", device])
-    problem = es.bbob.get(1, 5, 1)
+    problem = bbob.get(1, 5, 1)
     seen = set()
 
     def f(x):

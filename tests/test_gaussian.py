@@ -630,3 +630,169 @@ def test_natural_gradient_requires_gradients():
     q.factor.grad = torch.full((4, 4), float("inf"), dtype=f64)
     with pytest.raises(ValueError):
         q.natural_gradient()
+
+
+# ------------------------------------------------- covariance parameterization (Sigma = sigma^2 A A^T)
+COV_CONFIGS = [
+    ("dense", 5, {}),
+    ("diagonal", 5, {}),
+    ("lower_triangular", 5, {}),
+    ("block_diagonal", 6, {"block_size": 3}),
+    ("block_triangular", 6, {"k": 2}),
+    ("heisenberg", 7, {"k": 1, "k2": 2}),
+]
+COV_IDS = [config_id(c) for c in COV_CONFIGS]
+
+
+def random_covariance_gaussian(cfg, transpose, scale, seed=0):
+    name, d, opts = cfg
+    q = Gaussian(d, name, dtype=f64, parameterization="covariance", scale=scale, transpose=transpose, **opts)
+    with torch.no_grad():
+        q.loc.copy_(torch.randn(d, generator=gen(seed), dtype=f64))
+        q.factor.copy_(q.group.random(generator=gen(seed + 1), dtype=f64, scale=0.5))
+    return q
+
+
+class CovarianceMaps:
+    """Dense reference: eta = (delta, m[, s]) -> (mu, S) with ``mu = mu_t + sigma_t A_t delta``,
+    ``A = A_t h(M)`` (``A = (h(N) B_t)^T`` with transpose) and ``sigma = sigma_t exp(s)``."""
+
+    def __init__(self, q):
+        self.q, self.group, self.d = q, q.group, q.dim
+        self.mu_t = q.loc.detach().clone()
+        self.bt = q.group.to_dense(q.factor.detach()).clone()
+        self.sigma_t = float(q.sigma().detach())
+        self.slots, self.positions = compact_basis(q.group)
+        self.nm = len(self.slots)
+        self.n = self.d + self.nm + (1 if q.has_scale else 0)
+        self.eye = torch.eye(self.d, dtype=f64)
+
+    def m_dense(self, mvec):
+        return self.group.to_dense(compact_from_vector(self.group, self.slots, mvec))
+
+    def a(self, eta):
+        md = self.m_dense(eta[self.d : self.d + self.nm])
+        h = self.eye + md + 0.5 * md @ md
+        return (h @ self.bt).mT if self.q.transpose else self.bt @ h
+
+    def sigma(self, eta):
+        return self.sigma_t * torch.exp(eta[-1]) if self.q.has_scale else torch.tensor(1.0, dtype=f64)
+
+    def mu(self, eta):
+        a_t = self.bt.mT if self.q.transpose else self.bt
+        return self.mu_t + self.sigma_t * a_t @ eta[: self.d]
+
+    def s(self, eta):
+        a = self.sigma(eta) * self.a(eta)
+        return torch.linalg.inv(a @ a.mT)
+
+    def jacobians(self):
+        eta0 = torch.zeros(self.n, dtype=f64)
+        return (torch.autograd.functional.jacobian(self.mu, eta0),
+                torch.autograd.functional.jacobian(self.s, eta0), self.s(eta0))
+
+    def fisher(self):
+        jac_mu, jac_s, s = self.jacobians()
+        return gaussian_fisher_matrix(jac_mu, jac_s, s)
+
+
+def _eta(maps, step):
+    vec = [step[0], step[1].reshape(-1)[torch.tensor(maps.slots)]]
+    if maps.q.has_scale:
+        vec.append(step[2].reshape(1))
+    return torch.cat(vec)
+
+
+@pytest.mark.parametrize("cfg", COV_CONFIGS, ids=COV_IDS)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_covariance_local_fisher_is_closed_form_by_autograd(cfg, transpose):
+    """Covariance factor: the same Fisher weights as the precision factor (I on delta, 2 on
+    diagonal entries, 1 on free entries, 1 between tied pairs), and ``2 d`` on the scale."""
+    q = random_covariance_gaussian(cfg, transpose, scale=None, seed=3)
+    maps = CovarianceMaps(q)
+    f = maps.fisher()
+    expected = LocalMaps(q.group, q.loc, q.factor).expected_fisher()
+    assert (f - expected).abs().max().item() < 1e-10
+    scaled = CovarianceMaps(random_covariance_gaussian(cfg, transpose, scale=0.7, seed=3))
+    f = scaled.fisher()
+    assert f[-1, -1].item() == pytest.approx(2 * q.dim, rel=1e-10)
+    assert f[-1, : q.dim].abs().max().item() < 1e-10
+
+
+@pytest.mark.parametrize("cfg", COV_CONFIGS, ids=COV_IDS)
+@pytest.mark.parametrize("transpose", [False, True])
+@pytest.mark.parametrize("scale", [None, 0.7])
+def test_covariance_natural_gradient_is_pinv_fisher_times_local_gradient(cfg, transpose, scale):
+    q = random_covariance_gaussian(cfg, transpose, scale=scale, seed=5)
+    maps = CovarianceMaps(q)
+    d = q.dim
+    f = maps.fisher()
+    eta0 = torch.zeros(maps.n, dtype=f64, requires_grad=True)
+    (grad_eta,) = torch.autograd.grad(smooth_loss(maps.mu(eta0), maps.s(eta0)), eta0)
+    sol = torch.linalg.pinv(f, hermitian=True, rtol=1e-8) @ grad_eta
+
+    q.zero_grad()
+    smooth_loss(q.loc, q.precision()).backward()
+    step = q.natural_gradient()
+    assert len(step) == (3 if scale else 2)
+    ours = _eta(maps, step)
+    if scale is None:
+        assert rel(ours, sol) < 1e-9
+    else:  # the trace of M and s are one direction: compare the tangent they induce
+        jac_mu, jac_s, _ = maps.jacobians()
+        assert rel(jac_mu @ ours, jac_mu @ sol) < 1e-9
+        assert rel(torch.einsum("ijn,n->ij", jac_s, ours), torch.einsum("ijn,n->ij", jac_s, sol)) < 1e-9
+        weights, eye = q.compact_constants()
+        assert abs(float((step.factor * eye).sum())) < 1e-12  # M is trace-free
+
+    # the same natural gradient from the local gradient computed elsewhere: the pattern entries
+    # of the (symmetric) full-matrix dL/dM are the gradients of the entry coordinates
+    g = grad_eta.detach()
+    local = [g[:d], compact_from_vector(q.group, maps.slots, g[d : d + maps.nm])]
+    if scale is not None:
+        local.append(g[-1])
+    via_local = q.natural_gradient(local_gradient=tuple(local))
+    for a, b in zip(via_local, step):
+        assert rel(a, b) < 1e-9
+
+    # the retraction is phi(eta0 - lr * natural gradient)
+    lr = 0.3
+    eta1 = -lr * ours
+    q.retract(step, lr)
+    assert rel(q.loc, maps.mu(eta1)) < 1e-10
+    a_new = q.group.to_dense(q.factor)
+    a_new = a_new.mT if transpose else a_new
+    assert rel(float(q.sigma().detach()) * a_new, maps.sigma(eta1) * maps.a(eta1)) < 1e-10
+
+
+@pytest.mark.parametrize("cfg", COV_CONFIGS, ids=COV_IDS)
+@pytest.mark.parametrize("transpose", [False, True])
+def test_covariance_log_prob_entropy_and_samples_match_torch(cfg, transpose):
+    q = random_covariance_gaussian(cfg, transpose, scale=0.8, seed=9)
+    ref = torch.distributions.MultivariateNormal(q.loc.detach(), covariance_matrix=q.covariance().detach())
+    z = torch.randn(5, q.dim, generator=gen(1), dtype=f64)
+    assert rel(q.log_prob(z).detach(), ref.log_prob(z)) < 1e-10
+    assert rel(q.entropy().detach(), ref.entropy()) < 1e-10
+    assert rel(q.precision().detach(), torch.linalg.inv(q.covariance().detach())) < 1e-9
+    a = q.group.to_dense(q.factor.detach())
+    a = 0.8 * (a.mT if transpose else a)
+    assert rel(q.from_noise(z).detach(), q.loc.detach() + z @ a.mT) < 1e-12
+
+
+def test_covariance_constructor_errors():
+    with pytest.raises(ValueError, match="parameterization"):
+        Gaussian(3, parameterization="cholesky")
+    with pytest.raises(ValueError, match="covariance"):
+        Gaussian(3, scale=1.0)
+    with pytest.raises(ValueError, match="covariance"):
+        Gaussian(3, parameterization="covariance", precision=1.0)
+    with pytest.raises(ValueError, match="scale"):
+        Gaussian(3, parameterization="covariance", scale=-1.0)
+    q = Gaussian(3, parameterization="covariance", covariance=torch.tensor([1.0, 4.0, 9.0], dtype=f64), dtype=f64)
+    assert rel(q.covariance().detach(), torch.diag(torch.tensor([1.0, 4.0, 9.0], dtype=f64))) < 1e-14
+    with pytest.raises(ValueError, match="reparam"):
+        q.estimate_gradients(lambda w: -(w * w).sum(-1), estimator="price")
+    with pytest.raises(ValueError, match="local_gradient"):
+        Gaussian(3, parameterization="covariance", scale=1.0).natural_gradient(
+            local_gradient=(torch.zeros(3), torch.zeros(3, 3))
+        )

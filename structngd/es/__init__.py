@@ -2,9 +2,10 @@
 
 :class:`StructuredNES` is an ask-and-tell natural evolution strategy whose covariance
 factor lives in a :mod:`structngd.groups` group: ``rates="xnes"`` with ``"dense"`` is exactly
-xNES, with ``"diagonal"`` SNES; the default rates add CMA-ES-like cumulation. 
-:func:`minimize` runs the loop (point-wise, batched or through an executor);
-:mod:`structngd.es.bbob` holds BBOB test functions.
+xNES, with ``"diagonal"`` SNES; ``rates="cma"`` (the default) adds CMA-ES-like cumulation
+(:mod:`.cumulation`); :mod:`.stopping` holds pycma's stopping rules.
+:func:`minimize` runs the loop (point-wise, batched or through an executor); the BBOB test
+functions are in ``experiments.bbob``.
 """
 
 from .minimize import minimize

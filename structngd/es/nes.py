@@ -9,6 +9,13 @@ global scale with the trace ``G_sigma = tr(G_M) / d`` and the shape with the tra
 projected on the group's algebra and retracted: ``B <- B h(eta_B / 2 Pi_hat(G_B))``.
 Every operation costs O(nnz(B)) per sample, so ``block_triangular`` / ``heisenberg`` run at
 O(d k) per sample and never form a d x d matrix.
+
+The search distribution is a covariance-parameterized layer-2
+:class:`~structngd.families.Gaussian` with a scale part (``loc = mu``, ``factor = B``,
+``scale = sigma``); :func:`~structngd.families.estimators.score_function_gradients` gives its
+local gradients and :func:`~structngd.optim.kernel.natural_gradient_step` steps it with per-part
+rates. Cumulation and step-size adaptation live in :mod:`.cumulation`, the stopping rules in
+:mod:`.stopping`.
 """
 
 from __future__ import annotations
@@ -21,13 +28,18 @@ import torch
 from torch import Tensor
 
 from .. import groups as _groups
+from ..families import Gaussian
+from ..families.estimators import score_function_gradients, standard_normal_noise
+from ..optim.kernel import natural_gradient_step
+from . import cumulation
 from .result import ESHistory, ESResult
+from .stopping import FINAL_REASONS, termination
 from .utilities import default_popsize, rank_order, recombination_weights, utilities
 
-RATES = ("default", "xnes")
+RATES = ("cma", "default", "xnes")
+#: ``"default"`` is the former name of ``"cma"``
+_RATE_ALIASES = {"default": "cma"}
 RETRACTIONS = ("h", "exp")
-#: stop reasons that end the whole run (no restart)
-FINAL_REASONS = ("ftarget", "maxfevals", "maxiter")
 _DEFAULT_KEYS = ("eta_mu", "c1", "cmu", "cs", "ds", "cc")
 _XNES_KEYS = ("eta_mu", "eta_sigma", "eta_B")
 #: below this dimension the default rates sample mirrored pairs and halve CMA-ES's step-size
@@ -56,16 +68,16 @@ class StructuredNES:
             ``eta_sigma = eta_B = 3 (3 + ln d) / (5 d sqrt d)``; SNES's
             ``(3 + ln d) / (5 sqrt d)`` for ``"diagonal"``; exact exponential retraction);
             with ``"dense"`` this *is* xNES, with ``"diagonal"`` SNES.
-            ``"default"``: the same natural-gradient shape update with CMA-ES-sized
+            ``"cma"`` (the default; ``"default"`` is the same): the same natural-gradient shape update with CMA-ES-sized
             learning rates plus a cumulative rank-one term and cumulative step-size
             adaptation; below 500 dimensions with half of CMA-ES's damping, on mirrored
-            samples (see :meth:`_update_default`). A dict ``{"base": "default", "cmu": 0.1}``
+            samples (see :meth:`_update_default`). A dict ``{"base": "cma", "cmu": 0.1}``
             overrides single constants (keys ``eta_mu, c1, cmu, cs, ds, cc`` for
-            ``"default"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``). ``c1`` and ``cmu``
+            ``"cma"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``). ``c1`` and ``cmu``
             are dense rates; groups with fewer parameters scale them entry-wise (sep-CMA's
             ``(d + 2) / 3`` for the diagonal, see :meth:`_set_parameters`).
         mirrored: draw ``z`` and ``-z`` pairs (mirrored sampling; the population is rounded up
-            to an even size). ``None`` (default): on with ``rates="default"`` below
+            to an even size). ``None`` (default): on with ``rates="cma"`` below
             ``MIRRORED_BELOW_DIM`` = 500 dimensions, off above and with ``"xnes"`` (so that it
             stays the published algorithm).
         restarts: number of IPOP restarts: when a restartable criterion fires (``tolx``,
@@ -77,7 +89,7 @@ class StructuredNES:
         tolx, tolfun, tolstagnation, tolflatfitness, tolupsigma: pycma's criteria
             (``None`` disables one; ``tolstagnation=None`` uses pycma's default window
             ``100 + 100 d^1.5 / popsize``, ``False`` disables it).
-        retraction: ``"h"`` (``I + M + M^2 / 2``, the default for ``rates="default"``) or
+        retraction: ``"h"`` (``I + M + M^2 / 2``, the default for ``rates="cma"``) or
             ``"exp"`` (the exact exponential, the default for ``rates="xnes"``).
         transpose: use ``A = sigma B^T``: the covariance factor takes the group's transposed
             (block *lower*-triangular) pattern, so ``block_triangular(k)`` gives a rank-k plus
@@ -93,7 +105,7 @@ class StructuredNES:
         structure: Union[str, _groups.MatrixGroup] = "dense",
         popsize: Optional[int] = None,
         seed: Optional[int] = None,
-        rates: Union[str, Dict[str, float]] = "default",
+        rates: Union[str, Dict[str, float]] = "cma",
         mirrored: Optional[bool] = None,
         restarts: int = 0,
         incpopsize: float = 2,
@@ -123,10 +135,11 @@ class StructuredNES:
             raise ValueError(f"sigma0 must be a positive finite number, got {sigma0!r}")
         self.sigma0 = float(sigma0)
 
-        base, overrides = (rates, {}) if isinstance(rates, str) else (dict(rates).pop("base", "default"), dict(rates))
+        base, overrides = (rates, {}) if isinstance(rates, str) else (dict(rates).pop("base", "cma"), dict(rates))
         overrides.pop("base", None)
-        if base not in RATES:
+        if not isinstance(base, str) or base not in RATES:
             raise ValueError(f"rates must be one of {RATES} or a dict with 'base' in {RATES}, got {rates!r}")
+        base = _RATE_ALIASES.get(base, base)
         allowed = _XNES_KEYS if base == "xnes" else _DEFAULT_KEYS
         bad = [k for k in overrides if k not in allowed]
         if bad:
@@ -144,7 +157,7 @@ class StructuredNES:
         if popsize is not None and (not isinstance(popsize, int) or isinstance(popsize, bool) or popsize < 2):
             raise ValueError(f"popsize must be an integer >= 2, got {popsize!r}")
         self.base_popsize = popsize if popsize is not None else default_popsize(self.dim)
-        default_mirrored = base == "default" and self.dim < MIRRORED_BELOW_DIM
+        default_mirrored = base == "cma" and self.dim < MIRRORED_BELOW_DIM
         self.mirrored = default_mirrored if mirrored is None else bool(mirrored)
         if not isinstance(restarts, int) or restarts < 0:
             raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
@@ -178,7 +191,6 @@ class StructuredNES:
         self.generator.manual_seed(seed)
 
         self._weights_c = self.group.inverse_fisher_weights(dtype, self.device)
-        self._eye_c = self.group.identity(dtype, self.device)
         self._algebra_dim = self.group.algebra_dim
 
         # run-independent counters
@@ -217,9 +229,10 @@ class StructuredNES:
         self.popsize = int(popsize)
         if self.mirrored and self.popsize % 2:
             self.popsize += 1
-        self.mean = mean
-        self.sigma = self.sigma0
-        self.factor = self.group.identity(self.dtype, self.device)
+        self.family = Gaussian(
+            self.dim, self.group, loc=mean, parameterization="covariance", scale=self.sigma0,
+            transpose=self.transpose, dtype=self.dtype, device=self.device,
+        ).requires_grad_(False)
         self.p_sigma = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         self.p_c = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         self.run_iteration = 0
@@ -273,7 +286,7 @@ class StructuredNES:
         # d = 500. Neither factor goes below 1 (dense and triangular keep the dense rates).
         big = min((d + 2) / 3, d * (d + 1) / 2 / self._algebra_dim)
         self._rate_mask = None
-        if self.mode == "default" and big > 1:
+        if self.mode == "cma" and big > 1:
             diag_scale, coupling_scale = max(1.0, big), max(1.0, big / 4)
             self._rate_mask = torch.where(
                 self._weights_c == 1,
@@ -283,20 +296,49 @@ class StructuredNES:
             bound = max(diag_scale, coupling_scale) * (self.rates["c1"] + self.rates["cmu"])
             if bound > 1:  # keep the largest per-entry rate below one
                 self._rate_mask = self._rate_mask / bound
-        self._chi = math.sqrt(d) * (1 - 1 / (4 * d) + 1 / (21 * d * d))
+        self._chi = cumulation.expected_norm(d)
+
+    # ------------------------------------------------------------------ the Gaussian
+    @property
+    def mean(self) -> Tensor:
+        """The mean ``mu`` of the search distribution (a copy)."""
+        return self.family.loc.detach().clone()
+
+    @mean.setter
+    def mean(self, value: Tensor) -> None:
+        with torch.no_grad():
+            self.family.loc.copy_(value)
+
+    @property
+    def factor(self) -> Tensor:
+        """The shape factor ``B`` in the group's compact form (a copy)."""
+        return self.family.factor.detach().clone()
+
+    @factor.setter
+    def factor(self, value: Tensor) -> None:
+        with torch.no_grad():
+            self.family.factor.copy_(value)
+
+    @property
+    def sigma(self) -> float:
+        """The global step size ``sigma``."""
+        return float(self.family.scale)
+
+    @sigma.setter
+    def sigma(self, value: float) -> None:
+        with torch.no_grad():
+            self.family.scale.fill_(float(value))
 
     # ------------------------------------------------------------------ ask/tell
     def ask(self) -> Tensor:
         """Sample the next population: a ``(popsize, d)`` tensor (a new tensor each call)."""
         if self._pending is not None:
             raise RuntimeError("ask() called twice: tell() the fitness of the previous population first")
-        lam, d = self.popsize, self.dim
-        if self.mirrored:
-            half = torch.randn((lam // 2, d), generator=self.generator, dtype=self.dtype, device=self.device)
-            z = torch.cat([half, -half])
-        else:
-            z = torch.randn((lam, d), generator=self.generator, dtype=self.dtype, device=self.device)
-        x = self.mean + self.sigma * self._apply(z)
+        z = standard_normal_noise(
+            (self.popsize, self.dim), self.mirrored, generator=self.generator, dtype=self.dtype, device=self.device
+        )
+        with torch.no_grad():
+            x = self.family.from_noise(z)
         self._pending = (z, x)
         return x.clone()
 
@@ -364,8 +406,8 @@ class StructuredNES:
         else:
             self._update_default(zs)
         self._flat = self._flat + 1 if flat else 0
-        if flat and self.mode == "default":  # pycma: escape a plateau by enlarging sigma
-            self.sigma *= math.exp(0.2 + self.rates["cs"] / self.rates["ds"])
+        if flat and self.mode == "cma":  # pycma: escape a plateau by enlarging sigma
+            self.sigma *= cumulation.flat_fitness_factor(self.rates["cs"], self.rates["ds"])
         self._run_best.append(gen_best)
         self._run_median.append(gen_median)
         self.history.append(
@@ -378,7 +420,7 @@ class StructuredNES:
             popsize=self.popsize,
             restart=self.restarts_done,
         )
-        reasons = self._termination(good)
+        reasons = termination(self, good)
         if reasons and not any(k in FINAL_REASONS for k in reasons) and self.restarts_done < self.restarts:
             self.restart_log.append({"iteration": self.iterations, "evaluations": self.evaluations, "reasons": reasons})
             self.restarts_done += 1
@@ -387,115 +429,70 @@ class StructuredNES:
         self._stop = reasons
 
     # ------------------------------------------------------------------ updates
-    def _shape_step(self, zs: Tensor, coef: Tensor) -> tuple:
-        """Pattern entries of ``G = sum_k coef_k (z_k z_k^T - I)``, its trace / d, and ``M``
-        ``= 1/2 Pi_hat(G - tr(G)/d I)`` in compact form (exactly ``(G - g I)/2`` for dense)."""
-        g = self.group.outer(zs, coef) - coef.sum() * self._eye_c
-        g_sigma = ((coef * (zs * zs).sum(-1)).sum() - self.dim * coef.sum()) / self.dim
-        m = self._weights_c * (g - g_sigma * self._eye_c)
-        return g_sigma, m
-
     def _apply(self, z: Tensor) -> Tensor:
         """``B z`` (or ``B^T z`` with ``transpose``) for ``z`` of shape ``(..., d)``."""
-        return self.group.tmatvec(self.factor, z) if self.transpose else self.group.matvec(self.factor, z)
-
-    def _compose(self, h: Tensor) -> Tensor:
-        """``B h`` (with ``transpose``: ``A <- A h(M)`` for ``A = B^T`` is ``B <- h(M^T) B``; the
-        compact ``M`` already holds ``M^T``'s pattern because ``G`` is symmetric)."""
-        return self.group.mul(h, self.factor) if self.transpose else self.group.mul(self.factor, h)
+        return self.family.factor_matvec(z)
 
     def _sq_norms(self) -> Tensor:
         """Diagonal of ``B B^T`` (``B^T B`` with ``transpose``): marginal variances / sigma^2."""
         if self.transpose:
-            return self.group.col_sq_norms(self.factor)
-        return self.group.row_sq_norms(self.factor)
+            return self.group.col_sq_norms(self.family.factor)
+        return self.group.row_sq_norms(self.family.factor)
 
-    def _retract(self, m: Tensor) -> Tensor:
-        if self.retraction == "exp":
-            return self.group.exp(m)
-        return self.group.h(m)
+    def _step(self, direction, part_lrs: Dict[str, float]) -> None:
+        """The layer-3 kernel's step of the search distribution along ``direction``."""
+        natural_gradient_step(
+            [self.family], [None], lr=[1.0], momentum=[0.0], max_step=[None], retraction=[self.retraction],
+            part_lrs=[part_lrs], directions=[direction], labels=["StructuredNES"],
+        )
 
     def _update_xnes(self, zs: Tensor) -> None:
         """xNES / SNES (Glasmachers et al. 2010, Schaul et al. 2011) with the group's pattern:
         ``mu += eta_mu sigma B G_delta``, ``sigma *= exp(eta_sigma/2 G_sigma)``,
-        ``B <- B exp(eta_B/2 Pi_hat(G_B))``."""
-        r, u = self.rates, self._u
-        g_delta = u @ zs
-        self.mean = self.mean + r["eta_mu"] * self.sigma * self._apply(g_delta)
-        g_sigma, m = self._shape_step(zs, u)
-        self.sigma = self.sigma * math.exp(0.5 * r["eta_sigma"] * float(g_sigma))
-        self.factor = self._compose(self._retract(r["eta_B"] * m))
+        ``B <- B exp(eta_B/2 Pi_hat(G_B))``: the kernel's step of the Gaussian from the score
+        function's local gradients, with the rates ``eta_mu``, ``eta_B``, ``eta_sigma`` of the
+        parts ``loc``, ``factor``, ``scale``."""
+        r = self.rates
+        local = score_function_gradients(self.group, zs, self._u)
+        direction = self.family.natural_gradient(local_gradient=local)
+        self._step(direction, {"loc": r["eta_mu"], "factor": r["eta_B"], "scale": r["eta_sigma"]})
 
     def _update_default(self, zs: Tensor) -> None:
-        """CMA-sized natural-gradient step.
+        """CMA-sized natural-gradient step (``rates="cma"``).
 
         * mean: ``mu += eta_mu sigma B sum_r w_r z_r`` (the positive half of the utilities,
           ``w_r = u_r + 1/lambda``, as in CMA-ES's recombination);
         * shape: the trace-free natural gradient of ``cmu sum_k u_k (z_k z_k^T - I)`` plus a
           rank-one term ``c1 (z_c z_c^T - I)`` from the cumulated path of the mean steps
           (``z_c = B^{-1} p_c``), projected on the algebra and retracted with ``h``;
-          ``B`` is rescaled to ``det B = 1`` (the scale belongs to ``sigma``);
+          ``B`` is rescaled to keep ``det B`` (the scale belongs to ``sigma``);
         * scale: cumulative step-size adaptation on ``p_sigma``, the path of ``sum_r w_r z_r``.
+
+        Mean and shape are one kernel step of the Gaussian (the scale part at rate 0); the
+        paths, the volume and the step size are :mod:`.cumulation`'s.
         """
         r, d = self.rates, self.dim
         zw = self._w @ zs
         step = self._apply(zw)
-        self.mean = self.mean + r["eta_mu"] * self.sigma * step
-        cs, cc = r["cs"], r["cc"]
-        self.p_sigma = (1 - cs) * self.p_sigma + math.sqrt(cs * (2 - cs) * self.mueff) * zw
-        ps_norm = float(self.p_sigma.norm())
-        hsig = ps_norm / math.sqrt(1 - (1 - cs) ** (2 * self.run_iteration)) / self._chi < 1.4 + 2 / (d + 1)
-        self.p_c = (1 - cc) * self.p_c + (math.sqrt(cc * (2 - cc) * self.mueff) if hsig else 0.0) * step
+        self.p_sigma, self.p_c, ps_norm = cumulation.update_paths(
+            self.p_sigma, self.p_c, zw, step, r["cs"], r["cc"], self.mueff, self._chi, self.run_iteration, d
+        )
+        factor = self.family.factor
         if r["c1"] > 0:
-            zc = self.group.tsolve(self.factor, self.p_c) if self.transpose else self.group.solve(self.factor, self.p_c)
+            zc = self.group.tsolve(factor, self.p_c) if self.transpose else self.group.solve(factor, self.p_c)
             zall = torch.cat([zs, zc.unsqueeze(0)])
             coef = torch.cat([r["cmu"] * self._u, self._u.new_tensor([r["c1"]])])
         else:
             zall, coef = zs, r["cmu"] * self._u
-        _, m = self._shape_step(zall, coef)
-        if self._rate_mask is not None:
-            m = m * self._rate_mask
-        h = self._retract(m)
-        shrink = math.exp(-float(self.group.logdet(h)) / d)
-        self.factor = self._compose(h) * shrink
-        self.sigma = self.sigma * math.exp(min(1.0, (cs / r["ds"]) * (ps_norm / self._chi - 1)))
-
-    # ------------------------------------------------------------------ stopping
-    def _termination(self, sorted_f: Tensor) -> Dict[str, object]:
-        out: Dict[str, object] = {}
-        if self.target is not None and self.best_f <= self.target:
-            out["ftarget"] = self.target
-        if self.budget is not None and self.evaluations >= self.budget:
-            out["maxfevals"] = self.budget
-        if self.max_iterations is not None and self.iterations >= self.max_iterations:
-            out["maxiter"] = self.max_iterations
-        scale = self.sigma * math.sqrt(float(self._sq_norms().max()))
-        if self.tolx is not None:
-            pc = self.sigma * float(self.p_c.abs().max())
-            if scale < self.tolx and pc < self.tolx:
-                out["tolx"] = self.tolx
-        if self.tolupsigma is not None and scale > self.tolupsigma * self.sigma0:
-            out["tolupsigma"] = self.tolupsigma
-        if self.tolfun is not None and self.run_iteration > 1 and len(sorted_f):
-            window = self._run_best[-(10 + int(math.ceil(30 * self.dim / self.popsize))) :]
-            finite = [v for v in window if math.isfinite(v)]
-            if finite and len(finite) == len(window):
-                spread = max(max(finite) - min(finite), float(sorted_f[-1] - sorted_f[0]))
-                if spread < self.tolfun:
-                    out["tolfun"] = self.tolfun
-        if self.tolflatfitness is not None and self._flat > self.tolflatfitness:
-            out["tolflatfitness"] = self.tolflatfitness
-        if self.tolstagnation is not False:
-            n_stag = self.tolstagnation or int(100 + 100 * self.dim**1.5 / self.popsize)
-            hist = len(self._run_best)
-            ell = int(max(n_stag / 10, hist / 10))
-            if self.run_iteration > n_stag and hist >= 2 * ell:
-                med = lambda v: float(torch.tensor(v, dtype=torch.float64).median())  # noqa: E731
-                recent_m, older_m = self._run_median[-ell:], self._run_median[-2 * ell : -ell]
-                recent_b, older_b = self._run_best[-ell:], self._run_best[-2 * ell : -ell]
-                if med(recent_m) >= med(older_m) and med(recent_b) >= med(older_b):
-                    out["tolstagnation"] = n_stag
-        return out
+        local = score_function_gradients(self.group, zs, self._w, shape_z=zall, shape_utilities=coef)
+        direction = self.family.natural_gradient(local_gradient=local)
+        if self._rate_mask is not None:  # per-entry rates of the shape
+            direction = direction._replace(factor=direction.factor * self._rate_mask)
+        old_logdet = float(self.group.logdet(factor))
+        self._step(direction, {"loc": r["eta_mu"], "factor": 1.0, "scale": 0.0})
+        with torch.no_grad():
+            self.family.factor.mul_(cumulation.volume_shrink(self.group, self.family.factor, old_logdet))
+        self.sigma = self.sigma * cumulation.csa_factor(r["cs"], r["ds"], ps_norm, self._chi)
 
     def stop(self) -> Dict[str, object]:
         """The active stop criteria after the last :meth:`tell` (pycma style, empty while running)."""
@@ -564,7 +561,8 @@ class StructuredNES:
         """Restore a :meth:`state_dict` into an object built with the same options."""
         if state.get("version") != 1:
             raise ValueError(f"unsupported state version {state.get('version')!r}")
-        if (state["dim"], state["group"], state["mode"], state.get("transpose", False)) != (
+        mode = _RATE_ALIASES.get(state["mode"], state["mode"])
+        if (state["dim"], state["group"], mode, state.get("transpose", False)) != (
             self.dim, repr(self.group), self.mode, self.transpose
         ):
             raise ValueError(

@@ -77,3 +77,86 @@ def factor_gradient_from_hessian(group: MatrixGroup, b: Tensor, hess: Tensor, ga
     eye = torch.eye(group.dim, dtype=hess.dtype, device=hess.device)
     dense = -group.tsolve(b, (whitened - gamma * eye).mT).mT
     return group.restrict(dense)
+
+
+# ------------------------------------------------------- Kronecker curvature (LocalKFAC)
+def _kronecker_curvature(group: MatrixGroup, f: Tensor, m: Tensor):
+    """``(F_dense, M F, tr(F^T M F), tr(F^T F))`` for symmetric ``M``: one product by the
+    group's matvecs (O(d^2 k) for sparse groups), the traces as elementwise sums."""
+    dense = group.to_dense(f)
+    mf = group.tmatvec(f, m)  # row i: F^T M[i] = (M F)[i]
+    return dense, mf, (dense * mf).sum(), (dense * dense).sum()
+
+
+def _kronecker_left(group: MatrixGroup, f: Tensor, y: Tensor) -> Tensor:
+    """``F^T Y`` for a dense ``Y`` by the group's products."""
+    return group.tmatvec(f, y.mT).mT
+
+
+def kronecker_factor_gradients(
+    in_group: MatrixGroup,
+    out_group: MatrixGroup,
+    in_factor: Tensor,
+    out_factor: Tensor,
+    a: Tensor,
+    g: Tensor,
+    damping: float,
+) -> Tuple[Tensor, Tensor]:
+    """Local gradients ``(X_K, X_C)`` of a Kronecker Gaussian's factors from the curvature ``A ⊗ G``.
+
+    For ``q = N(M, (K K^T) ⊗ (C C^T))`` over a layer's ``d_out x d_in`` weight and the
+    Gauss-Newton model of the loss with Kronecker curvature ``A ⊗ G`` (``A``: ``d_in x d_in``
+    layer-input statistics, ``G``: ``d_out x d_out`` output-gradient statistics) plus damping
+    ``lambda I``, the factors' part of ``L = E_q[l] - H(q)`` is (MATH §6.2)
+
+    ``L(K, C) = tr(A K K^T) tr(G C C^T) / 2 + lambda tr(K K^T) tr(C C^T) / 2
+    - (d_out log|K K^T| + d_in log|C C^T|) / 2``.
+
+    Returns the full-matrix gradients in the local coordinates ``K = K_t h(M_K)``,
+    ``C = C_t h(M_C)`` at ``eta0`` as dense symmetric matrices:
+
+    ``X_K = K^T dL/dK = tr(C^T G C) K^T A K + lambda tr(C^T C) K^T K - d_out I``,
+    ``X_C = C^T dL/dC = tr(K^T A K) C^T G C + lambda tr(K^T K) C^T C - d_in I``,
+
+    so that the factors' natural gradients are ``project(X_K) / d_out`` and ``project(X_C) / d_in``
+    (:meth:`KroneckerGaussian.natural_gradient` with ``local_gradient``). Only products with the
+    compact factors: two per side, no inverse or decomposition (so it runs in bfloat16).
+    """
+    d_in, d_out = in_group.dim, out_group.dim
+    eye_k = torch.eye(d_in, dtype=a.dtype, device=a.device)
+    eye_c = torch.eye(d_out, dtype=g.dtype, device=g.device)
+    # X_K = K^T (tr(C^T G C) A + lambda tr(C^T C) I) K - d_out I: two products per side
+    k_dense, ak, tr_ktak, tr_ktk = _kronecker_curvature(in_group, in_factor, a)
+    c_dense, gc, tr_ctgc, tr_ctc = _kronecker_curvature(out_group, out_factor, g)
+    x_k = _kronecker_left(in_group, in_factor, tr_ctgc * ak + damping * tr_ctc * k_dense) - d_out * eye_k
+    x_c = _kronecker_left(out_group, out_factor, tr_ktak * gc + damping * tr_ktk * c_dense) - d_in * eye_c
+    return x_k, x_c
+
+
+# --------------------------------------------------------------- score function (ES)
+def score_function_gradients(
+    group: MatrixGroup,
+    z: Tensor,
+    utilities: Tensor,
+    shape_z: Optional[Tensor] = None,
+    shape_utilities: Optional[Tensor] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Local gradients of ``L = E[l]`` at ``eta0`` of a covariance Gaussian from fitness-shaped
+    utilities (MATH.md §5): samples ``x_k = mu + sigma A z_k`` whose costs ``l(x_k)`` are replaced
+    by ``-u_k`` (higher utility = better point, so these are *loss* gradients and the
+    layer-3 kernel's descent step moves towards the good samples).
+
+    Returns ``(g_delta, g_M, g_s)``: ``g_delta = -sum_k u_k z_k``, the pattern entries (compact
+    form, via ``group.outer``) of ``g_M = -sum_k u_k (z_k z_k^T - I)`` and its trace
+    ``g_s = -sum_k u_k (|z_k|^2 - d)``, the input of
+    :meth:`~structngd.families.Gaussian.natural_gradient` ``(local_gradient=...)``. O(n nnz).
+    ``shape_z`` / ``shape_utilities`` (default ``z`` / ``utilities``) give the shape parts other
+    samples or weights than the mean part (e.g. recombination weights for the mean).
+    """
+    shape_z = z if shape_z is None else shape_z
+    shape_u = utilities if shape_utilities is None else shape_utilities
+    g_delta = -(utilities @ z)
+    eye = group.identity(shape_z.dtype, shape_z.device)
+    g_m = group.outer(shape_z, shape_u) - shape_u.sum() * eye
+    g_s = (shape_u * (shape_z * shape_z).sum(-1)).sum() - group.dim * shape_u.sum()
+    return g_delta, -g_m, -g_s

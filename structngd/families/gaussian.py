@@ -1,4 +1,5 @@
-"""Layer 2: the Gaussian ``N(mu, S^{-1})`` with structured precision factor ``S = B B^T``."""
+"""Layer 2: the Gaussian with a structured factor of its precision ``S = B B^T`` (the default)
+or of its covariance ``Sigma = sigma^2 A A^T`` (evolution strategies)."""
 
 from __future__ import annotations
 
@@ -13,6 +14,7 @@ from .checks import factor_of_spd, require_finite_gradients
 from . import estimators
 
 ESTIMATORS = ("reparam", "price", "delta")
+PARAMETERIZATIONS = ("precision", "covariance")
 
 
 class GaussianStep(NamedTuple):
@@ -20,6 +22,15 @@ class GaussianStep(NamedTuple):
 
     loc: Tensor
     factor: Tensor
+
+
+class ScaledGaussianStep(NamedTuple):
+    """The direction of a covariance Gaussian with a global scale: ``loc`` (``delta``), ``factor``
+    (compact, trace-free ``M``) and ``scale`` (``s``, a 0-dim tensor)."""
+
+    loc: Tensor
+    factor: Tensor
+    scale: Tensor
 
 
 class Gaussian(nn.Module):
@@ -30,6 +41,15 @@ class Gaussian(nn.Module):
     ``B = B_t h(M)``; their Fisher at ``eta0`` is the identity for ``delta`` and has
     weights 2 on diagonal / symmetric-block entries and 1 on free entries of ``M``.
 
+    With ``parameterization="covariance"`` the factor is a covariance factor instead:
+    ``N(mu, sigma^2 A A^T)`` with ``A`` in the group (``A = B^T`` for ``B`` in the group with
+    ``transpose``: the group's transposed pattern) and ``sigma = 1`` unless ``scale`` is given.
+    Local coordinates: ``mu = mu_t + sigma_t A_t delta``, ``A = A_t h(M)`` and, with a scale part,
+    ``sigma = sigma_t exp(s)`` with ``M`` trace-free (the trace direction belongs to ``s``). The
+    Fisher weights are the same as above (``2 d`` for ``s``), the natural gradient is
+    ``delta = sigma A^T g_mu``, ``M = C ⊙ κ(A^T g_A)`` (its trace-free part with a scale part)
+    and ``s = sigma g_sigma / (2 d)``. No solve is needed to sample or to step.
+
     Args:
         dim: dimension ``d``.
         structure: a group name for :func:`structngd.groups.make` or a group instance.
@@ -38,6 +58,14 @@ class Gaussian(nn.Module):
             precision, valid for every structure) or an SPD ``(d, d)`` matrix (dense and
             triangular structures only).
         estimator: default gradient estimator of :meth:`estimate_gradients`.
+        parameterization: ``"precision"`` (``S = B B^T``, the default) or ``"covariance"``
+            (``Sigma = sigma^2 A A^T``).
+        covariance: initial covariance of the covariance parameterization (as ``precision``;
+            with ``scale`` it is the covariance of ``A`` alone); default the identity.
+        scale: initial global scale ``sigma > 0`` of the covariance parameterization: adds the
+            part ``scale`` (``None``: no scale part, ``sigma = 1``).
+        transpose: covariance parameterization only: ``A = B^T``, the group's transposed pattern
+            (``block_triangular(k)`` then gives a rank-k plus diagonal covariance).
         **group_options: options of the group (``k``, ``block_size``, ...).
     """
 
@@ -50,6 +78,10 @@ class Gaussian(nn.Module):
         estimator: str = "reparam",
         dtype: Optional[torch.dtype] = None,
         device=None,
+        parameterization: str = "precision",
+        covariance: Union[None, float, Tensor] = None,
+        scale: Optional[float] = None,
+        transpose: bool = False,
         **group_options,
     ):
         super().__init__()
@@ -58,6 +90,16 @@ class Gaussian(nn.Module):
         if estimator not in ESTIMATORS:
             raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
         self.estimator = estimator
+        if parameterization not in PARAMETERIZATIONS:
+            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
+        self.parameterization = parameterization
+        covariant = parameterization == "covariance"
+        if not covariant and (covariance is not None or scale is not None or transpose):
+            raise ValueError('covariance, scale and transpose need parameterization="covariance"')
+        if covariant and precision is not None:
+            raise ValueError('parameterization="covariance" takes covariance=..., not precision=...')
+        self.transpose = bool(transpose)
+        self._constants: Dict[tuple, tuple] = {}
         dtype = dtype or (loc.dtype if isinstance(loc, Tensor) else torch.get_default_dtype())
         if loc is None:
             loc = torch.zeros(dim, dtype=dtype, device=device)
@@ -65,7 +107,18 @@ class Gaussian(nn.Module):
         if loc.shape != (dim,) or not torch.isfinite(loc).all():
             raise ValueError(f"loc must be a finite tensor of shape ({dim},), got {tuple(loc.shape)}")
         self.loc = nn.Parameter(loc)
-        self.factor = nn.Parameter(self._initial_factor(precision, loc))
+        if covariant:
+            if transpose and covariance is not None and torch.as_tensor(covariance).dim() > 1:
+                raise ValueError("with transpose the initial covariance must be a scalar or a diagonal vector")
+            self.factor = nn.Parameter(self._initial_factor(covariance, loc, "covariance"))
+        else:
+            self.factor = nn.Parameter(self._initial_factor(precision, loc))
+        if scale is not None:
+            if isinstance(scale, Tensor):
+                scale = float(scale)
+            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
+                raise ValueError(f"scale must be a positive finite number, got {scale!r}")
+            self.scale = nn.Parameter(torch.tensor(float(scale), dtype=dtype, device=loc.device))
 
     @classmethod
     def view(cls, group: _groups.MatrixGroup, loc: Tensor, factor: Tensor, estimator: str = "reparam") -> "Gaussian":
@@ -84,16 +137,60 @@ class Gaussian(nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.group, self.dim, self.estimator = group, group.dim, estimator
+        self.parameterization, self.transpose, self._constants = "precision", False, {}
         self._parameters["loc"] = loc  # not re-wrapped: the view must share .grad
         self._parameters["factor"] = factor
         return self
 
     # ------------------------------------------------------------ set-up
-    def _initial_factor(self, precision, loc: Tensor) -> Tensor:
+    def _initial_factor(self, precision, loc: Tensor, what: str = "precision") -> Tensor:
         if precision is None:
             return self.group.identity(loc.dtype, loc.device)
         precision = torch.as_tensor(precision, dtype=loc.dtype, device=loc.device)
-        return factor_of_spd(self.group, precision, "precision")
+        return factor_of_spd(self.group, precision, what)
+
+    @property
+    def covariant(self) -> bool:
+        """Whether the factor is a covariance factor (``parameterization="covariance"``)."""
+        return self.parameterization == "covariance"
+
+    @property
+    def has_scale(self) -> bool:
+        """Whether the family has the global-scale part ``scale``."""
+        return "scale" in self._parameters
+
+    def sigma(self) -> Tensor:
+        """The global scale (a 0-dim tensor; one without a scale part)."""
+        if self.has_scale:
+            return self.scale
+        return torch.ones((), dtype=self.loc.dtype, device=self.loc.device)
+
+    def compact_constants(self) -> tuple:
+        """``(C, I)``: the inverse Fisher weights and the identity in compact form, cached per
+        dtype and device (formed once, so a step from local gradients does no d x d work)."""
+        key = (self.factor.dtype, self.factor.device)
+        if key not in self._constants:
+            self._constants[key] = (
+                self.group.inverse_fisher_weights(*key),
+                self.group.identity(*key),
+            )
+        return self._constants[key]
+
+    def factor_matvec(self, x: Tensor) -> Tensor:
+        """``A x`` for the covariance factor (``B^T x`` with ``transpose``), ``x`` of shape ``(..., d)``."""
+        return self.group.tmatvec(self.factor, x) if self.transpose else self.group.matvec(self.factor, x)
+
+    def factor_tmatvec(self, x: Tensor) -> Tensor:
+        """``A^T x`` for the covariance factor."""
+        return self.group.matvec(self.factor, x) if self.transpose else self.group.tmatvec(self.factor, x)
+
+    def _factor_solve(self, x: Tensor) -> Tensor:
+        """``A^{-1} x`` for the covariance factor."""
+        return self.group.tsolve(self.factor, x) if self.transpose else self.group.solve(self.factor, x)
+
+    def _dense_covariance_factor(self) -> Tensor:
+        a = self.group.to_dense(self.factor)
+        return self.sigma() * (a.mT if self.transpose else a)
 
     @property
     def structure(self) -> str:
@@ -108,14 +205,16 @@ class Gaussian(nn.Module):
         return self.loc
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        """Reparameterized samples ``z = mu + B^{-T} eps``, ``eps ~ N(0, I)``."""
+        """Reparameterized samples ``z = mu + B^{-T} eps`` (``mu + sigma A eps``), ``eps ~ N(0, I)``."""
         eps = torch.randn(
             tuple(sample_shape) + (self.dim,), dtype=self.loc.dtype, device=self.loc.device
         )
         return self.from_noise(eps)
 
     def from_noise(self, eps: Tensor) -> Tensor:
-        """The reparameterization ``z = mu + B^{-T} eps`` of given standard-normal noise."""
+        """The reparameterization ``z = mu + B^{-T} eps`` (``mu + sigma A eps``) of given noise."""
+        if self.covariant:
+            return self.loc + self.sigma() * self.factor_matvec(eps)
         return self.loc + self.group.tsolve(self.factor, eps)
 
     @torch.no_grad()
@@ -123,27 +222,54 @@ class Gaussian(nn.Module):
         return self.rsample(sample_shape)
 
     def log_prob(self, z: Tensor) -> Tensor:
-        """``log N(z; mu, S^{-1}) = -|B^T (z - mu)|^2 / 2 + log|det B| - d/2 log(2 pi)``."""
+        """``log N(z; mu, S^{-1}) = -|B^T (z - mu)|^2 / 2 + log|det B| - d/2 log(2 pi)``
+        (covariance: ``-|A^{-1} (z - mu)|^2 / (2 sigma^2) - log|det A| - d log sigma - ...``)."""
+        if self.covariant:
+            sigma = self.sigma()
+            u = self._factor_solve(z - self.loc) / sigma
+            return (
+                -0.5 * u.pow(2).sum(-1)
+                - self.group.logdet(self.factor)
+                - self.dim * sigma.log()
+                - 0.5 * self.dim * math.log(2 * math.pi)
+            )
         u = self.group.tmatvec(self.factor, z - self.loc)
         return -0.5 * u.pow(2).sum(-1) + self.group.logdet(self.factor) - 0.5 * self.dim * math.log(2 * math.pi)
 
     def entropy(self) -> Tensor:
-        """``H = d/2 (1 + log 2 pi) - log|det B|``."""
+        """``H = d/2 (1 + log 2 pi) - log|det B|`` (``+ log|det A| + d log sigma``)."""
+        if self.covariant:
+            return (
+                0.5 * self.dim * (1.0 + math.log(2 * math.pi))
+                + self.group.logdet(self.factor)
+                + self.dim * self.sigma().log()
+            )
         return 0.5 * self.dim * (1.0 + math.log(2 * math.pi)) - self.group.logdet(self.factor)
 
     def precision(self) -> Tensor:
-        """The dense precision ``S = B B^T``."""
+        """The dense precision ``S = B B^T`` (``(sigma^2 A A^T)^{-1}``)."""
+        if self.covariant:
+            a = self._dense_covariance_factor()
+            eye = torch.eye(self.dim, dtype=a.dtype, device=a.device)
+            r = torch.linalg.solve(a, eye)
+            return r.mT @ r
         b = self.group.to_dense(self.factor)
         return b @ b.mT
 
     def covariance(self) -> Tensor:
-        """The dense covariance ``S^{-1} = B^{-T} B^{-1}`` (by solves, no inverse of ``S``)."""
+        """The dense covariance ``S^{-1} = B^{-T} B^{-1}`` (by solves, no inverse of ``S``;
+        ``sigma^2 A A^T`` for the covariance parameterization)."""
+        if self.covariant:
+            a = self._dense_covariance_factor()
+            return a @ a.mT
         eye = torch.eye(self.dim, dtype=self.loc.dtype, device=self.loc.device)
         r = self.group.solve(self.factor, eye)  # rows: B^{-1} e_i, i.e. R = B^{-T}
         return r @ r.mT
 
     def to_torch(self) -> torch.distributions.MultivariateNormal:
         """The same distribution as a ``torch.distributions.MultivariateNormal``."""
+        if self.covariant:
+            return torch.distributions.MultivariateNormal(self.loc, covariance_matrix=self.covariance())
         return torch.distributions.MultivariateNormal(self.loc, precision_matrix=self.precision())
 
     # ------------------------------------------------ gradient estimation
@@ -171,6 +297,8 @@ class Gaussian(nn.Module):
             loss = -log_density(self.rsample((num_samples,))).mean() - gamma * self.entropy()
             loss.backward()
             return loss.detach()
+        if self.covariant:
+            raise ValueError(f'estimator {estimator!r} needs parameterization="precision"; use "reparam"')
         with torch.no_grad():
             if estimator == "delta":
                 w = self.loc.detach().unsqueeze(0)
@@ -189,37 +317,91 @@ class Gaussian(nn.Module):
     # ------------------------------------------- natural-gradient interface
     def check_gradients(self) -> None:
         """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
-        require_finite_gradients(self, (("loc", self.loc), ("factor", self.factor)))
+        require_finite_gradients(self, list(self.named_parameters()))
 
     #: the parts whose step moves a group factor (the optimizer's trust region acts on them)
     factor_parts = ("factor",)
 
     @torch.no_grad()
-    def natural_gradient(self) -> GaussianStep:
-        """Natural gradient in local coordinates from ``loc.grad`` and ``factor.grad``.
+    def natural_gradient(self, local_gradient: Optional[tuple] = None):
+        """Natural gradient in local coordinates at ``eta0``.
 
-        ``delta = B^{-1} g_mu`` (Fisher ``I``) and ``M = C ⊙ κ(B^T g_B)`` in compact form.
+        Without ``local_gradient``: from the parameters' ``.grad``. Precision: ``delta =
+        B^{-1} g_mu`` (Fisher ``I``) and ``M = C ⊙ κ(B^T g_B)`` in compact form; covariance:
+        ``delta = sigma A^T g_mu``, ``M = C ⊙ κ(A^T g_A)`` and, with a scale part, ``s = sigma
+        g_sigma / (2 d)`` and ``M`` trace-free.
+
+        ``local_gradient``: the gradient in the local coordinates computed elsewhere (e.g. by
+        :func:`~structngd.families.estimators.score_function_gradients`): ``(g_delta, g_M)`` or,
+        with a scale part, ``(g_delta, g_M, g_s)``, where ``g_M`` holds the pattern entries (compact
+        form) of the symmetric full-matrix gradient ``dL/dM`` and ``g_s = dL/ds = tr(dL/dM)``.
+        Returns ``(g_delta, C ⊙ g_M)`` and, with a scale part, ``C ⊙ (g_M - g_s / d I)`` and
+        ``g_s / (2 d)``: O(nnz) work, no d x d matrix.
         """
+        if local_gradient is not None:
+            return self._natural_from_local(tuple(local_gradient))
         self.check_gradients()
-        delta = self.group.solve(self.factor, self.loc.grad)
-        m = self.group.pullback(self.factor, self.factor.grad)
-        return GaussianStep(delta, m)
+        if not self.covariant:
+            delta = self.group.solve(self.factor, self.loc.grad)
+            m = self.group.pullback(self.factor, self.factor.grad)
+            return GaussianStep(delta, m)
+        sigma = self.sigma()
+        delta = sigma * self.factor_tmatvec(self.loc.grad)
+        if self.transpose:  # B = h(N) B_t with N = M^T in the group: dL/dN = g_B B_t^T
+            dense = self.group.to_dense(self.factor.grad) @ self.group.to_dense(self.factor).mT
+            m = self.group.project(dense)
+        else:
+            m = self.group.pullback(self.factor, self.factor.grad)
+        if not self.has_scale:
+            return GaussianStep(delta, m)
+        weights, eye = self.compact_constants()
+        trace = (self.group.to_dense(self.factor) * self.group.to_dense(self.factor.grad)).sum()
+        m = m - (trace / self.dim) * (weights * eye)
+        return ScaledGaussianStep(delta, m, sigma * self.scale.grad / (2 * self.dim))
+
+    def _natural_from_local(self, local: tuple):
+        n_parts = 3 if self.has_scale else 2
+        if len(local) != n_parts:
+            raise ValueError(
+                f"local_gradient must have {n_parts} parts "
+                f"({', '.join(name for name, _ in self.named_parameters())}), got {len(local)}"
+            )
+        weights, eye = self.compact_constants()
+        if not self.has_scale:
+            g_delta, g_m = local
+            return GaussianStep(g_delta, weights * g_m)
+        g_delta, g_m, g_s = local
+        g_s = torch.as_tensor(g_s, dtype=self.loc.dtype, device=self.loc.device)
+        return ScaledGaussianStep(g_delta, weights * (g_m - (g_s / self.dim) * eye), g_s / (2 * self.dim))
 
     @torch.no_grad()
-    def retracted(self, step: GaussianStep, retraction: str = "h") -> Dict[str, Tensor]:
-        """New ``(loc, factor)`` at ``phi_tau(eta0 - step)``, without writing them:
-        ``mu - B^{-T} delta`` and ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``)."""
-        delta, m = step
+    def retracted(self, step: tuple, retraction: str = "h") -> Dict[str, Tensor]:
+        """New parameter values at ``phi_tau(eta0 - step)``, without writing them:
+        ``mu - B^{-T} delta`` and ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``);
+        covariance: ``mu - sigma A delta``, ``A h(-M)`` and ``sigma exp(-s)`` (the scalar scale
+        always takes the exact exponential)."""
+        delta, m = step[0], step[1]
         local_map = self.group.exp if retraction == "exp" else self.group.h
-        return {
-            "loc": self.loc - self.group.tsolve(self.factor, delta),
-            "factor": self.group.mul(self.factor, local_map(-m)),
+        if not self.covariant:
+            return {
+                "loc": self.loc - self.group.tsolve(self.factor, delta),
+                "factor": self.group.mul(self.factor, local_map(-m)),
+            }
+        sigma = self.sigma()
+        moved = local_map(-m)
+        out = {
+            "loc": self.loc - sigma * self.factor_matvec(delta),
+            "factor": self.group.mul(moved, self.factor) if self.transpose else self.group.mul(self.factor, moved),
         }
+        if self.has_scale:
+            out["scale"] = sigma * torch.exp(-step[2])
+        return out
 
     @torch.no_grad()
     def retract(self, step: GaussianStep, lr: float = 1.0, retraction: str = "h") -> None:
         """``tau <- phi_tau(eta0 - lr * step)`` in place (see :meth:`retracted`)."""
-        for name, value in self.retracted(GaussianStep(*(lr * t for t in step)), retraction).items():
+        kind = ScaledGaussianStep if len(step) == 3 else GaussianStep
+        for name, value in self.retracted(kind(*(lr * t for t in step)), retraction).items():
             getattr(self, name).copy_(value)
 
 

@@ -10,23 +10,13 @@ import torch
 from torch import Tensor
 
 from .. import groups as _groups
+from ..families import KroneckerGaussian
+from ..families.estimators import kronecker_factor_gradients
+from ..optim.kernel import natural_gradient_step
 from .base import KroneckerPreconditioner, _check_positive
 from .capture import KronLayer
 
 _DENSE_STORAGE = ("dense", "lower_triangular", "upper_triangular")
-
-
-def _curvature(group, f: Tensor, m: Tensor):
-    """``(F_dense, M F, tr(F^T M F), tr(F^T F))`` for symmetric ``M``: one product by the
-    group's matvecs (O(d^2 k) for sparse groups), the traces as elementwise sums."""
-    dense = group.to_dense(f)
-    mf = group.tmatvec(f, m)  # row i: F^T M[i] = (M F)[i]
-    return dense, mf, (dense * mf).sum(), (dense * dense).sum()
-
-
-def _left(group, f: Tensor, y: Tensor) -> Tensor:
-    """``F^T Y`` for a dense ``Y`` by the group's products."""
-    return group.tmatvec(f, y.mT).mT
 
 
 class LocalKFAC(KroneckerPreconditioner):
@@ -41,12 +31,19 @@ class LocalKFAC(KroneckerPreconditioner):
     ``m_K <- momentum m_K + project(X_K) / d_out``, ``K <- K h(-lr_cov m_K)``
 
     (and symmetrically for ``C``), where ``project`` is the group's natural-gradient map
-    (half on diagonal entries and symmetric blocks). Only matrix products: no inverse or
+    (half on diagonal entries and symmetric blocks). Each layer's ``K``, ``C`` are the factors
+    of a :class:`~structngd.families.KroneckerGaussian` (:meth:`family`, a view over
+    ``state["K"]``, ``state["C"]``): ``X_K``, ``X_C`` come from
+    :func:`~structngd.families.estimators.kronecker_factor_gradients`, the family turns them
+    into its factor natural gradients and :func:`~structngd.optim.natural_gradient_step` owns
+    the momentum (stored as ``state["m_K"]``, ``state["m_C"]``), the trust region and the
+    retraction. Only matrix products: no inverse or
     decomposition, so it runs in bfloat16. The preconditioned gradient is
     ``(C C^T) dW (K K^T)``: for dense and triangular groups ``C C^T`` and ``K K^T`` are cached
     at each update (two matrix products per layer and step), and so are the compact ones of the
     diagonal and block-diagonal groups (``group.gram``); the low-rank-like groups apply
     ``K (K^T x)`` by their O(d k) products. Sparse groups store only O(d k) numbers per factor.
+    It is the family's mean natural gradient ``C C^T g K K^T`` (``loc`` part of its step).
 
     The factors start at ``K = C = init_scale^{1/2} I``. The fixed point with ``lambda -> 0`` is
     ``(K K^T) ⊗ (C C^T) = (A ⊗ G)^{-1}`` for dense groups.
@@ -59,8 +56,9 @@ class LocalKFAC(KroneckerPreconditioner):
         lr_cov: step size ``beta_1`` of the factors (SINGD's default 1e-2).
         momentum: Riemannian momentum ``alpha_1`` in ``[0, 1)`` on ``m_K``, ``m_C``.
         max_step: trust region ``lr_cov ||m||_F <= max_step`` per factor update (the step is
-            shrunk, the momentum kept): far from the fixed point ``||m||`` is large and
-            ``h(-lr_cov m)`` would overshoot (``h(x)`` grows again for ``x < -1``); ``None``
+            shrunk, the momentum kept; the kernel's trust region on each factor part): far from
+            the fixed point ``||m||`` is large and ``h(-lr_cov m)`` would overshoot (``h(x)``
+            grows again for ``x < -1``); ``None``
             turns it off (SINGD's plain update).
         factor_dtype: dtype of ``K``, ``C`` and of the products (default: the layer's
             dtype, so a bfloat16 model preconditions in bfloat16).
@@ -97,6 +95,7 @@ class LocalKFAC(KroneckerPreconditioner):
         self.factor_dtype, self.max_step = factor_dtype, max_step
         self.groups = {}
         self.structures = {}
+        self._families = {}
         fallbacks = []
         options = dict(group_options or {})
         if structure == "block_diagonal":  # factor sizes (bias included) rarely divide b
@@ -129,26 +128,40 @@ class LocalKFAC(KroneckerPreconditioner):
     def _factor_dtype(self, layer: KronLayer) -> torch.dtype:
         return self.factor_dtype or layer.weight.dtype
 
+    def family(self, name: str) -> KroneckerGaussian:
+        """The layer's :class:`~structngd.families.KroneckerGaussian` over ``K`` and ``C``: a
+        factors-only view that shares the layer's state tensors (a step writes into them)."""
+        state = self.state[name]
+        family = self._families.get(name)
+        if family is None or family.in_factor is not state["K"] or family.out_factor is not state["C"]:
+            group_k, group_c = self.groups[name]
+            family = KroneckerGaussian.view(group_k, group_c, state["K"], state["C"])
+            self._families[name] = family
+        return family
+
     def _refresh(self, layer: KronLayer) -> None:
-        """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition)."""
+        """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition): the
+        Kronecker estimator's local gradients, the family's natural gradient and the layer-3
+        kernel's step (momentum, trust region per factor, ``h`` retraction)."""
         state = self.state[layer.name]
-        group_k, group_c = self.groups[layer.name]
-        k, c = state["K"], state["C"]
-        d_in, d_out = group_k.dim, group_c.dim
-        eye_k = torch.eye(d_in, dtype=state["A"].dtype, device=state["A"].device)
-        eye_c = torch.eye(d_out, dtype=state["G"].dtype, device=state["G"].device)
-        # X_K = K^T (tr(C^T G C) A + lambda tr(C^T C) I) K - d_out I: two products per side
-        k_dense, ak, tr_ktak, tr_ktk = _curvature(group_k, k, state["A"])
-        c_dense, gc, tr_ctgc, tr_ctc = _curvature(group_c, c, state["G"])
-        x_k = _left(group_k, k, tr_ctgc * ak + self.damping * tr_ctc * k_dense) - d_out * eye_k
-        x_c = _left(group_c, c, tr_ktak * gc + self.damping * tr_ktk * c_dense) - d_in * eye_c
-        for side, group, x, scale in (("K", group_k, x_k, d_out), ("C", group_c, x_c, d_in)):
-            m = state["m_" + side].mul_(self.momentum).add_(group.project(x) / scale)
-            step = self.lr_cov
-            if self.max_step is not None:
-                size = step * float(torch.linalg.vector_norm(m.float()))
-                step *= min(1.0, self.max_step / size) if size > 0 else 1.0
-            state[side] = group.mul(state[side], group.h(-step * m))
+        family = self.family(layer.name)
+        x_k, x_c = kronecker_factor_gradients(
+            family.in_group, family.out_group, state["K"], state["C"], state["A"], state["G"], self.damping
+        )
+        direction = family.natural_gradient(local_gradient=(x_k, x_c))
+        buffers = natural_gradient_step(
+            [family],
+            [{"in_factor": state["m_K"], "out_factor": state["m_C"]}],
+            lr=[self.lr_cov],
+            momentum=[self.momentum],
+            max_step=[self.max_step],
+            retraction=["h"],
+            part_lrs=[None],
+            directions=[direction],
+            labels=[f"{self.kind} layer {layer.name!r}"],
+        )[0]
+        moved = direction._asdict() if buffers is None else buffers  # without momentum m is the direction
+        state["m_K"], state["m_C"] = moved["in_factor"], moved["out_factor"]
         if self.factor_decay == 0:  # nothing to average into: keep only K, C and their momenta
             del state["A"], state["G"]
         self._cache_products(layer)

@@ -1,0 +1,362 @@
+"""Layer 2: the matrix-normal (Kronecker-factored Gaussian) over a ``d_out x d_in`` matrix.
+
+``W ~ N(M, (K K^T) ⊗ (C C^T))`` on the column-major ``vec(W)``: the rows of ``W`` (the
+``d_out`` side) have covariance ``C C^T``, its columns (the ``d_in`` side) ``K K^T``, and
+``W = M + C E K^T`` with ``E`` a standard normal ``d_out x d_in`` matrix. ``K`` and ``C`` are
+covariance factors, each in a layer-1 group (compact storage). This is the posterior of one
+layer of a Bayesian neural network and, read as a preconditioner, the ``(K K^T) ⊗ (C C^T)`` of
+LocalKFAC (INGD / SINGD).
+
+Local coordinates around ``(M_t, K_t, C_t)`` (MATH §6.2): ``M = M_t + C_t Delta K_t^T``,
+``K = K_t h(M_K)``, ``C = C_t h(M_C)``, ``h(X) = I + X + X^2 / 2``. Their Fisher at ``eta0``:
+
+* ``Delta``: the identity (``vec(dM) = (K_t ⊗ C_t) vec(dDelta)`` whitens the mean's Fisher
+  ``Sigma^{-1}``); no cross term with the factors (a Gaussian's mean and covariance decouple);
+* ``M_K``: ``d_out`` times the group's weights ``w`` (2 on diagonal entries and symmetric
+  blocks, 1 on free entries): ``1/2 tr(Sigma^{-1} dSigma Sigma^{-1} dSigma)`` with
+  ``Sigma^{-1} dSigma = (K_t^{-T} (dM_K + dM_K^T) K_t^T) ⊗ I_{d_out}``;
+* ``M_C``: ``d_in`` times ``w``;
+* ``M_K`` with ``M_C``: ``1/2 tr(dM_K + dM_K^T) tr(dM_C + dM_C^T)``, non-zero between trace
+  directions only.
+
+The cross block reflects the scale redundancy of the Kronecker product: ``(a K, C / a)`` is
+the same distribution for every ``a > 0``, so the joint Fisher of ``(M_K, M_C)`` is singular
+along ``(t I, -t I)`` and only the product of the two factors' scales is identified. As in
+INGD / SINGD the step uses the Fisher's block-diagonal part (a block-coordinate natural
+gradient: each factor's natural gradient with the other factor fixed), which is invertible and
+in closed form:
+
+``Delta = C^T g_M K``, ``N_K = C ⊙ κ(K^T g_K) / d_out``, ``N_C = C ⊙ κ(C^T g_C) / d_in``
+
+(``C ⊙ κ`` is the group's ``project``: half on diagonal entries and symmetric blocks), with
+``g_M, g_K, g_C`` the Euclidean gradients of the loss. The step ``eta0 - beta N`` maps back
+to ``M - beta C Delta K^T``, ``K h(-beta N_K)``, ``C h(-beta N_C)``: the mean moves by the
+preconditioned gradient ``C C^T g_M K K^T`` and both factors stay in their groups.
+"""
+
+from __future__ import annotations
+
+import math
+from typing import Dict, NamedTuple, Optional, Sequence, Tuple, Union
+
+import torch
+from torch import Tensor, nn
+
+from .. import groups as _groups
+from .checks import require_finite_gradients
+
+Structure = Union[str, _groups.MatrixGroup]
+
+
+class KroneckerGaussianStep(NamedTuple):
+    """A :class:`KroneckerGaussian` direction: ``loc`` (``Delta``, ``d_out x d_in``),
+    ``in_factor`` (compact ``M_K``) and ``out_factor`` (compact ``M_C``)."""
+
+    loc: Tensor
+    in_factor: Tensor
+    out_factor: Tensor
+
+
+class KroneckerFactorStep(NamedTuple):
+    """The direction of a :class:`KroneckerGaussian` view without a mean parameter:
+    ``in_factor`` (compact ``M_K``) and ``out_factor`` (compact ``M_C``)."""
+
+    in_factor: Tensor
+    out_factor: Tensor
+
+
+def _pair(value, what: str) -> tuple:
+    if isinstance(value, (tuple, list)):
+        if len(value) != 2:
+            raise ValueError(f"{what} must be one value or a pair (input side, output side), got {value!r}")
+        return tuple(value)
+    return value, value
+
+
+def _make(structure: Structure, dim: int, options: dict) -> _groups.MatrixGroup:
+    """A group from a name and options, or a given group instance (options then unused)."""
+    if isinstance(structure, _groups.MatrixGroup):
+        return _groups.make(structure, dim)
+    return _groups.make(structure, dim, **options)
+
+
+class KroneckerGaussian(nn.Module):
+    """Matrix-normal ``N(M, (K K^T) ⊗ (C C^T))`` over ``W`` in ``R^{d_out x d_in}``.
+
+    Parameters (in this order):
+
+    * ``loc``: the mean ``M``, shape ``(d_out, d_in)``;
+    * ``in_factor``: ``K`` (``d_in x d_in``, the column / input side), compact form of its group;
+    * ``out_factor``: ``C`` (``d_out x d_out``, the row / output side), compact form.
+
+    ``Cov(vec W) = (K K^T) ⊗ (C C^T)`` for the column-major ``vec``, i.e. ``W = M + C E K^T``,
+    ``E`` standard normal. See the module's description for the local coordinates, their
+    Fisher at ``eta0`` and the block-diagonal treatment of the factors' scale redundancy.
+
+    Args:
+        d_out, d_in: the matrix's shape.
+        structure: a group name for :func:`structngd.groups.make` or a group instance, used for
+            both factors, or a pair ``(input side, output side)``.
+        loc: initial mean (default zeros).
+        in_factor, out_factor: initial compact factors (default the identity).
+        **group_options: options of the named groups (``k``, ``block_size``, ...).
+    """
+
+    #: the parts whose step moves a group factor (the optimizer's trust region acts on them)
+    factor_parts = ("in_factor", "out_factor")
+
+    def __init__(
+        self,
+        d_out: int,
+        d_in: int,
+        structure: Union[Structure, Sequence[Structure]] = "dense",
+        loc: Optional[Tensor] = None,
+        in_factor: Optional[Tensor] = None,
+        out_factor: Optional[Tensor] = None,
+        dtype: Optional[torch.dtype] = None,
+        device=None,
+        **group_options,
+    ):
+        super().__init__()
+        in_structure, out_structure = _pair(structure, "structure")
+        self.in_group = _make(in_structure, d_in, group_options)
+        self.out_group = _make(out_structure, d_out, group_options)
+        self.d_out, self.d_in = d_out, d_in
+        self._constants: Dict[tuple, tuple] = {}
+        if dtype is None:
+            given = next((t for t in (loc, in_factor, out_factor) if isinstance(t, Tensor)), None)
+            dtype = given.dtype if given is not None else torch.get_default_dtype()
+        loc = torch.zeros(d_out, d_in, dtype=dtype, device=device) if loc is None else loc
+        loc = torch.as_tensor(loc, dtype=dtype, device=device).detach().clone()
+        if loc.shape != (d_out, d_in) or not torch.isfinite(loc).all():
+            raise ValueError(f"loc must be a finite tensor of shape ({d_out}, {d_in}), got {tuple(loc.shape)}")
+        self.loc = nn.Parameter(loc)
+        self.in_factor = nn.Parameter(self._initial(self.in_group, in_factor, "in_factor", loc))
+        self.out_factor = nn.Parameter(self._initial(self.out_group, out_factor, "out_factor", loc))
+
+    @staticmethod
+    def _initial(group, value, what: str, like: Tensor) -> Tensor:
+        if value is None:
+            return group.identity(like.dtype, like.device)
+        value = torch.as_tensor(value, dtype=like.dtype, device=like.device).detach().clone()
+        if value.shape != tuple(group.shape) or not torch.isfinite(value).all():
+            raise ValueError(
+                f"{what} must be a finite compact element of {group!r}, shape {tuple(group.shape)}, "
+                f"got {tuple(value.shape)}"
+            )
+        return value
+
+    @classmethod
+    def view(
+        cls,
+        in_group: _groups.MatrixGroup,
+        out_group: _groups.MatrixGroup,
+        in_factor: Tensor,
+        out_factor: Tensor,
+        loc: Optional[Tensor] = None,
+    ) -> "KroneckerGaussian":
+        """A family over existing tensors, shared rather than copied (a step writes into them).
+
+        Without ``loc`` the view has only the two factor parameters: its mean is held elsewhere
+        (it reads as zero here) and its steps are :class:`KroneckerFactorStep`; a Kronecker
+        preconditioner uses it to move ``K`` and ``C`` alone.
+        """
+        if in_factor.shape != tuple(in_group.shape) or out_factor.shape != tuple(out_group.shape):
+            raise ValueError(
+                f"in_factor and out_factor must have shapes {tuple(in_group.shape)} and {tuple(out_group.shape)}, "
+                f"got {tuple(in_factor.shape)} and {tuple(out_factor.shape)}"
+            )
+        if loc is not None and loc.shape != (out_group.dim, in_group.dim):
+            raise ValueError(f"loc must have shape ({out_group.dim}, {in_group.dim}), got {tuple(loc.shape)}")
+        self = cls.__new__(cls)
+        nn.Module.__init__(self)
+        self.in_group, self.out_group = in_group, out_group
+        self.d_out, self.d_in = out_group.dim, in_group.dim
+        self._constants = {}
+        if loc is not None:
+            self._parameters["loc"] = loc  # not re-wrapped: the view must share .grad
+        self._parameters["in_factor"] = in_factor
+        self._parameters["out_factor"] = out_factor
+        return self
+
+    # ---------------------------------------------------------------- helpers
+    @property
+    def has_loc(self) -> bool:
+        """Whether the mean is a parameter (``False`` for a factors-only :meth:`view`)."""
+        return "loc" in self._parameters
+
+    @property
+    def structure(self) -> Tuple[str, str]:
+        """The group names ``(input side, output side)``."""
+        return self.in_group.name, self.out_group.name
+
+    def extra_repr(self) -> str:
+        return f"d_out={self.d_out}, d_in={self.d_in}, in_group={self.in_group!r}, out_group={self.out_group!r}"
+
+    @property
+    def dim(self) -> int:
+        """The number of entries ``d_out d_in`` of ``W``."""
+        return self.d_out * self.d_in
+
+    def left(self, x: Tensor) -> Tensor:
+        """``C X`` for ``X`` of shape ``(..., d_out, d_in)`` (products only)."""
+        return self.out_group.matvec(self.out_factor, x.mT).mT
+
+    def right_t(self, x: Tensor) -> Tensor:
+        """``X K^T`` for ``X`` of shape ``(..., d_out, d_in)``."""
+        return self.in_group.matvec(self.in_factor, x)
+
+    def whiten(self, x: Tensor) -> Tensor:
+        """``C^{-1} X K^{-T}`` (two structured solves)."""
+        return self.in_group.solve(self.in_factor, self.out_group.solve(self.out_factor, x.mT).mT)
+
+    def precondition(self, g: Tensor) -> Tensor:
+        """``C C^T G K K^T`` for ``G`` of shape ``(..., d_out, d_in)``: ``Sigma vec(G)`` unvectorized."""
+        u = self.in_group.tmatvec(self.in_factor, self.out_group.tmatvec(self.out_factor, g.mT).mT)
+        return self.right_t(self.left(u))
+
+    def compact_constants(self) -> tuple:
+        """``(C_in, C_out)``: both groups' inverse Fisher weights, cached per dtype and device."""
+        key = (self.in_factor.dtype, self.in_factor.device)
+        if key not in self._constants:
+            self._constants[key] = (
+                self.in_group.inverse_fisher_weights(*key),
+                self.out_group.inverse_fisher_weights(*key),
+            )
+        return self._constants[key]
+
+    # ----------------------------------------------------------- distribution
+    @property
+    def mean(self) -> Tensor:
+        if self.has_loc:
+            return self.loc
+        return torch.zeros(self.d_out, self.d_in, dtype=self.in_factor.dtype, device=self.in_factor.device)
+
+    def row_covariance(self) -> Tensor:
+        """The dense ``C C^T`` (``d_out x d_out``)."""
+        c = self.out_group.to_dense(self.out_factor)
+        return c @ c.mT
+
+    def column_covariance(self) -> Tensor:
+        """The dense ``K K^T`` (``d_in x d_in``)."""
+        k = self.in_group.to_dense(self.in_factor)
+        return k @ k.mT
+
+    def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        """Reparameterized samples ``W = M + C E K^T``, ``E`` standard normal: products only."""
+        eps = torch.randn(
+            tuple(sample_shape) + (self.d_out, self.d_in), dtype=self.in_factor.dtype, device=self.in_factor.device
+        )
+        return self.from_noise(eps)
+
+    def from_noise(self, eps: Tensor) -> Tensor:
+        """The reparameterization ``M + C E K^T`` of given noise ``E`` (shape ``(..., d_out, d_in)``)."""
+        return self.mean + self.right_t(self.left(eps))
+
+    @torch.no_grad()
+    def sample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
+        return self.rsample(sample_shape)
+
+    def log_prob(self, w: Tensor) -> Tensor:
+        """``-||C^{-1} (W - M) K^{-T}||_F^2 / 2 - d_out log|det K| - d_in log|det C| - d_out d_in log(2 pi) / 2``
+        (``log det((K K^T) ⊗ (C C^T)) = 2 d_out log|det K| + 2 d_in log|det C|``)."""
+        u = self.whiten(w - self.mean)
+        return (
+            -0.5 * u.pow(2).sum((-2, -1))
+            - self._half_logdet()
+            - 0.5 * self.dim * math.log(2 * math.pi)
+        )
+
+    def _half_logdet(self) -> Tensor:
+        return self.d_out * self.in_group.logdet(self.in_factor) + self.d_in * self.out_group.logdet(self.out_factor)
+
+    def entropy(self) -> Tensor:
+        """``H = d_out d_in (1 + log 2 pi) / 2 + d_out log|det K| + d_in log|det C|``."""
+        return 0.5 * self.dim * (1.0 + math.log(2 * math.pi)) + self._half_logdet()
+
+    def covariance(self) -> Tensor:
+        """The dense ``(K K^T) ⊗ (C C^T)`` over the column-major ``vec(W)`` (small sizes only)."""
+        return torch.kron(self.column_covariance(), self.row_covariance())
+
+    def to_torch(self) -> torch.distributions.MultivariateNormal:
+        """The same distribution over the column-major ``vec(W)`` (``W.mT.reshape(-1)``)."""
+        return torch.distributions.MultivariateNormal(self.mean.mT.reshape(-1), covariance_matrix=self.covariance())
+
+    # ---------------------------------------------- natural-gradient interface
+    def check_gradients(self) -> None:
+        """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
+        require_finite_gradients(self, list(self.named_parameters()))
+
+    @torch.no_grad()
+    def natural_gradient(self, local_gradient: Optional[tuple] = None):
+        """Natural gradient in local coordinates at ``eta0`` (block-diagonal Fisher, see the module).
+
+        Without ``local_gradient``: from the parameters' ``.grad``: ``Delta = C^T g_M K``,
+        ``N_K = C ⊙ κ(K^T g_K) / d_out`` and ``N_C = C ⊙ κ(C^T g_C) / d_in`` (the groups'
+        ``pullback``).
+
+        ``local_gradient``: the gradients in the local coordinates computed elsewhere (e.g. by
+        :func:`~structngd.families.estimators.kronecker_factor_gradients`): ``(g_Delta, X_K, X_C)``,
+        or ``(X_K, X_C)`` for a view without a mean, where ``X_K = K^T dL/dK`` is the symmetric
+        full-matrix gradient ``dL/dM_K`` as a dense ``d_in x d_in`` matrix or as its pattern entries
+        (compact form), and likewise ``X_C``. Returns ``g_Delta``, ``project(X_K) / d_out`` and
+        ``project(X_C) / d_in`` (``C ⊙ X`` for compact entries: O(nnz)).
+        """
+        step = KroneckerGaussianStep if self.has_loc else KroneckerFactorStep
+        if local_gradient is not None:
+            local = tuple(local_gradient)
+            if len(local) != len(step._fields):
+                raise ValueError(
+                    f"local_gradient must have {len(step._fields)} parts ({', '.join(step._fields)}), got {len(local)}"
+                )
+            x_in, x_out = local[-2:]
+            weights_in, weights_out = self.compact_constants()
+            factors = (
+                self._from_local(self.in_group, weights_in, x_in) / self.d_out,
+                self._from_local(self.out_group, weights_out, x_out) / self.d_in,
+            )
+            return step(*(local[:-2] + factors))
+        self.check_gradients()
+        factors = (
+            self.in_group.pullback(self.in_factor, self.in_factor.grad) / self.d_out,
+            self.out_group.pullback(self.out_factor, self.out_factor.grad) / self.d_in,
+        )
+        if not self.has_loc:
+            return KroneckerFactorStep(*factors)
+        g = self.loc.grad
+        delta = self.in_group.tmatvec(self.in_factor, self.out_group.tmatvec(self.out_factor, g.mT).mT)
+        return KroneckerGaussianStep(delta, *factors)
+
+    @staticmethod
+    def _from_local(group, weights: Tensor, x: Tensor) -> Tensor:
+        dense = (group.dim, group.dim)
+        if tuple(x.shape) == dense:  # a dense local gradient (for (d, d) storage: the same rule)
+            return group.project(x)
+        if tuple(x.shape) != tuple(group.shape):
+            raise ValueError(
+                f"a local factor gradient for {group!r} must have shape {dense} or {tuple(group.shape)}, "
+                f"got {tuple(x.shape)}"
+            )
+        return weights * x
+
+    @torch.no_grad()
+    def retracted(self, step: tuple, retraction: str = "h") -> Dict[str, Tensor]:
+        """New parameter values at ``phi_tau(eta0 - step)``, without writing them:
+        ``M - C Delta K^T``, ``K h(-N_K)`` and ``C h(-N_C)`` (``exp`` in place of ``h`` with
+        ``retraction="exp"``)."""
+        n_k, n_c = step[-2], step[-1]
+        out = {}
+        if self.has_loc:
+            out["loc"] = self.loc - self.right_t(self.left(step[0]))
+        in_map = self.in_group.exp if retraction == "exp" else self.in_group.h
+        out_map = self.out_group.exp if retraction == "exp" else self.out_group.h
+        out["in_factor"] = self.in_group.mul(self.in_factor, in_map(-n_k))
+        out["out_factor"] = self.out_group.mul(self.out_factor, out_map(-n_c))
+        return out
+
+    @torch.no_grad()
+    def retract(self, step: tuple, lr: float = 1.0, retraction: str = "h") -> None:
+        """``tau <- phi_tau(eta0 - lr * step)`` in place (see :meth:`retracted`)."""
+        kind = KroneckerGaussianStep if len(step) == 3 else KroneckerFactorStep
+        for name, value in self.retracted(kind(*(lr * t for t in step)), retraction).items():
+            getattr(self, name).copy_(value)
