@@ -38,3 +38,30 @@ def rel(got: torch.Tensor, expected: torch.Tensor) -> float:
     """``||got - expected|| / ||expected||`` computed in float64."""
     got, expected = got.detach().to(torch.float64), expected.detach().to(torch.float64)
     return ((got - expected).norm() / expected.norm().clamp_min(1e-300)).item()
+
+
+def compact_basis(group):
+    """Storage slots whose dense image is a single unit entry of the pattern.
+
+    Returns (slots, positions): flat compact indices and their dense (i, j). Slots
+    mapping to nothing or off the pattern (the unused triangle of a triangular factor
+    stored as d x d) are not coordinates of the group.
+    """
+    n = group.numel()
+    eye = torch.eye(n, dtype=torch.float64).reshape((n,) + tuple(group.shape))
+    dense = group.to_dense(eye)
+    mask = group.mask(dtype=torch.float64).bool()
+    slots, positions = [], []
+    for c in range(n):
+        nz = dense[c].nonzero()
+        if len(nz) == 0:
+            continue
+        assert len(nz) == 1 and dense[c][nz[0, 0], nz[0, 1]] == 1, f"slot {c} is not a unit entry"
+        i, j = int(nz[0, 0]), int(nz[0, 1])
+        if not mask[i, j]:
+            assert group.restrict(dense[c]).abs().sum() == 0
+            continue
+        slots.append(c)
+        positions.append((i, j))
+    assert sorted(positions) == sorted(map(tuple, mask.nonzero().tolist()))
+    return slots, positions

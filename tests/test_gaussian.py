@@ -19,7 +19,7 @@ from structngd.families import Gaussian
 from structngd.groups import make
 from structngd.optim import NaturalGradient
 from structngd.targets import GaussianTarget
-from helpers import config_id, gen, rel
+from helpers import compact_basis, config_id, gen, rel
 
 f64 = torch.float64
 
@@ -52,33 +52,6 @@ def random_gaussian(cfg, seed=0, scale=0.3, factor_scale=1.0):
         q.loc.copy_(torch.randn(d, generator=gen(seed), dtype=f64))
         q.factor.copy_(factor_scale * q.group.random(generator=gen(seed + 1), dtype=f64, scale=scale))
     return q
-
-
-def compact_basis(group):
-    """Storage slots whose dense image is a single unit entry of the pattern.
-
-    Returns (slots, positions): flat compact indices and their dense (i, j). Slots
-    mapping to nothing or off the pattern (the unused triangle of a triangular factor
-    stored as d x d) are not coordinates of the group.
-    """
-    n = group.numel()
-    eye = torch.eye(n, dtype=f64).reshape((n,) + tuple(group.shape))
-    dense = group.to_dense(eye)
-    mask = group.mask(dtype=f64).bool()
-    slots, positions = [], []
-    for c in range(n):
-        nz = dense[c].nonzero()
-        if len(nz) == 0:
-            continue
-        assert len(nz) == 1 and dense[c][nz[0, 0], nz[0, 1]] == 1, f"slot {c} is not a unit entry"
-        i, j = int(nz[0, 0]), int(nz[0, 1])
-        if not mask[i, j]:
-            assert group.restrict(dense[c]).abs().sum() == 0
-            continue
-        slots.append(c)
-        positions.append((i, j))
-    assert sorted(positions) == sorted(map(tuple, mask.nonzero().tolist()))
-    return slots, positions
 
 
 def compact_from_vector(group, slots, vec):

@@ -14,7 +14,7 @@ import torch
 
 from structngd.families import KroneckerGaussian
 from structngd.families.estimators import kronecker_factor_gradients
-from helpers import gen, rel
+from helpers import compact_basis, gen, rel
 
 f64 = torch.float64
 
@@ -41,26 +41,6 @@ def random_family(cfg, seed=0, scale=0.4, dtype=f64):
 def vec(m):
     """Column-major vec of the trailing two dims."""
     return m.mT.reshape(*m.shape[:-2], -1)
-
-
-def compact_basis(group):
-    """Flat compact slots whose dense image is one unit entry of the pattern, with their (i, j)."""
-    n = group.numel()
-    eye = torch.eye(n, dtype=f64).reshape((n,) + tuple(group.shape))
-    dense = group.to_dense(eye)
-    mask = group.mask(dtype=f64).bool()
-    slots, positions = [], []
-    for c in range(n):
-        nz = dense[c].nonzero()
-        if len(nz) != 1:
-            assert len(nz) == 0
-            continue
-        i, j = int(nz[0, 0]), int(nz[0, 1])
-        if mask[i, j] and dense[c][i, j] == 1:
-            slots.append(c)
-            positions.append((i, j))
-    assert sorted(positions) == sorted(map(tuple, mask.nonzero().tolist()))
-    return slots, positions
 
 
 class LocalMaps:

@@ -23,7 +23,7 @@ import torch
 from structngd.families import Wishart
 from structngd.groups import make
 from structngd.optim import NaturalGradient
-from helpers import config_id, gen, rel
+from helpers import compact_basis, config_id, gen, rel
 
 f64 = torch.float64
 
@@ -61,27 +61,6 @@ def df_fisher_mp(n, d):
     mpmath.mp.dps = 40
     n = mpmath.mpf(float(n))
     return float(sum(mpmath.psi(1, n / 2 - mpmath.mpf(i) / 2) for i in range(d)) / 4 - d / (2 * n))
-
-
-def compact_basis(group):
-    """Storage slots that are coordinates of the group (dense image a single unit entry on the pattern)."""
-    n = group.numel()
-    eye = torch.eye(n, dtype=f64).reshape((n,) + tuple(group.shape))
-    dense = group.to_dense(eye)
-    mask = group.mask(dtype=f64).bool()
-    slots, positions = [], []
-    for c in range(n):
-        nz = dense[c].nonzero()
-        if len(nz) == 0:
-            continue
-        assert len(nz) == 1 and dense[c][nz[0, 0], nz[0, 1]] == 1
-        i, j = int(nz[0, 0]), int(nz[0, 1])
-        if not mask[i, j]:
-            continue
-        slots.append(c)
-        positions.append((i, j))
-    assert sorted(positions) == sorted(map(tuple, mask.nonzero().tolist()))
-    return slots, positions
 
 
 class LocalMaps:
