@@ -576,17 +576,20 @@ def test_kl_clip_bounds_the_predicted_kl_change(cls):
     vg = sum(float((p * g).sum()) for p, g in zip(free, grads))
     assert vg > 0
     lr = 0.5
-    _, clipped = preconditioned(kl_clip=1e-3 * lr**2 * vg, lr=lr)
+    _, clipped = preconditioned(kl_clip=1e-3 * lr**2 * vg, optimizer_lr=lr)
     nu = math.sqrt(1e-3)
     for c, f in zip(clipped, free):
         torch.testing.assert_close(c, nu * f, rtol=1e-10, atol=1e-12)
-    _, loose = preconditioned(kl_clip=10 * lr**2 * vg, lr=lr)
+    _, loose = preconditioned(kl_clip=10 * lr**2 * vg, optimizer_lr=lr)
     for c, f in zip(loose, free):
         assert torch.equal(c, f)
-    with pytest.raises(ValueError, match="lr"):
+    with pytest.raises(ValueError, match="optimizer_lr"):
         cls(mlp(), kl_clip=1e-3)
     with pytest.raises(ValueError, match="kl_clip"):
-        cls(mlp(), kl_clip=-1.0, lr=0.1)
+        cls(mlp(), kl_clip=-1.0, optimizer_lr=0.1)
+    with pytest.warns(DeprecationWarning, match="optimizer_lr"):
+        old = cls(mlp(), kl_clip=1e-3, lr=0.25)
+    assert old.optimizer_lr == 0.25
 
 
 def test_ekfac_eigh_falls_back_to_float64_and_rejects_non_finite_factors(monkeypatch):
