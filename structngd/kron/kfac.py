@@ -7,7 +7,7 @@ import math
 import torch
 from torch import Tensor
 
-from .base import KroneckerPreconditioner, damped_inverse, pi_split
+from .base import KroneckerPreconditioner
 from .capture import KronLayer
 
 
@@ -38,3 +38,33 @@ class KFAC(KroneckerPreconditioner):
     def fisher_block(self, name: str) -> Tensor:
         state = self.state[name]
         return torch.kron(state["A"], state["G"])
+
+
+def damped_inverse(matrix: Tensor, damping: float) -> Tensor:
+    """``(X + damping I)^{-1}`` of an SPD matrix by Cholesky.
+
+    On the CPU a size that is a multiple of 128 is factored as ``diag(X + damping I, 1)``
+    (same inverse in the leading block): LAPACK's Cholesky and inverse suffer cache aliasing
+    at such sizes (one thread, MKL: d = 512 took 3.4 ms against 2.4 ms padded, d = 1024
+    32 ms against 17 ms)."""
+    d = matrix.shape[-1]
+    pad = matrix.device.type == "cpu" and d % 128 == 0
+    if pad:
+        work = matrix.new_zeros(d + 1, d + 1)
+        work[:d, :d] = matrix
+        work[d, d] = 1.0
+    else:
+        work = matrix.clone()
+    work.diagonal()[:d].add_(damping)
+    chol, info = torch.linalg.cholesky_ex(work)
+    if info != 0:
+        raise ValueError("a damped Kronecker factor is not positive-definite (non-finite statistics?)")
+    inverse = torch.cholesky_inverse(chol)
+    return inverse[:d, :d].contiguous() if pad else inverse
+
+
+def pi_split(a: Tensor, g: Tensor) -> float:
+    """Martens & Grosse's ``pi = sqrt((tr A / dim A) / (tr G / dim G))`` (1 if degenerate)."""
+    ta = float(a.diagonal().mean())
+    tg = float(g.diagonal().mean())
+    return math.sqrt(ta / tg) if ta > 0 and tg > 0 else 1.0
