@@ -157,3 +157,153 @@ def test_structured_nes_generation_is_the_kernel_step_of_its_gaussian(structure,
 
 # ------------------------------------------------------------------- pyro: NGD
 # (NGD tests go here)
+def _pyro_blr(n=30, seed=0):
+    """A conjugate Bayesian linear regression (prior sd 1, noise sd 0.5) and its data, float64."""
+    from models.linear import BayesianLinearRegression
+
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randn(n, 3, generator=gen, dtype=torch.float64)
+    y = x @ torch.tensor([1.0, -2.0, 0.5], dtype=torch.float64) + 0.5 * torch.randn(n, generator=gen, dtype=torch.float64)
+    return BayesianLinearRegression(1.0, 0.5), x, y
+
+
+@pytest.fixture
+def _fresh_param_store():
+    import pyro
+
+    pyro.clear_param_store()
+    yield
+    pyro.clear_param_store()
+
+
+@pytest.mark.usefixtures("_fresh_param_store")
+@pytest.mark.parametrize("estimator", ["reparam", "price"])
+def test_ngd_step_in_svi_is_the_natural_gradient_step_of_the_guides_family(estimator):
+    """Three ``pyro.infer.SVI`` steps with ``pyro.NGD`` (momentum and trust region active) equal
+    ``NaturalGradient`` steps of a ``Gaussian`` the test builds from the same start, fed with the same
+    gradients computed independently: for ``"reparam"`` the ELBO's gradients from Pyro's
+    ``Trace_ELBO`` under the step's seed, for ``"price"`` the family's own Price estimator on the
+    model's log joint written out in the test (quadratic, so one mirrored pair is exact whatever the draws)."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    from structngd.families import Gaussian
+    from structngd.optim import NaturalGradient
+    from structngd.pyro import NGD, AutoStructuredNormal
+
+    model, x, y = _pyro_blr()
+    lr, momentum, max_step = 0.4, 0.5, 0.5
+    guide = AutoStructuredNormal(model, "lower_triangular", init_scale=0.3)
+    ngd = NGD(lr=lr, estimator=estimator, momentum=momentum, max_step=max_step, fallback=False)
+    elbo = Trace_ELBO(num_particles=4, vectorize_particles=True, max_plate_nesting=1)
+    svi = SVI(model, guide, ngd, elbo)
+    guide(x, y)  # sets the guide up
+    assert isinstance(guide.family, Gaussian) and guide.family.structure == "lower_triangular"
+    q = Gaussian(3, "lower_triangular", dtype=torch.float64)
+    with torch.no_grad():
+        q.loc.copy_(guide.family.loc)
+        q.factor.copy_(guide.family.factor)
+    reference = NaturalGradient(q, lr=lr, momentum=momentum, max_step=max_step)
+
+    def log_joint(w):  # log p(y, w) up to a constant, batched over the rows of w
+        return -0.5 * ((y - w @ x.T) / 0.5).pow(2).sum(-1) - 0.5 * w.pow(2).sum(-1)
+
+    for t in range(3):
+        reference.zero_grad()
+        if estimator == "reparam":
+            pyro.set_rng_seed(t)
+            elbo.loss_and_grads(model, guide, x, y)
+            family = guide.family
+            q.loc.grad, q.factor.grad = family.loc.grad.clone(), family.factor.grad.clone()
+            family.loc.grad, family.factor.grad = torch.zeros_like(family.loc), torch.zeros_like(family.factor)
+        else:
+            q.estimate_gradients(log_joint, num_samples=2, estimator="price")
+        if t == 0:  # the trust region acts on the first step
+            assert lr * float(torch.linalg.vector_norm(q.natural_gradient().factor)) > max_step
+        pyro.set_rng_seed(t)
+        svi.step(x, y)
+        reference.step()
+        torch.testing.assert_close(guide.family.loc.detach(), q.loc.detach(), rtol=1e-12, atol=1e-12)
+        torch.testing.assert_close(guide.family.factor.detach(), q.factor.detach(), rtol=1e-12, atol=1e-12)
+    assert guide.family.loc is pyro.param("AutoStructuredNormal.loc").unconstrained()  # the store's own tensor
+    assert not torch.equal(q.factor.detach(), q.group.from_diagonal(torch.full((3,), 1 / 0.3, dtype=torch.float64)))
+
+
+@pytest.mark.usefixtures("_fresh_param_store")
+def test_two_guides_with_one_ngd_each_do_not_see_each_others_parameters():
+    """Two structured guides in one process (one param store), each with its own ``SVI`` and
+    ``NGD(fallback=False)``: each ``NGD`` steps only its own guide (a step of one leaves the
+    other bit for bit unchanged, its state names only its guide) and each guide reaches its
+    own model's optimum."""
+    import pyro
+    from pyro.infer import SVI, Trace_ELBO
+
+    from structngd.pyro import NGD, AutoStructuredNormal
+
+    class GuideA(AutoStructuredNormal):
+        pass
+
+    class GuideB(AutoStructuredNormal):
+        pass
+
+    (model_a, xa, ya), (model_b, xb, yb) = _pyro_blr(30, 0), _pyro_blr(40, 1)
+    guide_a, guide_b = GuideA(model_a, "dense"), GuideB(model_b, "diagonal")
+    ngd_a = NGD(lr=0.5, estimator="price", fallback=False)
+    ngd_b = NGD(lr=0.5, estimator="price", fallback=False)
+    svi_a = SVI(model_a, guide_a, ngd_a, Trace_ELBO())
+    svi_b = SVI(model_b, guide_b, ngd_b, Trace_ELBO())
+
+    def values(guide):
+        return [t.detach().clone() for t in (guide.family.loc, guide.family.factor)]
+
+    for _ in range(80):
+        svi_a.step(xa, ya)
+        before_a = values(guide_a)
+        svi_b.step(xb, yb)
+        assert all(torch.equal(u, v) for u, v in zip(values(guide_a), before_a))
+        before_b = values(guide_b)
+        svi_a.step(xa, ya)
+        assert all(torch.equal(u, v) for u, v in zip(values(guide_b), before_b))
+    assert list(ngd_a.get_state()["natural_gradient"]) == ["GuideA.loc"]
+    assert list(ngd_b.get_state()["natural_gradient"]) == ["GuideB.loc"]
+    assert set(pyro.get_param_store().keys()) == {"GuideA.loc", "GuideA.factor", "GuideB.loc", "GuideB.factor"}
+    mean_a, cov_a = model_a.posterior(xa, ya)
+    post_a = guide_a.get_posterior()
+    torch.testing.assert_close(post_a.mean, mean_a, rtol=0, atol=1e-8)
+    torch.testing.assert_close(post_a.covariance_matrix, cov_a, rtol=0, atol=1e-8)
+    mean_b, cov_b = model_b.posterior(xb, yb)
+    post_b = guide_b.get_posterior()  # diagonal: the mean-field optimum
+    torch.testing.assert_close(post_b.mean, mean_b, rtol=0, atol=1e-8)
+    torch.testing.assert_close(post_b.precision_matrix, torch.diag(torch.linalg.inv(cov_b).diagonal()), rtol=0, atol=1e-8)
+
+
+@pytest.mark.usefixtures("_fresh_param_store")
+def test_no_module_level_guide_registry_remains():
+    """No module of ``structngd.pyro`` holds a container at module level (no list of guides,
+    weak or strong), and once its user drops a trained guide, its ``SVI`` and its ``NGD``,
+    nothing of the library keeps the guide alive."""
+    import gc
+    import importlib
+    import weakref
+
+    from pyro.infer import SVI, Trace_ELBO
+
+    from structngd.pyro import NGD, AutoStructuredNormal
+
+    containers = (weakref.WeakSet, weakref.WeakKeyDictionary, weakref.WeakValueDictionary, set, list, dict)
+    for name in ("structngd.pyro", "structngd.pyro.guide", "structngd.pyro.optim", "structngd.pyro.distribution"):
+        module = importlib.import_module(name)
+        assert not hasattr(module, "_LIVE_GUIDES") and not hasattr(module, "live_guides")
+        held = [key for key, value in vars(module).items() if not key.startswith("__") and isinstance(value, containers)]
+        assert held == [], (name, held)
+
+    model, x, y = _pyro_blr()
+    guide = AutoStructuredNormal(model, "dense")
+    ngd = NGD(lr=0.5, estimator="price", fallback=False)
+    svi = SVI(model, guide, ngd, Trace_ELBO())
+    for _ in range(2):
+        svi.step(x, y)
+    ref = weakref.ref(guide)
+    del guide, ngd, svi
+    gc.collect()
+    assert ref() is None

@@ -123,10 +123,10 @@ def test_subsampled_price_gradients_are_unbiased_for_the_full_data_gradients():
     def price(m, draws):
         guide = AutoStructuredNormal(m, "dense", init_loc_fn=init_to_mean, init_scale=0.3)
         guide(x, y)  # a training pass: the guide records the model's arguments
-        loc, factor = guide.loc, guide.factor
+        loc, factor = guide.family.loc, guide.family.factor
         out = []
         for _ in range(draws):
-            guide.price_gradients(loc, factor)
+            guide.price_gradients()
             out.append(torch.cat([loc.grad.reshape(-1), factor.grad.reshape(-1)]))
         return torch.stack(out)
 

@@ -2,8 +2,9 @@
 
 * noise: :func:`standard_normal_noise` (independent or mirrored ``+-eps`` pairs);
 * Bonnet/Price: ``dL/dmu = E[grad l]`` and ``dL/dSigma = E[hess l] / 2 - gamma S / 2`` for
-  ``L = E_q[l] - gamma H(q)``, ``l = -log p`` (:func:`expected_gradient_and_hessian`,
-  :func:`factor_gradient_from_hessian`).
+  ``L = E_q[l] - gamma H(q)``, ``l = -log p`` (:func:`price_gradients`, from per-sample
+  derivatives such as :func:`loss_derivatives`; its parts :func:`mean_loss_derivatives`,
+  :func:`expected_gradient_and_hessian`, :func:`factor_gradient_from_hessian`).
 """
 
 from __future__ import annotations
@@ -43,13 +44,12 @@ def standard_normal_noise(
     return torch.cat([half, -half]).reshape(shape)
 
 
-def expected_gradient_and_hessian(
-    log_density: Callable[[Tensor], Tensor], w: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Sample means of ``l(w)``, ``grad l(w)`` and ``hess l(w)`` for ``l = -log_density``.
+def loss_derivatives(log_density: Callable[[Tensor], Tensor], w: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Per-sample ``l(w)``, ``grad l(w)`` and ``hess l(w)`` for ``l = -log_density``, by ``torch.func``.
 
-    ``w`` has shape ``(n, d)``; ``log_density`` maps ``(n, d) -> (n,)``. Per-sample
-    derivatives come from ``torch.func`` (``vmap`` over ``grad`` and ``hessian``).
+    ``w`` has shape ``(n, d)``; ``log_density`` maps ``(n, d) -> (n,)`` and must be a function
+    ``torch.func`` can transform (``vmap`` over ``grad`` and ``hessian``). Returns tensors of
+    shapes ``(n,)``, ``(n, d)`` and ``(n, d, d)``: the ``derivatives`` of :func:`price_gradients`.
     """
 
     def loss(x: Tensor) -> Tensor:
@@ -59,11 +59,32 @@ def expected_gradient_and_hessian(
     values = -log_density(w).detach()
     grads = torch.func.vmap(torch.func.grad(loss))(w)
     hessians = torch.func.vmap(torch.func.hessian(loss))(w)
+    return values, grads, hessians
+
+
+def mean_loss_derivatives(values: Tensor, grads: Tensor, hessians: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sample means ``(E[l], E[grad l], sym E[hess l])`` of per-sample derivatives, checked.
+
+    ``ValueError`` if a value, a gradient or the mean Hessian is non-finite; the mean
+    Hessian is symmetrized, ``(H + H^T) / 2``.
+    """
     hess = hessians.mean(0)
     bad = not (torch.isfinite(values).all() and torch.isfinite(grads).all() and torch.isfinite(hess).all())
     if bad:
         raise ValueError("the log-density, its gradient or its Hessian is non-finite at the samples")
     return values.mean(), grads.mean(0), 0.5 * (hess + hess.mT)
+
+
+def expected_gradient_and_hessian(
+    log_density: Callable[[Tensor], Tensor], w: Tensor
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """Sample means of ``l(w)``, ``grad l(w)`` and ``hess l(w)`` for ``l = -log_density``.
+
+    ``w`` has shape ``(n, d)``; ``log_density`` maps ``(n, d) -> (n,)``. Per-sample
+    derivatives come from ``torch.func`` (:func:`loss_derivatives`), the checked means from
+    :func:`mean_loss_derivatives`.
+    """
+    return mean_loss_derivatives(*loss_derivatives(log_density, w))
 
 
 def factor_gradient_from_hessian(group: MatrixGroup, b: Tensor, hess: Tensor, gamma: float) -> Tensor:
@@ -77,6 +98,42 @@ def factor_gradient_from_hessian(group: MatrixGroup, b: Tensor, hess: Tensor, ga
     eye = torch.eye(group.dim, dtype=hess.dtype, device=hess.device)
     dense = -group.tsolve(b, (whitened - gamma * eye).mT).mT
     return group.restrict(dense)
+
+
+def price_gradients(
+    group: MatrixGroup,
+    loc: Tensor,
+    factor: Tensor,
+    derivatives: Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]],
+    num_pairs: int = 1,
+    gamma: float = 1.0,
+    generator: Optional[torch.Generator] = None,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The Bonnet/Price estimate of the gradients of ``L = E_q[l] - gamma H(q)``, ``q = N(mu, (B B^T)^{-1})``.
+
+    Draws ``num_pairs`` mirrored pairs ``w = mu +- B^{-T} eps`` (:func:`standard_normal_noise`,
+    so the same seed gives the same points), evaluates ``derivatives(w)`` (the per-sample
+    ``(l, grad l, hess l)`` of shapes ``(n,)``, ``(n, d)``, ``(n, d, d)``: :func:`loss_derivatives`
+    for functions ``torch.func`` can transform, or any other way of differentiating ``l``),
+    averages and checks them (:func:`mean_loss_derivatives`) and turns ``E[hess l]`` into the
+    factor's gradient (:func:`factor_gradient_from_hessian`). Exact for quadratic ``l`` with
+    one pair.
+
+    Returns ``(E[l], dL/dmu, dL/dB)``: the sample mean of ``l`` (without the entropy term), the
+    mean's gradient ``E[grad l]`` and the compact factor gradient, all detached; nothing is
+    written into ``.grad``.
+    """
+    if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
+        raise ValueError(f"num_pairs must be a positive integer, got {num_pairs!r}")
+    with torch.no_grad():
+        loc, factor = loc.detach(), factor.detach()
+        eps = standard_normal_noise(
+            (2 * num_pairs, group.dim), True, generator=generator, dtype=loc.dtype, device=loc.device
+        )
+        w = loc + group.tsolve(factor, eps)
+    value, g_mu, hess = mean_loss_derivatives(*derivatives(w))
+    with torch.no_grad():
+        return value, g_mu, factor_gradient_from_hessian(group, factor, hess, gamma)
 
 
 # ------------------------------------------------------- Kronecker curvature (LocalKFAC)

@@ -7,6 +7,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 from torch.distributions.transforms import Transform
 
+from ..families.estimators import standard_normal_noise
 from ..families.gaussian import Gaussian
 from ..groups import MatrixGroup
 
@@ -15,8 +16,9 @@ class StructuredNormal(TorchDistribution):
     """``N(mu, S^{-1})`` with ``S = B B^T``, ``B`` in ``group`` (compact ``factor``).
 
     A thin Pyro adapter over :class:`structngd.families.Gaussian` that shares ``loc``
-    and ``factor`` (gradients flow to them). ``event_shape = (d,)``, ``batch_shape = ()``;
-    Pyro's ``plate``\\ s expand it as usual.
+    and ``factor`` (gradients flow to them): a view built over the given tensors or, with
+    :meth:`from_family`, an existing family (the guide's own). ``event_shape = (d,)``,
+    ``batch_shape = ()``; Pyro's ``plate``\\ s expand it as usual.
     """
 
     arg_constraints = {"loc": constraints.real_vector}
@@ -24,9 +26,21 @@ class StructuredNormal(TorchDistribution):
     has_rsample = True
 
     def __init__(self, loc: Tensor, factor: Tensor, group: MatrixGroup, antithetic: bool = False, validate_args=None):
-        self.family = Gaussian.view(group, loc, factor)
-        self.loc, self.factor, self.group, self.antithetic = loc, factor, group, antithetic
-        super().__init__(torch.Size(), torch.Size([group.dim]), validate_args=validate_args)
+        self._adapt(Gaussian.view(group, loc, factor), antithetic, validate_args)
+
+    @classmethod
+    def from_family(cls, family: Gaussian, antithetic: bool = False, validate_args=None) -> "StructuredNormal":
+        """The distribution of an existing precision-parameterized ``Gaussian`` family (shared)."""
+        if family.covariant:
+            raise ValueError('StructuredNormal needs a family with parameterization="precision"')
+        self = cls.__new__(cls)
+        self._adapt(family, antithetic, validate_args)
+        return self
+
+    def _adapt(self, family: Gaussian, antithetic: bool, validate_args) -> None:
+        self.family = family
+        self.loc, self.factor, self.group, self.antithetic = family.loc, family.factor, family.group, antithetic
+        super().__init__(torch.Size(), torch.Size([family.group.dim]), validate_args=validate_args)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
         """``z = mu + B^{-T} eps``; with ``antithetic`` and an even number of draws the second
@@ -34,12 +48,10 @@ class StructuredNormal(TorchDistribution):
         still exactly ``N(mu, S^{-1})``), which cancels the mean gradient's share of the
         noise in the reparameterization estimate of the factor's gradient."""
         sample_shape = torch.Size(sample_shape)
-        count, options = sample_shape.numel(), dict(dtype=self.loc.dtype, device=self.loc.device)
-        if self.antithetic and count % 2 == 0:  # pairs over the flattened sample dims
-            half = torch.randn((count // 2, self.group.dim), **options)
-            eps = torch.cat([half, -half]).reshape(sample_shape + self.event_shape)
-        else:
-            eps = torch.randn(sample_shape + self.event_shape, **options)
+        mirrored = self.antithetic and sample_shape.numel() % 2 == 0  # pairs over the flattened sample dims
+        eps = standard_normal_noise(
+            sample_shape + self.event_shape, mirrored, dtype=self.loc.dtype, device=self.loc.device
+        )
         return self.family.from_noise(eps)
 
     def log_prob(self, value: Tensor) -> Tensor:

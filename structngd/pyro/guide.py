@@ -16,15 +16,55 @@ from torch import Tensor
 
 from .. import groups as _groups
 from ..families import estimators
+from ..families.gaussian import Gaussian
 from .distribution import StructuredAffine, StructuredNormal
 
+#: the attribute a training pass of an :class:`AutoStructuredNormal` sets on its two parameter
+#: tensors (an :class:`OwnerLink`); :class:`~structngd.pyro.NGD` reads it on the tensors SVI hands it
+OWNER_ATTRIBUTE = "structngd_owner"
 
-_LIVE_GUIDES: "weakref.WeakSet[AutoStructuredNormal]" = weakref.WeakSet()  # what NGD searches
+
+class OwnerLink:
+    """A weak reference from a parameter tensor to the guide whose family it is a part of.
+
+    ``link()`` is the guide (or ``None`` once it is gone) and ``link.part`` the part's name
+    (``"loc"`` or ``"factor"``). Like Pyro's own ``unconstrained`` weak reference on constrained
+    values, the link does not keep the guide alive, and it does not travel: a pickled or
+    copied tensor carries an empty link (``link()`` is ``None``), so the param store and the
+    guide stay picklable.
+    """
+
+    __slots__ = ("_guide", "part")
+
+    def __init__(self, guide=None, part: str = ""):
+        self._guide = None if guide is None else weakref.ref(guide)
+        self.part = part
+
+    def __call__(self):
+        return None if self._guide is None else self._guide()
+
+    def __reduce__(self):
+        return (OwnerLink, ())
+
+    def __deepcopy__(self, memo):
+        return OwnerLink()
+
+    def __repr__(self) -> str:
+        guide = self()
+        return f"OwnerLink({type(guide).__name__ if guide is not None else None}, {self.part!r})"
 
 
-def live_guides():
-    """The structured guides alive in this process (NGD finds its guides among them)."""
-    return list(_LIVE_GUIDES)
+def owner_of(tensor: Tensor) -> Tuple[Optional["AutoStructuredNormal"], str]:
+    """``(guide, part)`` for a parameter tensor a live :class:`AutoStructuredNormal` marked in
+    its last training pass and still uses (``(None, "")`` otherwise)."""
+    link = getattr(tensor, OWNER_ATTRIBUTE, None)
+    guide = link() if isinstance(link, OwnerLink) else None
+    if guide is None:
+        return None, ""
+    family = guide.family
+    if family is None or getattr(family, link.part, None) is not tensor:
+        return None, ""  # a mark left on tensors the guide no longer uses
+    return guide, link.part
 
 
 class AutoStructuredNormal(AutoContinuous):
@@ -37,7 +77,20 @@ class AutoStructuredNormal(AutoContinuous):
     moves ``loc`` and the compact ``factor`` as plain Euclidean parameters).
 
     Parameters (in Pyro's param store): ``loc`` (``mu``, shape ``(d,)``) and ``factor``
-    (``B`` in the group's compact storage), both unconstrained.
+    (``B`` in the group's compact storage), both unconstrained ``PyroParam``\\ s, so values
+    loaded into the param store win as for every Pyro module.
+
+    The posterior is the layer-2 :class:`~structngd.families.Gaussian` :attr:`family`, which
+    the guide owns: a family over the guide's own parameter tensors (shared, not copied, so
+    its ``.grad`` is the one ``SVI`` computes and its natural-gradient step moves the param
+    store's values). It is kept across passes and rebuilt only when the param store hands the
+    guide other tensors (after ``pyro.get_param_store().load(...)``, say). It is not a
+    registered submodule: the guide's ``parameters()`` and ``state_dict()`` hold each tensor
+    once, under its Pyro name.
+
+    Each training pass (gradients enabled) marks the two tensors with an :class:`OwnerLink`
+    (attribute ``structngd_owner``, a weak reference to the guide); that is how ``NGD`` finds
+    the guide that owns the parameters ``SVI`` hands it, with no process-wide registry.
 
     Usage::
 
@@ -79,8 +132,8 @@ class AutoStructuredNormal(AutoContinuous):
         self._init_scale = float(init_scale)
         self.antithetic = bool(antithetic)
         self.group: Optional[_groups.MatrixGroup] = None
-        self._last_call = None  # (weakref loc, weakref factor, args, kwargs) of the last forward pass
-        _LIVE_GUIDES.add(self)
+        self._set_family(None)
+        self._last_arguments = None  # (args, kwargs) of the last training pass
 
     def _setup_prototype(self, *args, **kwargs):
         super()._setup_prototype(*args, **kwargs)
@@ -95,12 +148,39 @@ class AutoStructuredNormal(AutoContinuous):
     def structure(self) -> str:
         return self.group.name if self.group is not None else str(self._structure)
 
+    # -------------------------------------------------------------- family
+    @property
+    def family(self) -> Optional[Gaussian]:
+        """The layer-2 Gaussian over the parameter tensors of the guide's last pass
+        (``None`` before the first pass)."""
+        return self.__dict__.get("_family")
+
+    def _set_family(self, family: Optional[Gaussian]) -> None:
+        # kept out of the module's submodules (see the class docstring)
+        object.__setattr__(self, "_family", family)
+
+    def _bind(self, loc: Tensor, factor: Tensor) -> Gaussian:
+        """The family over ``loc`` and ``factor``: the current one if it already shares them."""
+        family = self.family
+        if family is None or family.loc is not loc or family.factor is not factor:
+            family = Gaussian.view(self.group, loc, factor)
+            self._set_family(family)
+        return family
+
+    def _mark(self, tensor: Tensor, part: str) -> None:
+        link = getattr(tensor, OWNER_ATTRIBUTE, None)
+        if not (isinstance(link, OwnerLink) and link() is self and link.part == part):
+            setattr(tensor, OWNER_ATTRIBUTE, OwnerLink(self, part))
+
     # ----------------------------------------------------------- posterior
     def get_posterior(self, *args, **kwargs) -> StructuredNormal:
-        loc, factor = self.loc, self.factor
-        if torch.is_grad_enabled():  # a training pass: remember what NGD will be handed
-            self._last_call = (weakref.ref(loc), weakref.ref(factor), args, kwargs)
-        return StructuredNormal(loc, factor, self.group, antithetic=self.antithetic)
+        loc, factor = self.loc, self.factor  # pyro.param statements: the param store's tensors
+        family = self._bind(loc, factor)
+        if torch.is_grad_enabled():  # a training pass: mark what SVI will hand the optimizer
+            self._mark(loc, "loc")
+            self._mark(factor, "factor")
+            self._last_arguments = (args, kwargs)
+        return StructuredNormal.from_family(family, antithetic=self.antithetic)
 
     def get_base_dist(self):
         return dist.Normal(torch.zeros_like(self.loc), torch.ones_like(self.loc)).to_event(1)
@@ -112,18 +192,7 @@ class AutoStructuredNormal(AutoContinuous):
         posterior = self.get_posterior(*args, **kwargs)
         return posterior.loc, posterior.variance.sqrt()
 
-    # --------------------------------------------- hooks for the NGD optimizer
-    def last_parameters(self) -> Optional[Tuple[Tensor, Tensor]]:
-        """``(loc, factor)`` tensors used by the last training pass, if still alive."""
-        if self._last_call is None:
-            return None
-        loc, factor = self._last_call[0](), self._last_call[1]()
-        return None if loc is None or factor is None else (loc, factor)
-
-    def family(self, loc: Tensor, factor: Tensor):
-        """The layer-2 family over the given parameter tensors (shared, not copied)."""
-        return StructuredNormal(loc, factor, self.group).family
-
+    # ------------------------------------------ what the Price estimator needs
     def log_joint(self, z: Tensor, *args, **kwargs) -> Tensor:
         """``log p(x, z)`` at one unconstrained latent vector ``z`` (Jacobians included).
 
@@ -139,44 +208,48 @@ class AutoStructuredNormal(AutoContinuous):
         jacobians = guide_trace.log_prob_sum(lambda name, site: name != latent_name)
         return model_trace.log_prob_sum() - jacobians
 
-    def price_gradients(self, loc: Tensor, factor: Tensor, num_pairs: int = 1) -> Tensor:
-        """Set ``loc.grad`` and ``factor.grad`` to the Bonnet/Price gradients of ``-ELBO``.
+    def loss_derivatives(self, w: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Tensor]:
+        """Per-sample ``l = -log p(x, z)``, its gradient and Hessian at the rows ``z`` of ``w``.
 
-        ``g_mu = -E[grad log p]`` and ``g_Sigma = (-E[hess log p] - S) / 2`` from
-        ``num_pairs`` mirrored pairs ``mu +- B^{-T} eps`` at the arguments of the last
-        training pass; exact for Gaussian-linear models with one pair. Costs ``d``
-        backward passes per sample: meant for latent dimensions up to a few hundred.
-        Returns the mean of ``-log p`` over the samples.
+        The ``derivatives`` of :func:`structngd.families.estimators.price_gradients`, by
+        autograd through one Pyro trace per sample (Pyro's traces are not ``torch.func``
+        transformable): ``d`` backward passes per sample, batched where the model's ops allow.
         """
-        if self._last_call is None:
-            raise RuntimeError("price_gradients needs a training pass of the guide first")
-        args, kwargs = self._last_call[2], self._last_call[3]
-        with torch.no_grad():
-            eps = torch.randn((num_pairs, self.latent_dim), dtype=loc.dtype, device=loc.device)
-            points = loc + self.group.tsolve(factor, torch.cat([eps, -eps]))
         values, grads, hessians = [], [], []
-        for z in points:
-            value, grad, hess = self._derivatives(z, args, kwargs)
-            values.append(value)
-            grads.append(grad)
-            hessians.append(hess)
-        value, grad, hess = torch.stack(values).mean(), torch.stack(grads).mean(0), torch.stack(hessians).mean(0)
-        if not (torch.isfinite(value) and torch.isfinite(grad).all() and torch.isfinite(hess).all()):
-            raise ValueError("the model's log density, its gradient or its Hessian is non-finite at the samples")
-        with torch.no_grad():
-            loc.grad = -grad
-            g_factor = estimators.factor_gradient_from_hessian(self.group, factor, -0.5 * (hess + hess.mT), 1.0)
-            factor.grad = g_factor.contiguous()  # the layout autograd accumulates into next step
-        return -value
+        for z in w:
+            z = z.detach().requires_grad_(True)
+            with torch.enable_grad():
+                value = -self.log_joint(z, *args, **kwargs)
+                (grad,) = torch.autograd.grad(value, z, create_graph=True)
+                eye = torch.eye(z.numel(), dtype=z.dtype, device=z.device)
+                try:
+                    (hess,) = torch.autograd.grad(grad, z, grad_outputs=eye, is_grads_batched=True)
+                except RuntimeError:  # an op without a batching rule: one backward pass per row
+                    hess = torch.stack([torch.autograd.grad(grad, z, row, retain_graph=True)[0] for row in eye])
+            values.append(value.detach())
+            grads.append(grad.detach())
+            hessians.append(hess.detach())
+        return torch.stack(values), torch.stack(grads), torch.stack(hessians)
 
-    def _derivatives(self, z: Tensor, args, kwargs):
-        z = z.detach().requires_grad_(True)
-        with torch.enable_grad():
-            value = self.log_joint(z, *args, **kwargs)
-            (grad,) = torch.autograd.grad(value, z, create_graph=True)
-            eye = torch.eye(z.numel(), dtype=z.dtype, device=z.device)
-            try:
-                (hess,) = torch.autograd.grad(grad, z, grad_outputs=eye, is_grads_batched=True)
-            except RuntimeError:  # an op without a batching rule: one backward pass per row
-                hess = torch.stack([torch.autograd.grad(grad, z, row, retain_graph=True)[0] for row in eye])
-        return value.detach(), grad.detach(), hess.detach()
+    def price_gradients(self, num_pairs: int = 1) -> Tensor:
+        """Set the family's ``loc.grad`` and ``factor.grad`` to the Bonnet/Price gradients of ``-ELBO``.
+
+        :func:`structngd.families.estimators.price_gradients` (``gamma = 1``) with the model's
+        log joint at the arguments of the last training pass: ``g_mu = E[grad l]``,
+        ``g_Sigma = (E[hess l] - S) / 2`` from ``num_pairs`` mirrored pairs; exact for
+        Gaussian-linear models with one pair. Costs ``d`` backward passes per sample: meant
+        for latent dimensions up to a few hundred. Returns the mean of ``-log p`` over the
+        samples.
+        """
+        family = self.family
+        if family is None or self._last_arguments is None:
+            raise RuntimeError("price_gradients needs a training pass of the guide first")
+        if self._model is None or self.model is None:  # Pyro drops the model when it pickles a guide
+            raise RuntimeError("price_gradients needs the guide's model, which a pickled guide does not keep")
+        args, kwargs = self._last_arguments
+        value, g_mu, g_factor = estimators.price_gradients(
+            self.group, family.loc, family.factor, lambda w: self.loss_derivatives(w, *args, **kwargs), num_pairs
+        )
+        family.loc.grad = g_mu
+        family.factor.grad = g_factor.contiguous()  # the layout autograd accumulates into next step
+        return value

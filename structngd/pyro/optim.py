@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Dict, List, Optional, Union
+from typing import Dict, List, Optional, Tuple, Union
 
 import pyro
 import pyro.optim
@@ -10,8 +10,9 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
+from ..families.gaussian import Gaussian
 from ..optim import NaturalGradient, check_hyperparameters
-from .guide import live_guides
+from .guide import AutoStructuredNormal, owner_of
 
 ESTIMATORS = ("reparam", "price")
 
@@ -21,9 +22,19 @@ class NGD(PyroOptim):
 
     ``SVI`` hands the optimizer the parameters of the step's traces. ``NGD`` finds the
     :class:`~structngd.pyro.AutoStructuredNormal` guides that own some of them and
-    applies the coupled local-parameterization step to each (``mu`` and ``B``
-    together, :class:`~structngd.optim.NaturalGradient`); every other parameter goes to
+    applies the coupled local-parameterization step to each guide's
+    :attr:`~structngd.pyro.AutoStructuredNormal.family` (``mu`` and ``B`` together,
+    :class:`~structngd.optim.NaturalGradient`); every other parameter goes to
     ``fallback``. All gradients are checked before anything moves.
+
+    Discovery: each training pass of a structured guide marks its two parameter tensors (the
+    param store's tensors, which ``SVI`` hands the optimizer) with an owner link, a weak
+    reference to the guide (:class:`~structngd.pyro.guide.OwnerLink`, attribute
+    ``structngd_owner``). ``NGD`` reads those links on the tensors it is handed, so it sees
+    exactly the guides of its own ``SVI`` (several guides, each with its own ``NGD``, never
+    see each other's parameters); no list of guides is kept anywhere. The per-guide
+    optimizer states live in this ``NGD`` (:meth:`get_state` names them by the param store's
+    name of the guide's ``loc``).
 
     Usage::
 
@@ -67,6 +78,9 @@ class NGD(PyroOptim):
         self.lr, self.momentum, self.max_step = lr, momentum, max_step
         self.estimator, self.num_pairs = estimator, num_pairs
         self.fallback: Union[bool, PyroOptim] = fallback
+        # guide -> (its family when last stepped, the NaturalGradient over that family)
+        self._optimizers: Dict[AutoStructuredNormal, Tuple[Gaussian, NaturalGradient]] = {}
+        self._pending: Dict[str, Dict] = {}  # set_state results for guides not seen since
 
     # -------------------------------------------------------------- step
     def __call__(self, params, *args, **kwargs) -> None:
@@ -74,7 +88,7 @@ class NGD(PyroOptim):
         check_hyperparameters(self.lr, self.momentum, self.max_step)
         params = list(params)
         owned = self._owned(params)
-        owned_ids = {id(t) for _, pair in owned for t in pair}
+        owned_ids = {id(t) for guide in owned for t in (guide.family.loc, guide.family.factor)}
         rest = [p for p in params if id(p) not in owned_ids]
         if rest and self.fallback is False:
             raise ValueError(
@@ -82,42 +96,44 @@ class NGD(PyroOptim):
                 f"{_names(rest)}; pass fallback=pyro.optim.Adam(...) to optimize them"
             )
         if self.estimator == "price":
-            for guide, (loc, factor) in owned:
-                guide.price_gradients(loc, factor, self.num_pairs)
+            for guide in owned:
+                guide.price_gradients(self.num_pairs)
         for p in params:
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 raise ValueError(f"non-finite gradient for parameter {_names([p])}; no parameter was changed")
-        for guide, (loc, factor) in owned:
-            self._optimizer(guide, loc, factor).step()
+        for guide in owned:
+            self._optimizer(guide).step()
         if rest:
             self.fallback(rest, *args, **kwargs)
 
-    def _owned(self, params: List[Tensor]):
+    def _owned(self, params: List[Tensor]) -> List[AutoStructuredNormal]:
+        """The guides whose family owns some of ``params`` (read from the tensors' owner links)."""
         ids = {id(p) for p in params}
-        owned, seen = [], set()
-        for guide in live_guides():
-            pair = guide.last_parameters()
-            if pair is None or id(pair[0]) in seen:
+        owned = []
+        for p in params:
+            guide, _ = owner_of(p)
+            if guide is None or any(guide is g for g in owned):
                 continue
-            hits = [id(t) in ids for t in pair]
-            if all(hits):
-                owned.append((guide, pair))
-                seen.add(id(pair[0]))
-            elif any(hits):
+            hits = [id(guide.family.loc) in ids, id(guide.family.factor) in ids]
+            if not all(hits):
                 raise ValueError(
-                    f"SVI handed NGD only one of the parameters (loc, factor) of {type(guide).__name__} "
-                    f"{guide._pyro_name!r}; the natural-gradient step needs both"
+                    f"SVI handed NGD only one of the parameters (loc, factor) of a {type(guide).__name__} "
+                    f"({_names([p])}); the natural-gradient step needs both"
                 )
+            owned.append(guide)
         return owned
 
-    def _optimizer(self, guide, loc: Tensor, factor: Tensor) -> NaturalGradient:
-        entry = self.optim_objs.get(loc)
-        if entry is None or entry[0] is not factor:
-            optimizer = NaturalGradient(guide.family(loc, factor), lr=self.lr, momentum=self.momentum, max_step=self.max_step)
-            state = self._state_waiting_to_be_consumed.pop(_param_name(loc), None)
+    def _optimizer(self, guide: AutoStructuredNormal) -> NaturalGradient:
+        """The ``NaturalGradient`` over the guide's current family (a new one, with any state
+        :meth:`set_state` left for it, when the guide's family changed)."""
+        family = guide.family
+        entry = self._optimizers.get(guide)
+        if entry is None or entry[0] is not family:
+            optimizer = NaturalGradient(family, lr=self.lr, momentum=self.momentum, max_step=self.max_step)
+            state = self._pending.pop(_param_name(family.loc), None)
             if state is not None:
                 optimizer.load_state_dict(state)
-            entry = self.optim_objs[loc] = (factor, optimizer)
+            entry = self._optimizers[guide] = (family, optimizer)
         optimizer = entry[1]
         for group in optimizer.param_groups:
             group.update(lr=self.lr, momentum=self.momentum, max_step=self.max_step)
@@ -126,18 +142,21 @@ class NGD(PyroOptim):
     # ------------------------------------------------------------- state
     def get_state(self) -> Dict:
         """``{"natural_gradient": {loc name: state}, "fallback": fallback state}``."""
-        names = {loc: _param_name(loc) for loc in self.optim_objs}
-        state = {names[loc]: entry[1].state_dict() for loc, entry in self.optim_objs.items() if names[loc]}
+        state = {}
+        for family, optimizer in self._optimizers.values():
+            name = _param_name(family.loc)
+            if name:
+                state[name] = optimizer.state_dict()
         fallback = self.fallback.get_state() if self.fallback is not False else {}
         return {"natural_gradient": state, "fallback": fallback}
 
     def set_state(self, state_dict: Dict) -> None:
-        """Restore a :meth:`get_state` result (applied when each parameter is next seen)."""
+        """Restore a :meth:`get_state` result (applied when each guide's parameters are next seen)."""
         if set(state_dict) != {"natural_gradient", "fallback"}:
             raise ValueError("NGD.set_state expects the dict of NGD.get_state()")
-        self._state_waiting_to_be_consumed.update(state_dict["natural_gradient"])
-        for loc, (factor, optimizer) in list(self.optim_objs.items()):
-            state = self._state_waiting_to_be_consumed.pop(_param_name(loc), None)
+        self._pending.update(state_dict["natural_gradient"])
+        for family, optimizer in self._optimizers.values():
+            state = self._pending.pop(_param_name(family.loc), None)
             if state is not None:
                 optimizer.load_state_dict(state)
         if self.fallback is not False:
