@@ -1,10 +1,16 @@
 """Every gradient estimator of the families, each written once.
 
 * noise: :func:`standard_normal_noise` (independent or mirrored ``+-eps`` pairs);
+* reparameterization: autograd through a family's ``rsample`` (``w = mu + B^{-T} eps``,
+  ``W = M + K E C^T``), with the noise drawn here;
 * Bonnet/Price: ``dL/dmu = E[grad l]`` and ``dL/dSigma = E[hess l] / 2 - gamma S / 2`` for
   ``L = E_q[l] - gamma H(q)``, ``l = -log p`` (:func:`price_gradients`, from per-sample
   derivatives such as :func:`loss_derivatives`; its parts :func:`mean_loss_derivatives`,
-  :func:`expected_gradient_and_hessian`, :func:`factor_gradient_from_hessian`).
+  :func:`factor_gradient_from_hessian`);
+* delta: the same with the derivatives at the mean (:func:`delta_gradients`);
+* Kronecker curvature: the local factor gradients of a Kronecker-Gaussian with curvature
+  ``A ⊗ G`` and damping (:func:`kronecker_factor_gradients`, what LocalKFAC feeds its factors);
+* score function with fitness-shaped utilities (:func:`score_function_gradients`, ES).
 """
 
 from __future__ import annotations
@@ -75,18 +81,6 @@ def mean_loss_derivatives(values: Tensor, grads: Tensor, hessians: Tensor) -> Tu
     return values.mean(), grads.mean(0), 0.5 * (hess + hess.mT)
 
 
-def expected_gradient_and_hessian(
-    log_density: Callable[[Tensor], Tensor], w: Tensor
-) -> Tuple[Tensor, Tensor, Tensor]:
-    """Sample means of ``l(w)``, ``grad l(w)`` and ``hess l(w)`` for ``l = -log_density``.
-
-    ``w`` has shape ``(n, d)``; ``log_density`` maps ``(n, d) -> (n,)``. Per-sample
-    derivatives come from ``torch.func`` (:func:`loss_derivatives`), the checked means from
-    :func:`mean_loss_derivatives`.
-    """
-    return mean_loss_derivatives(*loss_derivatives(log_density, w))
-
-
 def factor_gradient_from_hessian(group: MatrixGroup, b: Tensor, hess: Tensor, gamma: float) -> Tensor:
     """Euclidean gradient ``dL/dB`` (compact) from ``E[hess l]`` by Price's theorem.
 
@@ -131,6 +125,22 @@ def price_gradients(
             (2 * num_pairs, group.dim), True, generator=generator, dtype=loc.dtype, device=loc.device
         )
         w = loc + group.tsolve(factor, eps)
+    return _gradients_at(group, factor, derivatives, w, gamma)
+
+
+def delta_gradients(
+    group: MatrixGroup,
+    loc: Tensor,
+    factor: Tensor,
+    derivatives: Callable[[Tensor], Tuple[Tensor, Tensor, Tensor]],
+    gamma: float = 1.0,
+) -> Tuple[Tensor, Tensor, Tensor]:
+    """The delta method: :func:`price_gradients` with ``l``'s derivatives taken at the mean
+    alone (``E[grad l] ~ grad l(mu)``, ``E[hess l] ~ hess l(mu)``; Newton-like, deterministic)."""
+    return _gradients_at(group, factor.detach(), derivatives, loc.detach().unsqueeze(0), gamma)
+
+
+def _gradients_at(group: MatrixGroup, factor: Tensor, derivatives, w: Tensor, gamma: float):
     value, g_mu, hess = mean_loss_derivatives(*derivatives(w))
     with torch.no_grad():
         return value, g_mu, factor_gradient_from_hessian(group, factor, hess, gamma)

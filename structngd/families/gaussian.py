@@ -299,17 +299,17 @@ class Gaussian(nn.Module):
             return loss.detach()
         if self.covariant:
             raise ValueError(f'estimator {estimator!r} needs parameterization="precision"; use "reparam"')
+
+        def derivatives(w: Tensor):
+            return estimators.loss_derivatives(log_density, w)
+
+        if estimator == "delta":
+            value, g_mu, g_factor = estimators.delta_gradients(self.group, self.loc, self.factor, derivatives, gamma)
+        else:
+            value, g_mu, g_factor = estimators.price_gradients(
+                self.group, self.loc, self.factor, derivatives, max(1, num_samples // 2), gamma
+            )
         with torch.no_grad():
-            if estimator == "delta":
-                w = self.loc.detach().unsqueeze(0)
-            else:
-                eps = estimators.standard_normal_noise(
-                    (2 * max(1, num_samples // 2), self.dim), True, dtype=self.loc.dtype, device=self.loc.device
-                )
-                w = self.from_noise(eps)
-        value, g_mu, hess = estimators.expected_gradient_and_hessian(log_density, w)
-        with torch.no_grad():
-            g_factor = estimators.factor_gradient_from_hessian(self.group, self.factor, hess, gamma)
             _accumulate(self.loc, g_mu)
             _accumulate(self.factor, g_factor)
             return value - gamma * self.entropy()
