@@ -27,6 +27,7 @@ from typing import Callable, Dict, Optional, Sequence, Union
 import torch
 from torch import Tensor
 
+from .. import checks
 from .. import groups as _groups
 from ..families import Gaussian
 from ..families.estimators import score_function_gradients, standard_normal_noise
@@ -129,11 +130,7 @@ class StructuredNES:
         first = self._initial_mean()
         self.dim = int(first.shape[0])
         self.group = _groups.make(structure, self.dim, **group_options)
-        if isinstance(sigma0, Tensor):
-            sigma0 = float(sigma0)
-        if not isinstance(sigma0, (int, float)) or not math.isfinite(sigma0) or sigma0 <= 0:
-            raise ValueError(f"sigma0 must be a positive finite number, got {sigma0!r}")
-        self.sigma0 = float(sigma0)
+        self.sigma0 = checks.positive("sigma0", float(sigma0) if isinstance(sigma0, Tensor) else sigma0)
 
         base, overrides = (rates, {}) if isinstance(rates, str) else (dict(rates).pop("base", "cma"), dict(rates))
         overrides.pop("base", None)
@@ -144,40 +141,28 @@ class StructuredNES:
         bad = [k for k in overrides if k not in allowed]
         if bad:
             raise ValueError(f"unknown rate(s) {bad} for rates={base!r}; allowed: {allowed}")
-        for k, v in overrides.items():
-            if not isinstance(v, (int, float)) or not math.isfinite(v) or v < 0:
-                raise ValueError(f"rate {k} must be a finite number >= 0, got {v!r}")
-        self.mode, self._rate_overrides = base, {k: float(v) for k, v in overrides.items()}
-        retraction = retraction or ("exp" if base == "xnes" else "h")
-        if retraction not in RETRACTIONS:
-            raise ValueError(f"retraction must be one of {RETRACTIONS}, got {retraction!r}")
-        self.retraction = retraction
+        self.mode, self._rate_overrides = base, {k: checks.non_negative(f"rate {k}", v) for k, v in overrides.items()}
+        self.retraction = retraction or ("exp" if base == "xnes" else "h")
+        checks.one_of("retraction", self.retraction, RETRACTIONS)
         self.transpose = bool(transpose)
 
-        if popsize is not None and (not isinstance(popsize, int) or isinstance(popsize, bool) or popsize < 2):
-            raise ValueError(f"popsize must be an integer >= 2, got {popsize!r}")
+        checks.optional_count("popsize", popsize, minimum=2)
         self.base_popsize = popsize if popsize is not None else default_popsize(self.dim)
         default_mirrored = base == "cma" and self.dim < MIRRORED_BELOW_DIM
         self.mirrored = default_mirrored if mirrored is None else bool(mirrored)
-        if not isinstance(restarts, int) or restarts < 0:
-            raise ValueError(f"restarts must be an integer >= 0, got {restarts!r}")
-        if not isinstance(incpopsize, (int, float)) or incpopsize < 1:
+        checks.count("restarts", restarts, minimum=0)
+        if not (checks.positive("incpopsize", incpopsize) >= 1):
             raise ValueError(f"incpopsize must be a number >= 1, got {incpopsize!r}")
         self.restarts, self.incpopsize = restarts, incpopsize
-        for name, value in (("budget", budget), ("max_iterations", max_iterations)):
-            if value is not None and (not isinstance(value, int) or value < 1):
-                raise ValueError(f"{name} must be a positive integer or None, got {value!r}")
+        checks.optional_count("budget", budget)
+        checks.optional_count("max_iterations", max_iterations)
         if target is not None and not isinstance(target, (int, float)):
             raise ValueError(f"target must be a number or None, got {target!r}")
         for name, value in (("tolx", tolx), ("tolfun", tolfun), ("tolupsigma", tolupsigma)):
-            if value is not None and (not isinstance(value, (int, float)) or value < 0):
-                raise ValueError(f"{name} must be a number >= 0 or None, got {value!r}")
-        if tolflatfitness is not None and (not isinstance(tolflatfitness, int) or tolflatfitness < 0):
-            raise ValueError(f"tolflatfitness must be an integer >= 0 or None, got {tolflatfitness!r}")
-        if tolstagnation not in (None, False) and (
-            not isinstance(tolstagnation, int) or isinstance(tolstagnation, bool) or tolstagnation < 1
-        ):
-            raise ValueError(f"tolstagnation must be a positive integer, None or False, got {tolstagnation!r}")
+            checks.optional_non_negative(name, value)
+        checks.optional_count("tolflatfitness", tolflatfitness, minimum=0)
+        if tolstagnation is not False:
+            checks.optional_count("tolstagnation", tolstagnation)
         self.budget, self.target, self.max_iterations = budget, target, max_iterations
         self.tolx, self.tolfun, self.tolupsigma = tolx, tolfun, tolupsigma
         self.tolflatfitness, self.tolstagnation = tolflatfitness, tolstagnation

@@ -8,17 +8,17 @@ from typing import Tuple
 import torch
 from torch import Tensor
 
+from .. import checks
+
 
 def default_popsize(dim: int) -> int:
     """``4 + floor(3 ln d)``: the population size of xNES, SNES and CMA-ES."""
-    if not isinstance(dim, int) or dim < 1:
-        raise ValueError(f"dim must be a positive integer, got {dim!r}")
+    checks.count("dim", dim)
     return 4 + int(math.floor(3 * math.log(dim)))
 
 
 def _log_weights(popsize: int) -> list:
-    if not isinstance(popsize, int) or popsize < 2:
-        raise ValueError(f"popsize must be an integer >= 2, got {popsize!r}")
+    checks.count("popsize", popsize, minimum=2)
     top = math.log(popsize / 2 + 1)
     return [max(0.0, top - math.log(r)) for r in range(1, popsize + 1)]
 

@@ -20,6 +20,7 @@ from typing import Callable, Optional, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import checks
 from ..groups import MatrixGroup
 
 
@@ -117,8 +118,7 @@ def price_gradients(
     mean's gradient ``E[grad l]`` and the compact factor gradient, all detached; nothing is
     written into ``.grad``.
     """
-    if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
-        raise ValueError(f"num_pairs must be a positive integer, got {num_pairs!r}")
+    checks.count("num_pairs", num_pairs)
     with torch.no_grad():
         loc, factor = loc.detach(), factor.detach()
         eps = standard_normal_noise(

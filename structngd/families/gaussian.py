@@ -9,9 +9,10 @@ from typing import Callable, Dict, NamedTuple, Optional, Union
 import torch
 from torch import Tensor, nn
 
+from .. import checks
 from .. import groups as _groups
-from .checks import factor_of_spd, require_finite_gradients
 from . import estimators
+from .checks import factor_of_spd, require_finite_gradients
 
 ESTIMATORS = ("reparam", "price", "delta")
 PARAMETERIZATIONS = ("precision", "covariance")
@@ -87,11 +88,9 @@ class Gaussian(nn.Module):
         super().__init__()
         self.group = _groups.make(structure, dim, **group_options)
         self.dim = dim
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        checks.one_of("estimator", estimator, ESTIMATORS)
+        checks.one_of("parameterization", parameterization, PARAMETERIZATIONS)
         self.estimator = estimator
-        if parameterization not in PARAMETERIZATIONS:
-            raise ValueError(f"parameterization must be one of {PARAMETERIZATIONS}, got {parameterization!r}")
         self.parameterization = parameterization
         covariant = parameterization == "covariance"
         if not covariant and (covariance is not None or scale is not None or transpose):
@@ -114,11 +113,8 @@ class Gaussian(nn.Module):
         else:
             self.factor = nn.Parameter(self._initial_factor(precision, loc))
         if scale is not None:
-            if isinstance(scale, Tensor):
-                scale = float(scale)
-            if not isinstance(scale, (int, float)) or not math.isfinite(scale) or scale <= 0:
-                raise ValueError(f"scale must be a positive finite number, got {scale!r}")
-            self.scale = nn.Parameter(torch.tensor(float(scale), dtype=dtype, device=loc.device))
+            scale = checks.positive("scale", float(scale) if isinstance(scale, Tensor) else scale)
+            self.scale = nn.Parameter(torch.tensor(scale, dtype=dtype, device=loc.device))
 
     @classmethod
     def view(cls, group: _groups.MatrixGroup, loc: Tensor, factor: Tensor, estimator: str = "reparam") -> "Gaussian":
@@ -289,10 +285,8 @@ class Gaussian(nn.Module):
         both at the mean (Newton-like). Returns the loss estimate (detached).
         """
         estimator = estimator or self.estimator
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not isinstance(num_samples, int) or num_samples < 1:
-            raise ValueError(f"num_samples must be a positive integer, got {num_samples!r}")
+        checks.one_of("estimator", estimator, ESTIMATORS)
+        checks.count("num_samples", num_samples)
         if estimator == "reparam":
             loss = -log_density(self.rsample((num_samples,))).mean() - gamma * self.entropy()
             loss.backward()

@@ -31,6 +31,13 @@ def _signature(cls) -> str:
     return f"{cls.name}({', '.join(params)})" if params else cls.name
 
 
+def check_structure(name) -> None:
+    """``ValueError`` listing the allowed names unless ``name`` is a group or a group's name."""
+    if not isinstance(name, MatrixGroup) and name not in GROUPS:
+        allowed = ", ".join(_signature(c) for c in GROUPS.values())
+        raise ValueError(f"unknown structure {name!r}; allowed: {allowed}")
+
+
 def make(name: str, dim: int, **options) -> MatrixGroup:
     """Build a group from its snake_case name, e.g. ``make("block_triangular", 100, k=5)``.
 
@@ -41,9 +48,7 @@ def make(name: str, dim: int, **options) -> MatrixGroup:
         if name.dim != dim:
             raise ValueError(f"group {name!r} has dim {name.dim}, expected {dim}")
         return name
-    allowed = ", ".join(_signature(c) for c in GROUPS.values())
-    if name not in GROUPS:
-        raise ValueError(f"unknown structure {name!r}; allowed: {allowed}")
+    check_structure(name)
     cls = GROUPS[name]
     try:
         inspect.signature(cls.__init__).bind(None, dim, **options)
@@ -65,5 +70,6 @@ __all__ = [
     "Hierarchical",
     "GROUPS",
     "make",
+    "check_structure",
     "sym",
 ]

@@ -91,16 +91,15 @@ class KroneckerPreconditioner:
                 stacklevel=2,
             )
             optimizer_lr = lr
-        _check_positive("damping", damping)
+        checks.positive("damping", damping)
         if kl_clip is not None:
-            _check_positive("kl_clip", kl_clip)
-            _check_positive("optimizer_lr (the outer optimizer's learning rate, needed with kl_clip)", optimizer_lr)
+            checks.positive("kl_clip", kl_clip)
+            checks.positive("optimizer_lr (the outer optimizer's learning rate, needed with kl_clip)", optimizer_lr)
         self.kl_clip, self.optimizer_lr = kl_clip, optimizer_lr
         checks.fraction("factor_decay", factor_decay)
-        _check_count("update_every", update_every)
-        _check_count("accumulation_steps", accumulation_steps)
-        if fisher not in FISHERS:
-            raise ValueError(f"fisher must be one of {FISHERS}, got {fisher!r}")
+        checks.count("update_every", update_every)
+        checks.count("accumulation_steps", accumulation_steps)
+        checks.one_of("fisher", fisher, FISHERS)
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.damping, self.factor_decay, self.update_every = float(damping), float(factor_decay), update_every
@@ -283,6 +282,3 @@ class KroneckerPreconditioner:
         """Detach from the model (the preconditioner can no longer step)."""
         self.capture.remove()
 
-
-_check_positive = checks.positive
-_check_count = checks.count

@@ -10,8 +10,8 @@ from torch import Tensor
 
 from .. import checks
 from .base import KroneckerPreconditioner
-from .distributed import all_reduce_mean
 from .capture import KronLayer
+from .distributed import all_reduce_mean
 
 
 def symmetric_eigh(matrix: Tensor, name: str):

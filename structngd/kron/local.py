@@ -9,11 +9,12 @@ from typing import Optional
 import torch
 from torch import Tensor
 
+from .. import checks
 from .. import groups as _groups
 from ..families import KroneckerGaussian
 from ..families.estimators import kronecker_factor_gradients
 from ..optim.kernel import natural_gradient_step
-from .base import KroneckerPreconditioner, _check_positive
+from .base import KroneckerPreconditioner
 from .capture import KronLayer
 
 _DENSE_STORAGE = ("dense", "lower_triangular", "upper_triangular")
@@ -81,14 +82,11 @@ class LocalKFAC(KroneckerPreconditioner):
         group_options: Optional[dict] = None,
         **kwargs,
     ):
-        _check_positive("lr_cov", lr_cov)
-        _check_positive("init_scale", init_scale)
-        if max_step is not None:
-            _check_positive("max_step", max_step)
-        if not (isinstance(momentum, (int, float)) and 0.0 <= momentum < 1.0):
-            raise ValueError(f"momentum must be in [0, 1), got {momentum!r}")
-        if isinstance(structure, str) and structure not in _groups.GROUPS:
-            raise ValueError(f"unknown structure {structure!r}; allowed: {sorted(_groups.GROUPS)}")
+        checks.positive("lr_cov", lr_cov)
+        checks.positive("init_scale", init_scale)
+        checks.optional_positive("max_step", max_step)
+        checks.fraction("momentum", momentum)
+        _groups.check_structure(structure)
         kwargs.setdefault("factor_decay", 0.0)  # the factors themselves average over steps
         super().__init__(model, damping=damping, update_every=update_every, **kwargs)
         self.structure, self.lr_cov, self.momentum = structure, float(lr_cov), float(momentum)

@@ -41,8 +41,7 @@ def check_hyperparameters(lr, momentum, max_step=None, retraction="h", part_lrs=
     checks.non_negative("lr", lr)
     checks.fraction("momentum", momentum)
     checks.optional_positive("max_step", max_step)
-    if retraction not in RETRACTIONS:
-        raise ValueError(f"retraction must be one of {RETRACTIONS}, got {retraction!r}")
+    checks.one_of("retraction", retraction, RETRACTIONS)
     for name, value in (part_lrs or {}).items():
         checks.non_negative(f"the learning-rate multiplier of part {name!r}", value)
 

@@ -14,6 +14,7 @@ from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
 from torch import Tensor
 
+from .. import checks
 from .. import groups as _groups
 from ..families import estimators
 from ..families.gaussian import Gaussian
@@ -122,10 +123,8 @@ class AutoStructuredNormal(AutoContinuous):
         antithetic: bool = False,
         **group_options,
     ):
-        if not isinstance(init_scale, (int, float)) or isinstance(init_scale, bool) or not 0 < init_scale < float("inf"):
-            raise ValueError(f"init_scale must be a finite number > 0, got {init_scale!r}")
-        if isinstance(structure, str) and structure not in _groups.GROUPS:
-            raise ValueError(f"unknown structure {structure!r}; allowed: {sorted(_groups.GROUPS)}")
+        checks.positive("init_scale", init_scale)
+        _groups.check_structure(structure)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._structure = structure
         self._group_options = dict(group_options)

@@ -10,6 +10,7 @@ import torch
 from pyro.optim import PyroOptim
 from torch import Tensor
 
+from .. import checks
 from ..families.gaussian import Gaussian
 from ..optim import NaturalGradient, check_hyperparameters
 from .guide import AutoStructuredNormal, owner_of
@@ -66,10 +67,8 @@ class NGD(PyroOptim):
         fallback: Union[None, bool, PyroOptim] = None,
     ):
         check_hyperparameters(lr, momentum, max_step)
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
-        if not isinstance(num_pairs, int) or isinstance(num_pairs, bool) or num_pairs < 1:
-            raise ValueError(f"num_pairs must be a positive integer, got {num_pairs!r}")
+        checks.one_of("estimator", estimator, ESTIMATORS)
+        checks.count("num_pairs", num_pairs)
         if fallback is None:
             fallback = pyro.optim.Adam({"lr": 1e-3})
         elif fallback is True or not (fallback is False or isinstance(fallback, PyroOptim)):
