@@ -409,7 +409,7 @@ def test_local_factor_gradients_are_the_vi_loss_gradients():
     loss = 0.5 * torch.trace(a @ kk @ kk.T) * torch.trace(gg @ cc @ cc.T) + 0.5 * lam * torch.trace(kk @ kk.T) * torch.trace(cc @ cc.T) \
         - 0.5 * (4 * torch.logdet(kk @ kk.T) + 6 * torch.logdet(cc @ cc.T))
     gk, gc = torch.autograd.grad(loss, [kk, cc])
-    pre._refresh(layer)
+    pre.blocks[layer.name].refresh(pre.hyperparameters())
     group = pre.groups[layer.name][0]
     # m after one step from zero momentum is project(X) / scale; recover it from the new K
     expected_m_k = group.project(k.T @ gk) / 4
@@ -426,7 +426,7 @@ def test_local_fixed_point_is_the_inverse_kronecker_product():
     state = pre.state[layer.name]
     for _ in range(400):
         state["A"], state["G"] = a, gg
-        pre._refresh(layer)
+        pre.blocks[layer.name].refresh(pre.hyperparameters())
     product = torch.kron(*pre.preconditioner_factors(layer.name))
     torch.testing.assert_close(product, torch.linalg.inv(torch.kron(a, gg)), rtol=1e-8, atol=1e-10)
 
@@ -445,7 +445,7 @@ def test_local_factors_stay_in_their_group_and_spd_over_thousands_of_noisy_steps
         x = torch.randn(16, 8, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(a_true).T
         y = torch.randn(16, 6, generator=g, dtype=torch.float64) @ torch.linalg.cholesky(g_true).T
         state["A"], state["G"] = (x.T @ x / 16).to(device, dtype), (y.T @ y / 16).to(device, dtype)
-        pre._refresh(layer)
+        pre.blocks[layer.name].refresh(pre.hyperparameters())
     for side, group in (("K", group_k), ("C", group_c)):
         dense = group.to_dense(state[side]).double().cpu()
         mask = group.mask(dtype=torch.float64)
@@ -535,10 +535,10 @@ def test_local_preconditioned_gradient_is_cc_t_grad_kk_t(structure, options):
     state = pre.state[layer.name]
     for _ in range(5):  # move K and C away from the identity
         state["A"], state["G"] = spd(8, g), spd(6, g)
-        pre._refresh(layer)
+        pre.blocks[layer.name].refresh(pre.hyperparameters())
     grad = torch.randn(6, 8, generator=g, dtype=torch.float64)
     kk, cc = pre.preconditioner_factors(layer.name)
-    torch.testing.assert_close(pre._precondition(layer, grad), cc @ grad @ kk, rtol=1e-12, atol=1e-12)
+    torch.testing.assert_close(pre.blocks[layer.name].precondition(grad, pre.hyperparameters()), cc @ grad @ kk, rtol=1e-12, atol=1e-12)
 
 
 def test_bernoulli_true_fisher_sums_pixels_per_example():

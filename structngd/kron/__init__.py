@@ -4,10 +4,14 @@ They rewrite the ``.grad`` of every ``nn.Linear`` / ``nn.Conv2d`` layer with a p
 gradient; any ``torch.optim`` optimizer then takes the step.
 """
 
-from .base import KroneckerPreconditioner
+from .blocks import CurvatureBlock
 from .capture import KronLayer
-from .ekfac import EKFAC
-from .kfac import KFAC
-from .local import LocalKFAC
+from .ekfac import EKFAC, EKFACBlock
+from .kfac import KFAC, KFACBlock
+from .local import LocalKFAC, LocalKFACBlock
+from .preconditioner import KroneckerPreconditioner
 
-__all__ = ["KFAC", "EKFAC", "LocalKFAC", "KroneckerPreconditioner", "KronLayer"]
+__all__ = [
+    "KFAC", "EKFAC", "LocalKFAC", "KroneckerPreconditioner", "KronLayer",
+    "CurvatureBlock", "KFACBlock", "EKFACBlock", "LocalKFACBlock",
+]

@@ -153,7 +153,7 @@ class Capture:
     tensor, which receives the output gradient in the backward pass (this also works when
     the first layer's input does not require gradients, and under ``torch.autograd.grad``).
     :meth:`arm` says, before a step's forward pass, what the step gathers: ``A`` and ``G``
-    (a factor-update step) and/or the rows of every micro-batch for ``on_rows(layer, a_rows,
+    (a statistics step) and/or the rows of every micro-batch for ``on_rows(layer, a_rows,
     g_rows)`` (EKFAC's per-example gradients). ``grad_scale(n)`` multiplies the output
     gradients of a micro-batch of ``n`` examples. With ``from_sampled_labels`` (the true
     Fisher) only the backward passes inside :meth:`sampled_label_pass` feed ``G``.
@@ -163,15 +163,15 @@ class Capture:
         self.layers = layers
         self.grad_scale = grad_scale
         self.from_sampled_labels = bool(from_sampled_labels)
-        self.factors = True
+        self.statistics = True
         self.on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None
         self._in_sampled_pass = False
         self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in layers]
         self.reset()
 
-    def arm(self, factors: bool, on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None) -> None:
-        """What the coming step gathers: ``A`` and ``G`` (``factors``) and the rows for ``on_rows``."""
-        self.factors, self.on_rows = bool(factors), on_rows
+    def arm(self, statistics: bool, on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None) -> None:
+        """What the coming step gathers: ``A`` and ``G`` (``statistics``) and the rows for ``on_rows``."""
+        self.statistics, self.on_rows = bool(statistics), on_rows
 
     @contextlib.contextmanager
     def sampled_label_pass(self):
@@ -202,10 +202,10 @@ class Capture:
                 return
             self.forward_seen = True
             if not self.capturing:
-                return  # nothing to capture this step (KFAC between factor updates)
+                return  # nothing to capture this step (KFAC between statistics updates)
             x = inputs[0].detach()
             rows = layer.input_rows(x).to(_stat_dtype(x))
-            if self.factors:
+            if self.statistics:
                 _add(self.a_sum, layer.name, torch.einsum("nti,ntj->ij", rows, rows))
                 self.a_count[layer.name] += rows.shape[0]
             output.register_hook(self._gradient_hook(layer, rows.shape[0], rows if self.on_rows is not None else None))
@@ -220,7 +220,7 @@ class Capture:
                 return
             g = grad.detach()
             g_rows = layer.grad_rows(g).to(_stat_dtype(g)) * self.grad_scale(n)
-            if self.factors:
+            if self.statistics:
                 _add(self.g_sum, layer.name, torch.einsum("nti,ntj->ij", g_rows, g_rows) / g_rows.shape[1])
                 self.g_count[layer.name] += g_rows.shape[0]
             if self.on_rows is not None and a_rows is not None:
@@ -230,10 +230,10 @@ class Capture:
 
     @property
     def capturing(self) -> bool:
-        """Whether this step needs rows (factor update, or per-example statistics)."""
-        return self.factors or self.on_rows is not None
+        """Whether this step needs rows (new statistics, or per-example rows)."""
+        return self.statistics or self.on_rows is not None
 
-    def batch_factors(self, layer: KronLayer) -> Tuple[Tensor, Tensor]:
+    def batch_statistics(self, layer: KronLayer) -> Tuple[Tensor, Tensor]:
         """This step's ``(A, G)`` of ``layer`` (sums over the micro-batches, averaged)."""
         name = layer.name
         if self.a_sum[name] is None or self.g_sum[name] is None:

@@ -25,7 +25,7 @@ def all_reduce_mean(t: Tensor) -> Tensor:
     return t
 
 
-def all_reduce_factors(batch: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, Tuple[Tensor, Tensor]]:
+def all_reduce_statistics(batch: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, Tuple[Tensor, Tensor]]:
     """Every layer's ``(A, G)`` averaged over the ranks in one flat all-reduce."""
     size, _ = world()
     if size == 1:

@@ -7,8 +7,28 @@ import math
 import torch
 from torch import Tensor
 
-from .base import KroneckerPreconditioner
+from .blocks import CurvatureBlock
 from .capture import KronLayer
+from .preconditioner import KroneckerPreconditioner
+
+
+class KFACBlock(CurvatureBlock):
+    """``F ≈ A ⊗ G`` with the damped inverses ``A_d^{-1}``, ``G_d^{-1}`` cached at each refresh."""
+
+    broadcast_keys = {"A_inv": ("A",), "G_inv": ("G",)}
+
+    def refresh(self, hp: dict) -> None:
+        state = self.state
+        pi = pi_split(state["A"], state["G"])
+        root = math.sqrt(hp["damping"])
+        state["A_inv"] = damped_inverse(state["A"], pi * root)
+        state["G_inv"] = damped_inverse(state["G"], root / pi)
+
+    def precondition(self, grad: Tensor, hp: dict) -> Tensor:
+        return self.state["G_inv"] @ grad @ self.state["A_inv"]
+
+    def fisher(self) -> Tensor:
+        return torch.kron(self.state["A"], self.state["G"])
 
 
 class KFAC(KroneckerPreconditioner):
@@ -16,28 +36,15 @@ class KFAC(KroneckerPreconditioner):
 
     Factored Tikhonov damping: ``A_d = A + pi sqrt(lambda) I``, ``G_d = G + sqrt(lambda) / pi I``
     with ``pi = sqrt((tr A / d_in) / (tr G / d_out))``. The two inverses are recomputed every
-    ``update_every`` steps and cached, so applying the preconditioner costs two matrix
-    products per layer. See :class:`~structngd.kron.base.KroneckerPreconditioner` for the
-    shared arguments.
+    ``update_every`` steps and cached (:class:`KFACBlock`), so applying the preconditioner costs
+    two matrix products per layer. See
+    :class:`~structngd.kron.preconditioner.KroneckerPreconditioner` for the shared arguments.
     """
 
     kind = "KFAC"
-    _broadcast_keys = {"A_inv": ("A",), "G_inv": ("G",)}
 
-    def _refresh(self, layer: KronLayer) -> None:
-        state = self.state[layer.name]
-        pi = pi_split(state["A"], state["G"])
-        root = math.sqrt(self.damping)
-        state["A_inv"] = damped_inverse(state["A"], pi * root)
-        state["G_inv"] = damped_inverse(state["G"], root / pi)
-
-    def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
-        state = self.state[layer.name]
-        return state["G_inv"] @ grad @ state["A_inv"]
-
-    def fisher_block(self, name: str) -> Tensor:
-        state = self.state[name]
-        return torch.kron(state["A"], state["G"])
+    def _make_block(self, layer: KronLayer) -> KFACBlock:
+        return KFACBlock(layer, self.statistics_dtype(layer))
 
 
 def damped_inverse(matrix: Tensor, damping: float) -> Tensor:

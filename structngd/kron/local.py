@@ -14,10 +14,107 @@ from .. import groups as _groups
 from ..families import KroneckerGaussian
 from ..families.estimators import kronecker_factor_gradients
 from ..optim.kernel import natural_gradient_step
-from .base import KroneckerPreconditioner
+from .blocks import CurvatureBlock
 from .capture import KronLayer
+from .preconditioner import KroneckerPreconditioner
 
 _DENSE_STORAGE = ("dense", "lower_triangular", "upper_triangular")
+
+
+class LocalKFACBlock(CurvatureBlock):
+    """A layer's factors ``K`` (input side) and ``C`` (output side), their momenta and the
+    cached ``K K^T``, ``C C^T``; a refresh is one natural-gradient step of its family."""
+
+    def __init__(self, layer: KronLayer, in_group, out_group, dtype: torch.dtype, init_scale: float):
+        super().__init__(layer, dtype)
+        self.in_group, self.out_group = in_group, out_group
+        root = math.sqrt(init_scale)
+        for side, group in (("K", in_group), ("C", out_group)):
+            self.state[side] = group.from_diagonal(torch.full((group.dim,), root, dtype=dtype, device=layer.weight.device))
+            self.state["m_" + side] = torch.zeros_like(self.state[side])
+        self._family = None
+        self._cache_products()
+
+    def sides(self):
+        return (("K", self.in_group), ("C", self.out_group))
+
+    @property
+    def family(self) -> KroneckerGaussian:
+        """The :class:`~structngd.families.KroneckerGaussian` over ``K`` and ``C``: a factors-only
+        view that shares the block's state tensors (a step writes into them)."""
+        state, family = self.state, self._family
+        if family is None or family.in_factor is not state["K"] or family.out_factor is not state["C"]:
+            family = self._family = KroneckerGaussian.view(self.in_group, self.out_group, state["K"], state["C"])
+        return family
+
+    def refresh(self, hp: dict) -> None:
+        """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition): the
+        Kronecker estimator's local gradients, the family's natural gradient and the layer-3
+        kernel's step (momentum, trust region per factor, ``h`` retraction)."""
+        state, family = self.state, self.family
+        x_k, x_c = kronecker_factor_gradients(
+            self.in_group, self.out_group, state["K"], state["C"], state["A"], state["G"], hp["damping"]
+        )
+        direction = family.natural_gradient(local_gradient=(x_k, x_c))
+        buffers = natural_gradient_step(
+            [family],
+            [{"in_factor": state["m_K"], "out_factor": state["m_C"]}],
+            lr=[hp["lr_cov"]],
+            momentum=[hp["momentum"]],
+            max_step=[hp["max_step"]],
+            retraction=["h"],
+            part_lrs=[None],
+            directions=[direction],
+            labels=[f"LocalKFAC layer {self.layer.name!r}"],
+        )[0]
+        moved = direction._asdict() if buffers is None else buffers  # without momentum m is the direction
+        state["m_K"], state["m_C"] = moved["in_factor"], moved["out_factor"]
+        if hp["factor_decay"] == 0:  # nothing to average into: keep only K, C and their momenta
+            del state["A"], state["G"]
+        self._cache_products()
+
+    def _cache_products(self) -> None:
+        """``K K^T`` / ``C C^T`` where it costs no more storage than the factor: dense for the
+        O(d^2) groups, compact for groups that hold it (``group.gram``: diagonal, block-diagonal),
+        so applying it is one product per side and step. The other sparse groups apply
+        ``K (K^T x)`` through their O(d k) matvecs instead."""
+        state = self.state
+        for side, group in self.sides():
+            if group.name in _DENSE_STORAGE:
+                f = group.to_dense(state[side])
+                state[side + side + "t"] = f @ f.mT
+            else:
+                gram = group.gram(state[side])
+                if gram is not None:
+                    state[side + side + "t"] = gram
+
+    def _apply(self, side: str, group, x: Tensor) -> Tensor:
+        """``F F^T x`` for the rows of ``x`` (``F`` = ``K`` or ``C``)."""
+        state = self.state
+        if group.name in _DENSE_STORAGE:
+            return x @ state[side + side + "t"]  # symmetric
+        gram = state.get(side + side + "t")
+        if gram is not None:
+            return group.matvec(gram, x)
+        x = x.contiguous()  # the C side gets dW K K^T transposed; the block products want rows
+        return group.matvec(state[side], group.tmatvec(state[side], x))
+
+    def precondition(self, grad: Tensor, hp: dict) -> Tensor:
+        right = self._apply("K", self.in_group, grad)  # dW K K^T
+        return self._apply("C", self.out_group, right.mT).mT  # C C^T dW K K^T
+
+    def preconditioner_factors(self):
+        """Dense ``(K K^T, C C^T)`` (for tests and diagnostics)."""
+        out = []
+        for side, group in self.sides():
+            f = group.to_dense(self.state[side])
+            out.append(f @ f.mT)
+        return tuple(out)
+
+    def fisher(self) -> Tensor:
+        """The inverse of the preconditioner, ``(K K^T)^{-1} ⊗ (C C^T)^{-1}`` (for tests)."""
+        kk, cc = self.preconditioner_factors()
+        return torch.kron(torch.linalg.inv(kk.double()), torch.linalg.inv(cc.double()))
 
 
 class LocalKFAC(KroneckerPreconditioner):
@@ -34,7 +131,7 @@ class LocalKFAC(KroneckerPreconditioner):
     (and symmetrically for ``C``), where ``project`` is the group's natural-gradient map
     (half on diagonal entries and symmetric blocks). Each layer's ``K``, ``C`` are the factors
     of a :class:`~structngd.families.KroneckerGaussian` (:meth:`family`, a view over
-    ``state["K"]``, ``state["C"]``): ``X_K``, ``X_C`` come from
+    ``state["K"]``, ``state["C"]`` of the layer's :class:`LocalKFACBlock`): ``X_K``, ``X_C`` come from
     :func:`~structngd.families.estimators.kronecker_factor_gradients`, the family turns them
     into its factor natural gradients and :func:`~structngd.optim.natural_gradient_step` owns
     the momentum (stored as ``state["m_K"]``, ``state["m_C"]``), the trust region and the
@@ -82,134 +179,50 @@ class LocalKFAC(KroneckerPreconditioner):
         group_options: Optional[dict] = None,
         **kwargs,
     ):
-        checks.positive("lr_cov", lr_cov)
-        checks.positive("init_scale", init_scale)
-        checks.optional_positive("max_step", max_step)
-        checks.fraction("momentum", momentum)
+        self.lr_cov, self.init_scale = checks.positive("lr_cov", lr_cov), checks.positive("init_scale", init_scale)
+        self.max_step = checks.optional_positive("max_step", max_step)
+        self.momentum = checks.fraction("momentum", momentum)
         _groups.check_structure(structure)
+        self.structure, self.factor_dtype = structure, factor_dtype
+        self._group_options = dict(group_options or {})
+        if structure == "block_diagonal":  # factor sizes (bias included) rarely divide b
+            self._group_options.setdefault("ragged", True)
+        self._fallbacks = []
         kwargs.setdefault("factor_decay", 0.0)  # the factors themselves average over steps
         super().__init__(model, damping=damping, update_every=update_every, **kwargs)
-        self.structure, self.lr_cov, self.momentum = structure, float(lr_cov), float(momentum)
-        self.factor_dtype, self.max_step = factor_dtype, max_step
-        self.groups = {}
-        self.structures = {}
-        self._families = {}
-        fallbacks = []
-        options = dict(group_options or {})
-        if structure == "block_diagonal":  # factor sizes (bias included) rarely divide b
-            options.setdefault("ragged", True)
-        for layer in self.layers:
-            pair = []
-            for side, dim in (("K", layer.in_dim), ("C", layer.out_dim)):
-                try:
-                    group = _groups.make(structure, dim, **options)
-                except ValueError:
-                    group = _groups.make("dense", dim)
-                    fallbacks.append(f"{layer.name}.{side} (dim {dim})")
-                pair.append(group)
-            self.groups[layer.name] = tuple(pair)
-            self.structures[layer.name] = tuple(g.name for g in pair)
-            dtype = self._factor_dtype(layer)
-            device = layer.weight.device
-            state = self.state[layer.name]
-            root = math.sqrt(init_scale)
-            for side, group in zip("KC", pair):
-                state[side] = group.from_diagonal(torch.full((group.dim,), root, dtype=dtype, device=device))
-                state["m_" + side] = torch.zeros_like(state[side])
-            self._cache_products(layer)
-        if fallbacks:
+        if self._fallbacks:
             warnings.warn(
-                f"LocalKFAC: {structure!r} does not fit these factors, which use 'dense': {', '.join(fallbacks)}",
+                f"LocalKFAC: {structure!r} does not fit these factors, which use 'dense': {', '.join(self._fallbacks)}",
                 stacklevel=2,
             )
 
-    def _factor_dtype(self, layer: KronLayer) -> torch.dtype:
-        return self.factor_dtype or layer.weight.dtype
+    def _make_block(self, layer: KronLayer) -> LocalKFACBlock:
+        pair = []
+        for side, dim in (("K", layer.in_dim), ("C", layer.out_dim)):
+            try:
+                pair.append(_groups.make(self.structure, dim, **self._group_options))
+            except ValueError:
+                pair.append(_groups.make("dense", dim))
+                self._fallbacks.append(f"{layer.name}.{side} (dim {dim})")
+        return LocalKFACBlock(layer, *pair, self.factor_dtype or layer.weight.dtype, self.init_scale)
+
+    @property
+    def groups(self):
+        """The ``(K, C)`` groups of every layer, by layer name."""
+        return {name: (block.in_group, block.out_group) for name, block in self.blocks.items()}
+
+    @property
+    def structures(self):
+        """The ``(K, C)`` group names of every layer (``"dense"`` where the structure does not fit)."""
+        return {name: (block.in_group.name, block.out_group.name) for name, block in self.blocks.items()}
 
     def family(self, name: str) -> KroneckerGaussian:
-        """The layer's :class:`~structngd.families.KroneckerGaussian` over ``K`` and ``C``: a
-        factors-only view that shares the layer's state tensors (a step writes into them)."""
-        state = self.state[name]
-        family = self._families.get(name)
-        if family is None or family.in_factor is not state["K"] or family.out_factor is not state["C"]:
-            group_k, group_c = self.groups[name]
-            family = KroneckerGaussian.view(group_k, group_c, state["K"], state["C"])
-            self._families[name] = family
-        return family
-
-    def _refresh(self, layer: KronLayer) -> None:
-        """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition): the
-        Kronecker estimator's local gradients, the family's natural gradient and the layer-3
-        kernel's step (momentum, trust region per factor, ``h`` retraction)."""
-        state = self.state[layer.name]
-        family = self.family(layer.name)
-        x_k, x_c = kronecker_factor_gradients(
-            family.in_group, family.out_group, state["K"], state["C"], state["A"], state["G"], self.damping
-        )
-        direction = family.natural_gradient(local_gradient=(x_k, x_c))
-        buffers = natural_gradient_step(
-            [family],
-            [{"in_factor": state["m_K"], "out_factor": state["m_C"]}],
-            lr=[self.lr_cov],
-            momentum=[self.momentum],
-            max_step=[self.max_step],
-            retraction=["h"],
-            part_lrs=[None],
-            directions=[direction],
-            labels=[f"{self.kind} layer {layer.name!r}"],
-        )[0]
-        moved = direction._asdict() if buffers is None else buffers  # without momentum m is the direction
-        state["m_K"], state["m_C"] = moved["in_factor"], moved["out_factor"]
-        if self.factor_decay == 0:  # nothing to average into: keep only K, C and their momenta
-            del state["A"], state["G"]
-        self._cache_products(layer)
-
-    def _cache_products(self, layer: KronLayer) -> None:
-        """``K K^T`` / ``C C^T`` where it costs no more storage than the factor: dense for the
-        O(d^2) groups, compact for groups that hold it (``group.gram``: diagonal, block-diagonal),
-        so applying it is one product per side and step. The other sparse groups apply
-        ``K (K^T x)`` through their O(d k) matvecs instead."""
-        state = self.state[layer.name]
-        for side, group in zip("KC", self.groups[layer.name]):
-            if group.name in _DENSE_STORAGE:
-                f = group.to_dense(state[side])
-                state[side + side + "t"] = f @ f.mT
-            else:
-                gram = group.gram(state[side])
-                if gram is not None:
-                    state[side + side + "t"] = gram
-
-    def _apply(self, layer: KronLayer, side: str, x: Tensor) -> Tensor:
-        """``F F^T x`` for the rows of ``x`` (``F`` = ``K`` or ``C``)."""
-        state = self.state[layer.name]
-        group = self.groups[layer.name][0 if side == "K" else 1]
-        if group.name in _DENSE_STORAGE:
-            return x @ state[side + side + "t"]  # symmetric
-        gram = state.get(side + side + "t")
-        if gram is not None:
-            return group.matvec(gram, x)
-        x = x.contiguous()  # the C side gets dW K K^T transposed; the block products want rows
-        return group.matvec(state[side], group.tmatvec(state[side], x))
-
-    def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
-        right = self._apply(layer, "K", grad)  # dW K K^T
-        return self._apply(layer, "C", right.mT).mT  # C C^T dW K K^T
+        """The layer's :class:`~structngd.families.KroneckerGaussian` over ``K`` and ``C`` (a view)."""
+        return self.blocks[name].family
 
     def preconditioner_factors(self, name: str):
         """Dense ``(K K^T, C C^T)`` of a layer (for tests and diagnostics)."""
-        state = self.state[name]
-        out = []
-        for side, group in zip("KC", self.groups[name]):
-            f = group.to_dense(state[side])
-            out.append(f @ f.mT)
-        return tuple(out)
+        return self.blocks[name].preconditioner_factors()
 
-    def fisher_block(self, name: str) -> Tensor:
-        """The inverse of the preconditioner, ``(K K^T)^{-1} ⊗ (C C^T)^{-1}`` (for tests)."""
-        kk, cc = self.preconditioner_factors(name)
-        return torch.kron(torch.linalg.inv(kk.double()), torch.linalg.inv(cc.double()))
-
-    def state_dict(self) -> dict:
-        out = super().state_dict()
-        out["hyperparameters"].update(lr_cov=self.lr_cov, momentum=self.momentum, max_step=self.max_step)
-        return out
+    def hyperparameters(self) -> dict:
+        return {**super().hyperparameters(), "lr_cov": self.lr_cov, "momentum": self.momentum, "max_step": self.max_step}

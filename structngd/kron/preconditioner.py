@@ -1,4 +1,4 @@
-"""The shared machinery of the Kronecker preconditioners: capture, factor averages, the step."""
+"""The Kronecker preconditioner that orchestrates a step: capture, reduction over ranks, one curvature block per layer, the KL clip."""
 
 from __future__ import annotations
 
@@ -11,15 +11,16 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import checks
+from .blocks import CurvatureBlock
 from .capture import Capture, KronLayer, find_layers, warn_skipped
-from .distributed import all_reduce_factors, world
+from .distributed import all_reduce_statistics, world
 from .fisher_sampling import sampled_label_loss
 
 FISHERS = ("empirical", "true")
 
 
 class KroneckerPreconditioner:
-    """Base class: rewrites the ``.grad`` of every supported layer with a preconditioned gradient.
+    """Rewrites the ``.grad`` of every supported layer with a preconditioned gradient.
 
     Use it beside any torch optimizer::
 
@@ -34,7 +35,8 @@ class KroneckerPreconditioner:
     Every ``update_every`` steps the step's Kronecker statistics ``A``, ``G`` (see
     :mod:`structngd.kron.capture`) enter the moving averages
     ``X <- factor_decay X + (1 - factor_decay) X_batch`` (the first batch initializes them) and
-    the subclass refreshes what it caches (inverses, eigenbases, ...).
+    each layer's :class:`~structngd.kron.blocks.CurvatureBlock` (``self.blocks``; a subclass
+    says which by :meth:`_make_block`) refreshes what it caches (inverses, eigenbases, factors).
 
     Data parallel (``torch.distributed`` initialized, e.g. with ``DistributedDataParallel``):
     each rank captures its own micro-batch, the step's factors are averaged over the ranks
@@ -112,7 +114,24 @@ class KroneckerPreconditioner:
         self.skipped = skipped
         self.capture = Capture(self.layers, self._grad_scale, from_sampled_labels=fisher == "true")
         self.steps = 0
-        self.state: Dict[str, Dict[str, Tensor]] = {layer.name: {} for layer in self.layers}
+        self.blocks: Dict[str, CurvatureBlock] = {layer.name: self._make_block(layer) for layer in self.layers}
+        self._arm_capture()
+
+    def _make_block(self, layer: KronLayer) -> CurvatureBlock:
+        """The layer's curvature block (each preconditioner defines its own)."""
+        raise NotImplementedError
+
+    @property
+    def state(self) -> Dict[str, Dict[str, Tensor]]:
+        """Every layer's tensors by layer name (the blocks' ``state`` dicts themselves)."""
+        return {name: block.state for name, block in self.blocks.items()}
+
+    def hyperparameters(self) -> dict:
+        """The values the blocks read at each call (and ``state_dict`` saves)."""
+        return {
+            "damping": self.damping, "factor_decay": self.factor_decay, "update_every": self.update_every,
+            "kl_clip": self.kl_clip, "optimizer_lr": self.optimizer_lr,
+        }
 
     # ------------------------------------------------------------- hooks
     def _grad_scale(self, batch: int) -> float:
@@ -121,7 +140,9 @@ class KroneckerPreconditioner:
             scale /= float(self.grad_scaler.get_scale())
         return scale
 
-    def _factor_dtype(self, layer: KronLayer) -> torch.dtype:
+    @staticmethod
+    def statistics_dtype(layer: KronLayer) -> torch.dtype:
+        """float64 for float64 layers, else float32 (the statistics' own dtype)."""
         return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
 
     @property
@@ -130,8 +151,13 @@ class KroneckerPreconditioner:
         return self.steps % self.update_every == 0
 
     def _arm_capture(self) -> None:
-        """Tell the hooks what the coming step gathers (here: ``A`` and ``G`` on update steps)."""
-        self.capture.arm(factors=self.is_update_step)
+        """Tell the hooks what the coming step gathers: ``A`` and ``G`` on update steps, and the
+        per-example rows where :meth:`_row_consumer` names who takes them."""
+        self.capture.arm(statistics=self.is_update_step, on_rows=self._row_consumer())
+
+    def _row_consumer(self):
+        """``on_rows(layer, a_rows, g_rows)`` for the coming step, or ``None`` (no rows needed)."""
+        return None
 
     def sample_fisher(self, output: Tensor, likelihood: str = "categorical") -> None:
         """Backpropagate ``-log p(y_hat | output)`` for labels ``y_hat`` sampled from the model.
@@ -168,18 +194,19 @@ class KroneckerPreconditioner:
             grads[layer.name] = layer.grad_matrix()
             if not torch.isfinite(grads[layer.name].sum()):  # one reduction: NaN/inf anywhere shows
                 raise ValueError(f"layer {layer.name!r} has non-finite gradients; nothing was changed")
-        if self.capture.factors:
-            batch = {layer.name: self.capture.batch_factors(layer) for layer in self.layers}
-            batch = all_reduce_factors(batch)
-            for layer in self.layers:
-                self._update_factors(layer, *batch[layer.name])
-            self._refresh_all()
+        hp = self.hyperparameters()
+        if self.capture.statistics:
+            batch = {layer.name: self.capture.batch_statistics(layer) for layer in self.layers}
+            batch = all_reduce_statistics(batch)
+            for name, block in self.blocks.items():
+                block.update_statistics(*batch[name], self.factor_decay)
+            self._refresh_all(hp)
         else:
-            self._between_updates()
+            for block in self.blocks.values():
+                block.between_updates(hp)
         preconditioned = {}
-        for layer in self.layers:
-            grad = grads[layer.name]
-            preconditioned[layer.name] = self._precondition(layer, grad.to(self._factor_dtype(layer)))
+        for name, block in self.blocks.items():
+            preconditioned[name] = block.precondition(grads[name].to(block.dtype), hp)
         nu = self._kl_clip_scale(grads, preconditioned)
         for layer in self.layers:
             p = preconditioned[layer.name]
@@ -188,58 +215,31 @@ class KroneckerPreconditioner:
         self.capture.reset()
         self._arm_capture()
 
-    def _update_factors(self, layer: KronLayer, a_batch: Tensor, g_batch: Tensor) -> None:
-        state, dtype = self.state[layer.name], self._factor_dtype(layer)
-        a_batch, g_batch = a_batch.to(dtype), g_batch.to(dtype)
-        if "A" not in state:
-            state["A"], state["G"] = a_batch.clone(), g_batch.clone()
-        else:
-            state["A"].mul_(self.factor_decay).add_(a_batch, alpha=1 - self.factor_decay)
-            state["G"].mul_(self.factor_decay).add_(g_batch, alpha=1 - self.factor_decay)
-
-    def _refresh_all(self) -> None:
-        """Refresh every layer's cache; with several ranks each refreshes its share of the
-        layers (round-robin) and broadcasts the results (``_broadcast_keys``)."""
+    def _refresh_all(self, hp: dict) -> None:
+        """Refresh every block; with several ranks each refreshes its share of the layers
+        (round-robin) and broadcasts the results (the block's ``broadcast_keys``)."""
         world_size, rank = world()
-        split = world_size > 1 and bool(self._broadcast_keys)
-        for index, layer in enumerate(self.layers):
+        blocks = list(self.blocks.values())
+        split = world_size > 1 and any(block.broadcast_keys for block in blocks)
+        for index, block in enumerate(blocks):
             if not split or index % world_size == rank:
-                self._refresh(layer)
+                block.refresh(hp)
         if split:
-            for index, layer in enumerate(self.layers):
-                state = self.state[layer.name]
-                for key, like in self._broadcast_keys.items():
+            for index, block in enumerate(blocks):
+                state = block.state
+                for key, like in block.broadcast_keys.items():
                     if index % world_size == rank:
                         state[key] = state[key].contiguous()  # e.g. eigh's column-major eigenvectors
                     elif key not in state:
                         state[key] = torch.empty_like(state[like[0]] if len(like) == 1 else state[like[0]][0])
                     dist.broadcast(state[key], src=index % world_size)
-        for layer in self.layers:
-            self._after_refresh(layer)
-
-    #: cache entries a rank broadcasts after refreshing its layers, each with the state entry
-    #: whose shape it has (a 1-tuple: same shape; a 2-tuple: the shape of one row of it)
-    _broadcast_keys: Dict[str, tuple] = {}
-
-    def _after_refresh(self, layer: KronLayer) -> None:
-        """Work every rank does after the caches are refreshed (collectives allowed)."""
-
-    # -------------------------------------------------- subclass interface
-    def _refresh(self, layer: KronLayer) -> None:
-        """Recompute what the layer's preconditioner caches from ``state["A"]``, ``state["G"]``."""
-        raise NotImplementedError
-
-    def _between_updates(self) -> None:
-        """Work of a step without a factor update (EKFAC re-estimates its scaling here)."""
-
-    def _precondition(self, layer: KronLayer, grad: Tensor) -> Tensor:
-        """The preconditioned ``(d_out, d_in)`` gradient."""
-        raise NotImplementedError
+        for block in blocks:
+            block.after_refresh(hp)
 
     def fisher_block(self, name: str) -> Tensor:
         """The layer's approximate (undamped) Fisher as a dense matrix over ``vec(W)``
         (column-major, ``d_in d_out`` square): for tests and diagnostics on small layers."""
-        raise NotImplementedError
+        return self.blocks[name].fisher()
 
     def _kl_clip_scale(self, grads: Dict[str, Tensor], preconditioned: Dict[str, Tensor]) -> float:
         """``nu = min(1, sqrt(kl_clip / (lr^2 sum <p, g>)))`` (1 without ``kl_clip``)."""
@@ -254,29 +254,23 @@ class KroneckerPreconditioner:
         return {
             "steps": self.steps,
             "layers": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()},
-            "hyperparameters": {
-                "damping": self.damping, "factor_decay": self.factor_decay, "update_every": self.update_every,
-                "kl_clip": self.kl_clip, "optimizer_lr": self.optimizer_lr,
-            },
+            "hyperparameters": self.hyperparameters(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
         layers = state_dict["layers"]
-        if set(layers) != set(self.state):
+        if set(layers) != set(self.blocks):
             raise ValueError(
-                f"state_dict holds layers {sorted(layers)}, this {self.kind} has {sorted(self.state)}"
+                f"state_dict holds layers {sorted(layers)}, this {self.kind} has {sorted(self.blocks)}"
             )
         self.steps = int(state_dict["steps"])
         for name, tensors in layers.items():
-            device = self._layer(name).weight.device
-            self.state[name] = {k: v.to(device).clone() for k, v in tensors.items()}
+            block = self.blocks[name]
+            block.state = {k: v.to(block.layer.weight.device).clone() for k, v in tensors.items()}
         for key, value in state_dict.get("hyperparameters", {}).items():
             setattr(self, "optimizer_lr" if key == "lr" else key, value)  # "lr": older state dicts
         self.capture.reset()
         self._arm_capture()
-
-    def _layer(self, name: str) -> KronLayer:
-        return next(layer for layer in self.layers if layer.name == name)
 
     def remove_hooks(self) -> None:
         """Detach from the model (the preconditioner can no longer step)."""

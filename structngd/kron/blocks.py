@@ -1,0 +1,58 @@
+"""A layer's curvature block: the tensors one preconditioner keeps for one layer, and what it does with them.
+
+The orchestrating :class:`~structngd.kron.preconditioner.KroneckerPreconditioner` hands each
+block the step's Kronecker statistics ``A``, ``G`` and its hyperparameters (a dict: ``damping``,
+``factor_decay``, ...) at every call, so a changed hyperparameter takes effect at once. KFAC,
+EKFAC and LocalKFAC each define a block (:mod:`~structngd.kron.kfac`, :mod:`~structngd.kron.ekfac`,
+:mod:`~structngd.kron.local`).
+"""
+
+from __future__ import annotations
+
+from typing import Dict
+
+import torch
+from torch import Tensor
+
+from .capture import KronLayer
+
+
+class CurvatureBlock:
+    """One layer's curvature approximation; its tensors live in ``state`` (saved by ``state_dict``)."""
+
+    #: cache entries a rank broadcasts after refreshing its layers, each with the state entry
+    #: whose shape it has (a 1-tuple: same shape; a 2-tuple: the shape of one row of it)
+    broadcast_keys: Dict[str, tuple] = {}
+
+    def __init__(self, layer: KronLayer, dtype: torch.dtype):
+        self.layer, self.dtype = layer, dtype
+        self.state: Dict[str, Tensor] = {}
+
+    def update_statistics(self, a_batch: Tensor, g_batch: Tensor, decay: float) -> None:
+        """``X <- decay X + (1 - decay) X_batch`` for ``X = A, G`` (the first batch initializes them)."""
+        state = self.state
+        a_batch, g_batch = a_batch.to(self.dtype), g_batch.to(self.dtype)
+        if "A" not in state:
+            state["A"], state["G"] = a_batch.clone(), g_batch.clone()
+        else:
+            state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
+            state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
+
+    def refresh(self, hp: dict) -> None:
+        """Recompute what the block caches from ``state["A"]``, ``state["G"]`` (a statistics step)."""
+        raise NotImplementedError
+
+    def after_refresh(self, hp: dict) -> None:
+        """Work every rank does once all blocks are refreshed (collectives allowed)."""
+
+    def between_updates(self, hp: dict) -> None:
+        """Work of a step without new statistics."""
+
+    def precondition(self, grad: Tensor, hp: dict) -> Tensor:
+        """The preconditioned ``(d_out, d_in)`` gradient."""
+        raise NotImplementedError
+
+    def fisher(self) -> Tensor:
+        """The approximate (undamped) Fisher as a dense matrix over ``vec(W)`` (column-major,
+        ``d_in d_out`` square): for tests and diagnostics on small layers."""
+        raise NotImplementedError
