@@ -13,6 +13,7 @@ from .. import checks
 from .. import groups as _groups
 from . import estimators
 from .checks import factor_of_spd, require_finite_gradients
+from .retraction import RetractInPlace
 
 ESTIMATORS = ("reparam", "price", "delta")
 PARAMETERIZATIONS = ("precision", "covariance")
@@ -34,7 +35,7 @@ class ScaledGaussianStep(NamedTuple):
     scale: Tensor
 
 
-class Gaussian(nn.Module):
+class Gaussian(RetractInPlace, nn.Module):
     """Gaussian ``N(mu, S^{-1})``, ``S = B B^T`` with ``B`` in a matrix group.
 
     Parameters are ``loc`` (``mu``) and ``factor`` (``B`` in the group's compact form).
@@ -390,13 +391,6 @@ class Gaussian(nn.Module):
         if self.has_scale:
             out["scale"] = sigma * torch.exp(-step[2])
         return out
-
-    @torch.no_grad()
-    def retract(self, step: GaussianStep, lr: float = 1.0, retraction: str = "h") -> None:
-        """``tau <- phi_tau(eta0 - lr * step)`` in place (see :meth:`retracted`)."""
-        kind = ScaledGaussianStep if len(step) == 3 else GaussianStep
-        for name, value in self.retracted(kind(*(lr * t for t in step)), retraction).items():
-            getattr(self, name).copy_(value)
 
 
 def _accumulate(param: nn.Parameter, grad: Tensor) -> None:

@@ -44,6 +44,7 @@ from torch import Tensor, nn
 
 from .. import groups as _groups
 from .checks import require_finite_gradients
+from .retraction import RetractInPlace
 
 Structure = Union[str, _groups.MatrixGroup]
 
@@ -80,7 +81,7 @@ def _make(structure: Structure, dim: int, options: dict) -> _groups.MatrixGroup:
     return _groups.make(structure, dim, **options)
 
 
-class KroneckerGaussian(nn.Module):
+class KroneckerGaussian(RetractInPlace, nn.Module):
     """Matrix-normal ``N(M, (K K^T) ⊗ (C C^T))`` over ``W`` in ``R^{d_out x d_in}``.
 
     Parameters (in this order):
@@ -353,10 +354,3 @@ class KroneckerGaussian(nn.Module):
         out["in_factor"] = self.in_group.mul(self.in_factor, in_map(-n_k))
         out["out_factor"] = self.out_group.mul(self.out_factor, out_map(-n_c))
         return out
-
-    @torch.no_grad()
-    def retract(self, step: tuple, lr: float = 1.0, retraction: str = "h") -> None:
-        """``tau <- phi_tau(eta0 - lr * step)`` in place (see :meth:`retracted`)."""
-        kind = KroneckerGaussianStep if len(step) == 3 else KroneckerFactorStep
-        for name, value in self.retracted(kind(*(lr * t for t in step)), retraction).items():
-            getattr(self, name).copy_(value)

@@ -24,6 +24,7 @@ from torch import Tensor, nn
 from .. import checks
 from .. import groups as _groups
 from .checks import factor_of_spd, require_finite_gradients
+from .retraction import RetractInPlace
 
 DF_COORDINATES = ("log", "linear")
 
@@ -101,7 +102,7 @@ def multivariate_digamma(x: Tensor, d: int) -> Tensor:
     return _MultivariateDigamma.apply(x, d)
 
 
-class Wishart(nn.Module):
+class Wishart(RetractInPlace, nn.Module):
     """Wishart ``W(n, V)`` over SPD matrices with mean ``Psi = n V = B B^T``, ``B`` in a group.
 
     Density ``|W|^{(n-d-1)/2} exp(-tr(V^{-1} W)/2) / (2^{nd/2} |V|^{n/2} Gamma_d(n/2))``,
@@ -354,10 +355,3 @@ class Wishart(nn.Module):
             )
         local_map = self.group.exp if retraction == "exp" else self.group.h
         return {"df": new_df.reshape(self.df.shape), "factor": self.group.mul(self.factor, local_map(-m))}
-
-    @torch.no_grad()
-    def retract(self, step: WishartStep, lr: float = 1.0, retraction: str = "h") -> None:
-        """``tau <- phi_tau(eta0 - lr * step)`` in place (see :meth:`retracted`); a refused
-        step raises ``ValueError`` and changes nothing."""
-        for name, value in self.retracted(WishartStep(*(lr * t for t in step)), retraction).items():
-            getattr(self, name).copy_(value)
