@@ -48,7 +48,7 @@ class KroneckerPreconditioner:
         model: the ``nn.Module`` whose ``Linear`` / ``Conv2d`` layers are preconditioned;
             other parameterized modules are left alone (one warning lists them).
         damping: Tikhonov damping ``lambda > 0``.
-        factor_decay: moving-average weight in ``[0, 1)`` of the old factors.
+        factor_decay: moving-average weight in ``[0, 1)`` of the old statistics ``A``, ``G``.
         update_every: steps between factor (and inverse / eigenbasis) updates.
         fisher: ``"empirical"`` (the loss's own gradients) or ``"true"`` (output gradients
             for labels sampled from the model: call :meth:`sample_fisher` on the model's
@@ -147,7 +147,7 @@ class KroneckerPreconditioner:
 
     @property
     def is_update_step(self) -> bool:
-        """Whether the coming ``step()`` updates the factors."""
+        """Whether the coming ``step()`` updates the statistics (and the blocks refresh)."""
         return self.steps % self.update_every == 0
 
     def _arm_capture(self) -> None:
