@@ -618,3 +618,67 @@ def test_ekfac_eigh_falls_back_to_float64_and_rejects_non_finite_factors(monkeyp
     broken[0, 0] = float("nan")
     with pytest.raises(ValueError, match="layer.A holds non-finite"):
         ekfac_module.symmetric_eigh(broken, "layer.A")
+
+
+def _two_layer_run(kind):
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+    pre = {
+        "kfac": lambda: KFAC(model, update_every=1, factor_decay=0.5),
+        "ekfac": lambda: EKFAC(model, update_every=2, factor_decay=0.5),
+        "local": lambda: LocalKFAC(model, update_every=1, factor_decay=0.5),
+        "local_diagonal": lambda: LocalKFAC(model, "diagonal", update_every=1),
+    }[kind]()
+    def backward():  # a new batch each time, so every step moves the statistics
+        x, y = torch.randn(32, 5, dtype=torch.float64), torch.randint(0, 3, (32,))
+        model.zero_grad()
+        F.cross_entropy(model(x), y).backward()
+
+    for _ in range(2):
+        backward()
+        pre.step()
+    backward()
+    return model, pre
+
+
+@pytest.mark.parametrize("failure", ["refresh", "precondition"])
+@pytest.mark.parametrize("kind", ["kfac", "ekfac", "local", "local_diagonal"])
+def test_a_step_that_fails_in_the_last_layer_leaves_every_layer_and_gradient_as_before(kind, failure):
+    """All or nothing: the first layer's block has already refreshed (LocalKFAC writes its
+    factors in place) when the last layer's refresh raises or its preconditioned gradient is
+    non-finite; the step must put every block back and write no gradient, and the retried
+    step equals the step of a twin that never failed."""
+    model, pre = _two_layer_run(kind)
+    if kind == "ekfac":  # a basis change at this step (update_every=2)
+        assert pre.is_update_step
+    states = {name: {k: v.clone() for k, v in s.items()} for name, s in pre.state.items()}
+    grads = [p.grad.clone() for p in model.parameters()]
+    last = pre.blocks["2"]
+    if failure == "refresh":
+        def broken(hp):
+            raise ValueError("a factor is not positive-definite")
+        last.refresh = broken
+        message = "positive-definite"
+    else:
+        original = last.precondition
+        last.precondition = lambda grad, hp: original(grad, hp) * math.inf
+        message = "non-finite"
+    with pytest.raises(ValueError, match=message):
+        pre.step()
+    assert pre.steps == 2
+    assert set(pre.state) == set(states)
+    for name, saved in states.items():
+        assert set(pre.state[name]) == set(saved), name
+        for key, value in saved.items():
+            assert torch.equal(pre.state[name][key], value), (name, key)
+    for p, g in zip(model.parameters(), grads):
+        assert torch.equal(p.grad, g)
+    vars(last).pop("refresh", None), vars(last).pop("precondition", None)  # the block's own methods
+    pre.step()
+    twin_model, twin = _two_layer_run(kind)
+    twin.step()
+    for p, q in zip(model.parameters(), twin_model.parameters()):
+        assert torch.equal(p.grad, q.grad)
+    for name, state in twin.state.items():
+        for key, value in state.items():
+            assert torch.equal(pre.state[name][key], value), (name, key)

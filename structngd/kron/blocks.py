@@ -34,9 +34,20 @@ class CurvatureBlock:
         a_batch, g_batch = a_batch.to(self.dtype), g_batch.to(self.dtype)
         if "A" not in state:
             state["A"], state["G"] = a_batch.clone(), g_batch.clone()
-        else:
-            state["A"].mul_(decay).add_(a_batch, alpha=1 - decay)
-            state["G"].mul_(decay).add_(g_batch, alpha=1 - decay)
+        else:  # new tensors, so that snapshot() stays valid
+            state["A"] = torch.add(state["A"] * decay, a_batch, alpha=1 - decay)
+            state["G"] = torch.add(state["G"] * decay, g_batch, alpha=1 - decay)
+
+    def snapshot(self, refreshing: bool) -> dict:
+        """What :meth:`restore` needs to undo the coming step (``refreshing``: a statistics step).
+        Blocks replace their state's tensors rather than write into them, so a shallow copy of
+        ``state`` is enough unless a block says otherwise."""
+        return dict(self.state)
+
+    def restore(self, snapshot: dict) -> None:
+        """Put back the state of :meth:`snapshot` (a step that raised)."""
+        self.state.clear()
+        self.state.update(snapshot)
 
     def refresh(self, hp: dict) -> None:
         """Recompute what the block caches from ``state["A"]``, ``state["G"]`` (a statistics step)."""

@@ -69,6 +69,14 @@ class EKFACBlock(CurvatureBlock):
         total, count = self.state.pop("_s_sum", None), self.state.pop("_s_count", None)
         return None if total is None else all_reduce_mean(total / count)
 
+    def snapshot(self, refreshing: bool) -> dict:
+        return {**self.state, "__rows": list(self.rows)}
+
+    def restore(self, snapshot: dict) -> None:
+        snapshot = dict(snapshot)
+        self.rows = snapshot.pop("__rows")
+        super().restore(snapshot)
+
     def refresh(self, hp: dict) -> None:
         state, name = self.state, self.layer.name
         state["lam_A"], state["U_A"] = symmetric_eigh(state["A"], f"{name}.A")
@@ -93,7 +101,7 @@ class EKFACBlock(CurvatureBlock):
     def between_updates(self, hp: dict) -> None:
         s_batch = self._take_scaling()
         if s_batch is not None:
-            self.state["s"].mul_(hp["factor_decay"]).add_(s_batch, alpha=1 - hp["factor_decay"])
+            self.state["s"] = torch.add(self.state["s"] * hp["factor_decay"], s_batch, alpha=1 - hp["factor_decay"])
 
     def precondition(self, grad: Tensor, hp: dict) -> Tensor:
         u_a, u_g = self.state["U_A"], self.state["U_G"]

@@ -47,6 +47,13 @@ class LocalKFACBlock(CurvatureBlock):
             family = self._family = KroneckerGaussian.view(self.in_group, self.out_group, state["K"], state["C"])
         return family
 
+    def snapshot(self, refreshing: bool) -> dict:
+        """The kernel writes ``K`` and ``C`` in place: a refresh keeps copies of them."""
+        saved = dict(self.state)
+        if refreshing:
+            saved["K"], saved["C"] = saved["K"].clone(), saved["C"].clone()
+        return saved
+
     def refresh(self, hp: dict) -> None:
         """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition): the
         Kronecker estimator's local gradients, the family's natural gradient and the layer-3

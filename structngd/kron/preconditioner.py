@@ -181,7 +181,11 @@ class KroneckerPreconditioner:
     # -------------------------------------------------------------- step
     @torch.no_grad()
     def step(self) -> None:
-        """Precondition the gradients of every supported layer in place."""
+        """Precondition the gradients of every supported layer in place.
+
+        All or nothing: if a block's update or a preconditioned gradient fails (a factor that is
+        not positive-definite, a non-finite step or result), every block's state is put back,
+        no ``.grad`` is written and the error is raised."""
         if not (self.capture.backward_seen if self.capture.capturing else self.capture.forward_seen):
             raise RuntimeError(
                 f"{self.kind}.step() found no backward pass since the last step: call loss.backward() "
@@ -195,6 +199,23 @@ class KroneckerPreconditioner:
             if not torch.isfinite(grads[layer.name].sum()):  # one reduction: NaN/inf anywhere shows
                 raise ValueError(f"layer {layer.name!r} has non-finite gradients; nothing was changed")
         hp = self.hyperparameters()
+        saved = {name: block.snapshot(self.capture.statistics) for name, block in self.blocks.items()}
+        try:
+            preconditioned = self._update_and_precondition(grads, hp)
+        except BaseException:
+            for name, block in self.blocks.items():
+                block.restore(saved[name])
+            raise
+        nu = self._kl_clip_scale(grads, preconditioned)
+        for layer in self.layers:
+            p = preconditioned[layer.name]
+            layer.set_grad_matrix((p if nu == 1.0 else p * nu).to(grads[layer.name].dtype))
+        self.steps += 1
+        self.capture.reset()
+        self._arm_capture()
+
+    def _update_and_precondition(self, grads: Dict[str, Tensor], hp: dict) -> Dict[str, Tensor]:
+        """The blocks' work of a step and the preconditioned gradients (nothing written to ``.grad``)."""
         if self.capture.statistics:
             batch = {layer.name: self.capture.batch_statistics(layer) for layer in self.layers}
             batch = all_reduce_statistics(batch)
@@ -207,13 +228,12 @@ class KroneckerPreconditioner:
         preconditioned = {}
         for name, block in self.blocks.items():
             preconditioned[name] = block.precondition(grads[name].to(block.dtype), hp)
-        nu = self._kl_clip_scale(grads, preconditioned)
-        for layer in self.layers:
-            p = preconditioned[layer.name]
-            layer.set_grad_matrix((p if nu == 1.0 else p * nu).to(grads[layer.name].dtype))
-        self.steps += 1
-        self.capture.reset()
-        self._arm_capture()
+            if not torch.isfinite(preconditioned[name].sum()):
+                raise ValueError(
+                    f"{self.kind}: the preconditioned gradient of layer {name!r} is non-finite "
+                    f"(overflowing statistics, or damping too small in {block.dtype}); nothing was changed"
+                )
+        return preconditioned
 
     def _refresh_all(self, hp: dict) -> None:
         """Refresh every block; with several ranks each refreshes its share of the layers
