@@ -263,6 +263,22 @@ def test_log_prob_of_sparse_structures_matches_torch(cfg):
         assert abs(float(q.entropy() - q.to_torch().entropy())) < 1e-11
 
 
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
+@pytest.mark.parametrize("cfg", CONFIGS, ids=IDS)
+def test_log_prob_and_entropy_in_half_precision_follow_float64(cfg, dtype):
+    """``slogdet`` has no half / bfloat16 kernel: the log-determinants run in float32, so a
+    bfloat16 family still has a log-density and an entropy (to its own rounding)."""
+    q64 = random_family(cfg, seed=31)
+    q16 = random_family(cfg, seed=31, dtype=dtype)
+    w = torch.randn(5, q64.d_out, q64.d_in, generator=gen(32), dtype=f64)
+    with torch.no_grad():
+        entropy, log_prob = q16.entropy(), q16.log_prob(w.to(dtype))
+        assert entropy.dtype == log_prob.dtype == dtype
+        tol = 0.02 if dtype == torch.bfloat16 else 3e-3
+        assert abs(float(entropy) - float(q64.entropy())) <= tol * abs(float(q64.entropy())) + tol
+        assert rel(log_prob.double(), q64.log_prob(w)) < 5 * tol
+
+
 def test_samples_have_the_matrix_normal_mean_and_covariance():
     q = dense_family(seed=25)
     torch.manual_seed(26)

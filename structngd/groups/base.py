@@ -17,6 +17,28 @@ import torch
 from torch import Tensor
 
 
+HALF_DTYPES = (torch.float16, torch.bfloat16)
+
+
+def linear_solve(a: Tensor, b: Tensor, left: bool = True, upper: Optional[bool] = None) -> Tensor:
+    """``A^{-1} B`` (``B A^{-1}`` with ``left=False``) by ``torch.linalg.solve``, or by
+    ``solve_triangular`` for a triangular ``A`` (``upper`` given); half and bfloat16 (which
+    LAPACK lacks) in float32, the result cast back."""
+    if a.dtype in HALF_DTYPES:
+        return linear_solve(a.float(), b.float(), left, upper).to(a.dtype)
+    if upper is None:
+        return torch.linalg.solve(a, b, left=left)
+    return torch.linalg.solve_triangular(a, b, upper=upper, left=left)
+
+
+def log_abs_det(x: Tensor) -> Tensor:
+    """``log |det X|`` of square matrices by ``slogdet``; half and bfloat16 (which LAPACK lacks)
+    in float32, the result cast back."""
+    if x.dtype in HALF_DTYPES:
+        return torch.linalg.slogdet(x.float())[1].to(x.dtype)
+    return torch.linalg.slogdet(x)[1]
+
+
 def sym(x: Tensor) -> Tensor:
     """``sym(X) = (X + X^T) / 2`` over the last two dimensions."""
     return 0.5 * (x + x.mT)

@@ -6,7 +6,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor
 
-from .base import MatrixGroup, sym
+from .base import MatrixGroup, linear_solve, log_abs_det, sym
 
 
 class BlockDiagonal(MatrixGroup):
@@ -121,13 +121,13 @@ class BlockDiagonal(MatrixGroup):
         return self._apply(a.mT, x, torch.matmul)
 
     def solve(self, a, x):
-        return self._apply(self._unit(a), x, torch.linalg.solve)
+        return self._apply(self._unit(a), x, linear_solve)
 
     def tsolve(self, a, x):
-        return self._apply(self._unit(a).mT, x, torch.linalg.solve)
+        return self._apply(self._unit(a).mT, x, linear_solve)
 
     def logdet(self, a):
-        return torch.linalg.slogdet(self._unit(a))[1].sum(-1)
+        return log_abs_det(self._unit(a)).sum(-1)
 
     def diagonal(self, a):
         return self._cut(a.diagonal(dim1=-2, dim2=-1))

@@ -16,7 +16,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
-from .base import MatrixGroup, apply_columns, sym
+from .base import MatrixGroup, apply_columns, linear_solve, log_abs_det, sym
 
 DENSE, DIAG = "dense", "diag"
 
@@ -234,7 +234,7 @@ class BlockUpperTriangular(MatrixGroup):
     def _dsolve(self, i: int, d: Tensor, x: Tensor, unbatched: bool, transpose: bool = False) -> Tensor:
         if not self._dense(i):
             return x / d
-        return apply_columns(d.mT if transpose else d, x, torch.linalg.solve, unbatched)
+        return apply_columns(d.mT if transpose else d, x, linear_solve, unbatched)
 
     def _rows(self, a: Tensor, x: Tensor, transpose: bool) -> Tensor:
         """``A x`` (``A^T x``) for every vector of ``x`` against one unbatched ``A``, as rows:
@@ -320,7 +320,7 @@ class BlockUpperTriangular(MatrixGroup):
     def logdet(self, a):
         diag, _ = self.unpack(a)
         terms = [
-            torch.linalg.slogdet(d)[1] if self._dense(i) else d.abs().log().sum(-1)
+            log_abs_det(d) if self._dense(i) else d.abs().log().sum(-1)
             for i, d in enumerate(diag)
         ]
         return sum(terms[1:], terms[0])

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MatrixGroup, apply_columns, sym
+from .base import MatrixGroup, apply_columns, linear_solve, log_abs_det, sym
 
 
 class Dense(MatrixGroup):
@@ -64,13 +64,13 @@ class Dense(MatrixGroup):
         return apply_columns(a.mT, x, torch.matmul, False)
 
     def solve(self, a, x):
-        return apply_columns(a, x, torch.linalg.solve, self._unbatched(a))
+        return apply_columns(a, x, linear_solve, self._unbatched(a))
 
     def tsolve(self, a, x):
         if self._unbatched(a):  # rows: Y = X A^{-1}; keeps A's gradient in A's memory layout
             flat = x.reshape(-1, x.shape[-1])
-            return torch.linalg.solve(a, flat, left=False).reshape(x.shape)
-        return apply_columns(a.mT, x, torch.linalg.solve, False)
+            return linear_solve(a, flat, left=False).reshape(x.shape)
+        return apply_columns(a.mT, x, linear_solve, False)
 
     def logdet(self, a):
-        return torch.linalg.slogdet(a.mT)[1]  # det A^T = det A; A^T keeps the gradient contiguous
+        return log_abs_det(a.mT)  # det A^T = det A; A^T keeps the gradient contiguous

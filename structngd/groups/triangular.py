@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MatrixGroup, apply_columns
+from .base import MatrixGroup, apply_columns, linear_solve
 
 
 class _Triangular(MatrixGroup):
@@ -50,7 +50,7 @@ class _Triangular(MatrixGroup):
 
     def _solve(self, a: Tensor, x: Tensor, transpose: bool) -> Tensor:
         upper = self.upper != transpose
-        fn = lambda m, rhs: torch.linalg.solve_triangular(m, rhs, upper=upper)  # noqa: E731
+        fn = lambda m, rhs: linear_solve(m, rhs, upper=upper)  # noqa: E731
         return apply_columns(a.mT if transpose else a, x, fn, self._unbatched(a))
 
     def matvec(self, a, x):
