@@ -175,7 +175,7 @@ class StructuredNES:
         self.generator = torch.Generator(device=self.device)
         self.generator.manual_seed(seed)
 
-        self._weights_c = self.group.inverse_fisher_weights(dtype, self.device)
+        self._weights_c = self.group.constant("inverse_fisher_weights", dtype, self.device)
         self._algebra_dim = self.group.algebra_dim
 
         # run-independent counters

@@ -99,7 +99,6 @@ class Gaussian(RetractInPlace, nn.Module):
         if covariant and precision is not None:
             raise ValueError('parameterization="covariance" takes covariance=..., not precision=...')
         self.transpose = bool(transpose)
-        self._constants: Dict[tuple, tuple] = {}
         dtype = dtype or (loc.dtype if isinstance(loc, Tensor) else torch.get_default_dtype())
         if loc is None:
             loc = torch.zeros(dim, dtype=dtype, device=device)
@@ -134,7 +133,7 @@ class Gaussian(RetractInPlace, nn.Module):
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.group, self.dim, self.estimator = group, group.dim, estimator
-        self.parameterization, self.transpose, self._constants = "precision", False, {}
+        self.parameterization, self.transpose = "precision", False
         self._parameters["loc"] = loc  # not re-wrapped: the view must share .grad
         self._parameters["factor"] = factor
         return self
@@ -163,15 +162,10 @@ class Gaussian(RetractInPlace, nn.Module):
         return torch.ones((), dtype=self.loc.dtype, device=self.loc.device)
 
     def compact_constants(self) -> tuple:
-        """``(C, I)``: the inverse Fisher weights and the identity in compact form, cached per
-        dtype and device (formed once, so a step from local gradients does no d x d work)."""
+        """``(C, I)``: the inverse Fisher weights and the identity in compact form (the group's
+        cached constants, so a step from local gradients does no d x d work)."""
         key = (self.factor.dtype, self.factor.device)
-        if key not in self._constants:
-            self._constants[key] = (
-                self.group.inverse_fisher_weights(*key),
-                self.group.identity(*key),
-            )
-        return self._constants[key]
+        return self.group.constant("inverse_fisher_weights", *key), self.group.constant("identity", *key)
 
     def factor_matvec(self, x: Tensor) -> Tensor:
         """``A x`` for the covariance factor (``B^T x`` with ``transpose``), ``x`` of shape ``(..., d)``."""

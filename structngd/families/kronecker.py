@@ -123,7 +123,6 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         self.in_group = _make(in_structure, d_in, group_options)
         self.out_group = _make(out_structure, d_out, group_options)
         self.d_out, self.d_in = d_out, d_in
-        self._constants: Dict[tuple, tuple] = {}
         if dtype is None:
             given = next((t for t in (loc, in_factor, out_factor) if isinstance(t, Tensor)), None)
             dtype = given.dtype if given is not None else torch.get_default_dtype()
@@ -173,7 +172,6 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         nn.Module.__init__(self)
         self.in_group, self.out_group = in_group, out_group
         self.d_out, self.d_in = out_group.dim, in_group.dim
-        self._constants = {}
         if loc is not None:
             self._parameters["loc"] = loc  # not re-wrapped: the view must share .grad
         self._parameters["in_factor"] = in_factor
@@ -217,14 +215,9 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         return self.right_t(self.left(u))
 
     def compact_constants(self) -> tuple:
-        """``(C_in, C_out)``: both groups' inverse Fisher weights, cached per dtype and device."""
+        """``(C_in, C_out)``: both groups' inverse Fisher weights (the groups' cached constants)."""
         key = (self.in_factor.dtype, self.in_factor.device)
-        if key not in self._constants:
-            self._constants[key] = (
-                self.in_group.inverse_fisher_weights(*key),
-                self.out_group.inverse_fisher_weights(*key),
-            )
-        return self._constants[key]
+        return self.in_group.constant("inverse_fisher_weights", *key), self.out_group.constant("inverse_fisher_weights", *key)
 
     # ----------------------------------------------------------- distribution
     @property

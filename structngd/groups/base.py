@@ -282,6 +282,16 @@ class MatrixGroup(abc.ABC):
     def __repr__(self) -> str:
         return f"{type(self).__name__}(dim={self.dim})"
 
+    def constant(self, name: str, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
+        """``getattr(self, name)(dtype, device)`` for a constant of the group (``"identity"``,
+        ``"inverse_fisher_weights"``), formed once per dtype and device and then shared: read
+        it, do not write into it."""
+        cache = self.__dict__.setdefault("_constants", {})
+        key = (name, dtype, None if device is None else torch.device(device))
+        if key not in cache:
+            cache[key] = getattr(self, name)(dtype, device)
+        return cache[key]
+
     def __eq__(self, other) -> bool:
         return type(self) is type(other) and repr(self) == repr(other)
 
