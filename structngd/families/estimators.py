@@ -2,7 +2,7 @@
 
 * noise: :func:`standard_normal_noise` (independent or mirrored ``+-eps`` pairs);
 * reparameterization: autograd through a family's ``rsample`` (``w = mu + B^{-T} eps``,
-  ``W = M + K E C^T``), with the noise drawn here;
+  ``W = M + K E C^T``), with the noise from :func:`standard_normal_noise`;
 * Bonnet/Price: ``dL/dmu = E[grad l]`` and ``dL/dSigma = E[hess l] / 2 - gamma S / 2`` for
   ``L = E_q[l] - gamma H(q)``, ``l = -log p`` (:func:`price_gradients`, from per-sample
   derivatives such as :func:`loss_derivatives`; its parts :func:`mean_loss_derivatives`,
@@ -223,7 +223,7 @@ def score_function_gradients(
     shape_z = z if shape_z is None else shape_z
     shape_u = utilities if shape_utilities is None else shape_utilities
     g_delta = -(utilities @ z)
-    eye = group.identity(shape_z.dtype, shape_z.device)
+    eye = group.constant("identity", shape_z.dtype, shape_z.device)
     g_m = group.outer(shape_z, shape_u) - shape_u.sum() * eye
     g_s = (shape_u * (shape_z * shape_z).sum(-1)).sum() - group.dim * shape_u.sum()
     return g_delta, -g_m, -g_s

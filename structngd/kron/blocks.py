@@ -38,13 +38,13 @@ class CurvatureBlock:
             state["A"] = torch.add(state["A"] * decay, a_batch, alpha=1 - decay)
             state["G"] = torch.add(state["G"] * decay, g_batch, alpha=1 - decay)
 
-    def snapshot(self, refreshing: bool) -> dict:
+    def snapshot(self, refreshing: bool):
         """What :meth:`restore` needs to undo the coming step (``refreshing``: a statistics step).
         Blocks replace their state's tensors rather than write into them, so a shallow copy of
         ``state`` is enough unless a block says otherwise."""
         return dict(self.state)
 
-    def restore(self, snapshot: dict) -> None:
+    def restore(self, snapshot) -> None:
         """Put back the state of :meth:`snapshot` (a step that raised)."""
         self.state.clear()
         self.state.update(snapshot)

@@ -69,13 +69,12 @@ class EKFACBlock(CurvatureBlock):
         total, count = self.state.pop("_s_sum", None), self.state.pop("_s_count", None)
         return None if total is None else all_reduce_mean(total / count)
 
-    def snapshot(self, refreshing: bool) -> dict:
-        return {**self.state, "__rows": list(self.rows)}
+    def snapshot(self, refreshing: bool) -> tuple:
+        return super().snapshot(refreshing), list(self.rows)
 
-    def restore(self, snapshot: dict) -> None:
-        snapshot = dict(snapshot)
-        self.rows = snapshot.pop("__rows")
-        super().restore(snapshot)
+    def restore(self, snapshot: tuple) -> None:
+        state, self.rows = snapshot
+        super().restore(state)
 
     def refresh(self, hp: dict) -> None:
         state, name = self.state, self.layer.name

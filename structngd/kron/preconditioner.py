@@ -39,8 +39,8 @@ class KroneckerPreconditioner:
     says which by :meth:`_make_block`) refreshes what it caches (inverses, eigenbases, factors).
 
     Data parallel (``torch.distributed`` initialized, e.g. with ``DistributedDataParallel``):
-    each rank captures its own micro-batch, the step's factors are averaged over the ranks
-    (so all ranks hold the factors of the global batch), and the expensive refreshes
+    each rank captures its own micro-batch, the step's statistics are averaged over the ranks
+    (so all ranks hold the statistics of the global batch), and the expensive refreshes
     (KFAC's inverses, EKFAC's eigendecompositions) are split round-robin over the ranks and
     broadcast. The gradients themselves must already be averaged (DDP does this).
 
@@ -49,7 +49,8 @@ class KroneckerPreconditioner:
             other parameterized modules are left alone (one warning lists them).
         damping: Tikhonov damping ``lambda > 0``.
         factor_decay: moving-average weight in ``[0, 1)`` of the old statistics ``A``, ``G``.
-        update_every: steps between factor (and inverse / eigenbasis) updates.
+        update_every: steps between updates of the statistics (and of the blocks: inverses,
+            eigenbases, LocalKFAC's factors).
         fisher: ``"empirical"`` (the loss's own gradients) or ``"true"`` (output gradients
             for labels sampled from the model: call :meth:`sample_fisher` on the model's
             output before the loss's backward pass).
@@ -167,7 +168,7 @@ class KroneckerPreconditioner:
         pass; ``"bernoulli"`` takes logits of independent binary outputs (pixels of an
         autoencoder, multi-label heads), summed per example. Only the Kronecker statistics
         see these gradients; ``.grad`` is untouched. At steps that gather no statistics (between
-        factor updates; for EKFAC, between scaling steps) it returns at once.
+        statistics updates; for EKFAC, between scaling steps) it returns at once.
         """
         if self.fisher != "true":
             raise RuntimeError(f"sample_fisher is for fisher='true'; this {self.kind} uses fisher={self.fisher!r}")
@@ -183,7 +184,7 @@ class KroneckerPreconditioner:
     def step(self) -> None:
         """Precondition the gradients of every supported layer in place.
 
-        All or nothing: if a block's update or a preconditioned gradient fails (a factor that is
+        All or nothing: if a block's update or a preconditioned gradient fails (damped statistics that are
         not positive-definite, a non-finite step or result), every block's state is put back,
         no ``.grad`` is written and the error is raised."""
         if not (self.capture.backward_seen if self.capture.capturing else self.capture.forward_seen):
@@ -220,7 +221,7 @@ class KroneckerPreconditioner:
             batch = {layer.name: self.capture.batch_statistics(layer) for layer in self.layers}
             batch = all_reduce_statistics(batch)
             for name, block in self.blocks.items():
-                block.update_statistics(*batch[name], self.factor_decay)
+                block.update_statistics(*batch[name], hp["factor_decay"])
             self._refresh_all(hp)
         else:
             for block in self.blocks.values():
