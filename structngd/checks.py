@@ -9,18 +9,35 @@ def _is_number(value) -> bool:
     return isinstance(value, (int, float)) and not isinstance(value, bool)
 
 
+def _finite_bound(name: str, value, strict: bool, optional: bool):
+    """A finite number ``> 0`` (``strict``) or ``>= 0``, or ``None`` where ``optional``."""
+    if optional and value is None:
+        return None
+    if not (_is_number(value) and (0 < value if strict else 0 <= value) and value < math.inf):
+        raise ValueError(
+            f"{name} must be {'None or ' if optional else ''}a finite number {'>' if strict else '>='} 0, got {value!r}"
+        )
+    return value if optional else float(value)
+
+
 def positive(name: str, value) -> float:
     """A finite number ``> 0``."""
-    if not (_is_number(value) and 0 < value < math.inf):
-        raise ValueError(f"{name} must be a finite number > 0, got {value!r}")
-    return float(value)
+    return _finite_bound(name, value, strict=True, optional=False)
 
 
 def non_negative(name: str, value) -> float:
     """A finite number ``>= 0``."""
-    if not (_is_number(value) and 0 <= value < math.inf):
-        raise ValueError(f"{name} must be a finite number >= 0, got {value!r}")
-    return float(value)
+    return _finite_bound(name, value, strict=False, optional=False)
+
+
+def optional_positive(name: str, value):
+    """``None`` or a finite number ``> 0``."""
+    return _finite_bound(name, value, strict=True, optional=True)
+
+
+def optional_non_negative(name: str, value):
+    """``None`` or a finite number ``>= 0``."""
+    return _finite_bound(name, value, strict=False, optional=True)
 
 
 def fraction(name: str, value) -> float:
@@ -40,18 +57,8 @@ def count(name: str, value, minimum: int = 1) -> int:
 
 def optional_count(name: str, value, minimum: int = 1):
     """``None`` or an integer ``>= minimum``."""
-    if value is not None:
-        try:
-            count(name, value, minimum)
-        except ValueError:
-            raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}") from None
-    return value
-
-
-def optional_non_negative(name: str, value):
-    """``None`` or a finite number ``>= 0``."""
-    if value is not None and not (_is_number(value) and 0 <= value < math.inf):
-        raise ValueError(f"{name} must be None or a finite number >= 0, got {value!r}")
+    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+        raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}")
     return value
 
 
@@ -59,10 +66,3 @@ def one_of(name: str, value, allowed) -> None:
     """``value`` is one of ``allowed``."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
-
-
-def optional_positive(name: str, value):
-    """``None`` or a finite number ``> 0``."""
-    if value is not None and not (_is_number(value) and 0 < value < math.inf):
-        raise ValueError(f"{name} must be None or a finite number > 0, got {value!r}")
-    return value

@@ -26,13 +26,8 @@ class GaussianTarget:
         self.logdet = 2 * self.chol.diagonal().log().sum()
 
     @classmethod
-    def random(
-        cls,
-        dim: int,
-        condition: float = 10.0,
-        generator: Optional[torch.Generator] = None,
-        dtype: torch.dtype = torch.float64,
-    ) -> "GaussianTarget":
+    def random(cls, dim: int, condition: float = 10.0, generator: Optional[torch.Generator] = None,
+               dtype: torch.dtype = torch.float64) -> "GaussianTarget":
         """A random rotation of log-spaced eigenvalues in ``[1, condition]`` and a random mean."""
         q, _ = torch.linalg.qr(torch.randn(dim, dim, generator=generator, dtype=dtype))
         eig = torch.logspace(0, math.log10(condition), dim, dtype=dtype)
@@ -40,8 +35,7 @@ class GaussianTarget:
         return cls(mean, (q * eig) @ q.mT)
 
     def to(self, device=None, dtype: Optional[torch.dtype] = None) -> "GaussianTarget":
-        """The same target with its tensors (mean, precision, Cholesky factor, log-determinant)
-        moved, not recomputed: a CUDA copy holds the CPU's values bit for bit."""
+        """The same target with its tensors moved, not recomputed (a CUDA copy holds the CPU's values)."""
         moved = object.__new__(GaussianTarget)
         moved.dim = self.dim
         for name in ("mean", "precision", "chol", "logdet"):

@@ -1,8 +1,5 @@
-"""Layer 4b: Kronecker-factored preconditioners for ``torch.nn`` models.
-
-They rewrite the ``.grad`` of every ``nn.Linear`` / ``nn.Conv2d`` layer with a preconditioned
-gradient; any ``torch.optim`` optimizer then takes the step.
-"""
+"""Kronecker-factored preconditioners: they rewrite the ``.grad`` of every ``nn.Linear`` / ``nn.Conv2d``
+layer with a preconditioned gradient, and any ``torch.optim`` optimizer takes the step."""
 
 from .blocks import CurvatureBlock
 from .capture import KronLayer

@@ -1,10 +1,6 @@
-"""A layer's curvature block: the tensors one preconditioner keeps for one layer, and what it does with them.
+"""A layer's curvature block: the tensors a preconditioner keeps for one layer, and what it does with them.
 
-The orchestrating :class:`~structngd.kron.preconditioner.KroneckerPreconditioner` hands each
-block the step's Kronecker statistics ``A``, ``G`` and its hyperparameters (a dict: ``damping``,
-``factor_decay``, ...) at every call, so a changed hyperparameter takes effect at once. KFAC,
-EKFAC and LocalKFAC each define a block (:mod:`~structngd.kron.kfac`, :mod:`~structngd.kron.ekfac`,
-:mod:`~structngd.kron.local`).
+The preconditioner passes its hyperparameters (a dict) at every call, so a change takes effect at once.
 """
 
 from __future__ import annotations
@@ -39,9 +35,8 @@ class CurvatureBlock:
             state["G"] = torch.add(state["G"] * decay, g_batch, alpha=1 - decay)
 
     def snapshot(self, refreshing: bool):
-        """What :meth:`restore` needs to undo the coming step (``refreshing``: a statistics step).
-        Blocks replace their state's tensors rather than write into them, so a shallow copy of
-        ``state`` is enough unless a block says otherwise."""
+        """What :meth:`restore` needs to undo the coming step (``refreshing``: a statistics step); a
+        shallow copy, since blocks replace their tensors rather than write into them."""
         return dict(self.state)
 
     def restore(self, snapshot) -> None:
@@ -64,6 +59,5 @@ class CurvatureBlock:
         raise NotImplementedError
 
     def fisher(self) -> Tensor:
-        """The approximate (undamped) Fisher as a dense matrix over ``vec(W)`` (column-major,
-        ``d_in d_out`` square): for tests and diagnostics on small layers."""
+        """The undamped Fisher approximation, dense over column-major ``vec(W)`` (small layers)."""
         raise NotImplementedError

@@ -149,14 +149,11 @@ def find_layers(model: nn.Module, skip: Tuple[str, ...] = ()) -> Tuple[List[Kron
 class Capture:
     """Hooks that accumulate the Kronecker statistics of the supported layers.
 
-    A forward hook takes the layer's input rows and registers a hook on the layer's output
-    tensor, which receives the output gradient in the backward pass (this also works when
-    the first layer's input does not require gradients, and under ``torch.autograd.grad``).
-    :meth:`arm` says, before a step's forward pass, what the step gathers: ``A`` and ``G``
-    (a statistics step) and/or the rows of every micro-batch for ``on_rows(layer, a_rows,
-    g_rows)`` (EKFAC's per-example gradients). ``grad_scale(n)`` multiplies the output
-    gradients of a micro-batch of ``n`` examples. With ``from_sampled_labels`` (the true
-    Fisher) only the backward passes inside :meth:`sampled_label_pass` feed ``G``.
+    A forward hook takes the input rows and hooks the output tensor, whose gradient arrives in
+    the backward pass (also when the input needs no gradient, and under ``torch.autograd.grad``).
+    :meth:`arm` says what a step gathers: ``A``, ``G`` and/or the rows for
+    ``on_rows(layer, a_rows, g_rows)``. ``grad_scale(n)`` multiplies the output gradients of a
+    micro-batch of ``n``; with ``from_sampled_labels`` only :meth:`sampled_label_pass` feeds ``G``.
     """
 
     def __init__(self, layers: List[KronLayer], grad_scale: Callable[[int], float], from_sampled_labels: bool = False):
@@ -184,12 +181,9 @@ class Capture:
 
     def reset(self) -> None:
         """Forget the statistics of the current step."""
-        self.a_sum = {layer.name: None for layer in self.layers}
-        self.g_sum = {layer.name: None for layer in self.layers}
-        self.a_count = {layer.name: 0 for layer in self.layers}
-        self.g_count = {layer.name: 0 for layer in self.layers}
-        self.backward_seen = False
-        self.forward_seen = False
+        self.a_sum, self.g_sum = ({layer.name: None for layer in self.layers} for _ in range(2))
+        self.a_count, self.g_count = ({layer.name: 0 for layer in self.layers} for _ in range(2))
+        self.backward_seen = self.forward_seen = False
 
     def remove(self) -> None:
         for handle in self._handles:
@@ -204,7 +198,7 @@ class Capture:
             if not self.capturing:
                 return  # nothing to capture this step (KFAC between statistics updates)
             x = inputs[0].detach()
-            rows = layer.input_rows(x).to(_stat_dtype(x))
+            rows = layer.input_rows(x).to(statistics_dtype(x.dtype))
             if self.statistics:
                 _add(self.a_sum, layer.name, torch.einsum("nti,ntj->ij", rows, rows))
                 self.a_count[layer.name] += rows.shape[0]
@@ -219,7 +213,7 @@ class Capture:
             if self._in_sampled_pass != self.from_sampled_labels:  # not the Fisher's gradients
                 return
             g = grad.detach()
-            g_rows = layer.grad_rows(g).to(_stat_dtype(g)) * self.grad_scale(n)
+            g_rows = layer.grad_rows(g).to(statistics_dtype(g.dtype)) * self.grad_scale(n)
             if self.statistics:
                 _add(self.g_sum, layer.name, torch.einsum("nti,ntj->ij", g_rows, g_rows) / g_rows.shape[1])
                 self.g_count[layer.name] += g_rows.shape[0]
@@ -237,16 +231,14 @@ class Capture:
         """This step's ``(A, G)`` of ``layer`` (sums over the micro-batches, averaged)."""
         name = layer.name
         if self.a_sum[name] is None or self.g_sum[name] is None:
-            raise RuntimeError(
-                f"no statistics were captured for layer {name!r} in this step: run the forward and "
-                f"backward passes in training mode with gradients enabled before step()"
-            )
+            raise RuntimeError(f"no statistics were captured for layer {name!r} in this step: run the forward and "
+                               "backward passes in training mode with gradients enabled before step()")
         return self.a_sum[name] / self.a_count[name], self.g_sum[name] / self.g_count[name]
 
 
-def _stat_dtype(x: Tensor) -> torch.dtype:
+def statistics_dtype(dtype: torch.dtype) -> torch.dtype:
     """Statistics in float64 for float64 models, else float32 (also under autocast / bfloat16)."""
-    return torch.float64 if x.dtype == torch.float64 else torch.float32
+    return torch.float64 if dtype == torch.float64 else torch.float32
 
 
 def _add(store: Dict[str, Optional[Tensor]], key: str, value: Tensor) -> None:
@@ -257,7 +249,5 @@ def warn_skipped(kind: str, skipped: Dict[str, str]) -> None:
     """One warning listing the parameterized modules a preconditioner leaves alone."""
     if skipped:
         listing = "; ".join(f"{name or '<model>'}: {why}" for name, why in skipped.items())
-        warnings.warn(
-            f"{kind} leaves these modules' gradients unchanged (the optimizer still updates them): {listing}",
-            stacklevel=3,
-        )
+        warnings.warn(f"{kind} leaves these modules' gradients unchanged (the optimizer still updates them): "
+                      f"{listing}", stacklevel=3)

@@ -34,9 +34,8 @@ def all_reduce_statistics(batch: Dict[str, Tuple[Tensor, Tensor]]) -> Dict[str, 
     out, offset = {}, 0
     for name, (a, g) in batch.items():
         a2 = flat[offset : offset + a.numel()].view_as(a)
-        offset += a.numel()
-        g2 = flat[offset : offset + g.numel()].view_as(g)
-        offset += g.numel()
+        g2 = flat[offset + a.numel() : offset + a.numel() + g.numel()].view_as(g)
+        offset += a.numel() + g.numel()
         out[name] = (a2, g2)
     return out
 

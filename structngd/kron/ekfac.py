@@ -16,9 +16,7 @@ from .preconditioner import KroneckerPreconditioner
 
 
 def symmetric_eigh(matrix: Tensor, name: str):
-    """``torch.linalg.eigh`` of a factor (float32 / float64 statistics); where LAPACK's solver
-    does not converge (ill-conditioned or clustered spectra) it is retried in float64 with a
-    warning, and non-finite statistics are a clear error."""
+    """``torch.linalg.eigh`` of a statistic, retried in float64 (with a warning) where LAPACK does not converge."""
     if not torch.isfinite(matrix).all():
         raise ValueError(f"the Kronecker factor {name} holds non-finite values (non-finite activations?)")
     try:
@@ -26,10 +24,8 @@ def symmetric_eigh(matrix: Tensor, name: str):
     except torch.linalg.LinAlgError as err:
         if matrix.dtype == torch.float64:
             raise ValueError(f"the eigendecomposition of the Kronecker factor {name} failed: {err}") from None
-        warnings.warn(
-            f"EKFAC: eigh of {name} did not converge in {matrix.dtype}; recomputed in float64 ({err})",
-            RuntimeWarning, stacklevel=4,
-        )
+        warnings.warn(f"EKFAC: eigh of {name} did not converge in {matrix.dtype}; recomputed in float64 ({err})",
+                      RuntimeWarning, stacklevel=4)
         values, vectors = torch.linalg.eigh(matrix.double())
         return values.to(matrix.dtype), vectors.to(matrix.dtype)
 
@@ -45,8 +41,7 @@ class EKFACBlock(CurvatureBlock):
         self.rows: list = []  # the rows of a step whose basis is still to come
 
     def add_rows(self, a_rows: Tensor, g_rows: Tensor, basis_changes: bool) -> None:
-        """Take one micro-batch's rows into the scaling estimate (kept until the new basis
-        exists when the basis changes at this step)."""
+        """Take one micro-batch's rows into the scaling (kept until the new basis exists at a basis change)."""
         if basis_changes or "U_A" not in self.state:
             self.rows.append((a_rows, g_rows))
         else:
@@ -113,21 +108,14 @@ class EKFACBlock(CurvatureBlock):
 
 
 class EKFAC(KroneckerPreconditioner):
-    """EKFAC: ``F ≈ U diag(s) U^T`` with ``U = U_A ⊗ U_G`` the eigenbasis of KFAC's factors.
+    """EKFAC: ``F ≈ U diag(s) U^T`` with ``U = U_A ⊗ U_G`` the eigenbasis of KFAC's statistics.
 
-    The eigenbases are recomputed (:class:`EKFACBlock`) every ``update_every`` steps (amortized); the scaling
-    ``s = E[(U_G^T dW_n U_A)^2]`` is re-estimated every ``scale_every`` steps (default: every
-    step, and always at a basis change; George et al.'s separate, shorter period) from the
-    per-example gradients
-    ``dW_n = sum_t g_{n,t} a_bar_{n,t}^T`` projected into the basis (a moving average with
-    ``factor_decay``; at a basis change it restarts from KFAC's eigenvalues
-    ``lambda_G lambda_A^T`` blended with the batch). Preconditioned gradient
-    ``U_G [(U_G^T dW U_A) / (s + lambda)] U_A^T``. In Frobenius norm ``U diag(s*) U^T`` is never
-    farther from the Fisher block than KFAC's ``A ⊗ G`` (the optimal diagonal in that basis).
-
-    The scaling needs the per-example rows (and, with ``fisher="true"``, the sampled-label
-    backward pass of :meth:`sample_fisher`) at every scaling step: ``scale_every > 1`` saves
-    that work on the steps in between, which reuse the last ``s``.
+    The eigenbases are recomputed every ``update_every`` steps; the scaling
+    ``s = E[(U_G^T dW_n U_A)^2]`` of the per-example gradients ``dW_n = sum_t g_{n,t} a_bar_{n,t}^T``
+    every ``scale_every`` steps and at each basis change (a moving average with ``factor_decay``,
+    restarted at a basis change from KFAC's eigenvalues ``lambda_G lambda_A^T``). Preconditioned
+    gradient ``U_G [(U_G^T dW U_A) / (s + lambda)] U_A^T``. Steps between scaling steps need no
+    per-example rows (nor, with ``fisher="true"``, :meth:`sample_fisher`).
     """
 
     kind = "EKFAC"

@@ -22,15 +22,16 @@ _DENSE_STORAGE = ("dense", "lower_triangular", "upper_triangular")
 
 
 class LocalKFACBlock(CurvatureBlock):
-    """A layer's factors ``K`` (input side) and ``C`` (output side), their momenta and the
-    cached ``K K^T``, ``C C^T``; a refresh is one natural-gradient step of its family."""
+    """A layer's factors ``K``, ``C``, their momenta and cached ``K K^T``, ``C C^T``; a refresh is one
+    natural-gradient step of its family."""
 
     def __init__(self, layer: KronLayer, in_group, out_group, dtype: torch.dtype, init_scale: float):
         super().__init__(layer, dtype)
         self.in_group, self.out_group = in_group, out_group
         root = math.sqrt(init_scale)
         for side, group in (("K", in_group), ("C", out_group)):
-            self.state[side] = group.from_diagonal(torch.full((group.dim,), root, dtype=dtype, device=layer.weight.device))
+            diagonal = torch.full((group.dim,), root, dtype=dtype, device=layer.weight.device)
+            self.state[side] = group.from_diagonal(diagonal)
             self.state["m_" + side] = torch.zeros_like(self.state[side])
         self._family = None
         self._cache_products()
@@ -40,8 +41,7 @@ class LocalKFACBlock(CurvatureBlock):
 
     @property
     def family(self) -> KroneckerGaussian:
-        """The :class:`~structngd.families.KroneckerGaussian` over ``K`` and ``C``: a factors-only
-        view that shares the block's state tensors (a step writes into them)."""
+        """The factors-only :class:`~structngd.families.KroneckerGaussian` view of ``K``, ``C`` (shares the tensors)."""
         state, family = self.state, self._family
         if family is None or family.in_factor is not state["K"] or family.out_factor is not state["C"]:
             family = self._family = KroneckerGaussian.view(self.in_group, self.out_group, state["K"], state["C"])
@@ -55,24 +55,17 @@ class LocalKFACBlock(CurvatureBlock):
         return saved
 
     def refresh(self, hp: dict) -> None:
-        """One natural-gradient step of ``K`` and ``C`` (no inverse, no decomposition): the
-        Kronecker estimator's local gradients, the family's natural gradient and the layer-3
-        kernel's step (momentum, trust region per factor, ``h`` retraction)."""
+        """One natural-gradient step of ``K`` and ``C``: the Kronecker estimator, the family's natural
+        gradient and the kernel's step (momentum, trust region per factor, ``h``)."""
         state, family = self.state, self.family
         x_k, x_c = kronecker_factor_gradients(
             self.in_group, self.out_group, state["K"], state["C"], state["A"], state["G"], hp["damping"]
         )
         direction = family.natural_gradient(local_gradient=(x_k, x_c))
         buffers = natural_gradient_step(
-            [family],
-            [{"in_factor": state["m_K"], "out_factor": state["m_C"]}],
-            lr=[hp["lr_cov"]],
-            momentum=[hp["momentum"]],
-            max_step=[hp["max_step"]],
-            retraction=["h"],
-            part_lrs=[None],
-            directions=[direction],
-            labels=[f"LocalKFAC layer {self.layer.name!r}"],
+            [family], [{"in_factor": state["m_K"], "out_factor": state["m_C"]}], lr=[hp["lr_cov"]],
+            momentum=[hp["momentum"]], max_step=[hp["max_step"]], retraction=["h"], part_lrs=[None],
+            directions=[direction], labels=[f"LocalKFAC layer {self.layer.name!r}"],
         )[0]
         moved = direction._asdict() if buffers is None else buffers  # without momentum m is the direction
         state["m_K"], state["m_C"] = moved["in_factor"], moved["out_factor"]
@@ -81,10 +74,8 @@ class LocalKFACBlock(CurvatureBlock):
         self._cache_products()
 
     def _cache_products(self) -> None:
-        """``K K^T`` / ``C C^T`` where it costs no more storage than the factor: dense for the
-        O(d^2) groups, compact for groups that hold it (``group.gram``: diagonal, block-diagonal),
-        so applying it is one product per side and step. The other sparse groups apply
-        ``K (K^T x)`` through their O(d k) matvecs instead."""
+        """Cache ``K K^T`` / ``C C^T`` where it needs no more storage than the factor (dense groups, and
+        ``group.gram``'s compact form); other sparse groups apply ``K (K^T x)`` by O(d k) matvecs."""
         state = self.state
         for side, group in self.sides():
             if group.name in _DENSE_STORAGE:
@@ -127,46 +118,28 @@ class LocalKFACBlock(CurvatureBlock):
 class LocalKFAC(KroneckerPreconditioner):
     """Inverse-free Kronecker preconditioner ``(K K^T) ⊗ (C C^T)`` with ``K``, ``C`` in groups.
 
-    ``K`` (input side, ``d_in x d_in``) and ``C`` (output side, ``d_out x d_out``) live in the
-    group ``structure`` (:func:`structngd.groups.make`); every ``update_every`` steps they take
-    a natural-gradient step of the Kronecker-Gaussian VI loss with curvature ``A ⊗ G`` and
-    damping ``lambda`` (MATH §6.2, Lin et al. 2024 "SINGD"):
+    ``K`` (input side) and ``C`` (output side) live in the group ``structure`` and are the factors
+    of the layer's :class:`~structngd.families.KroneckerGaussian` (:meth:`family`). Every
+    ``update_every`` steps they take a natural-gradient step of its VI loss with curvature
+    ``A ⊗ G`` and damping ``lambda`` (Lin et al. 2024, SINGD):
 
     ``X_K = tr(C^T G C) K^T A K + lambda tr(C^T C) K^T K - d_out I``,
     ``m_K <- momentum m_K + project(X_K) / d_out``, ``K <- K h(-lr_cov m_K)``
 
-    (and symmetrically for ``C``), where ``project`` is the group's natural-gradient map
-    (half on diagonal entries and symmetric blocks). Each layer's ``K``, ``C`` are the factors
-    of a :class:`~structngd.families.KroneckerGaussian` (:meth:`family`, a view over
-    ``state["K"]``, ``state["C"]`` of the layer's :class:`LocalKFACBlock`): ``X_K``, ``X_C`` come from
-    :func:`~structngd.families.estimators.kronecker_factor_gradients`, the family turns them
-    into its factor natural gradients and :func:`~structngd.optim.natural_gradient_step` owns
-    the momentum (stored as ``state["m_K"]``, ``state["m_C"]``), the trust region and the
-    retraction. Only matrix products: no inverse or
-    decomposition, so it runs in bfloat16. The preconditioned gradient is
-    ``(C C^T) dW (K K^T)``: for dense and triangular groups ``C C^T`` and ``K K^T`` are cached
-    at each update (two matrix products per layer and step), and so are the compact ones of the
-    diagonal and block-diagonal groups (``group.gram``); the low-rank-like groups apply
-    ``K (K^T x)`` by their O(d k) products. Sparse groups store only O(d k) numbers per factor.
-    It is the family's mean natural gradient ``C C^T g K K^T`` (``loc`` part of its step).
-
-    The factors start at ``K = C = init_scale^{1/2} I``. The fixed point with ``lambda -> 0`` is
+    and symmetrically for ``C``; the kernel owns momentum (``state["m_K"]``, ``state["m_C"]``),
+    trust region and retraction. Only matrix products, so it runs in bfloat16. The
+    preconditioned gradient ``(C C^T) dW (K K^T)`` is the family's mean natural gradient; the
+    factors start at ``init_scale^{1/2} I`` and, as ``lambda -> 0``, reach
     ``(K K^T) ⊗ (C C^T) = (A ⊗ G)^{-1}`` for dense groups.
 
     Args:
-        structure: the group of both factors; layers too small for the group's options
-            (``k >= d``, a block size above ``d``) use ``"dense"`` for that factor (listed in
-            ``self.structures``). ``"block_diagonal"`` is ragged by default (a smaller last
-            block where ``block_size`` does not divide the factor's size, as in SINGD).
-        lr_cov: step size ``beta_1`` of the factors (SINGD's default 1e-2).
+        structure: the group of both factors (:func:`structngd.groups.make`); a factor too small
+            for its options uses ``"dense"`` (see ``self.structures``); ``"block_diagonal"`` is ragged.
+        lr_cov: step size ``beta_1`` of the factors.
         momentum: Riemannian momentum ``alpha_1`` in ``[0, 1)`` on ``m_K``, ``m_C``.
-        max_step: trust region ``lr_cov ||m||_F <= max_step`` per factor update (the step is
-            shrunk, the momentum kept; the kernel's trust region on each factor part): far from
-            the fixed point ``||m||`` is large and ``h(-lr_cov m)`` would overshoot (``h(x)``
-            grows again for ``x < -1``); ``None``
-            turns it off (SINGD's plain update).
-        factor_dtype: dtype of ``K``, ``C`` and of the products (default: the layer's
-            dtype, so a bfloat16 model preconditions in bfloat16).
+        max_step: trust region ``lr_cov ||m||_F <= max_step`` per factor (the step shrinks, the
+            momentum stays): ``h(-lr_cov m)`` overshoots far from the fixed point; ``None``: off.
+        factor_dtype: dtype of ``K``, ``C`` and the products (default: the layer's).
         **group_options, damping, update_every, ...: as for the other preconditioners.
     """
 
@@ -198,10 +171,8 @@ class LocalKFAC(KroneckerPreconditioner):
         kwargs.setdefault("factor_decay", 0.0)  # the factors themselves average over steps
         super().__init__(model, damping=damping, update_every=update_every, **kwargs)
         if self._fallbacks:
-            warnings.warn(
-                f"LocalKFAC: {structure!r} does not fit these factors, which use 'dense': {', '.join(self._fallbacks)}",
-                stacklevel=2,
-            )
+            warnings.warn(f"LocalKFAC: {structure!r} does not fit these factors, which use 'dense': "
+                          f"{', '.join(self._fallbacks)}", stacklevel=2)
 
     def _make_block(self, layer: KronLayer) -> LocalKFACBlock:
         pair = []
@@ -232,4 +203,4 @@ class LocalKFAC(KroneckerPreconditioner):
         return self.blocks[name].preconditioner_factors()
 
     def hyperparameters(self) -> dict:
-        return {**super().hyperparameters(), "lr_cov": self.lr_cov, "momentum": self.momentum, "max_step": self.max_step}
+        return {**super().hyperparameters(), **{k: getattr(self, k) for k in ("lr_cov", "momentum", "max_step")}}

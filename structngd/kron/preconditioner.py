@@ -1,4 +1,4 @@
-"""The Kronecker preconditioner that orchestrates a step: capture, reduction over ranks, one curvature block per layer, the KL clip."""
+"""The Kronecker preconditioner's step: capture, reduction over ranks, one curvature block per layer, KL clip."""
 
 from __future__ import annotations
 
@@ -12,60 +12,40 @@ from torch import Tensor, nn
 
 from .. import checks
 from .blocks import CurvatureBlock
-from .capture import Capture, KronLayer, find_layers, warn_skipped
+from .capture import Capture, KronLayer, find_layers, statistics_dtype, warn_skipped
 from .distributed import all_reduce_statistics, world
 from .fisher_sampling import sampled_label_loss
 
 FISHERS = ("empirical", "true")
+HYPERPARAMETERS = ("damping", "factor_decay", "update_every", "kl_clip", "optimizer_lr")
 
 
 class KroneckerPreconditioner:
     """Rewrites the ``.grad`` of every supported layer with a preconditioned gradient.
 
-    Use it beside any torch optimizer::
-
-        pre = KFAC(model, damping=1e-3, update_every=10)
-        opt = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9)
-        for x, y in loader:
-            opt.zero_grad()
-            loss_fn(model(x), y).backward()
-            pre.step()       # Linear / Conv2d gradients are now preconditioned
-            opt.step()
-
-    Every ``update_every`` steps the step's Kronecker statistics ``A``, ``G`` (see
-    :mod:`structngd.kron.capture`) enter the moving averages
+    Use it before any torch optimizer: ``loss.backward(); pre.step(); opt.step()``. Every
+    ``update_every`` steps the batch statistics ``A``, ``G`` enter the moving averages
     ``X <- factor_decay X + (1 - factor_decay) X_batch`` (the first batch initializes them) and
-    each layer's :class:`~structngd.kron.blocks.CurvatureBlock` (``self.blocks``; a subclass
-    says which by :meth:`_make_block`) refreshes what it caches (inverses, eigenbases, factors).
-
-    Data parallel (``torch.distributed`` initialized, e.g. with ``DistributedDataParallel``):
-    each rank captures its own micro-batch, the step's statistics are averaged over the ranks
-    (so all ranks hold the statistics of the global batch), and the expensive refreshes
-    (KFAC's inverses, EKFAC's eigendecompositions) are split round-robin over the ranks and
-    broadcast. The gradients themselves must already be averaged (DDP does this).
+    each layer's :class:`~structngd.kron.blocks.CurvatureBlock` (``self.blocks``) refreshes.
+    Under ``torch.distributed`` the statistics are averaged over the ranks and the refreshes
+    split round-robin and broadcast; the gradients must already be averaged (as DDP does).
 
     Args:
-        model: the ``nn.Module`` whose ``Linear`` / ``Conv2d`` layers are preconditioned;
-            other parameterized modules are left alone (one warning lists them).
+        model: its ``Linear`` / ``Conv2d`` layers are preconditioned (one warning lists the
+            other parameterized modules, which are left alone).
         damping: Tikhonov damping ``lambda > 0``.
-        factor_decay: moving-average weight in ``[0, 1)`` of the old statistics ``A``, ``G``.
-        update_every: steps between updates of the statistics (and of the blocks: inverses,
-            eigenbases, LocalKFAC's factors).
-        fisher: ``"empirical"`` (the loss's own gradients) or ``"true"`` (output gradients
-            for labels sampled from the model: call :meth:`sample_fisher` on the model's
-            output before the loss's backward pass).
-        batch_averaged: the loss is a mean over the batch (PyTorch's default reduction), so
-            per-example output gradients are the captured ones times the batch size.
-        accumulation_steps: micro-batches whose losses (each divided by this number) are
-            accumulated before one ``step()``.
+        factor_decay: moving-average weight in ``[0, 1)`` of the old statistics.
+        update_every: steps between updates of the statistics and refreshes of the blocks.
+        fisher: ``"empirical"`` (the loss's gradients) or ``"true"`` (labels sampled from the
+            model: call :meth:`sample_fisher` on the output before the loss's backward).
+        batch_averaged: the loss is a batch mean, so per-example output gradients are the
+            captured ones times the batch size.
+        accumulation_steps: micro-batches (losses divided by this number) per ``step()``.
         grad_scaler: a ``torch.amp.GradScaler`` whose scale divides the captured gradients.
         skip: names of modules to leave alone.
-        kl_clip: bound on the step's predicted KL change: the preconditioned gradients ``p``
-            are scaled by ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l <p_l, g_l>)))`` (Ba et al.
-            2017; kfac-pytorch's default 1e-3), ``lr`` the outer optimizer's learning rate.
-            ``None`` (default) leaves them unscaled.
-        optimizer_lr: the outer optimizer's learning rate ``lr`` that ``kl_clip`` needs (assign
-            ``pre.optimizer_lr`` when a schedule changes it). ``lr=`` is a deprecated alias.
+        kl_clip: scale the preconditioned gradients ``p`` by
+            ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l <p_l, g_l>)))`` (Ba et al. 2017); ``None``: off.
+        optimizer_lr: the outer optimizer's ``lr`` that ``kl_clip`` needs (``lr=``: deprecated alias).
     """
 
     kind = "KroneckerPreconditioner"
@@ -88,11 +68,8 @@ class KroneckerPreconditioner:
         if lr is not None:
             if optimizer_lr is not None:
                 raise ValueError("pass the outer optimizer's learning rate once, as optimizer_lr")
-            warnings.warn(
-                f"{self.kind}(lr=...) is deprecated: the outer optimizer's learning rate is optimizer_lr",
-                DeprecationWarning,
-                stacklevel=2,
-            )
+            warnings.warn(f"{self.kind}(lr=...) is deprecated: the outer optimizer's learning rate is optimizer_lr",
+                          DeprecationWarning, stacklevel=2)
             optimizer_lr = lr
         checks.positive("damping", damping)
         if kl_clip is not None:
@@ -108,11 +85,10 @@ class KroneckerPreconditioner:
         self.damping, self.factor_decay, self.update_every = float(damping), float(factor_decay), update_every
         self.fisher, self.batch_averaged, self.accumulation_steps = fisher, batch_averaged, accumulation_steps
         self.grad_scaler = grad_scaler
-        self.layers, skipped = find_layers(model, tuple(skip))
+        self.layers, self.skipped = find_layers(model, tuple(skip))
         if not self.layers:
             raise ValueError(f"{self.kind} found no supported layer (nn.Linear, nn.Conv2d) in the model")
-        warn_skipped(self.kind, skipped)
-        self.skipped = skipped
+        warn_skipped(self.kind, self.skipped)
         self.capture = Capture(self.layers, self._grad_scale, from_sampled_labels=fisher == "true")
         self.steps = 0
         self.blocks: Dict[str, CurvatureBlock] = {layer.name: self._make_block(layer) for layer in self.layers}
@@ -129,10 +105,7 @@ class KroneckerPreconditioner:
 
     def hyperparameters(self) -> dict:
         """The values the blocks read at each call (and ``state_dict`` saves)."""
-        return {
-            "damping": self.damping, "factor_decay": self.factor_decay, "update_every": self.update_every,
-            "kl_clip": self.kl_clip, "optimizer_lr": self.optimizer_lr,
-        }
+        return {k: getattr(self, k) for k in HYPERPARAMETERS}
 
     # ------------------------------------------------------------- hooks
     def _grad_scale(self, batch: int) -> float:
@@ -143,8 +116,8 @@ class KroneckerPreconditioner:
 
     @staticmethod
     def statistics_dtype(layer: KronLayer) -> torch.dtype:
-        """float64 for float64 layers, else float32 (the statistics' own dtype)."""
-        return torch.float64 if layer.weight.dtype == torch.float64 else torch.float32
+        """The dtype of the layer's statistics (float64 for float64 layers, else float32)."""
+        return statistics_dtype(layer.weight.dtype)
 
     @property
     def is_update_step(self) -> bool:
@@ -152,8 +125,7 @@ class KroneckerPreconditioner:
         return self.steps % self.update_every == 0
 
     def _arm_capture(self) -> None:
-        """Tell the hooks what the coming step gathers: ``A`` and ``G`` on update steps, and the
-        per-example rows where :meth:`_row_consumer` names who takes them."""
+        """Tell the hooks what the coming step gathers: ``A``, ``G`` on update steps, rows if consumed."""
         self.capture.arm(statistics=self.is_update_step, on_rows=self._row_consumer())
 
     def _row_consumer(self):
@@ -163,12 +135,10 @@ class KroneckerPreconditioner:
     def sample_fisher(self, output: Tensor, likelihood: str = "categorical") -> None:
         """Backpropagate ``-log p(y_hat | output)`` for labels ``y_hat`` sampled from the model.
 
-        For ``fisher="true"``: call it on the model's output (logits for ``"categorical"``,
-        means of a unit-variance Gaussian for ``"gaussian"``) before the loss's backward
-        pass; ``"bernoulli"`` takes logits of independent binary outputs (pixels of an
-        autoencoder, multi-label heads), summed per example. Only the Kronecker statistics
-        see these gradients; ``.grad`` is untouched. At steps that gather no statistics (between
-        statistics updates; for EKFAC, between scaling steps) it returns at once.
+        For ``fisher="true"``, before the loss's backward: ``output`` holds logits
+        (``"categorical"``, or ``"bernoulli"`` for independent binary outputs summed per
+        example) or unit-variance Gaussian means (``"gaussian"``). Only the statistics see
+        these gradients (``.grad`` is untouched); a no-op at steps that gather none.
         """
         if self.fisher != "true":
             raise RuntimeError(f"sample_fisher is for fisher='true'; this {self.kind} uses fisher={self.fisher!r}")
@@ -184,9 +154,8 @@ class KroneckerPreconditioner:
     def step(self) -> None:
         """Precondition the gradients of every supported layer in place.
 
-        All or nothing: if a block's update or a preconditioned gradient fails (damped statistics that are
-        not positive-definite, a non-finite step or result), every block's state is put back,
-        no ``.grad`` is written and the error is raised."""
+        All or nothing: if a block's update fails or a preconditioned gradient is non-finite, every
+        block is put back, no ``.grad`` is written and the error is raised."""
         if not (self.capture.backward_seen if self.capture.capturing else self.capture.forward_seen):
             raise RuntimeError(
                 f"{self.kind}.step() found no backward pass since the last step: call loss.backward() "
@@ -216,7 +185,7 @@ class KroneckerPreconditioner:
         self._arm_capture()
 
     def _update_and_precondition(self, grads: Dict[str, Tensor], hp: dict) -> Dict[str, Tensor]:
-        """The blocks' work of a step and the preconditioned gradients (nothing written to ``.grad``)."""
+        """The blocks' work of a step; returns the preconditioned gradients."""
         if self.capture.statistics:
             batch = {layer.name: self.capture.batch_statistics(layer) for layer in self.layers}
             batch = all_reduce_statistics(batch)
@@ -258,8 +227,7 @@ class KroneckerPreconditioner:
             block.after_refresh(hp)
 
     def fisher_block(self, name: str) -> Tensor:
-        """The layer's approximate (undamped) Fisher as a dense matrix over ``vec(W)``
-        (column-major, ``d_in d_out`` square): for tests and diagnostics on small layers."""
+        """The layer's undamped Fisher approximation, dense over column-major ``vec(W)`` (small layers)."""
         return self.blocks[name].fisher()
 
     def _kl_clip_scale(self, grads: Dict[str, Tensor], preconditioned: Dict[str, Tensor]) -> float:
@@ -281,9 +249,7 @@ class KroneckerPreconditioner:
     def load_state_dict(self, state_dict: dict) -> None:
         layers = state_dict["layers"]
         if set(layers) != set(self.blocks):
-            raise ValueError(
-                f"state_dict holds layers {sorted(layers)}, this {self.kind} has {sorted(self.blocks)}"
-            )
+            raise ValueError(f"state_dict holds layers {sorted(layers)}, this {self.kind} has {sorted(self.blocks)}")
         self.steps = int(state_dict["steps"])
         for name, tensors in layers.items():
             block = self.blocks[name]

@@ -1,19 +1,11 @@
-"""Layer 3: the functional natural-gradient kernel every use steps through.
+"""The functional natural-gradient kernel every use steps through.
 
-A *family* (layer 2) is an ``nn.Module`` with
-
-* ``natural_gradient()``: its natural gradient in local coordinates at ``eta0``, a NamedTuple
-  whose fields are the names of the family's parameters (one part per parameter, in the
-  order of ``family.parameters()``);
-* ``factor_parts``: the names of the parts that move a group factor (the trust region's parts);
-* ``retracted(step, retraction)``: the new parameter values ``phi_tau(eta0 - step)`` for a
-  step already scaled by its learning rates, as a dict keyed like the step, without writing.
-
-:func:`natural_gradient_step` alone owns what happens between the two: Riemannian momentum,
-learning rates per named part, the trust region, the retraction (``"h"`` or the exact
-``"exp"``) and the guarantee that a step moves every family or none and never writes a
-non-finite value. :class:`~structngd.optim.NaturalGradient` is the ``torch.optim.Optimizer``
-around it, as ``torch.optim.Adam`` is around ``torch.optim.adam.adam``.
+A *family* is an ``nn.Module`` with ``natural_gradient()`` (a NamedTuple in local coordinates at
+``eta0``, one field per parameter name), ``factor_parts`` (the parts that move a group factor)
+and ``retracted(step, retraction)`` (the new values ``phi_tau(eta0 - step)`` as a dict, unwritten).
+:func:`natural_gradient_step` owns what lies between: momentum, per-part learning rates, the
+trust region, the retraction and the all-or-nothing, finite-only write.
+:class:`~structngd.optim.NaturalGradient` wraps it as ``torch.optim.Adam`` wraps ``adam()``.
 """
 
 from __future__ import annotations
@@ -31,9 +23,8 @@ RETRACTIONS = ("h", "exp")
 
 def is_family(obj) -> bool:
     """Whether ``obj`` implements the family protocol above."""
-    return isinstance(obj, nn.Module) and all(
-        callable(getattr(obj, name, None)) for name in ("natural_gradient", "retracted")
-    )
+    methods = ("natural_gradient", "retracted")
+    return isinstance(obj, nn.Module) and all(callable(getattr(obj, name, None)) for name in methods)
 
 
 def check_hyperparameters(lr, momentum, max_step=None, retraction="h", part_lrs=None) -> None:
@@ -60,24 +51,15 @@ def natural_gradient_step(
 ) -> List[Optional[Dict[str, Tensor]]]:
     """One natural-gradient step of several families, all or nothing.
 
-    For family ``i`` with natural gradient ``n`` (``directions[i]`` where given, else
-    ``families[i].natural_gradient()``):
+    For family ``i`` with natural gradient ``n`` (``directions[i]``, else ``natural_gradient()``):
+    momentum ``m <- momentum m + n`` (``m = n`` at first; Riemannian, as in SINGD); part ``p`` moves
+    by ``beta_p = lr * part_lrs[p]`` (default multiplier 1); a factor part with
+    ``beta_p ||m_p||_F > max_step`` shrinks to that size (``max_step <= 1`` keeps ``h`` monotone)
+    and the other parts by the smallest factor scale; then ``tau <- phi_tau(eta0 - beta m)``.
 
-    * momentum: ``m <- momentum m + n`` (``m = n`` on the first step; Riemannian momentum
-      in the re-centred local coordinates, as in SINGD);
-    * learning rates: part ``p`` moves by ``beta_p = lr * part_lrs[p]`` (multiplier 1 where
-      unnamed);
-    * trust region: a factor part with ``beta_p ||m_p||_F > max_step`` is shrunk to that size
-      (``||M||_F`` bounds the spectral norm, so ``max_step <= 1`` keeps ``h`` monotone); the
-      other parts shrink by the smallest factor part's scale (so the mean and the factor of a
-      Gaussian move along the same direction);
-    * retraction: ``tau <- phi_tau(eta0 - beta m)`` by ``h`` or the exact exponential.
-
-    Every natural gradient, momentum and new parameter value is formed and checked before
-    anything is written: a ``ValueError`` (missing or non-finite gradient, a non-finite step,
-    a retraction a family refuses) leaves every family and buffer exactly as it was.
-    Returns the new momentum buffers (``None`` for families without momentum), to be stored
-    by the caller. ``labels`` name the families in error messages (default ``family i``).
+    Everything is formed and checked before anything is written: a ``ValueError`` leaves every
+    family and buffer as it was. Returns the new momentum buffers (``None`` without momentum) for
+    the caller to store; ``labels`` name the families in errors.
     """
     n = len(families)
     directions = list(directions) if directions is not None else [None] * n
@@ -91,10 +73,7 @@ def natural_gradient_step(
             raise ValueError(f"{who}: {err}; no parameter was changed") from None
         parts = nat._asdict()
         if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
-            raise ValueError(
-                f"{who}: the natural gradient is non-finite "
-                f"(singular factor?); no parameter was changed"
-            )
+            raise ValueError(f"{who}: the natural gradient is non-finite (singular factor?); no parameter was changed")
         if momentum[i] > 0:
             old = momentum_buffers[i]
             parts = {k: v.clone() if old is None else old[k] * momentum[i] + v for k, v in parts.items()}
@@ -110,10 +89,8 @@ def natural_gradient_step(
             raise ValueError(f"{who}: {err}") from None
         bad = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
         if bad:
-            raise ValueError(
-                f"{who}: the step would write non-finite values into "
-                f"{', '.join(bad)} (lower the learning rate or set max_step); no parameter was changed"
-            )
+            raise ValueError(f"{who}: the step would write non-finite values into {', '.join(bad)} "
+                             "(lower the learning rate or set max_step); no parameter was changed")
         proposals.append(new)
     with torch.no_grad():
         for family, new in zip(families, proposals):

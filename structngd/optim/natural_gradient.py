@@ -14,32 +14,9 @@ from .kernel import check_hyperparameters, is_family, natural_gradient_step
 class NaturalGradient(Optimizer):
     """Structured natural-gradient descent on families (``Gaussian``, ``Wishart``, ...).
 
-    Each parameter group holds one family: its parameters and, under the key
-    ``"family"``, the family itself. ``step()`` reads the families' Euclidean
-    gradients, forms each natural gradient in local coordinates (Fisher = identity up
-    to constant weights) and retracts ``tau <- phi_tau(eta0 - lr * step)``.
-
-    The step itself is :func:`~structngd.optim.kernel.natural_gradient_step`: with
-    ``momentum > 0`` the local natural gradients are averaged, ``m <- momentum * m + nat``,
-    and the step uses ``m`` (Riemannian momentum in the re-centred coordinates, as in SINGD).
-
-    Args:
-        families: a family, an iterable of families, or dicts ``{"family": f, "lr": ...}``
-            (any of the hyperparameters below per family).
-        lr: learning rate ``beta`` (``beta = 1`` is the full natural-gradient step).
-        momentum: momentum factor in ``[0, 1)``.
-        max_step: optional trust region in the local coordinates: a step with
-            ``lr * ||M||_F > max_step`` is shrunk (``delta`` and ``M`` alike) to that size.
-            ``||M||_F`` bounds the spectral norm, so ``max_step <= 1`` keeps every
-            eigenvalue of ``lr * M`` where ``h`` is monotone. Off by default (the exact
-            method); useful far from the optimum, where ``h(-lr M)`` overshoots
-            (``h(m) >= 1/2`` grows again for ``m < -1``).
-        retraction: ``"h"`` (``h(M) = I + M + M^2/2``, inverse-free) or ``"exp"`` (the exact
-            matrix exponential, as xNES uses).
-        part_lrs: learning-rate multipliers per named part (``{"loc": 1.0, "factor": 0.1}``);
-            unnamed parts use ``lr`` itself.
-
-    Example::
+    Each parameter group holds one family (key ``"family"``) and its parameters. ``step()`` forms
+    each family's natural gradient in local coordinates from its Euclidean gradients and
+    retracts ``tau <- phi_tau(eta0 - lr * m)`` (:func:`~structngd.optim.kernel.natural_gradient_step`)::
 
         q = Gaussian(d, structure="lower_triangular")
         opt = NaturalGradient(q, lr=0.1)
@@ -47,6 +24,15 @@ class NaturalGradient(Optimizer):
             opt.zero_grad()
             q.estimate_gradients(target.log_prob, num_samples=8)
             opt.step()
+
+    Args:
+        families: a family, an iterable of families, or dicts ``{"family": f, "lr": ...}``.
+        lr: learning rate ``beta`` (``1``: the full natural-gradient step).
+        momentum: Riemannian momentum ``m <- momentum m + nat`` in ``[0, 1)``.
+        max_step: optional trust region: a step with ``lr ||M||_F > max_step`` shrinks to that size
+            (``max_step <= 1`` keeps ``h`` monotone, which overshoots far from the optimum).
+        retraction: ``"h"`` (``h(M) = I + M + M^2/2``, inverse-free) or ``"exp"`` (as xNES).
+        part_lrs: learning-rate multipliers per named part (``{"loc": 1.0, "factor": 0.1}``).
     """
 
     def __init__(
@@ -74,10 +60,8 @@ class NaturalGradient(Optimizer):
     def _as_param_group(entry: dict) -> dict:
         family = entry.get("family")
         if not is_family(family):
-            raise TypeError(
-                f"NaturalGradient optimizes families (nn.Modules with natural_gradient() and retracted()), "
-                f"got {type(family).__name__}"
-            )
+            raise TypeError("NaturalGradient optimizes families (nn.Modules with natural_gradient() and retracted()), "
+                            f"got {type(family).__name__}")
         if "params" in entry and list(entry["params"]) != list(family.parameters()):
             raise ValueError("a family's param group must hold exactly family.parameters()")
         entry["params"] = list(family.parameters())
@@ -93,12 +77,7 @@ class NaturalGradient(Optimizer):
     # -------------------------------------------------------------- step
     @torch.no_grad()
     def step(self, closure=None):
-        """One natural-gradient step for every family; returns the closure's loss.
-
-        All natural gradients and new values are formed and checked before any parameter
-        moves, so a family with missing or non-finite gradients (or a step it refuses)
-        raises ``ValueError`` and nothing changes, in any family or buffer.
-        """
+        """One natural-gradient step of every family, all or nothing (``ValueError``); returns the closure's loss."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -112,14 +91,9 @@ class NaturalGradient(Optimizer):
         families = [group["family"] for group in groups]
         buffers = [self._buffers(group) for group in groups]
         try:
+            keys = ("lr", "momentum", "max_step", "retraction", "part_lrs")
             new_buffers = natural_gradient_step(
-                families,
-                buffers,
-                lr=[g["lr"] for g in groups],
-                momentum=[g["momentum"] for g in groups],
-                max_step=[g["max_step"] for g in groups],
-                retraction=[g["retraction"] for g in groups],
-                part_lrs=[g["part_lrs"] for g in groups],
+                families, buffers, **{k: [g[k] for g in groups] for k in keys},
                 labels=[f"NaturalGradient param group {i}" for i in range(len(groups))],
             )
         except ValueError as err:
@@ -148,16 +122,13 @@ class NaturalGradient(Optimizer):
     def load_state_dict(self, state_dict) -> None:
         families = [group["family"] for group in self.param_groups]
         if len(state_dict["param_groups"]) != len(families):
-            raise ValueError(
-                f"state_dict has {len(state_dict['param_groups'])} param groups, "
-                f"this optimizer has {len(families)} families"
-            )
+            raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, "
+                             f"this optimizer has {len(families)} families")
         super().load_state_dict(state_dict)
         for group, family in zip(self.param_groups, families):
             group["family"] = family
 
 
 def _check_group(group: dict) -> None:
-    check_hyperparameters(
-        group["lr"], group["momentum"], group["max_step"], group.get("retraction", "h"), group.get("part_lrs")
-    )
+    check_hyperparameters(group["lr"], group["momentum"], group["max_step"], group.get("retraction", "h"),
+                          group.get("part_lrs"))

@@ -13,13 +13,8 @@ from ..groups import MatrixGroup
 
 
 class StructuredNormal(TorchDistribution):
-    """``N(mu, S^{-1})`` with ``S = B B^T``, ``B`` in ``group`` (compact ``factor``).
-
-    A thin Pyro adapter over :class:`structngd.families.Gaussian` that shares ``loc``
-    and ``factor`` (gradients flow to them): a view built over the given tensors or, with
-    :meth:`from_family`, an existing family (the guide's own). ``event_shape = (d,)``,
-    ``batch_shape = ()``; Pyro's ``plate``\\ s expand it as usual.
-    """
+    """``N(mu, S^{-1})`` with ``S = B B^T``, ``B`` in ``group``: a Pyro adapter sharing ``loc`` and ``factor``
+    with a :class:`structngd.families.Gaussian` (a new view, or an existing one by :meth:`from_family`)."""
 
     arg_constraints = {"loc": constraints.real_vector}
     support = constraints.real_vector
@@ -43,15 +38,11 @@ class StructuredNormal(TorchDistribution):
         super().__init__(torch.Size(), torch.Size([family.group.dim]), validate_args=validate_args)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:
-        """``z = mu + B^{-T} eps``; with ``antithetic`` and an even number of draws the second
-        half of the noise is the negated first half (``+-eps`` pairs, each draw
-        still exactly ``N(mu, S^{-1})``), which cancels the mean gradient's share of the
-        noise in the reparameterization estimate of the factor's gradient."""
+        """``z = mu + B^{-T} eps``; ``antithetic`` with an even number of draws takes ``+-eps`` pairs."""
         sample_shape = torch.Size(sample_shape)
         mirrored = self.antithetic and sample_shape.numel() % 2 == 0  # pairs over the flattened sample dims
-        eps = standard_normal_noise(
-            sample_shape + self.event_shape, mirrored, dtype=self.loc.dtype, device=self.loc.device
-        )
+        loc = self.loc
+        eps = standard_normal_noise(sample_shape + self.event_shape, mirrored, dtype=loc.dtype, device=loc.device)
         return self.family.from_noise(eps)
 
     def log_prob(self, value: Tensor) -> Tensor:

@@ -20,19 +20,15 @@ from ..families import estimators
 from ..families.gaussian import Gaussian
 from .distribution import StructuredAffine, StructuredNormal
 
-#: the attribute a training pass of an :class:`AutoStructuredNormal` sets on its two parameter
-#: tensors (an :class:`OwnerLink`); :class:`~structngd.pyro.NGD` reads it on the tensors SVI hands it
+#: the attribute (an :class:`OwnerLink`) a training pass sets on the guide's parameter tensors
 OWNER_ATTRIBUTE = "structngd_owner"
 
 
 class OwnerLink:
-    """A weak reference from a parameter tensor to the guide whose family it is a part of.
+    """A weak reference from a parameter tensor to its guide (``link()``) and part (``link.part``).
 
-    ``link()`` is the guide (or ``None`` once it is gone) and ``link.part`` the part's name
-    (``"loc"`` or ``"factor"``). Like Pyro's own ``unconstrained`` weak reference on constrained
-    values, the link does not keep the guide alive, and it does not travel: a pickled or
-    copied tensor carries an empty link (``link()`` is ``None``), so the param store and the
-    guide stay picklable.
+    Like Pyro's ``unconstrained`` weak reference it keeps nothing alive and does not travel: a
+    pickled or copied tensor carries an empty link, so the param store stays picklable.
     """
 
     __slots__ = ("_guide", "part")
@@ -56,8 +52,7 @@ class OwnerLink:
 
 
 def owner_of(tensor: Tensor) -> Tuple[Optional["AutoStructuredNormal"], str]:
-    """``(guide, part)`` for a parameter tensor a live :class:`AutoStructuredNormal` marked in
-    its last training pass and still uses (``(None, "")`` otherwise)."""
+    """``(guide, part)`` of a tensor a live guide marked and still uses, else ``(None, "")``."""
     link = getattr(tensor, OWNER_ATTRIBUTE, None)
     guide = link() if isinstance(link, OwnerLink) else None
     if guide is None:
@@ -71,46 +66,24 @@ def owner_of(tensor: Tensor) -> Tuple[Optional["AutoStructuredNormal"], str]:
 class AutoStructuredNormal(AutoContinuous):
     """Gaussian guide ``N(mu, S^{-1})``, ``S = B B^T``, over the model's unconstrained latents.
 
-    ``B`` lives in the group ``structure`` (see :func:`structngd.groups.make`), so the
-    precision keeps its structure and stays positive-definite under
-    :class:`~structngd.pyro.NGD`, which recognises this guide's parameters and applies
-    the coupled natural-gradient step. Any other Pyro optimizer also works (it then
-    moves ``loc`` and the compact ``factor`` as plain Euclidean parameters).
-
-    Parameters (in Pyro's param store): ``loc`` (``mu``, shape ``(d,)``) and ``factor``
-    (``B`` in the group's compact storage), both unconstrained ``PyroParam``\\ s, so values
-    loaded into the param store win as for every Pyro module.
-
-    The posterior is the layer-2 :class:`~structngd.families.Gaussian` :attr:`family`, which
-    the guide owns: a family over the guide's own parameter tensors (shared, not copied, so
-    its ``.grad`` is the one ``SVI`` computes and its natural-gradient step moves the param
-    store's values). It is kept across passes and rebuilt only when the param store hands the
-    guide other tensors (after ``pyro.get_param_store().load(...)``, say). It is not a
-    registered submodule: the guide's ``parameters()`` and ``state_dict()`` hold each tensor
-    once, under its Pyro name.
-
-    Each training pass (gradients enabled) marks the two tensors with an :class:`OwnerLink`
-    (attribute ``structngd_owner``, a weak reference to the guide); that is how ``NGD`` finds
-    the guide that owns the parameters ``SVI`` hands it, with no process-wide registry.
-
-    Usage::
+    ``B`` lives in the group ``structure`` (:func:`structngd.groups.make`), so under
+    :class:`~structngd.pyro.NGD` the precision keeps its structure and stays positive-definite;
+    any other Pyro optimizer moves ``loc`` and the compact ``factor`` as plain parameters.
+    Both are ``PyroParam``\\ s of the param store. The posterior :attr:`family` is a
+    :class:`~structngd.families.Gaussian` over these very tensors (not a submodule; rebuilt
+    when the param store hands over other tensors). Each training pass marks them with an
+    :class:`OwnerLink`, by which ``NGD`` finds the guide::
 
         guide = AutoStructuredNormal(model, structure="block_triangular", k=4)
         svi = SVI(model, guide, NGD(lr=0.1), Trace_ELBO())
 
     Args:
         model: a Pyro model whose latent sites are all continuous.
-        structure: a group name (``"dense"``, ``"diagonal"``, ``"lower_triangular"``,
-            ``"upper_triangular"``, ``"block_diagonal"``, ``"block_triangular"``,
-            ``"heisenberg"``, ``"hierarchical"``).
+        structure: a group name (``"dense"``, ``"diagonal"``, ``"block_triangular"``, ...).
         init_loc_fn: per-site initialization of the mean (Pyro's init strategies).
-        init_scale: initial posterior standard deviation of every unconstrained latent
-            (``B = I / init_scale``).
-        antithetic: draw vectorized particles in ``+-eps`` pairs (when their number is
-            even). The pairs cancel the mean's share of the noise in the factor's gradient
-            (useful far from the optimum), but they halve the rank of the precision
-            estimate: on a 31-weight logistic regression, dense NGD with 16 antithetic
-            particles settled about 1.2 nats lower than with 16 independent ones.
+        init_scale: initial posterior standard deviation of every latent (``B = I / init_scale``).
+        antithetic: draw vectorized particles in ``+-eps`` pairs: less noise far from the optimum,
+            but half the rank of the precision estimate.
         **group_options: the group's options (``k``, ``k1``, ``k2``, ``block_size``).
     """
 
@@ -150,12 +123,11 @@ class AutoStructuredNormal(AutoContinuous):
     # -------------------------------------------------------------- family
     @property
     def family(self) -> Optional[Gaussian]:
-        """The layer-2 Gaussian over the parameter tensors of the guide's last pass
-        (``None`` before the first pass)."""
+        """The Gaussian over the parameter tensors of the last pass (``None`` before the first)."""
         return self.__dict__.get("_family")
 
     def _set_family(self, family: Optional[Gaussian]) -> None:
-        # kept out of the module's submodules (see the class docstring)
+        # not a submodule: parameters() and state_dict() hold each tensor once, under its Pyro name
         object.__setattr__(self, "_family", family)
 
     def _bind(self, loc: Tensor, factor: Tensor) -> Gaussian:
@@ -193,12 +165,7 @@ class AutoStructuredNormal(AutoContinuous):
 
     # ------------------------------------------ what the Price estimator needs
     def log_joint(self, z: Tensor, *args, **kwargs) -> Tensor:
-        """``log p(x, z)`` at one unconstrained latent vector ``z`` (Jacobians included).
-
-        Runs the guide with its latent site fixed to ``z`` and replays the model on that
-        trace, exactly as Pyro's ELBOs do (plates' subsamples and scales included):
-        ``log p(x, theta(z)) + log|d theta / d z|``.
-        """
+        """``log p(x, theta(z)) + log|d theta / d z|`` at an unconstrained ``z``, replayed as Pyro's ELBOs do."""
         latent_name = f"_{self._pyro_name}_latent"
         with poutine.block():
             guide = poutine.condition(self, data={latent_name: z})
@@ -208,12 +175,8 @@ class AutoStructuredNormal(AutoContinuous):
         return model_trace.log_prob_sum() - jacobians
 
     def loss_derivatives(self, w: Tensor, *args, **kwargs) -> Tuple[Tensor, Tensor, Tensor]:
-        """Per-sample ``l = -log p(x, z)``, its gradient and Hessian at the rows ``z`` of ``w``.
-
-        The ``derivatives`` of :func:`structngd.families.estimators.price_gradients`, by
-        autograd through one Pyro trace per sample (Pyro's traces are not ``torch.func``
-        transformable): ``d`` backward passes per sample, batched where the model's ops allow.
-        """
+        """Per-sample ``l = -log p(x, z)``, its gradient and Hessian at the rows ``z`` of ``w``, by autograd
+        through one Pyro trace per sample (``d`` backward passes, batched where the ops allow)."""
         values, grads, hessians = [], [], []
         for z in w:
             z = z.detach().requires_grad_(True)
@@ -231,14 +194,10 @@ class AutoStructuredNormal(AutoContinuous):
         return torch.stack(values), torch.stack(grads), torch.stack(hessians)
 
     def price_gradients(self, num_pairs: int = 1) -> Tensor:
-        """Set the family's ``loc.grad`` and ``factor.grad`` to the Bonnet/Price gradients of ``-ELBO``.
+        """Set ``loc.grad``, ``factor.grad`` to the Bonnet/Price gradients of ``-ELBO``; returns mean ``-log p``.
 
-        :func:`structngd.families.estimators.price_gradients` (``gamma = 1``) with the model's
-        log joint at the arguments of the last training pass: ``g_mu = E[grad l]``,
-        ``g_Sigma = (E[hess l] - S) / 2`` from ``num_pairs`` mirrored pairs; exact for
-        Gaussian-linear models with one pair. Costs ``d`` backward passes per sample: meant
-        for latent dimensions up to a few hundred. Returns the mean of ``-log p`` over the
-        samples.
+        ``g_mu = E[grad l]``, ``g_Sigma = (E[hess l] - S) / 2`` from ``num_pairs`` mirrored pairs at the
+        last training pass's arguments (exact for Gaussian-linear models); ``d`` backward passes per sample.
         """
         family = self.family
         if family is None or self._last_arguments is None:

@@ -21,40 +21,24 @@ ESTIMATORS = ("reparam", "price")
 class NGD(PyroOptim):
     """Structured natural-gradient descent for ``pyro.infer.SVI``.
 
-    ``SVI`` hands the optimizer the parameters of the step's traces. ``NGD`` finds the
-    :class:`~structngd.pyro.AutoStructuredNormal` guides that own some of them and
-    applies the coupled local-parameterization step to each guide's
-    :attr:`~structngd.pyro.AutoStructuredNormal.family` (``mu`` and ``B`` together,
-    :class:`~structngd.optim.NaturalGradient`); every other parameter goes to
-    ``fallback``. All gradients are checked before anything moves.
+    Of the parameters ``SVI`` hands it, those of an :class:`~structngd.pyro.AutoStructuredNormal`
+    (found by the owner links its training passes set, so each ``NGD`` sees only its own
+    ``SVI``'s guides) take the coupled local-parameterization step of the guide's
+    :attr:`~structngd.pyro.AutoStructuredNormal.family` (:class:`~structngd.optim.NaturalGradient`);
+    every other parameter goes to ``fallback``. All gradients are checked before anything moves::
 
-    Discovery: each training pass of a structured guide marks its two parameter tensors (the
-    param store's tensors, which ``SVI`` hands the optimizer) with an owner link, a weak
-    reference to the guide (:class:`~structngd.pyro.guide.OwnerLink`, attribute
-    ``structngd_owner``). ``NGD`` reads those links on the tensors it is handed, so it sees
-    exactly the guides of its own ``SVI`` (several guides, each with its own ``NGD``, never
-    see each other's parameters); no list of guides is kept anywhere. The per-guide
-    optimizer states live in this ``NGD`` (:meth:`get_state` names them by the param store's
-    name of the guide's ``loc``).
-
-    Usage::
-
-        guide = AutoStructuredNormal(model, structure="dense")
-        svi = SVI(model, guide, NGD(lr=0.1), Trace_ELBO())
+        svi = SVI(model, AutoStructuredNormal(model), NGD(lr=0.1), Trace_ELBO())
 
     Args:
-        lr: natural-gradient step size ``beta`` (``1`` is a full Newton-like step).
-            Reassign ``ngd.lr`` (or ``momentum``, ``max_step``) to schedule it.
-        estimator: ``"reparam"`` uses the gradient ``SVI`` computed (reparameterization);
-            ``"price"`` replaces the guide's gradients by Bonnet/Price estimates from the
-            model's gradient and Hessian at ``num_pairs`` mirrored pairs (exact for
-            conjugate Gaussian models; ``d`` backward passes per sample).
+        lr: natural-gradient step size ``beta`` (``1``: a Newton-like step). Reassign ``ngd.lr``
+            (or ``momentum``, ``max_step``) to schedule it.
+        estimator: ``"reparam"`` (the gradient ``SVI`` computed) or ``"price"`` (Bonnet/Price
+            estimates from the model's gradient and Hessian; exact for conjugate Gaussian models).
         num_pairs: mirrored sample pairs of the ``"price"`` estimator.
         momentum: Riemannian momentum in ``[0, 1)``.
         max_step: optional trust region ``lr * ||M||_F <= max_step`` in local coordinates.
-        fallback: a ``PyroOptim`` for parameters no structured guide owns; ``None``
-            gives ``pyro.optim.Adam({"lr": 1e-3})``, ``False`` none (such parameters
-            are then an error).
+        fallback: a ``PyroOptim`` for the other parameters; ``None``: ``pyro.optim.Adam({"lr": 1e-3})``,
+            ``False``: none (such parameters are an error).
     """
 
     def __init__(
@@ -90,10 +74,8 @@ class NGD(PyroOptim):
         owned_ids = {id(t) for guide in owned for t in (guide.family.loc, guide.family.factor)}
         rest = [p for p in params if id(p) not in owned_ids]
         if rest and self.fallback is False:
-            raise ValueError(
-                f"NGD(fallback=False) got parameters that no AutoStructuredNormal guide owns: "
-                f"{_names(rest)}; pass fallback=pyro.optim.Adam(...) to optimize them"
-            )
+            raise ValueError(f"NGD(fallback=False) got parameters that no AutoStructuredNormal guide owns: "
+                             f"{_names(rest)}; pass fallback=pyro.optim.Adam(...) to optimize them")
         if self.estimator == "price":
             for guide in owned:
                 guide.price_gradients(self.num_pairs)
@@ -113,18 +95,14 @@ class NGD(PyroOptim):
             guide, _ = owner_of(p)
             if guide is None or any(guide is g for g in owned):
                 continue
-            hits = [id(guide.family.loc) in ids, id(guide.family.factor) in ids]
-            if not all(hits):
-                raise ValueError(
-                    f"SVI handed NGD only one of the parameters (loc, factor) of a {type(guide).__name__} "
-                    f"({_names([p])}); the natural-gradient step needs both"
-                )
+            if not (id(guide.family.loc) in ids and id(guide.family.factor) in ids):
+                raise ValueError(f"SVI handed NGD only one of the parameters (loc, factor) of a "
+                                 f"{type(guide).__name__} ({_names([p])}); the natural-gradient step needs both")
             owned.append(guide)
         return owned
 
     def _optimizer(self, guide: AutoStructuredNormal) -> NaturalGradient:
-        """The ``NaturalGradient`` over the guide's current family (a new one, with any state
-        :meth:`set_state` left for it, when the guide's family changed)."""
+        """The ``NaturalGradient`` over the guide's current family (new, with pending state, if it changed)."""
         family = guide.family
         entry = self._optimizers.get(guide)
         if entry is None or entry[0] is not family:
