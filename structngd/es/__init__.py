@@ -1,10 +1,9 @@
 """Layer 4c: evolution strategies with structured search distributions (DESIGN.md, MATH.md §5).
 
-:class:`StructuredNES` is an ask-and-tell natural evolution strategy whose covariance
-factor lives in a :mod:`structngd.groups` group: ``rates="xnes"`` with ``"dense"`` is exactly
-xNES, with ``"diagonal"`` SNES; ``rates="cma"`` (the default) adds CMA-ES-like cumulation
-(:mod:`.cumulation`); :mod:`.stopping` holds pycma's stopping rules.
-:func:`minimize` runs the loop (point-wise, batched or through an executor); the BBOB test
+:class:`StructuredNES` is an ask-and-tell natural evolution strategy whose covariance factor lives in a
+:mod:`structngd.groups` group: ``rates="xnes"`` is exactly xNES with ``"dense"`` and SNES with ``"diagonal"``;
+``rates="cma"`` (the default) adds CMA-ES-like cumulation (:mod:`.cumulation`); :mod:`.stopping` holds pycma's
+stopping rules. :func:`minimize` runs the loop (point-wise, batched or through an executor); the BBOB test
 functions are in ``experiments.bbob``.
 """
 
@@ -13,13 +12,5 @@ from .nes import StructuredNES
 from .result import ESHistory, ESResult
 from .utilities import default_popsize, rank_order, recombination_weights, utilities
 
-__all__ = [
-    "StructuredNES",
-    "minimize",
-    "ESResult",
-    "ESHistory",
-    "utilities",
-    "recombination_weights",
-    "default_popsize",
-    "rank_order",
-]
+__all__ = ["StructuredNES", "minimize", "ESResult", "ESHistory", "utilities", "recombination_weights",
+           "default_popsize", "rank_order"]

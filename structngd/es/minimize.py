@@ -32,39 +32,26 @@ def _evaluate(f: Callable, x: Tensor, batch: bool, executor) -> list:
 
 
 def minimize(
-    f: Callable,
-    x0,
-    sigma0: float,
-    structure="dense",
-    budget: Optional[int] = None,
-    target: Optional[float] = None,
-    executor=None,
-    batch: bool = False,
-    progress: bool = True,
-    callback: Optional[Callable[[StructuredNES], Optional[bool]]] = None,
-    **options,
+    f: Callable, x0, sigma0: float, structure="dense", budget: Optional[int] = None, target: Optional[float] = None,
+    executor=None, batch: bool = False, progress: bool = True,
+    callback: Optional[Callable[[StructuredNES], Optional[bool]]] = None, **options,
 ) -> ESResult:
     """Minimise ``f`` with a :class:`StructuredNES` and return an :class:`ESResult`.
 
     Args:
-        f: the cost. Point by point (``f(x) -> float`` with ``x`` a ``(d,)`` tensor), or with
-            ``batch=True`` a function of the whole ``(popsize, d)`` population returning
-            ``popsize`` values (a torch function on a tensor, for instance).
+        f: the cost, point by point (``f(x) -> float``, ``x`` a ``(d,)`` tensor), or with ``batch=True`` one
+            call on the whole ``(popsize, d)`` population returning ``popsize`` values.
         x0, sigma0, structure: the initial search distribution (see :class:`StructuredNES`).
-        budget: maximal number of evaluations (``maxfevals``); ``target``: stop once the best
-            value is ``<= target`` (``ftarget``).
-        executor: any ``concurrent.futures.Executor`` (a thread or process pool, a cluster
-            client's executor): the population is evaluated with ``executor.map(f, points)``.
-        batch: evaluate the population in one call ``f(X)``.
+        budget: maximal number of evaluations (``maxfevals``); ``target``: stop once the best value is
+            ``<= target`` (``ftarget``).
+        executor: any ``concurrent.futures.Executor``; the population is evaluated with ``executor.map(f, points)``.
         progress: show a tqdm progress bar (silently off when tqdm is not installed).
-        callback: called with the strategy after every generation; returning ``True`` stops
-            the run (``stop_reason`` then holds ``"callback"``).
-        **options: every other :class:`StructuredNES` option (``popsize``, ``seed``,
-            ``rates``, ``restarts``, ``tolx``, ``max_iterations``, group options ...).
+        callback: called with the strategy after every generation; returning ``True`` stops the run
+            (``stop_reason`` then holds ``"callback"``).
+        **options: every other :class:`StructuredNES` option (``popsize``, ``seed``, ``rates``, ``restarts``,
+            ``tolx``, ``max_iterations``, group options ...).
 
-    The stop criteria are pycma's (``ftarget``, ``maxfevals``, ``maxiter``, ``tolx``,
-    ``tolfun``, ``tolstagnation``, ``tolflatfitness``, ``tolupsigma``); ``result.history``
-    records every generation and ``result.plot()`` draws it.
+    ``result.history`` records every generation and ``result.plot()`` draws it.
     """
     if batch and executor is not None:
         raise ValueError("batch=True and executor are exclusive: pass one of them")
@@ -75,10 +62,9 @@ def minimize(
     if progress:
         try:
             from tqdm.auto import tqdm
-
             bar = tqdm(total=budget, unit="evals", desc="structngd.es", leave=False)
         except ImportError:  # optional dependency
-            bar = None
+            pass
     extra = {}
     try:
         while not es.stop():

@@ -1,21 +1,11 @@
 """Structured natural evolution strategies: xNES, SNES and their structured, O(nnz) variants.
 
-The search distribution is ``N(mu, A A^T)`` with the covariance factor ``A = sigma B`` and
-``B`` in a :mod:`structngd.groups` group (compact storage). One generation
-(MATH.md §5): draw ``z_k ~ N(0, I)``, ``x_k = mu + sigma B z_k``; rank the costs; with the
-utilities ``u`` form ``G_delta = sum_k u_k z_k`` and the pattern entries of
-``G_M = sum_k u_k (z_k z_k^T - I)``; step the mean ``mu <- mu + eta_mu sigma B G_delta``, the
-global scale with the trace ``G_sigma = tr(G_M) / d`` and the shape with the trace-free part,
-projected on the group's algebra and retracted: ``B <- B h(eta_B / 2 Pi_hat(G_B))``.
-Every operation costs O(nnz(B)) per sample, so ``block_triangular`` / ``heisenberg`` run at
-O(d k) per sample and never form a d x d matrix.
-
-The search distribution is a covariance-parameterized layer-2
-:class:`~structngd.families.Gaussian` with a scale part (``loc = mu``, ``factor = B``,
-``scale = sigma``); :func:`~structngd.families.estimators.score_function_gradients` gives its
-local gradients and :func:`~structngd.optim.kernel.natural_gradient_step` steps it with per-part
-rates. Cumulation and step-size adaptation live in :mod:`.cumulation`, the stopping rules in
-:mod:`.stopping`.
+The search distribution ``N(mu, A A^T)``, ``A = sigma B``, ``B`` in a :mod:`structngd.groups` group, is a
+covariance-parameterized :class:`~structngd.families.Gaussian` (``loc = mu``, ``factor = B``, ``scale = sigma``).
+One generation (MATH.md §5): ``x_k = mu + sigma B z_k``, ``z_k ~ N(0, I)``; with the rank utilities ``u``,
+``G_delta = sum_k u_k z_k`` and ``G_M = sum_k u_k (z_k z_k^T - I)`` (pattern entries only) step
+``mu <- mu + eta_mu sigma B G_delta``, the scale by ``G_sigma = tr(G_M) / d`` and ``B <- B h(eta_B / 2 Pi_hat(G_B))``
+by the trace-free part, in O(nnz(B)) per sample (score-function gradients, then the layer-3 kernel's step).
 """
 
 from __future__ import annotations
@@ -43,9 +33,8 @@ _RATE_ALIASES = {"default": "cma"}
 RETRACTIONS = ("h", "exp")
 _DEFAULT_KEYS = ("eta_mu", "c1", "cmu", "cs", "ds", "cc")
 _XNES_KEYS = ("eta_mu", "eta_sigma", "eta_B")
-#: below this dimension the default rates sample mirrored pairs and halve CMA-ES's step-size
-#: damping; from it on they keep CMA-ES's (on the rotated rank-2 cigar with rank-10 + diagonal
-#: covariance both changes were even at d = 500 and hurt at 1000 and 2000, see _set_parameters)
+#: below this dimension ``rates="cma"`` samples mirrored pairs and halves CMA-ES's step-size damping;
+#: from it on both changes hurt large low-rank searches, so CMA-ES's are kept
 MIRRORED_BELOW_DIM = 500
 
 
@@ -53,76 +42,46 @@ class StructuredNES:
     """Ask-and-tell natural evolution strategy with a structured covariance factor.
 
     Args:
-        x0: initial mean, a ``(d,)`` tensor / array / list, or a callable returning one
-            (called again at every restart).
+        x0: initial mean, a ``(d,)`` tensor / array / list, or a callable returning one (called at every restart).
         sigma0: initial global step size (> 0); the initial covariance is ``sigma0^2 I``.
-        structure: group of the covariance factor ``B`` (``"dense"``, ``"diagonal"``,
-            ``"lower_triangular"``, ``"block_triangular"`` with ``k``, ``"heisenberg"`` with
-            ``k`` and ``k2``, ... see :func:`structngd.groups.make`) or a group instance.
-            Block groups are block *upper*-triangular, so ``A = sigma B`` gives an
-            "arrow" covariance: dense leading ``k`` block plus diagonal.
+        structure: group of ``B`` (``"dense"``, ``"diagonal"``, ``"block_triangular"`` with ``k``, ``"heisenberg"``
+            with ``k`` and ``k2``, ... see :func:`structngd.groups.make`) or a group instance. Block groups are
+            block *upper*-triangular: an "arrow" covariance, dense leading ``k`` block plus diagonal.
         popsize: population size ``lambda`` (default ``4 + floor(3 ln d)``).
-        seed: seed of the object's own ``torch.Generator`` (``None``: a random seed,
-            readable as :attr:`seed`). Each generation draws
-            ``torch.randn((popsize, d), generator=...)`` (half of it with ``mirrored``).
+        seed: seed of the object's own ``torch.Generator`` (``None``: random, readable as :attr:`seed`); each
+            generation draws ``torch.randn((popsize, d), generator=...)`` (half of it with ``mirrored``).
         rates: ``"xnes"``: the published xNES rates and updates (``eta_mu = 1``,
-            ``eta_sigma = eta_B = 3 (3 + ln d) / (5 d sqrt d)``; SNES's
-            ``(3 + ln d) / (5 sqrt d)`` for ``"diagonal"``; exact exponential retraction);
-            with ``"dense"`` this *is* xNES, with ``"diagonal"`` SNES.
-            ``"cma"`` (the default; ``"default"`` is the same): the same natural-gradient shape update with CMA-ES-sized
-            learning rates plus a cumulative rank-one term and cumulative step-size
-            adaptation; below 500 dimensions with half of CMA-ES's damping, on mirrored
-            samples (see :meth:`_update_default`). A dict ``{"base": "cma", "cmu": 0.1}``
-            overrides single constants (keys ``eta_mu, c1, cmu, cs, ds, cc`` for
-            ``"cma"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``). ``c1`` and ``cmu``
-            are dense rates; groups with fewer parameters scale them entry-wise (sep-CMA's
-            ``(d + 2) / 3`` for the diagonal, see :meth:`_set_parameters`).
-        mirrored: draw ``z`` and ``-z`` pairs (mirrored sampling; the population is rounded up
-            to an even size). ``None`` (default): on with ``rates="cma"`` below
-            ``MIRRORED_BELOW_DIM`` = 500 dimensions, off above and with ``"xnes"`` (so that it
-            stays the published algorithm).
-        restarts: number of IPOP restarts: when a restartable criterion fires (``tolx``,
-            ``tolfun``, ``tolstagnation``, ``tolflatfitness``, ``tolupsigma``) the run starts
-            again from ``x0`` with the population multiplied by ``incpopsize``.
-        budget, target, max_iterations: stop when the evaluations reach ``budget``, the
-            best value is ``<= target``, or the generations (all restarts) reach
-            ``max_iterations``.
-        tolx, tolfun, tolstagnation, tolflatfitness, tolupsigma: pycma's criteria
-            (``None`` disables one; ``tolstagnation=None`` uses pycma's default window
-            ``100 + 100 d^1.5 / popsize``, ``False`` disables it).
-        retraction: ``"h"`` (``I + M + M^2 / 2``, the default for ``rates="cma"``) or
-            ``"exp"`` (the exact exponential, the default for ``rates="xnes"``).
-        transpose: use ``A = sigma B^T``: the covariance factor takes the group's transposed
-            (block *lower*-triangular) pattern, so ``block_triangular(k)`` gives a rank-k plus
-            diagonal covariance (the VkD-CMA / LM-MA-ES regime) instead of the arrow shape.
+            ``eta_sigma = eta_B = 3 (3 + ln d) / (5 d sqrt d)``, SNES's ``(3 + ln d) / (5 sqrt d)`` for
+            ``"diagonal"``, exact exponential): with ``"dense"`` this *is* xNES, with ``"diagonal"`` SNES.
+            ``"cma"`` (default; ``"default"`` is the same): the same shape update with CMA-ES-sized rates plus
+            a cumulative rank-one term and cumulative step-size adaptation (see :meth:`_update_default`).
+            A dict ``{"base": "cma", "cmu": 0.1}`` overrides single constants (``eta_mu, c1, cmu, cs, ds, cc``
+            for ``"cma"``, ``eta_mu, eta_sigma, eta_B`` for ``"xnes"``). ``c1`` and ``cmu`` are dense rates;
+            groups with fewer parameters scale them entry-wise (sep-CMA's ``(d + 2) / 3`` for the diagonal).
+        mirrored: draw ``z`` and ``-z`` pairs (the population is rounded up to an even size). ``None``
+            (default): on with ``rates="cma"`` below ``MIRRORED_BELOW_DIM`` = 500 dimensions, else off.
+        restarts: number of IPOP restarts: when a restartable criterion fires (any but ``ftarget``, ``maxfevals``,
+            ``maxiter``) the run starts again from ``x0`` with the population multiplied by ``incpopsize``.
+        budget, target, max_iterations: stop when the evaluations reach ``budget``, the best value is
+            ``<= target``, or the generations (all restarts) reach ``max_iterations``.
+        tolx, tolfun, tolstagnation, tolflatfitness, tolupsigma: pycma's criteria (``None`` disables one;
+            ``tolstagnation=None`` uses pycma's window ``100 + 100 d^1.5 / popsize``, ``False`` disables it).
+        retraction: ``"h"`` (``I + M + M^2 / 2``, default for ``"cma"``) or ``"exp"`` (default for ``"xnes"``).
+        transpose: use ``A = sigma B^T`` (block *lower*-triangular pattern): ``block_triangular(k)`` then
+            gives a rank-k plus diagonal covariance (the VkD-CMA / LM-MA-ES regime).
         dtype, device: of every tensor of the search state (default float64, CPU).
         **group_options: options of the group (``k``, ``k2``, ``block_size`` ...).
     """
 
     def __init__(
-        self,
-        x0: Union[Tensor, Sequence[float], Callable[[], Tensor]],
-        sigma0: float,
-        structure: Union[str, _groups.MatrixGroup] = "dense",
-        popsize: Optional[int] = None,
-        seed: Optional[int] = None,
-        rates: Union[str, Dict[str, float]] = "cma",
-        mirrored: Optional[bool] = None,
-        restarts: int = 0,
-        incpopsize: float = 2,
-        budget: Optional[int] = None,
-        target: Optional[float] = None,
-        max_iterations: Optional[int] = None,
-        tolx: Optional[float] = 1e-11,
-        tolfun: Optional[float] = 1e-11,
-        tolstagnation: Union[None, bool, int] = None,
-        tolflatfitness: Optional[int] = 1,
-        tolupsigma: Optional[float] = 1e20,
-        retraction: Optional[str] = None,
-        transpose: bool = False,
-        dtype: torch.dtype = torch.float64,
-        device=None,
-        **group_options,
+        self, x0: Union[Tensor, Sequence[float], Callable[[], Tensor]], sigma0: float,
+        structure: Union[str, _groups.MatrixGroup] = "dense", popsize: Optional[int] = None,
+        seed: Optional[int] = None, rates: Union[str, Dict[str, float]] = "cma", mirrored: Optional[bool] = None,
+        restarts: int = 0, incpopsize: float = 2, budget: Optional[int] = None, target: Optional[float] = None,
+        max_iterations: Optional[int] = None, tolx: Optional[float] = 1e-11, tolfun: Optional[float] = 1e-11,
+        tolstagnation: Union[None, bool, int] = None, tolflatfitness: Optional[int] = 1,
+        tolupsigma: Optional[float] = 1e20, retraction: Optional[str] = None, transpose: bool = False,
+        dtype: torch.dtype = torch.float64, device=None, **group_options,
     ):
         self.dtype = dtype
         self.device = torch.device(device) if device is not None else torch.device("cpu")
@@ -148,8 +107,7 @@ class StructuredNES:
 
         checks.optional_count("popsize", popsize, minimum=2)
         self.base_popsize = popsize if popsize is not None else default_popsize(self.dim)
-        default_mirrored = base == "cma" and self.dim < MIRRORED_BELOW_DIM
-        self.mirrored = default_mirrored if mirrored is None else bool(mirrored)
+        self.mirrored = (base == "cma" and self.dim < MIRRORED_BELOW_DIM) if mirrored is None else bool(mirrored)
         checks.count("restarts", restarts, minimum=0)
         if not (checks.positive("incpopsize", incpopsize) >= 1):
             raise ValueError(f"incpopsize must be a number >= 1, got {incpopsize!r}")
@@ -171,27 +129,19 @@ class StructuredNES:
             seed = int(torch.Generator().seed() % (2**63))
         if not isinstance(seed, int):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
-        self.seed = seed
-        self.generator = torch.Generator(device=self.device)
-        self.generator.manual_seed(seed)
+        self.seed, self.generator = seed, torch.Generator(device=self.device).manual_seed(seed)
 
         self._weights_c = self.group.constant("inverse_fisher_weights", dtype, self.device)
         self._algebra_dim = self.group.algebra_dim
 
         # run-independent counters
-        self.iterations = 0
-        self.evaluations = 0
-        self.restarts_done = 0
-        self.nonfinite = 0
+        self.iterations = self.evaluations = self.restarts_done = self.nonfinite = 0
         self._warned_nonfinite = False
-        self.best_x = first.clone()
-        self.best_f = math.inf
-        self.history = ESHistory()
-        self.restart_log = []
+        self.best_x, self.best_f = first.clone(), math.inf
+        self.history, self.restart_log = ESHistory(), []
         self._stop: Dict[str, object] = {}
         self._start(self.base_popsize, first)
 
-    # ------------------------------------------------------------------ set-up
     def _as_vector(self, x, name: str) -> Tensor:
         try:
             v = torch.as_tensor(x, dtype=self.dtype, device=self.device)
@@ -214,76 +164,52 @@ class StructuredNES:
         self.popsize = int(popsize)
         if self.mirrored and self.popsize % 2:
             self.popsize += 1
-        self.family = Gaussian(
-            self.dim, self.group, loc=mean, parameterization="covariance", scale=self.sigma0,
-            transpose=self.transpose, dtype=self.dtype, device=self.device,
-        ).requires_grad_(False)
+        self.family = Gaussian(self.dim, self.group, loc=mean, parameterization="covariance", scale=self.sigma0,
+                               transpose=self.transpose, dtype=self.dtype, device=self.device).requires_grad_(False)
         self.p_sigma = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
         self.p_c = torch.zeros(self.dim, dtype=self.dtype, device=self.device)
-        self.run_iteration = 0
-        self._run_best: list = []
-        self._run_median: list = []
-        self._flat = 0
-        self._pending = None
+        self.run_iteration, self._flat, self._pending = 0, 0, None
+        self._run_best, self._run_median = [], []
         self._set_parameters()
 
     def _set_parameters(self) -> None:
         d, lam = self.dim, self.popsize
         kw = dict(dtype=self.dtype, device=self.device)
-        self._u = utilities(lam, **kw)
-        self._w = recombination_weights(lam, **kw)
-        self.mueff = float(1.0 / (self._w * self._w).sum())
-        r = self._rate_overrides
-        mueff = self.mueff
+        self._u, self._w = utilities(lam, **kw), recombination_weights(lam, **kw)
+        self.mueff = mueff = float(1.0 / (self._w * self._w).sum())
         if self.mode == "xnes":
-            if isinstance(self.group, _groups.Diagonal):
-                eta = (3 + math.log(d)) / (5 * math.sqrt(d))
-            else:
-                eta = 3 * (3 + math.log(d)) / (5 * d * math.sqrt(d))
+            diagonal = isinstance(self.group, _groups.Diagonal)
+            eta = (3 + math.log(d)) / (5 * math.sqrt(d)) if diagonal else 3 * (3 + math.log(d)) / (5 * d * math.sqrt(d))
             self.rates = {"eta_mu": 1.0, "eta_sigma": eta, "eta_B": eta}
         else:
             cs = (mueff + 2) / (d + mueff + 5)
-            # below MIRRORED_BELOW_DIM half of CMA-ES's base damping 1, so sigma adapts twice as
-            # fast: together with mirrored pairs this took dense from 1.0-1.6x CMA-ES's ERT to
-            # 0.6-1.15x on BBOB f1 / f2 / f8 / f10 at d = 2..20 (15 instances x 2 seeds; one seed
-            # at d = 40; damping 0.5 alone: 0.84-1.8x, mirroring alone: 0.76-1.33x; README), and
-            # improved diagonal and rank-10 + diagonal on the rank-2 cigar at d = 200 (final gap
-            # 9.3 / 2.2 against 142 / 12.7). At d = 1000 and 2000 either change alone left the
-            # rank-10 + diagonal search on that cigar 9-9000 times farther from the optimum
-            # after 120 s, so large dimensions keep CMA-ES's damping.
+            # half of CMA-ES's damping below MIRRORED_BELOW_DIM (sigma adapts twice as fast, with mirrored
+            # pairs); large dimensions keep CMA-ES's, where the faster adaptation stalls low-rank searches
             damping = 0.5 if d < MIRRORED_BELOW_DIM else 1.0
             ds = damping + 2 * max(0.0, math.sqrt((mueff - 1) / (d + 1)) - 1) + cs
             cc = (4 + mueff / d) / (d + 4 + 2 * mueff / d)
             c1 = 2 / ((d + 1.3) ** 2 + mueff)
-            # 4x CMA-ES's rank-mu rate: the zero-sum utilities make the rank-mu term an
-            # "active" update with zero mean under random selection, which tolerates larger
-            # steps (xNES's own eta_B is ~5x CMA's c_mu); measured best on sphere /
-            # ellipsoid / rotated ellipsoid / Rosenbrock at d = 10, 40
+            # 4x CMA-ES's rank-mu rate: the zero-sum utilities make the rank-mu term an "active" update
+            # with zero mean under random selection, which tolerates larger steps
             cmu = 4 * 2 * (mueff - 2 + 1 / mueff) / ((d + 2) ** 2 + mueff)
             if c1 + cmu > 1:
                 c1, cmu = c1 / (c1 + cmu), cmu / (c1 + cmu)
             self.rates = {"eta_mu": 1.0, "c1": c1, "cmu": max(cmu, 0.0), "cs": cs, "ds": ds, "cc": cc}
-        self.rates.update(r)
-        # Fewer free shape parameters than dense: learn them faster. ``c1``/``cmu`` are the
-        # dense rates; entries of the algebra are scaled by S = min((d+2)/3, d(d+1)/2 / dim M)
-        # (sep-CMA's (d+2)/3 for the diagonal), free coupling entries (block / Heisenberg
-        # groups) by S/4 only: at full speed they collapsed the search on a rotated cigar at
-        # d = 500. Neither factor goes below 1 (dense and triangular keep the dense rates).
+        self.rates.update(self._rate_overrides)
+        # groups with fewer shape parameters than dense learn them faster: algebra entries scaled by
+        # S = min((d+2)/3, d(d+1)/2 / dim M) (sep-CMA's (d+2)/3), free coupling entries by S/4 only (at full
+        # speed they collapse the search on a rotated cigar); neither below 1
         big = min((d + 2) / 3, d * (d + 1) / 2 / self._algebra_dim)
         self._rate_mask = None
         if self.mode == "cma" and big > 1:
             diag_scale, coupling_scale = max(1.0, big), max(1.0, big / 4)
-            self._rate_mask = torch.where(
-                self._weights_c == 1,
-                torch.full_like(self._weights_c, coupling_scale),
-                torch.full_like(self._weights_c, diag_scale),
-            )
+            wc = self._weights_c
+            self._rate_mask = torch.where(wc == 1, torch.full_like(wc, coupling_scale), torch.full_like(wc, diag_scale))
             bound = max(diag_scale, coupling_scale) * (self.rates["c1"] + self.rates["cmu"])
             if bound > 1:  # keep the largest per-entry rate below one
                 self._rate_mask = self._rate_mask / bound
         self._chi = cumulation.expected_norm(d)
 
-    # ------------------------------------------------------------------ the Gaussian
     @property
     def mean(self) -> Tensor:
         """The mean ``mu`` of the search distribution (a copy)."""
@@ -314,14 +240,12 @@ class StructuredNES:
         with torch.no_grad():
             self.family.scale.fill_(float(value))
 
-    # ------------------------------------------------------------------ ask/tell
     def ask(self) -> Tensor:
         """Sample the next population: a ``(popsize, d)`` tensor (a new tensor each call)."""
         if self._pending is not None:
             raise RuntimeError("ask() called twice: tell() the fitness of the previous population first")
-        z = standard_normal_noise(
-            (self.popsize, self.dim), self.mirrored, generator=self.generator, dtype=self.dtype, device=self.device
-        )
+        z = standard_normal_noise((self.popsize, self.dim), self.mirrored, generator=self.generator,
+                                  dtype=self.dtype, device=self.device)
         with torch.no_grad():
             x = self.family.from_noise(z)
         self._pending = (z, x)
@@ -329,10 +253,8 @@ class StructuredNES:
 
     @property
     def pending(self) -> Optional[Tensor]:
-        """The population of the last :meth:`ask` still waiting for :meth:`tell` (a copy), else ``None``.
-
-        After :meth:`load_state_dict` of a state saved between ``ask`` and ``tell`` this is the
-        population whose fitness the next :meth:`tell` expects."""
+        """The population of the last :meth:`ask` still waiting for :meth:`tell` (a copy), else ``None``;
+        after :meth:`load_state_dict` of a state saved between the two, the one the next ``tell`` expects."""
         return None if self._pending is None else self._pending[1].clone()
 
     def _as_fitness(self, fitness) -> Tensor:
@@ -347,16 +269,14 @@ class StructuredNES:
                 except (TypeError, ValueError) as err:
                     raise ValueError(f"fitness must be a 1-D sequence of numbers: {err}") from None
         if f.dim() != 1 or f.shape[0] != self.popsize:
-            raise ValueError(
-                f"fitness must be a 1-D sequence of length popsize={self.popsize}, got shape {tuple(f.shape)}"
-            )
+            raise ValueError(f"fitness must be a 1-D sequence of length popsize={self.popsize}, "
+                             f"got shape {tuple(f.shape)}")
         return f
 
     def tell(self, fitness) -> None:
         """Update the search distribution from the costs (lower is better) of the last :meth:`ask`.
 
-        NaN and infinite costs rank worst (a warning is issued once; :attr:`nonfinite`
-        counts them).
+        NaN and infinite costs rank worst (warned once; :attr:`nonfinite` counts them).
         """
         if self._pending is None:
             raise RuntimeError("tell() without a pending population: call ask() first")
@@ -367,12 +287,8 @@ class StructuredNES:
             self.nonfinite += n_bad
             if not self._warned_nonfinite:
                 self._warned_nonfinite = True
-                warnings.warn(
-                    f"{n_bad} non-finite fitness value(s) (NaN/inf) ranked worst; further ones are only counted "
-                    "in .nonfinite",
-                    RuntimeWarning,
-                    stacklevel=2,
-                )
+                warnings.warn(f"{n_bad} non-finite fitness value(s) (NaN/inf) ranked worst; further ones are only "
+                              "counted in .nonfinite", RuntimeWarning, stacklevel=2)
         self._pending = None
         self.evaluations += self.popsize
         self.iterations += 1
@@ -386,25 +302,15 @@ class StructuredNES:
             gen_best = gen_median = math.inf
         flat = len(good) > 1 and float(good[min(len(good) - 1, int(math.ceil(0.1 + self.popsize / 4)))]) == gen_best
         zs = z[order.to(self.device)]
-        if self.mode == "xnes":
-            self._update_xnes(zs)
-        else:
-            self._update_default(zs)
+        (self._update_xnes if self.mode == "xnes" else self._update_default)(zs)
         self._flat = self._flat + 1 if flat else 0
         if flat and self.mode == "cma":  # pycma: escape a plateau by enlarging sigma
             self.sigma *= cumulation.flat_fitness_factor(self.rates["cs"], self.rates["ds"])
         self._run_best.append(gen_best)
         self._run_median.append(gen_median)
-        self.history.append(
-            iteration=self.iterations,
-            evaluations=self.evaluations,
-            best_f=self.best_f,
-            f_best=gen_best,
-            f_median=gen_median,
-            sigma=self.sigma,
-            popsize=self.popsize,
-            restart=self.restarts_done,
-        )
+        self.history.append(iteration=self.iterations, evaluations=self.evaluations, best_f=self.best_f,
+                            f_best=gen_best, f_median=gen_median, sigma=self.sigma, popsize=self.popsize,
+                            restart=self.restarts_done)
         reasons = termination(self, good)
         if reasons and not any(k in FINAL_REASONS for k in reasons) and self.restarts_done < self.restarts:
             self.restart_log.append({"iteration": self.iterations, "evaluations": self.evaluations, "reasons": reasons})
@@ -413,30 +319,20 @@ class StructuredNES:
             reasons = {}
         self._stop = reasons
 
-    # ------------------------------------------------------------------ updates
-    def _apply(self, z: Tensor) -> Tensor:
-        """``B z`` (or ``B^T z`` with ``transpose``) for ``z`` of shape ``(..., d)``."""
-        return self.family.factor_matvec(z)
-
     def _sq_norms(self) -> Tensor:
         """Diagonal of ``B B^T`` (``B^T B`` with ``transpose``): marginal variances / sigma^2."""
-        if self.transpose:
-            return self.group.col_sq_norms(self.family.factor)
-        return self.group.row_sq_norms(self.family.factor)
+        return (self.group.col_sq_norms if self.transpose else self.group.row_sq_norms)(self.family.factor)
 
     def _step(self, direction, part_lrs: Dict[str, float]) -> None:
         """The layer-3 kernel's step of the search distribution along ``direction``."""
-        natural_gradient_step(
-            [self.family], [None], lr=[1.0], momentum=[0.0], max_step=[None], retraction=[self.retraction],
-            part_lrs=[part_lrs], directions=[direction], labels=["StructuredNES"],
-        )
+        natural_gradient_step([self.family], [None], lr=[1.0], momentum=[0.0], max_step=[None],
+                              retraction=[self.retraction], part_lrs=[part_lrs], directions=[direction],
+                              labels=["StructuredNES"])
 
     def _update_xnes(self, zs: Tensor) -> None:
         """xNES / SNES (Glasmachers et al. 2010, Schaul et al. 2011) with the group's pattern:
         ``mu += eta_mu sigma B G_delta``, ``sigma *= exp(eta_sigma/2 G_sigma)``,
-        ``B <- B exp(eta_B/2 Pi_hat(G_B))``: the kernel's step of the Gaussian from the score
-        function's local gradients, with the rates ``eta_mu``, ``eta_B``, ``eta_sigma`` of the
-        parts ``loc``, ``factor``, ``scale``."""
+        ``B <- B exp(eta_B/2 Pi_hat(G_B))``, one kernel step of ``loc``, ``scale``, ``factor``."""
         r = self.rates
         local = score_function_gradients(self.group, zs, self._u)
         direction = self.family.natural_gradient(local_gradient=local)
@@ -445,23 +341,18 @@ class StructuredNES:
     def _update_default(self, zs: Tensor) -> None:
         """CMA-sized natural-gradient step (``rates="cma"``).
 
-        * mean: ``mu += eta_mu sigma B sum_r w_r z_r`` (the positive half of the utilities,
-          ``w_r = u_r + 1/lambda``, as in CMA-ES's recombination);
-        * shape: the trace-free natural gradient of ``cmu sum_k u_k (z_k z_k^T - I)`` plus a
-          rank-one term ``c1 (z_c z_c^T - I)`` from the cumulated path of the mean steps
-          (``z_c = B^{-1} p_c``), projected on the algebra and retracted with ``h``;
-          ``B`` is rescaled to keep ``det B`` (the scale belongs to ``sigma``);
+        * mean: ``mu += eta_mu sigma B sum_r w_r z_r`` with ``w_r = u_r + 1/lambda`` (CMA-ES's recombination);
+        * shape: the trace-free natural gradient of ``cmu sum_k u_k (z_k z_k^T - I)`` plus the rank-one
+          ``c1 (z_c z_c^T - I)``, ``z_c = B^{-1} p_c``, retracted with ``h``; ``B`` is then rescaled to keep
+          ``det B`` (the scale belongs to ``sigma``);
         * scale: cumulative step-size adaptation on ``p_sigma``, the path of ``sum_r w_r z_r``.
-
-        Mean and shape are one kernel step of the Gaussian (the scale part at rate 0); the
-        paths, the volume and the step size are :mod:`.cumulation`'s.
+        Mean and shape are one kernel step (scale at rate 0); paths, volume and step size are :mod:`.cumulation`'s.
         """
         r, d = self.rates, self.dim
         zw = self._w @ zs
-        step = self._apply(zw)
-        self.p_sigma, self.p_c, ps_norm = cumulation.update_paths(
-            self.p_sigma, self.p_c, zw, step, r["cs"], r["cc"], self.mueff, self._chi, self.run_iteration, d
-        )
+        step = self.family.factor_matvec(zw)
+        self.p_sigma, self.p_c, ps_norm = cumulation.update_paths(self.p_sigma, self.p_c, zw, step, r["cs"], r["cc"],
+                                                                  self.mueff, self._chi, self.run_iteration, d)
         factor = self.family.factor
         if r["c1"] > 0:
             zc = self.group.tsolve(factor, self.p_c) if self.transpose else self.group.solve(factor, self.p_c)
@@ -483,26 +374,15 @@ class StructuredNES:
         """The active stop criteria after the last :meth:`tell` (pycma style, empty while running)."""
         return dict(self._stop)
 
-    # ------------------------------------------------------------------ results
     @property
     def result(self) -> ESResult:
         """The best point so far and the run record, as an :class:`ESResult`."""
-        return ESResult(
-            x=self.best_x.clone(),
-            f=self.best_f,
-            evaluations=self.evaluations,
-            iterations=self.iterations,
-            stop_reason=self.stop(),
-            history=self.history.copy(),
-            mean=self.mean.clone(),
-            sigma=self.sigma,
-            restarts=self.restarts_done,
-            nonfinite=self.nonfinite,
-        )
+        return ESResult(x=self.best_x.clone(), f=self.best_f, evaluations=self.evaluations, iterations=self.iterations,
+                        stop_reason=self.stop(), history=self.history.copy(), mean=self.mean.clone(), sigma=self.sigma,
+                        restarts=self.restarts_done, nonfinite=self.nonfinite)
 
     def covariance_factor(self) -> Tensor:
-        """The dense ``A = sigma B`` (``sigma B^T`` with ``transpose``; ``d x d``: for small ``d``
-        or inspection only)."""
+        """The dense ``A = sigma B`` (``sigma B^T`` with ``transpose``; ``d x d``: small ``d`` or inspection only)."""
         b = self.group.to_dense(self.factor)
         return self.sigma * (b.mT if self.transpose else b)
 
@@ -510,30 +390,16 @@ class StructuredNES:
         """Marginal standard deviations ``sigma sqrt(diag(B B^T))`` at O(nnz) cost."""
         return self.sigma * self._sq_norms().sqrt()
 
-    # ------------------------------------------------------------------ state
     _TENSORS = ("mean", "factor", "p_sigma", "p_c", "best_x")
-    _SCALARS = (
-        "sigma",
-        "popsize",
-        "run_iteration",
-        "iterations",
-        "evaluations",
-        "restarts_done",
-        "nonfinite",
-        "_warned_nonfinite",
-        "best_f",
-        "_flat",
-        "seed",
-    )
+    _SCALARS = ("sigma", "popsize", "run_iteration", "iterations", "evaluations", "restarts_done", "nonfinite",
+                "_warned_nonfinite", "best_f", "_flat", "seed")
 
     def state_dict(self) -> Dict[str, object]:
         """Everything needed to resume bit for bit (RNG included); tensors are copies."""
         state = {"version": 1, "dim": self.dim, "group": repr(self.group), "mode": self.mode,
                  "transpose": self.transpose}
-        for name in self._TENSORS:
-            state[name] = getattr(self, name).clone()
-        for name in self._SCALARS:
-            state[name] = getattr(self, name)
+        state.update({name: getattr(self, name).clone() for name in self._TENSORS})
+        state.update({name: getattr(self, name) for name in self._SCALARS})
         state["generator"] = self.generator.get_state()
         state["pending"] = None if self._pending is None else tuple(t.clone() for t in self._pending)
         state["history"] = self.history.as_dict()
@@ -547,13 +413,10 @@ class StructuredNES:
         if state.get("version") != 1:
             raise ValueError(f"unsupported state version {state.get('version')!r}")
         mode = _RATE_ALIASES.get(state["mode"], state["mode"])
-        if (state["dim"], state["group"], mode, state.get("transpose", False)) != (
-            self.dim, repr(self.group), self.mode, self.transpose
-        ):
-            raise ValueError(
-                f"state of a {state['group']} {state['mode']!r} search in dimension {state['dim']} cannot be "
-                f"loaded into a {self.group!r} {self.mode!r} search in dimension {self.dim}"
-            )
+        if (state["dim"], state["group"], mode, state.get("transpose", False)) != (self.dim, repr(self.group),
+                                                                                 self.mode, self.transpose):
+            raise ValueError(f"state of a {state['group']} {state['mode']!r} search in dimension {state['dim']} cannot "
+                             f"be loaded into a {self.group!r} {self.mode!r} search in dimension {self.dim}")
         for name in self._TENSORS:
             setattr(self, name, state[name].to(dtype=self.dtype, device=self.device).clone())
         for name in self._SCALARS:
@@ -568,7 +431,5 @@ class StructuredNES:
         self._stop = dict(state["stop"])
 
     def __repr__(self) -> str:
-        return (
-            f"StructuredNES(dim={self.dim}, group={self.group!r}, rates={self.mode!r}, popsize={self.popsize}, "
-            f"iterations={self.iterations}, evaluations={self.evaluations}, best_f={self.best_f:.6g})"
-        )
+        return (f"StructuredNES(dim={self.dim}, group={self.group!r}, rates={self.mode!r}, popsize={self.popsize}, "
+                f"iterations={self.iterations}, evaluations={self.evaluations}, best_f={self.best_f:.6g})")

@@ -12,19 +12,12 @@ COLUMNS = ("iteration", "evaluations", "best_f", "f_best", "f_median", "sigma", 
 
 
 class ESHistory:
-    """One row per generation (iteration): cumulative iteration and evaluation counts,
-    best value so far (``best_f``), the generation's best and median finite value, the
-    global step size ``sigma``, the population size and the restart index.
-
-    Columns are plain Python lists (``history["sigma"]``, ``history.sigma``);
-    :meth:`plot` draws them with matplotlib (an optional dependency).
-    """
+    """One row per generation: cumulative iteration and evaluation counts, best value so far (``best_f``),
+    the generation's best and median finite value, ``sigma``, the population size and the restart index;
+    columns are plain Python lists (``history["sigma"]``, ``history.sigma``), :meth:`plot` draws them."""
 
     def __init__(self, data: Optional[Dict[str, List]] = None):
-        self.data: Dict[str, List] = {name: [] for name in COLUMNS}
-        if data is not None:
-            for name in COLUMNS:
-                self.data[name] = list(data.get(name, []))
+        self.data: Dict[str, List] = {name: list((data or {}).get(name, [])) for name in COLUMNS}
 
     def append(self, **row) -> None:
         for name in COLUMNS:
@@ -50,17 +43,12 @@ class ESHistory:
     def __repr__(self) -> str:
         if not len(self):
             return "ESHistory(empty)"
-        return (
-            f"ESHistory({len(self)} iterations, {self.data['evaluations'][-1]} evaluations, "
-            f"best f {self.data['best_f'][-1]:.6g})"
-        )
+        return (f"ESHistory({len(self)} iterations, {self.data['evaluations'][-1]} evaluations, "
+                f"best f {self.data['best_f'][-1]:.6g})")
 
     def plot(self, ax=None, x: str = "evaluations", fopt: float = 0.0, label: Optional[str] = None):
-        """Best value so far minus ``fopt`` (log scale) and ``sigma`` against ``x``.
-
-        ``x`` is ``"evaluations"`` or ``"iteration"``. Draws into ``ax`` (a matplotlib
-        axes) or a new figure and returns the axes. Needs matplotlib.
-        """
+        """Best value so far minus ``fopt`` (log scale) and ``sigma`` against ``x`` (``"evaluations"`` or
+        ``"iteration"``), into ``ax`` or a new figure; returns the axes. Needs matplotlib."""
         try:
             import matplotlib.pyplot as plt
         except ImportError as err:  # pragma: no cover - optional dependency
@@ -83,16 +71,11 @@ class ESResult:
     """Outcome of an evolution-strategy run.
 
     Attributes:
-        x: best point evaluated (a ``(d,)`` tensor).
-        f: its value (``inf`` if no finite value was seen).
-        evaluations: function evaluations, all restarts included.
-        iterations: generations, all restarts included.
-        stop_reason: the active stop criteria, pycma style (``{"ftarget": 1e-8}``).
-        history: the per-generation :class:`ESHistory`.
-        mean: the final mean of the search distribution.
-        sigma: the final global step size.
-        restarts: number of restarts performed.
-        nonfinite: number of evaluations that returned NaN or an infinity.
+        x: best point evaluated (a ``(d,)`` tensor); f: its value (``inf`` if no finite value was seen).
+        evaluations, iterations: function evaluations and generations, all restarts included.
+        stop_reason: the active stop criteria, pycma style (``{"ftarget": 1e-8}``); history: the :class:`ESHistory`.
+        mean, sigma: the final mean and global step size of the search distribution.
+        restarts: restarts performed; nonfinite: evaluations that returned NaN or an infinity.
     """
 
     x: Tensor

@@ -1,8 +1,5 @@
-"""pycma's stopping rules of :class:`~structngd.es.StructuredNES` (not natural gradients).
-
-``ftarget``, ``maxfevals`` and ``maxiter`` end the run; ``tolx``, ``tolupsigma``, ``tolfun``,
-``tolflatfitness`` and ``tolstagnation`` may trigger a restart.
-"""
+"""pycma's stopping rules of :class:`~structngd.es.StructuredNES`: ``ftarget``, ``maxfevals`` and ``maxiter``
+end the run; ``tolx``, ``tolupsigma``, ``tolfun``, ``tolflatfitness`` and ``tolstagnation`` may trigger a restart."""
 
 from __future__ import annotations
 
@@ -26,10 +23,8 @@ def termination(es, sorted_f: Tensor) -> Dict[str, object]:
     if es.max_iterations is not None and es.iterations >= es.max_iterations:
         out["maxiter"] = es.max_iterations
     scale = es.sigma * math.sqrt(float(es._sq_norms().max()))
-    if es.tolx is not None:
-        pc = es.sigma * float(es.p_c.abs().max())
-        if scale < es.tolx and pc < es.tolx:
-            out["tolx"] = es.tolx
+    if es.tolx is not None and scale < es.tolx and es.sigma * float(es.p_c.abs().max()) < es.tolx:
+        out["tolx"] = es.tolx
     if es.tolupsigma is not None and scale > es.tolupsigma * es.sigma0:
         out["tolupsigma"] = es.tolupsigma
     if es.tolfun is not None and es.run_iteration > 1 and len(sorted_f):

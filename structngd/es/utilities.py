@@ -17,29 +17,26 @@ def default_popsize(dim: int) -> int:
     return 4 + int(math.floor(3 * math.log(dim)))
 
 
-def _log_weights(popsize: int) -> list:
+def _normalized_weights(popsize: int) -> list:
     checks.count("popsize", popsize, minimum=2)
     top = math.log(popsize / 2 + 1)
-    return [max(0.0, top - math.log(r)) for r in range(1, popsize + 1)]
+    raw = [max(0.0, top - math.log(r)) for r in range(1, popsize + 1)]
+    total = sum(raw)
+    return [v / total for v in raw]
 
 
 def utilities(popsize: int, dtype=torch.float64, device=None) -> Tensor:
     """The xNES utilities ``u_r`` of ranks ``r = 1..popsize`` (1 = best = lowest cost).
 
-    ``u_r = max(0, ln(lambda/2 + 1) - ln r) / sum_j max(0, ln(lambda/2 + 1) - ln j) - 1/lambda``:
-    they sum to zero, do not increase with the rank, and for ``lambda = 10`` the first is
-    0.3295 (MATH.md §5).
+    ``u_r = max(0, ln(lambda/2 + 1) - ln r) / sum_j max(0, ln(lambda/2 + 1) - ln j) - 1/lambda``: they sum
+    to zero, do not increase with the rank, and for ``lambda = 10`` the first is 0.3295 (MATH.md §5).
     """
-    raw = _log_weights(popsize)
-    total = sum(raw)
-    return torch.tensor([v / total - 1.0 / popsize for v in raw], dtype=dtype, device=device)
+    return torch.tensor([w - 1.0 / popsize for w in _normalized_weights(popsize)], dtype=dtype, device=device)
 
 
 def recombination_weights(popsize: int, dtype=torch.float64, device=None) -> Tensor:
     """The positive part ``w_r = u_r + 1/lambda`` (sums to one, zero for the worse half)."""
-    raw = _log_weights(popsize)
-    total = sum(raw)
-    return torch.tensor([v / total for v in raw], dtype=dtype, device=device)
+    return torch.tensor(_normalized_weights(popsize), dtype=dtype, device=device)
 
 
 def effective_mu(popsize: int) -> float:
@@ -51,15 +48,12 @@ def effective_mu(popsize: int) -> float:
 def rank_order(fitness: Tensor) -> Tuple[Tensor, int]:
     """Indices sorting ``fitness`` from best (lowest) to worst, and the number of non-finite values.
 
-    Non-finite values (NaN, +inf and -inf alike) rank after every finite value. Ties keep
-    the sampling order (a stable sort), so equal fitness values give reproducible runs.
+    Non-finite values (NaN, +inf and -inf alike) rank after every finite value; ties keep the sampling
+    order (a stable sort), so equal fitness values give reproducible runs.
     """
     finite = torch.isfinite(fitness)
     n_bad = int((~finite).sum())
-    key = torch.where(finite, fitness, torch.zeros_like(fitness))
-    order = torch.sort(key, stable=True).indices
+    order = torch.sort(torch.where(finite, fitness, torch.zeros_like(fitness)), stable=True).indices
     if n_bad:
-        good = order[finite[order]]
-        bad = torch.nonzero(~finite).flatten()  # index order, already stable
-        order = torch.cat([good, bad])
+        order = torch.cat([order[finite[order]], torch.nonzero(~finite).flatten()])  # bad ones in index order
     return order, n_bad
