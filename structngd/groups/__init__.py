@@ -11,19 +11,8 @@ from .dense import Dense
 from .diagonal import Diagonal
 from .triangular import LowerTriangular, UpperTriangular
 
-GROUPS = {
-    cls.name: cls
-    for cls in (
-        Dense,
-        Diagonal,
-        LowerTriangular,
-        UpperTriangular,
-        BlockDiagonal,
-        BlockTriangular,
-        Heisenberg,
-        Hierarchical,
-    )
-}
+GROUPS = {cls.name: cls for cls in (Dense, Diagonal, LowerTriangular, UpperTriangular, BlockDiagonal, BlockTriangular,
+                                    Heisenberg, Hierarchical)}
 
 
 def _signature(cls) -> str:
@@ -34,16 +23,12 @@ def _signature(cls) -> str:
 def check_structure(name) -> None:
     """``ValueError`` listing the allowed names unless ``name`` is a group or a group's name."""
     if not isinstance(name, MatrixGroup) and name not in GROUPS:
-        allowed = ", ".join(_signature(c) for c in GROUPS.values())
-        raise ValueError(f"unknown structure {name!r}; allowed: {allowed}")
+        raise ValueError(f"unknown structure {name!r}; allowed: {', '.join(_signature(c) for c in GROUPS.values())}")
 
 
 def make(name: str, dim: int, **options) -> MatrixGroup:
-    """Build a group from its snake_case name, e.g. ``make("block_triangular", 100, k=5)``.
-
-    Unknown names, missing or unexpected options and impossible values (``k >= d``, a
-    block size that does not divide ``d``) raise ``ValueError`` listing what is allowed.
-    """
+    """Build a group from its snake_case name, e.g. ``make("block_triangular", 100, k=5)``. Unknown names, missing
+    or unexpected options and impossible values (``k >= d``, a block size not dividing ``d``) raise ``ValueError``."""
     if isinstance(name, MatrixGroup):
         if name.dim != dim:
             raise ValueError(f"group {name!r} has dim {name.dim}, expected {dim}")
@@ -58,18 +43,6 @@ def make(name: str, dim: int, **options) -> MatrixGroup:
 
 
 __all__ = [
-    "MatrixGroup",
-    "Dense",
-    "Diagonal",
-    "LowerTriangular",
-    "UpperTriangular",
-    "BlockDiagonal",
-    "BlockTriangular",
-    "BlockUpperTriangular",
-    "Heisenberg",
-    "Hierarchical",
-    "GROUPS",
-    "make",
-    "check_structure",
-    "sym",
+    "MatrixGroup", "Dense", "Diagonal", "LowerTriangular", "UpperTriangular", "BlockDiagonal", "BlockTriangular",
+    "BlockUpperTriangular", "Heisenberg", "Hierarchical", "GROUPS", "make", "check_structure", "sym",
 ]

@@ -1,10 +1,7 @@
-"""The interface every structured matrix group implements, and shared helpers.
+"""The interface of the structured matrix groups, and shared helpers.
 
-A group element ``B`` (a d x d invertible factor) is stored in a *compact form*: a
-tensor of shape ``(*batch, *group.shape)`` holding only the entries the structure
-allows. Lie-algebra elements ``M`` use the same compact form, so the compact space is
-linear: ``M1 + M2`` and ``c * M`` are plain tensor operations.
-"""
+An element ``B`` (an invertible d x d factor) is stored in *compact form*: a ``(*batch, *group.shape)`` tensor of
+the entries the structure allows. Algebra elements ``M`` use the same (linear) compact form."""
 
 from __future__ import annotations
 
@@ -21,9 +18,8 @@ HALF_DTYPES = (torch.float16, torch.bfloat16)
 
 
 def linear_solve(a: Tensor, b: Tensor, left: bool = True, upper: Optional[bool] = None) -> Tensor:
-    """``A^{-1} B`` (``B A^{-1}`` with ``left=False``) by ``torch.linalg.solve``, or by
-    ``solve_triangular`` for a triangular ``A`` (``upper`` given); half and bfloat16 (which
-    LAPACK lacks) in float32, the result cast back."""
+    """``A^{-1} B`` (``B A^{-1}`` with ``left=False``); triangular ``A`` when ``upper`` is given. Half and bfloat16
+    (which LAPACK lacks) run in float32, the result cast back."""
     if a.dtype in HALF_DTYPES:
         return linear_solve(a.float(), b.float(), left, upper).to(a.dtype)
     if upper is None:
@@ -32,8 +28,7 @@ def linear_solve(a: Tensor, b: Tensor, left: bool = True, upper: Optional[bool] 
 
 
 def log_abs_det(x: Tensor) -> Tensor:
-    """``log |det X|`` of square matrices by ``slogdet``; half and bfloat16 (which LAPACK lacks)
-    in float32, the result cast back."""
+    """``log |det X|`` by ``slogdet``; half and bfloat16 in float32, the result cast back."""
     if x.dtype in HALF_DTYPES:
         return torch.linalg.slogdet(x.float())[1].to(x.dtype)
     return torch.linalg.slogdet(x)[1]
@@ -44,15 +39,9 @@ def sym(x: Tensor) -> Tensor:
     return 0.5 * (x + x.mT)
 
 
-def apply_columns(
-    a: Tensor, x: Tensor, fn: Callable[[Tensor, Tensor], Tensor], unbatched: bool
-) -> Tensor:
-    """Apply the matrix operation ``fn(A, X)`` to every vector in ``x`` (shape ``(..., n)``).
-
-    For an unbatched ``A`` all vectors go through one matrix call (one GEMM or one
-    factorization), otherwise ``A`` and ``x`` broadcast as batches of matrix-vector
-    problems.
-    """
+def apply_columns(a: Tensor, x: Tensor, fn: Callable[[Tensor, Tensor], Tensor], unbatched: bool) -> Tensor:
+    """``fn(A, X)`` for every vector of ``x`` (``(..., n)``): one matrix call for an unbatched ``A``, else
+    ``A`` and ``x`` broadcast as batches of matrix-vector problems."""
     if unbatched:
         flat = x.reshape(-1, x.shape[-1])
         if fn is torch.matmul:  # rows times A^T: a contiguous result (a transposed one made sums slow)
@@ -62,12 +51,8 @@ def apply_columns(
 
 
 class MatrixGroup(abc.ABC):
-    """A matrix Lie group of structured invertible d x d factors (layer 1 of structngd).
-
-    Subclasses define the compact storage (:attr:`shape`) and the operations below. The
-    local map :meth:`h`, the exact :meth:`exp`, the inverse Fisher weights and the pattern
-    products have dense (or generic) fallbacks that structured groups override with O(nnz) code.
-    """
+    """A matrix Lie group of structured invertible d x d factors (layer 1 of structngd). Subclasses define the compact
+    storage (:attr:`shape`) and the operations, and override the generic fallbacks below with O(nnz) code."""
 
     #: snake_case name used by :func:`structngd.groups.make`
     name: str = ""
@@ -77,7 +62,6 @@ class MatrixGroup(abc.ABC):
             raise ValueError(f"dim must be a positive integer, got {dim!r}")
         self.dim = dim
 
-    # ----------------------------------------------------------------- storage
     @property
     @abc.abstractmethod
     def shape(self) -> Tuple[int, ...]:
@@ -87,10 +71,8 @@ class MatrixGroup(abc.ABC):
         """Leading batch dimensions of a compact element ``a``."""
         n = len(self.shape)
         if tuple(a.shape[a.dim() - n :]) != tuple(self.shape):
-            raise ValueError(
-                f"{self!r} expects compact elements of shape (..., {', '.join(map(str, self.shape))}), "
-                f"got {tuple(a.shape)}"
-            )
+            shape = ", ".join(map(str, self.shape))
+            raise ValueError(f"{self!r} expects compact elements of shape (..., {shape}), got {tuple(a.shape)}")
         return a.shape[: a.dim() - n]
 
     def _unbatched(self, a: Tensor) -> bool:
@@ -98,12 +80,8 @@ class MatrixGroup(abc.ABC):
 
     def numel(self) -> int:
         """Number of stored entries of one element."""
-        n = 1
-        for s in self.shape:
-            n *= s
-        return n
+        return math.prod(self.shape)
 
-    # ----------------------------------------------------------- construction
     def identity(self, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
         """The unit element ``I`` in compact form."""
         return self.from_diagonal(torch.ones(self.dim, dtype=dtype, device=device))
@@ -122,77 +100,45 @@ class MatrixGroup(abc.ABC):
 
     def mask(self, dtype=torch.float64, device=None) -> Tensor:
         """The 0/1 dense pattern of the storage."""
-        ones = torch.ones(self.dim, self.dim, dtype=dtype, device=device)
-        return self.to_dense(self.restrict(ones))
+        return self.to_dense(self.restrict(torch.ones(self.dim, self.dim, dtype=dtype, device=device)))
 
-    def random(
-        self,
-        generator: Optional[torch.Generator] = None,
-        dtype: Optional[torch.dtype] = None,
-        device=None,
-        batch_shape: Tuple[int, ...] = (),
-        scale: float = 0.3,
-    ) -> Tensor:
-        """A random, well-conditioned group element ``h(M)`` for tests.
-
-        ``M`` has standard normal entries scaled by ``scale / sqrt(d)`` on the pattern,
-        so the result is generic (every stored entry non-zero) and invertible.
-        """
+    def random(self, generator: Optional[torch.Generator] = None, dtype: Optional[torch.dtype] = None, device=None,
+               batch_shape: Tuple[int, ...] = (), scale: float = 0.3) -> Tensor:
+        """A random, generic (every stored entry non-zero), well-conditioned element ``h(M)`` for tests; ``M`` is
+        standard normal times ``scale / sqrt(d)`` on the pattern, plus ``scale`` times normal on the diagonal."""
         dtype = dtype or torch.get_default_dtype()
-        shape = tuple(batch_shape) + tuple(self.shape)
-        noise = torch.randn(shape, generator=generator, dtype=dtype, device=device)
+        noise = torch.randn(tuple(batch_shape) + tuple(self.shape), generator=generator, dtype=dtype, device=device)
         noise = self.restrict(self.to_dense(noise))  # zero any storage slot off the pattern
         diag = torch.randn(tuple(batch_shape) + (self.dim,), generator=generator, dtype=dtype, device=device)
         return self.h(noise * (scale / self.dim**0.5) + self.from_diagonal(diag * scale))
 
-    # ------------------------------------------------------------- the algebra
     @abc.abstractmethod
     def project(self, g: Tensor) -> Tensor:
-        """Natural gradient in the Lie algebra from a dense local gradient ``G = B^T dL/dB``.
-
-        Returns ``C ⊙ κ(G)`` in compact form: ``sym(G)/2`` on diagonal entries and dense
-        (symmetric) diagonal blocks, ``G`` on free (triangular, coupling) entries. The
-        weights are the inverse Fisher weights of the local coordinates at ``eta0``.
-        """
+        """Natural gradient ``C ⊙ κ(G)`` (compact) from a dense local gradient ``G = B^T dL/dB``: ``sym(G)/2`` on
+        diagonal entries and dense diagonal blocks, ``G`` on free (triangular, coupling) entries."""
 
     def pullback(self, b: Tensor, grad: Tensor) -> Tensor:
-        """``project(B^T dL/dB)`` from a compact factor ``B`` and its compact gradient.
-
-        Subclasses with low-rank structure override this to avoid dense d x d work.
-        """
+        """``project(B^T dL/dB)`` from a compact factor ``B`` and its compact gradient."""
         return self.project(self.to_dense(b).mT @ self.to_dense(grad))
 
     def h(self, m: Tensor) -> Tensor:
-        """The local map ``h(M) = I + M + M^2 / 2``; stays in the group for any ``M``.
-
-        ``h`` is not the matrix exponential (it agrees with ``exp`` to second order); its
-        inverse exists for every ``M`` because ``h(M)`` has the eigenvalues ``h(m) >= 1/2``
-        on the algebra's symmetric blocks and a unit-free triangular part elsewhere.
-        """
+        """The local map ``h(M) = I + M + M^2 / 2`` (``exp`` to second order); invertible for every ``M``: its
+        eigenvalues are ``h(m) >= 1/2`` on the symmetric blocks, with a unit-free triangular part elsewhere."""
         return self.identity(m.dtype, m.device) + m + 0.5 * self.mul(m, m)
 
     def expm(self, m: Tensor) -> Tensor:
         """Deprecated alias of :meth:`h` (``h`` is not the matrix exponential; see :meth:`exp`)."""
-        warnings.warn(
-            "MatrixGroup.expm is deprecated: it is the local map h(M) = I + M + M^2/2, now "
-            "MatrixGroup.h; the exact exponential is MatrixGroup.exp",
-            DeprecationWarning,
-            stacklevel=2,
-        )
+        warnings.warn("MatrixGroup.expm is deprecated: it is the local map h(M) = I + M + M^2/2, now "
+                      "MatrixGroup.h; the exact exponential is MatrixGroup.exp", DeprecationWarning, stacklevel=2)
         return self.h(m)
 
     def exp(self, m: Tensor) -> Tensor:
-        """The exact matrix exponential ``exp(M)`` of a compact algebra element, in compact form.
-
-        Generic: Taylor series with scaling and squaring through the compact product (the
-        pattern is closed under products), to float64 round-off. Dense-storage groups use
-        ``torch.linalg.matrix_exp``, the diagonal group ``torch.exp``.
-        """
+        """The exact ``exp(M)`` in compact form: Taylor series with scaling and squaring through the compact
+        product (the pattern is closed under products), to float64 round-off."""
         norm = float(m.abs().sum())  # bounds any induced norm of M on the pattern
         squarings = max(0, int(math.ceil(math.log2(norm / 0.25)))) if norm > 0.25 else 0
         x = m / (2.0**squarings)
-        eye = self.identity(m.dtype, m.device)
-        term, out = eye, eye
+        term = out = self.identity(m.dtype, m.device)
         for n in range(1, 19):
             term = self.mul(term, x) / n
             out = out + term
@@ -203,31 +149,18 @@ class MatrixGroup(abc.ABC):
         return out
 
     def inverse_fisher_weights(self, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
-        """The compact weights ``C`` of ``project(G) = C ⊙ κ(G)`` for symmetric ``G``.
-
-        ``1/2`` on diagonal entries and dense (symmetric) diagonal blocks, ``1`` on free
-        (triangular, coupling) entries, ``0`` on storage slots off the pattern: the inverse
-        of the local coordinates' Fisher weights at ``eta0``. For a symmetric ``X`` given
-        by its pattern entries ``x = restrict(X)``, ``C * x = project(X)``.
-        """
-        dtype = dtype or torch.get_default_dtype()
-        return self.project(torch.ones(self.dim, self.dim, dtype=dtype, device=device))
+        """The weights ``C`` of ``project(G) = C ⊙ κ(G)`` at ``eta0``: ``1/2`` on diagonal entries and dense diagonal
+        blocks, ``1`` on free entries, ``0`` off the pattern; ``C * restrict(X) = project(X)`` for symmetric ``X``."""
+        return self.project(torch.ones(self.dim, self.dim, dtype=dtype or torch.get_default_dtype(), device=device))
 
     @property
     def algebra_dim(self) -> int:
         """Number of free coordinates of the algebra: ``d (d + 1) / 2`` for dense, ``d`` for diagonal.
-
-        Twice the weights' sum counts each symmetric-block entry (weight 1/2, off-diagonal
-        pairs share one coordinate) and free entries twice; adding ``d`` restores the
-        diagonal's own coordinate."""
+        (Twice the weights' sum counts free entries twice and each symmetric pair once; ``+ d`` adds the diagonal.)"""
         return int(round(float(self.inverse_fisher_weights(torch.float64).sum()) + self.dim / 2))
 
     def outer(self, z: Tensor, weights: Optional[Tensor] = None) -> Tensor:
-        """Pattern entries of ``sum_k w_k z_k z_k^T`` for ``z`` of shape ``(n, d)`` (compact form).
-
-        ``weights`` (shape ``(n,)``) defaults to ones. Generic: the dense sum restricted to the
-        pattern; structured groups compute only their pattern entries (O(n nnz)).
-        """
+        """Pattern entries of ``sum_k w_k z_k z_k^T`` for ``z`` ``(n, d)``; ``weights`` ``(n,)`` default to ones."""
         wz = z if weights is None else z * weights.unsqueeze(-1)
         return self.restrict(wz.mT @ z)
 
@@ -239,7 +172,6 @@ class MatrixGroup(abc.ABC):
         """Squared column norms of ``A``: the diagonal of ``A^T A``, shape ``(..., d)``."""
         return self.to_dense(a).pow(2).sum(-2)
 
-    # -------------------------------------------------------- group operations
     @abc.abstractmethod
     def mul(self, a: Tensor, b: Tensor) -> Tensor:
         """The product ``A B`` in compact form."""
@@ -269,12 +201,9 @@ class MatrixGroup(abc.ABC):
         return self.to_dense(a).diagonal(dim1=-2, dim2=-1)
 
     def gram(self, a: Tensor) -> Optional[Tensor]:
-        """``A A^T`` in compact form where the storage pattern holds it (diagonal and
-        block-diagonal groups, dense), else ``None`` (triangular and low-rank-like groups,
-        whose ``A A^T`` fills the pattern's complement). ``matvec(gram(a), x) = A A^T x``."""
+        """``A A^T`` in compact form where the pattern holds it (diagonal, block-diagonal, dense), else ``None``."""
         return None
 
-    # ------------------------------------------------------------------ misc
     def _check_vector(self, x: Tensor) -> None:
         if x.shape[-1] != self.dim:
             raise ValueError(f"{self!r} acts on vectors of size {self.dim}, got shape {tuple(x.shape)}")
@@ -283,9 +212,8 @@ class MatrixGroup(abc.ABC):
         return f"{type(self).__name__}(dim={self.dim})"
 
     def constant(self, name: str, dtype: Optional[torch.dtype] = None, device=None) -> Tensor:
-        """``getattr(self, name)(dtype, device)`` for a constant of the group (``"identity"``,
-        ``"inverse_fisher_weights"``), formed once per dtype and device and then shared: read
-        it, do not write into it."""
+        """``getattr(self, name)(dtype, device)`` (``"identity"``, ``"inverse_fisher_weights"``), formed once per dtype
+        and device and then shared: read it, do not write into it."""
         cache = self.__dict__.setdefault("_constants", {})
         key = (name, dtype, None if device is None else torch.device(device))
         if key not in cache:

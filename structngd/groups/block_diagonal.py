@@ -10,15 +10,10 @@ from .base import MatrixGroup, linear_solve, log_abs_det, sym
 
 
 class BlockDiagonal(MatrixGroup):
-    """``ceil(d / b)`` dense invertible ``b x b`` blocks stored as ``(ceil(d / b), b, b)``.
-
-    Each block's algebra is symmetric: ``project(G)`` keeps ``sym(G_ii) / 2`` per block.
-
-    ``block_size`` must divide ``d``, unless ``ragged=True``: then the last block has
-    ``r = d - (ceil(d / b) - 1) b`` rows and is stored padded to ``b x b``. The padding slots are
-    no coordinates of the group: every operation keeps them at zero (``from_diagonal``,
-    ``restrict`` and products never fill them) and reads the padded corner as the identity
-    where an inverse or determinant needs it, so they never reach a result.
+    """``ceil(d / b)`` dense invertible ``b x b`` blocks stored as ``(ceil(d / b), b, b)``; ``project(G)`` keeps
+    ``sym(G_ii) / 2`` per block. ``block_size`` must divide ``d`` unless ``ragged=True``: then the last block has
+    ``r = d - (ceil(d / b) - 1) b`` rows, stored padded to ``b x b``. The padding slots are no coordinates: every
+    operation keeps them at zero and reads the padded corner as the identity where an inverse or determinant needs it.
     """
 
     name = "block_diagonal"
@@ -26,17 +21,14 @@ class BlockDiagonal(MatrixGroup):
     def __init__(self, dim: int, block_size: int, ragged: bool = False):
         super().__init__(dim)
         if not isinstance(block_size, int) or block_size < 1 or block_size > dim or (dim % block_size and not ragged):
-            raise ValueError(
-                f"block_size must be a positive integer dividing dim={dim} (or at most dim with "
-                f"ragged=True, for a smaller last block), got {block_size!r}"
-            )
+            raise ValueError(f"block_size must be a positive integer dividing dim={dim} (or at most dim with "
+                             f"ragged=True, for a smaller last block), got {block_size!r}")
         self.block_size, self.ragged = block_size, bool(ragged)
         self.num_blocks = -(-dim // block_size)
         self.padding = self.num_blocks * block_size - dim
 
     def __repr__(self):
-        ragged = ", ragged=True" if self.ragged else ""
-        return f"BlockDiagonal(dim={self.dim}, block_size={self.block_size}{ragged})"
+        return f"BlockDiagonal(dim={self.dim}, block_size={self.block_size}{', ragged=True' if self.ragged else ''})"
 
     @property
     def shape(self):
@@ -67,10 +59,8 @@ class BlockDiagonal(MatrixGroup):
     def restrict(self, g: Tensor) -> Tensor:
         if self.padding:
             g = F.pad(g, (0, self.padding, 0, self.padding))
-        grid = g.unflatten(-1, (self.num_blocks, self.block_size)).unflatten(
-            -3, (self.num_blocks, self.block_size)
-        )  # (..., nb, b, nb, b)
-        return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+        grid = g.unflatten(-1, (self.num_blocks, self.block_size)).unflatten(-3, (self.num_blocks, self.block_size))
+        return grid.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)  # grid: (..., nb, b, nb, b)
 
     def to_dense(self, a: Tensor) -> Tensor:
         nb, b = self.num_blocks, self.block_size

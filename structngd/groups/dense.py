@@ -9,11 +9,8 @@ from .base import MatrixGroup, apply_columns, linear_solve, log_abs_det, sym
 
 
 class Dense(MatrixGroup):
-    """All invertible d x d matrices, stored as ``(d, d)``; ``S = B B^T`` is any SPD matrix.
-
-    The local space is the symmetric matrices (skew directions rotate ``B`` without
-    changing ``S`` and have zero Fisher), so ``project(G) = sym(G) / 2``.
-    """
+    """All invertible d x d matrices, stored as ``(d, d)``; ``S = B B^T`` is any SPD matrix. The local space is the
+    symmetric matrices (skew directions rotate ``B``, leave ``S`` and have zero Fisher): ``project(G) = sym(G) / 2``."""
 
     name = "dense"
 
@@ -68,8 +65,7 @@ class Dense(MatrixGroup):
 
     def tsolve(self, a, x):
         if self._unbatched(a):  # rows: Y = X A^{-1}; keeps A's gradient in A's memory layout
-            flat = x.reshape(-1, x.shape[-1])
-            return linear_solve(a, flat, left=False).reshape(x.shape)
+            return linear_solve(a, x.reshape(-1, x.shape[-1]), left=False).reshape(x.shape)
         return apply_columns(a.mT, x, linear_solve, False)
 
     def logdet(self, a):

@@ -51,10 +51,7 @@ class Diagonal(MatrixGroup):
     def row_sq_norms(self, a):
         return a * a
 
-    col_sq_norms = row_sq_norms
-
-    def gram(self, a):
-        return a * a
+    col_sq_norms = gram = row_sq_norms
 
     def matvec(self, a, x):
         return a * x

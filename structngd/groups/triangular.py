@@ -9,11 +9,8 @@ from .base import MatrixGroup, apply_columns, linear_solve
 
 
 class _Triangular(MatrixGroup):
-    """Triangular factors stored as ``(d, d)`` with exact zeros off the triangle.
-
-    Every entry of the algebra is free except the diagonal, so
-    ``project(G) = diag(G) / 2 + strict triangle of G``.
-    """
+    """Triangular factors stored as ``(d, d)`` with exact zeros off the triangle; every algebra entry but the
+    diagonal is free, so ``project(G) = diag(G) / 2 + strict triangle of G``."""
 
     upper: bool = False
 
@@ -49,8 +46,7 @@ class _Triangular(MatrixGroup):
         return (a * a).sum(-2)
 
     def _solve(self, a: Tensor, x: Tensor, transpose: bool) -> Tensor:
-        upper = self.upper != transpose
-        fn = lambda m, rhs: linear_solve(m, rhs, upper=upper)  # noqa: E731
+        fn = lambda m, rhs: linear_solve(m, rhs, upper=self.upper != transpose)  # noqa: E731
         return apply_columns(a.mT if transpose else a, x, fn, self._unbatched(a))
 
     def matvec(self, a, x):
