@@ -3,10 +3,22 @@
 from __future__ import annotations
 
 import math
+import numbers
+
+import numpy as np
+
+
+def _is_bool(value) -> bool:
+    return isinstance(value, (bool, np.bool_))
 
 
 def _is_number(value) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    """A real number (numpy's scalars too), not a bool."""
+    return isinstance(value, numbers.Real) and not _is_bool(value)
+
+
+def _is_integer(value) -> bool:
+    return isinstance(value, numbers.Integral) and not _is_bool(value)
 
 
 def _finite_bound(name: str, value, strict: bool, optional: bool):
@@ -49,15 +61,15 @@ def fraction(name: str, value) -> float:
 
 def count(name: str, value, minimum: int = 1) -> int:
     """An integer ``>= minimum`` (not a bool)."""
-    if not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+    if not (_is_integer(value) and value >= minimum):
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
-    return value
+    return int(value)
 
 
 def optional_count(name: str, value, minimum: int = 1):
     """``None`` or an integer ``>= minimum``."""
-    if value is not None and not (isinstance(value, int) and not isinstance(value, bool) and value >= minimum):
+    if value is not None and not (_is_integer(value) and value >= minimum):
         raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}")
     return value
 
@@ -66,3 +78,10 @@ def one_of(name: str, value, allowed) -> None:
     """``value`` is one of ``allowed``."""
     if not isinstance(value, str) or value not in allowed:
         raise ValueError(f"{name} must be one of {tuple(allowed)}, got {value!r}")
+
+
+def flag(name: str, value) -> bool:
+    """``True`` or ``False`` (numpy's bools too), nothing else."""
+    if not _is_bool(value):
+        raise ValueError(f"{name} must be True or False, got {value!r}")
+    return bool(value)

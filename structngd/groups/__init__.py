@@ -33,16 +33,21 @@ def make(name: str, dim: int, **options) -> MatrixGroup:
         if name.dim != dim:
             raise ValueError(f"group {name!r} has dim {name.dim}, expected {dim}")
         return name
+    check_options(name, **options)
+    return GROUPS[name](dim, **options)
+
+
+def check_options(name: str, **options) -> None:
+    """``ValueError`` for an unknown group name or options that are not the group's (unknown, missing)."""
     check_structure(name)
     cls = GROUPS[name]
     try:
-        inspect.signature(cls.__init__).bind(None, dim, **options)
+        inspect.signature(cls.__init__).bind(None, 1, **options)
     except TypeError as err:
         raise ValueError(f"bad options {options} for {_signature(cls)}: {err}") from None
-    return cls(dim, **options)
 
 
 __all__ = [
     "MatrixGroup", "Dense", "Diagonal", "LowerTriangular", "UpperTriangular", "BlockDiagonal", "BlockTriangular",
-    "BlockUpperTriangular", "Heisenberg", "Hierarchical", "GROUPS", "make", "check_structure", "sym",
+    "BlockUpperTriangular", "Heisenberg", "Hierarchical", "GROUPS", "make", "check_structure", "check_options", "sym",
 ]

@@ -21,8 +21,17 @@ class CurvatureBlock:
     broadcast_keys: Dict[str, tuple] = {}
 
     def __init__(self, layer: KronLayer, dtype: torch.dtype):
-        self.layer, self.dtype = layer, dtype
+        self.layer, self.dtype, self.device = layer, dtype, layer.weight.device
         self.state: Dict[str, Tensor] = {}
+
+    def move(self, dtype: torch.dtype, device: torch.device) -> None:
+        """Follow the layer to another dtype and device."""
+        self.dtype, self.device = dtype, device
+        self.state = {k: v.to(device, dtype if v.is_floating_point() else None) for k, v in self.state.items()}
+
+    def signature(self) -> str:
+        """What a saved state must match to load into this block."""
+        return f"{type(self.layer.module).__name__} {self.layer.in_dim} -> {self.layer.out_dim}"
 
     def update_statistics(self, a_batch: Tensor, g_batch: Tensor, decay: float) -> None:
         """``X <- decay X + (1 - decay) X_batch`` for ``X = A, G`` (the first batch initializes them)."""
@@ -53,6 +62,9 @@ class CurvatureBlock:
 
     def between_updates(self, hp: dict) -> None:
         """Work of a step without new statistics."""
+
+    def discard_batch(self) -> None:
+        """Forget what the block took from the current batch's hooks (the batch is dropped)."""
 
     def precondition(self, grad: Tensor, hp: dict) -> Tensor:
         """The preconditioned ``(d_out, d_in)`` gradient."""

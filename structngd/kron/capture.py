@@ -16,7 +16,9 @@ that the layer's Fisher block is approximated by ``A ⊗ G`` (KFAC / KFC).
 from __future__ import annotations
 
 import contextlib
+import inspect
 import warnings
+import weakref
 from typing import Callable, Dict, List, Optional, Tuple
 
 import torch
@@ -146,25 +148,117 @@ def find_layers(model: nn.Module, skip: Tuple[str, ...] = ()) -> Tuple[List[Kron
     return layers, skipped
 
 
+#: the live capture of every hooked module: a second preconditioner on the same layer is an error
+_OWNERS: "weakref.WeakKeyDictionary[nn.Module, weakref.ref]" = weakref.WeakKeyDictionary()
+
+
+def _held_weakly(fn: Optional[Callable]) -> Callable[[], Optional[Callable]]:
+    """``fn`` behind a reference that keeps a bound method's object alive through nothing."""
+    if inspect.ismethod(fn):
+        return weakref.WeakMethod(fn)
+    return lambda: fn
+
+
+_CALLBACKS = ("_grad_scale", "_on_rows", "_on_reset")
+
+
+class _ForwardHook:
+    """A layer's forward hook, tied weakly to its capture. A copy or a pickle of the hooked module
+    gets an inert hook (copies of a model are not preconditioned); a pickled preconditioner hooks its
+    own copy of the model again when it is loaded."""
+
+    def __init__(self, capture: "Capture", layer: KronLayer):
+        self.capture, self.layer = weakref.ref(capture), layer
+
+    def __call__(self, module, inputs, output):
+        capture = self.capture()
+        if capture is not None and module is self.layer.module:
+            capture._forward(self.layer, inputs, output)
+
+    def __reduce__(self):
+        return (_InertHook, ())
+
+
+class _InertHook:
+    """What a copied or unpickled module keeps of a preconditioner's hook: nothing."""
+
+    def __call__(self, module, inputs, output):
+        return None
+
+
 class Capture:
     """Hooks that accumulate the Kronecker statistics of the supported layers.
 
-    A forward hook takes the input rows and hooks the output tensor, whose gradient arrives in
-    the backward pass (also when the input needs no gradient, and under ``torch.autograd.grad``).
-    :meth:`arm` says what a step gathers: ``A``, ``G`` and/or the rows for
-    ``on_rows(layer, a_rows, g_rows)``. ``grad_scale(n)`` multiplies the output gradients of a
-    micro-batch of ``n``; with ``from_sampled_labels`` only :meth:`sampled_label_pass` feeds ``G``.
+    A forward hook takes the input rows and hooks the output tensor; only when that output's
+    gradient arrives (also when the input needs no gradient, and under ``torch.autograd.grad``)
+    do the input's ``A`` and the gradient's ``G`` enter the statistics, so forwards that are never
+    backpropagated count for nothing. A second backward pass through the same forward counts as
+    more examples, as does a second call of a module in one forward. :meth:`arm` says what a step
+    gathers: ``A``, ``G`` and/or the rows for ``on_rows(layer, a_rows, g_rows)``. ``grad_scale(n)``
+    multiplies the output gradients of a micro-batch of ``n``; with ``from_sampled_labels`` only
+    :meth:`sampled_label_pass` feeds the statistics. Forwards under ``torch.func`` transforms are
+    ignored.
     """
 
     def __init__(self, layers: List[KronLayer], grad_scale: Callable[[int], float], from_sampled_labels: bool = False):
+        for layer in layers:
+            owner = _OWNERS.get(layer.module)
+            if owner is not None and owner() is not None:
+                raise ValueError(f"layer {layer.name!r} is already preconditioned by another preconditioner: call its "
+                                 "remove_hooks() first")
         self.layers = layers
         self.grad_scale = grad_scale
         self.from_sampled_labels = bool(from_sampled_labels)
         self.statistics = True
-        self.on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None
+        self.on_rows = self.on_reset = None
         self._in_sampled_pass = False
-        self._handles = [layer.module.register_forward_hook(self._forward_hook(layer)) for layer in layers]
+        self._handles: list = []
+        self._register()
         self.reset()
+
+    # the preconditioner's methods are held weakly, so that hooks keep no preconditioner alive
+    @property
+    def grad_scale(self) -> Callable[[int], float]:
+        return self._grad_scale()
+
+    @grad_scale.setter
+    def grad_scale(self, fn: Callable[[int], float]) -> None:
+        self._grad_scale = _held_weakly(fn)
+
+    @property
+    def on_rows(self) -> Optional[Callable[[KronLayer, Tensor, Tensor], None]]:
+        return self._on_rows()
+
+    @on_rows.setter
+    def on_rows(self, fn: Optional[Callable[[KronLayer, Tensor, Tensor], None]]) -> None:
+        self._on_rows = _held_weakly(fn)
+
+    @property
+    def on_reset(self) -> Optional[Callable[[], None]]:
+        """Called when the step's statistics are forgotten (what ``on_rows`` took goes with them)."""
+        return self._on_reset()
+
+    @on_reset.setter
+    def on_reset(self, fn: Optional[Callable[[], None]]) -> None:
+        self._on_reset = _held_weakly(fn)
+
+    def _register(self) -> None:
+        for layer in self.layers:
+            self._handles.append(layer.module.register_forward_hook(_ForwardHook(self, layer)))
+            _OWNERS[layer.module] = weakref.ref(self)
+        weakref.finalize(self, _remove_handles, self._handles)
+
+    def __getstate__(self) -> dict:
+        state = {k: v for k, v in self.__dict__.items() if k not in ("_handles",) + _CALLBACKS}
+        return {**state, **{name[1:]: getattr(self, name[1:]) for name in _CALLBACKS}}
+
+    def __setstate__(self, state: dict) -> None:
+        callbacks = {name[1:]: state.pop(name[1:]) for name in _CALLBACKS}
+        self.__dict__.update(state)
+        for name, fn in callbacks.items():
+            setattr(self, name, fn)
+        self._handles = []
+        self._register()
 
     def arm(self, statistics: bool, on_rows: Optional[Callable[[KronLayer, Tensor, Tensor], None]] = None) -> None:
         """What the coming step gathers: ``A`` and ``G`` (``statistics``) and the rows for ``on_rows``."""
@@ -183,30 +277,34 @@ class Capture:
         """Forget the statistics of the current step."""
         self.a_sum, self.g_sum = ({layer.name: None for layer in self.layers} for _ in range(2))
         self.a_count, self.g_count = ({layer.name: 0 for layer in self.layers} for _ in range(2))
-        self.backward_seen = self.forward_seen = False
+        self.backward_seen = self.forward_seen = self.stale = False
+        on_reset = self.on_reset if hasattr(self, "_on_reset") else None
+        if on_reset is not None:
+            on_reset()
 
     def remove(self) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        _remove_handles(self._handles)
+        for layer in self.layers:
+            owner = _OWNERS.get(layer.module)
+            if owner is not None and owner() is self:
+                del _OWNERS[layer.module]
 
-    def _forward_hook(self, layer: KronLayer):
-        def hook(module, inputs, output):
-            if not (module.training and torch.is_grad_enabled() and output.requires_grad):
-                return
-            self.forward_seen = True
-            if not self.capturing:
-                return  # nothing to capture this step (KFAC between statistics updates)
-            x = inputs[0].detach()
-            rows = layer.input_rows(x).to(statistics_dtype(x.dtype))
-            if self.statistics:
-                _add(self.a_sum, layer.name, torch.einsum("nti,ntj->ij", rows, rows))
-                self.a_count[layer.name] += rows.shape[0]
-            output.register_hook(self._gradient_hook(layer, rows.shape[0], rows if self.on_rows is not None else None))
+    def _forward(self, layer: KronLayer, inputs, output) -> None:
+        if not (layer.module.training and torch.is_grad_enabled() and isinstance(output, Tensor)
+                and output.requires_grad) or _under_functorch():
+            return
+        if self.stale:  # the first forward after a failed step starts the statistics afresh
+            self.reset()
+        self.forward_seen = True
+        if not self.capturing:
+            return  # nothing to capture this step (KFAC between statistics updates)
+        x = inputs[0].detach()
+        rows = layer.input_rows(x).to(statistics_dtype(x.dtype))
+        a_batch = torch.einsum("nti,ntj->ij", rows, rows) if self.statistics else None
+        output.register_hook(self._gradient_hook(layer, rows.shape[0], a_batch,
+                                                 rows if self.on_rows is not None else None))
 
-        return hook
-
-    def _gradient_hook(self, layer: KronLayer, n: int, a_rows: Optional[Tensor]):
+    def _gradient_hook(self, layer: KronLayer, n: int, a_batch: Optional[Tensor], a_rows: Optional[Tensor]):
         def hook(grad: Tensor):
             if not self._in_sampled_pass:
                 self.backward_seen = True
@@ -214,11 +312,14 @@ class Capture:
                 return
             g = grad.detach()
             g_rows = layer.grad_rows(g).to(statistics_dtype(g.dtype)) * self.grad_scale(n)
-            if self.statistics:
+            if self.statistics and a_batch is not None:
+                _add(self.a_sum, layer.name, a_batch)
+                self.a_count[layer.name] += n
                 _add(self.g_sum, layer.name, torch.einsum("nti,ntj->ij", g_rows, g_rows) / g_rows.shape[1])
                 self.g_count[layer.name] += g_rows.shape[0]
-            if self.on_rows is not None and a_rows is not None:
-                self.on_rows(layer, a_rows, g_rows)
+            on_rows = self.on_rows
+            if on_rows is not None and a_rows is not None:
+                on_rows(layer, a_rows, g_rows)
 
         return hook
 
@@ -234,6 +335,18 @@ class Capture:
             raise RuntimeError(f"no statistics were captured for layer {name!r} in this step: run the forward and "
                                "backward passes in training mode with gradients enabled before step()")
         return self.a_sum[name] / self.a_count[name], self.g_sum[name] / self.g_count[name]
+
+
+def _remove_handles(handles: list) -> None:
+    for handle in handles:
+        handle.remove()
+    handles.clear()
+
+
+def _under_functorch() -> bool:
+    """Whether a ``torch.func`` transform (``vmap``, ``grad``, ...) is running."""
+    active = getattr(torch._C, "_are_functorch_transforms_active", None)
+    return bool(active()) if active is not None else False
 
 
 def statistics_dtype(dtype: torch.dtype) -> torch.dtype:

@@ -39,6 +39,7 @@ class EKFACBlock(CurvatureBlock):
     def __init__(self, layer: KronLayer, dtype: torch.dtype):
         super().__init__(layer, dtype)
         self.rows: list = []  # the rows of a step whose basis is still to come
+        self.scaling: Optional[tuple] = None  # (sum of squares, examples) of the current batch
 
     def add_rows(self, a_rows: Tensor, g_rows: Tensor, basis_changes: bool) -> None:
         """Take one micro-batch's rows into the scaling (kept until the new basis exists at a basis change)."""
@@ -56,19 +57,26 @@ class EKFACBlock(CurvatureBlock):
             squares = pg[:, 0].pow(2).mT @ pa[:, 0].pow(2)
         else:
             squares = torch.einsum("nto,nti->noi", pg, pa).pow(2).sum(0)
-        state["_s_sum"] = squares if "_s_sum" not in state else state["_s_sum"] + squares
-        count = a_rows.shape[0]
-        state["_s_count"] = torch.tensor(count) if "_s_count" not in state else state["_s_count"] + count
+        total, count = self.scaling or (0, 0)
+        self.scaling = (squares + total, count + a_rows.shape[0])
 
     def _take_scaling(self) -> Optional[Tensor]:
-        total, count = self.state.pop("_s_sum", None), self.state.pop("_s_count", None)
-        return None if total is None else all_reduce_mean(total / count)
+        scaling, self.scaling = self.scaling, None
+        if scaling is None:
+            return None
+        if not torch.isfinite(scaling[0].sum()):
+            raise ValueError(f"EKFAC: the scaling of layer {self.layer.name!r} is non-finite (activations or output "
+                             f"gradients overflow {self.dtype}); nothing was changed")
+        return all_reduce_mean(scaling[0] / scaling[1])
+
+    def discard_batch(self) -> None:
+        self.rows, self.scaling = [], None
 
     def snapshot(self, refreshing: bool) -> tuple:
-        return super().snapshot(refreshing), list(self.rows)
+        return super().snapshot(refreshing), list(self.rows), self.scaling
 
     def restore(self, snapshot: tuple) -> None:
-        state, self.rows = snapshot
+        state, self.rows, self.scaling = snapshot
         super().restore(state)
 
     def refresh(self, hp: dict) -> None:
@@ -125,7 +133,7 @@ class EKFAC(KroneckerPreconditioner):
         super().__init__(model, *args, **kwargs)
 
     def _make_block(self, layer: KronLayer) -> EKFACBlock:
-        return EKFACBlock(layer, self.statistics_dtype(layer))
+        return EKFACBlock(layer, self.block_dtype(layer))
 
     @property
     def is_scaling_step(self) -> bool:

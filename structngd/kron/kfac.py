@@ -42,7 +42,7 @@ class KFAC(KroneckerPreconditioner):
     kind = "KFAC"
 
     def _make_block(self, layer: KronLayer) -> KFACBlock:
-        return KFACBlock(layer, self.statistics_dtype(layer))
+        return KFACBlock(layer, self.block_dtype(layer))
 
 
 def damped_inverse(matrix: Tensor, damping: float) -> Tensor:

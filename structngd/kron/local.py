@@ -39,6 +39,9 @@ class LocalKFACBlock(CurvatureBlock):
     def sides(self):
         return (("K", self.in_group), ("C", self.out_group))
 
+    def signature(self) -> str:
+        return f"{super().signature()}, K in {self.in_group!r}, C in {self.out_group!r}"
+
     @property
     def family(self) -> KroneckerGaussian:
         """The factors-only :class:`~structngd.families.KroneckerGaussian` view of ``K``, ``C`` (shares the tensors)."""
@@ -162,9 +165,9 @@ class LocalKFAC(KroneckerPreconditioner):
         self.lr_cov, self.init_scale = checks.positive("lr_cov", lr_cov), checks.positive("init_scale", init_scale)
         self.max_step = checks.optional_positive("max_step", max_step)
         self.momentum = checks.fraction("momentum", momentum)
-        _groups.check_structure(structure)
         self.structure, self.factor_dtype = structure, factor_dtype
         self._group_options = dict(group_options or {})
+        _groups.check_options(structure, **self._group_options)
         if structure == "block_diagonal":  # factor sizes (bias included) rarely divide b
             self._group_options.setdefault("ragged", True)
         self._fallbacks = []
@@ -182,7 +185,10 @@ class LocalKFAC(KroneckerPreconditioner):
             except ValueError:
                 pair.append(_groups.make("dense", dim))
                 self._fallbacks.append(f"{layer.name}.{side} (dim {dim})")
-        return LocalKFACBlock(layer, *pair, self.factor_dtype or layer.weight.dtype, self.init_scale)
+        return LocalKFACBlock(layer, *pair, self.block_dtype(layer), self.init_scale)
+
+    def block_dtype(self, layer: KronLayer) -> torch.dtype:
+        return self.factor_dtype or layer.weight.dtype
 
     @property
     def groups(self):

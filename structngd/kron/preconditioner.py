@@ -42,7 +42,7 @@ class KroneckerPreconditioner:
             captured ones times the batch size.
         accumulation_steps: micro-batches (losses divided by this number) per ``step()``.
         grad_scaler: a ``torch.amp.GradScaler`` whose scale divides the captured gradients.
-        skip: names of modules to leave alone.
+        skip: a name or names of modules to leave alone.
         kl_clip: scale the preconditioned gradients ``p`` by
             ``nu = min(1, sqrt(kl_clip / (lr^2 sum_l <p_l, g_l>)))`` (Ba et al. 2017); ``None``: off.
         optimizer_lr: the outer optimizer's ``lr`` that ``kl_clip`` needs (``lr=``: deprecated alias).
@@ -83,16 +83,25 @@ class KroneckerPreconditioner:
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
         self.damping, self.factor_decay, self.update_every = float(damping), float(factor_decay), update_every
-        self.fisher, self.batch_averaged, self.accumulation_steps = fisher, batch_averaged, accumulation_steps
-        self.grad_scaler = grad_scaler
-        self.layers, self.skipped = find_layers(model, tuple(skip))
+        self.batch_averaged = checks.flag("batch_averaged", batch_averaged)
+        self.fisher, self.accumulation_steps, self.grad_scaler = fisher, accumulation_steps, grad_scaler
+        skip = (skip,) if isinstance(skip, str) else tuple(skip)
+        unknown = sorted(set(skip) - {name for name, _ in model.named_modules()})
+        if unknown:
+            raise ValueError(f"skip names modules the model does not have: {unknown}")
+        self.layers, self.skipped = find_layers(model, skip)
         if not self.layers:
             raise ValueError(f"{self.kind} found no supported layer (nn.Linear, nn.Conv2d) in the model")
         warn_skipped(self.kind, self.skipped)
         self.capture = Capture(self.layers, self._grad_scale, from_sampled_labels=fisher == "true")
+        self.capture.on_reset = self._discard_batch
         self.steps = 0
         self.blocks: Dict[str, CurvatureBlock] = {layer.name: self._make_block(layer) for layer in self.layers}
         self._arm_capture()
+
+    def _discard_batch(self) -> None:
+        for block in self.blocks.values():
+            block.discard_batch()
 
     def _make_block(self, layer: KronLayer) -> CurvatureBlock:
         """The layer's curvature block (each preconditioner defines its own)."""
@@ -118,6 +127,18 @@ class KroneckerPreconditioner:
     def statistics_dtype(layer: KronLayer) -> torch.dtype:
         """The dtype of the layer's statistics (float64 for float64 layers, else float32)."""
         return statistics_dtype(layer.weight.dtype)
+
+    def block_dtype(self, layer: KronLayer) -> torch.dtype:
+        """The dtype of the layer's block (its statistics' dtype, unless a preconditioner says otherwise)."""
+        return self.statistics_dtype(layer)
+
+    def _follow_layers(self) -> None:
+        """Move each block to its layer's device and dtype (a model moved after construction)."""
+        for layer in self.layers:
+            block, device = self.blocks[layer.name], layer.weight.device
+            dtype = self.block_dtype(layer)
+            if block.dtype != dtype or block.device != device:
+                block.move(dtype, device)
 
     @property
     def is_update_step(self) -> bool:
@@ -154,13 +175,20 @@ class KroneckerPreconditioner:
     def step(self) -> None:
         """Precondition the gradients of every supported layer in place.
 
-        All or nothing: if a block's update fails or a preconditioned gradient is non-finite, every
-        block is put back, no ``.grad`` is written and the error is raised."""
+        All or nothing: if a block's update fails or a statistic or preconditioned gradient is
+        non-finite, every block is put back, no ``.grad`` is written and the error is raised. The
+        failed batch's statistics stay for a retry and are dropped at the next forward pass."""
+        try:
+            self._step()
+        except BaseException:
+            self.capture.stale = True
+            raise
+
+    def _step(self) -> None:
+        self._follow_layers()
         if not (self.capture.backward_seen if self.capture.capturing else self.capture.forward_seen):
-            raise RuntimeError(
-                f"{self.kind}.step() found no backward pass since the last step: call loss.backward() "
-                f"on a loss computed in training mode first"
-            )
+            raise RuntimeError(f"{self.kind}.step() found no backward pass since the last step: call loss.backward() "
+                               "on a loss computed in training mode first")
         grads = {}
         for layer in self.layers:
             if any(p.grad is None for p in layer.parameters):
@@ -189,6 +217,10 @@ class KroneckerPreconditioner:
         if self.capture.statistics:
             batch = {layer.name: self.capture.batch_statistics(layer) for layer in self.layers}
             batch = all_reduce_statistics(batch)
+            for name, (a, g) in batch.items():
+                if not torch.isfinite(a.sum() + g.sum()):
+                    raise ValueError(f"{self.kind}: the Kronecker statistics of layer {name!r} are non-finite "
+                                     f"(activations or output gradients overflow {a.dtype}); nothing was changed")
             for name, block in self.blocks.items():
                 block.update_statistics(*batch[name], hp["factor_decay"])
             self._refresh_all(hp)
@@ -241,25 +273,52 @@ class KroneckerPreconditioner:
     # -------------------------------------------------------- state dicts
     def state_dict(self) -> dict:
         return {
+            "kind": self.kind,
             "steps": self.steps,
             "layers": {name: {k: v.clone() for k, v in s.items()} for name, s in self.state.items()},
+            "signatures": {name: block.signature() for name, block in self.blocks.items()},
             "hyperparameters": self.hyperparameters(),
         }
 
     def load_state_dict(self, state_dict: dict) -> None:
-        layers = state_dict["layers"]
+        """Restore a :meth:`state_dict` (hyperparameters included, with a warning where they differ).
+
+        The saved preconditioner's kind, layers, their shapes and groups must match; nothing is
+        changed when they do not (``ValueError`` saying what differs)."""
+        kind, layers = state_dict.get("kind", self.kind), state_dict["layers"]
+        if kind != self.kind:
+            raise ValueError(f"a {kind} state_dict cannot be loaded into a {self.kind}")
         if set(layers) != set(self.blocks):
             raise ValueError(f"state_dict holds layers {sorted(layers)}, this {self.kind} has {sorted(self.blocks)}")
+        for name, saved in state_dict.get("signatures", {}).items():
+            if saved != self.blocks[name].signature():
+                raise ValueError(f"layer {name!r} of the state_dict is {saved}; in this {self.kind} it is "
+                                 f"{self.blocks[name].signature()}")
+        for name, tensors in layers.items():
+            block = self.blocks[name]
+            dims = {"A": (block.layer.in_dim,) * 2, "G": (block.layer.out_dim,) * 2}
+            expected = {**dims, **{k: tuple(v.shape) for k, v in block.state.items()}}
+            for key, value in tensors.items():
+                if key in expected and tuple(value.shape) != expected[key]:
+                    raise ValueError(f"layer {name!r}: the state_dict's {key} has shape {tuple(value.shape)}, this "
+                                     f"{self.kind} needs {expected[key]}")
+        saved_hp = {"optimizer_lr" if k == "lr" else k: v for k, v in state_dict.get("hyperparameters", {}).items()}
+        current = self.hyperparameters()
+        changed = [f"{k}={v!r} (was {current[k]!r})" for k, v in saved_hp.items() if k in current and current[k] != v]
+        if changed:
+            warnings.warn(f"{self.kind}.load_state_dict restores the saved hyperparameters {', '.join(changed)}; "
+                          "assign them after loading to change them", stacklevel=2)
         self.steps = int(state_dict["steps"])
         for name, tensors in layers.items():
             block = self.blocks[name]
-            block.state = {k: v.to(block.layer.weight.device).clone() for k, v in tensors.items()}
-        for key, value in state_dict.get("hyperparameters", {}).items():
-            setattr(self, "optimizer_lr" if key == "lr" else key, value)  # "lr": older state dicts
+            block.state = {k: v.to(block.device, block.dtype if v.is_floating_point() else None).clone()
+                           for k, v in tensors.items()}
+        for key, value in saved_hp.items():
+            setattr(self, key, value)
         self.capture.reset()
         self._arm_capture()
 
     def remove_hooks(self) -> None:
-        """Detach from the model (the preconditioner can no longer step)."""
+        """Detach from the model (the preconditioner can no longer step; another may attach)."""
         self.capture.remove()
 
