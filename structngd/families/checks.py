@@ -21,14 +21,10 @@ def require_finite_gradients(owner: object, named: Iterable[Tuple[str, torch.Ten
 
 
 def factor_of_spd(group, value: torch.Tensor, what: str, symmetric_check: bool = False) -> torch.Tensor:
-    """A group element ``B`` with ``B B^T = value``.
-
-    ``value`` is a positive scalar or vector (a diagonal: ``B = diag(sqrt(value))``, any group) or,
-    for dense and triangular groups, an SPD ``d x d`` matrix (its Cholesky factor; for
-    ``upper_triangular`` the upper factor, from the Cholesky factor of the flipped matrix).
-    ``symmetric_check`` rejects a visibly non-symmetric matrix (beyond rounding) and symmetrizes it;
-    without it only the lower triangle is read. ``what`` names ``value`` in the error messages.
-    """
+    """A group element ``B`` with ``B B^T = value``: ``diag(sqrt(value))`` for a positive scalar or
+    vector (any group), the Cholesky factor of an SPD ``d x d`` matrix (dense and triangular groups;
+    ``upper_triangular``: that of the flipped matrix, flipped back). ``symmetric_check`` rejects a
+    visibly non-symmetric matrix and symmetrizes it; without it only the lower triangle is read."""
     d = group.dim
     if not torch.isfinite(value).all():
         raise ValueError(f"{what} must be finite")

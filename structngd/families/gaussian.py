@@ -4,6 +4,7 @@ or of its covariance ``Sigma = sigma^2 A A^T`` (evolution strategies)."""
 from __future__ import annotations
 
 import math
+from functools import partial
 from typing import Callable, Dict, NamedTuple, Optional, Union
 
 import torch
@@ -36,38 +37,24 @@ class ScaledGaussianStep(NamedTuple):
 
 
 class Gaussian(RetractInPlace, nn.Module):
-    """Gaussian ``N(mu, S^{-1})``, ``S = B B^T`` with ``B`` in a matrix group.
+    """Gaussian ``N(mu, S^{-1})``, ``S = B B^T``; parameters ``loc`` (``mu``) and ``factor`` (``B`` in
+    the group's compact form). Local coordinates around ``(mu_t, B_t)``: ``mu = mu_t + B_t^{-T} delta``,
+    ``B = B_t h(M)``; their Fisher at ``eta0`` is ``I`` for ``delta`` and has weights 2 on diagonal /
+    symmetric-block entries and 1 on free entries of ``M``.
 
-    Parameters are ``loc`` (``mu``) and ``factor`` (``B`` in the group's compact form).
-    Local coordinates around ``(mu_t, B_t)``: ``mu = mu_t + B_t^{-T} delta``,
-    ``B = B_t h(M)``; their Fisher at ``eta0`` is the identity for ``delta`` and has
-    weights 2 on diagonal / symmetric-block entries and 1 on free entries of ``M``.
-
-    With ``parameterization="covariance"`` the factor is a covariance factor instead:
-    ``N(mu, sigma^2 A A^T)`` with ``A`` in the group (``A = B^T`` for ``B`` in the group with
-    ``transpose``: the group's transposed pattern) and ``sigma = 1`` unless ``scale`` is given.
-    Local coordinates: ``mu = mu_t + sigma_t A_t delta``, ``A = A_t h(M)`` and, with a scale part,
-    ``sigma = sigma_t exp(s)`` with ``M`` trace-free (the trace direction belongs to ``s``). The
-    Fisher weights are the same as above (``2 d`` for ``s``), the natural gradient is
-    ``delta = sigma A^T g_mu``, ``M = C ⊙ κ(A^T g_A)`` (its trace-free part with a scale part)
-    and ``s = sigma g_sigma / (2 d)``. No solve is needed to sample or to step.
+    ``parameterization="covariance"``: ``N(mu, sigma^2 A A^T)`` with ``A`` in the group (``A = B^T``
+    with ``transpose``), ``sigma = 1`` unless ``scale`` is given; ``mu = mu_t + sigma_t A_t delta``,
+    ``A = A_t h(M)`` and, with a scale part, ``sigma = sigma_t exp(s)`` with ``M`` trace-free (Fisher
+    weight ``2 d`` for ``s``). No solve is needed to sample or to step.
 
     Args:
-        dim: dimension ``d``.
         structure: a group name for :func:`structngd.groups.make` or a group instance.
         loc: initial mean (default zeros).
-        precision: initial precision: a positive scalar or ``(d,)`` vector (a diagonal
-            precision, valid for every structure) or an SPD ``(d, d)`` matrix (dense and
-            triangular structures only).
-        estimator: default gradient estimator of :meth:`estimate_gradients`.
-        parameterization: ``"precision"`` (``S = B B^T``, the default) or ``"covariance"``
-            (``Sigma = sigma^2 A A^T``).
-        covariance: initial covariance of the covariance parameterization (as ``precision``;
-            with ``scale`` it is the covariance of ``A`` alone); default the identity.
-        scale: initial global scale ``sigma > 0`` of the covariance parameterization: adds the
-            part ``scale`` (``None``: no scale part, ``sigma = 1``).
-        transpose: covariance parameterization only: ``A = B^T``, the group's transposed pattern
-            (``block_triangular(k)`` then gives a rank-k plus diagonal covariance).
+        precision: a positive scalar or ``(d,)`` vector (diagonal) or an SPD ``(d, d)`` matrix (dense, triangular).
+        estimator: default estimator of :meth:`estimate_gradients`.
+        covariance: initial covariance (forms as ``precision``; with ``scale``: of ``A`` alone); default ``I``.
+        scale: initial ``sigma > 0``: adds the parameter ``scale`` (``None``: no scale part).
+        transpose: ``A = B^T`` (``block_triangular(k)`` then gives a rank-k plus diagonal covariance).
         **group_options: options of the group (``k``, ``block_size``, ...).
     """
 
@@ -87,12 +74,10 @@ class Gaussian(RetractInPlace, nn.Module):
         **group_options,
     ):
         super().__init__()
-        self.group = _groups.make(structure, dim, **group_options)
-        self.dim = dim
+        self.group, self.dim = _groups.make(structure, dim, **group_options), dim
         checks.one_of("estimator", estimator, ESTIMATORS)
         checks.one_of("parameterization", parameterization, PARAMETERIZATIONS)
-        self.estimator = estimator
-        self.parameterization = parameterization
+        self.estimator, self.parameterization = estimator, parameterization
         covariant = parameterization == "covariance"
         if not covariant and (covariance is not None or scale is not None or transpose):
             raise ValueError('covariance, scale and transpose need parameterization="covariance"')
@@ -100,36 +85,33 @@ class Gaussian(RetractInPlace, nn.Module):
             raise ValueError('parameterization="covariance" takes covariance=..., not precision=...')
         self.transpose = bool(transpose)
         dtype = dtype or (loc.dtype if isinstance(loc, Tensor) else torch.get_default_dtype())
-        if loc is None:
-            loc = torch.zeros(dim, dtype=dtype, device=device)
+        loc = torch.zeros(dim, dtype=dtype, device=device) if loc is None else loc
         loc = torch.as_tensor(loc, dtype=dtype, device=device).detach().clone()
         if loc.shape != (dim,) or not torch.isfinite(loc).all():
             raise ValueError(f"loc must be a finite tensor of shape ({dim},), got {tuple(loc.shape)}")
         self.loc = nn.Parameter(loc)
-        if covariant:
-            if transpose and covariance is not None and torch.as_tensor(covariance).dim() > 1:
-                raise ValueError("with transpose the initial covariance must be a scalar or a diagonal vector")
-            self.factor = nn.Parameter(self._initial_factor(covariance, loc, "covariance"))
+        if covariant and transpose and covariance is not None and torch.as_tensor(covariance).dim() > 1:
+            raise ValueError("with transpose the initial covariance must be a scalar or a diagonal vector")
+        what, value = ("covariance", covariance) if covariant else ("precision", precision)
+        if value is None:
+            self.factor = nn.Parameter(self.group.identity(loc.dtype, loc.device))
         else:
-            self.factor = nn.Parameter(self._initial_factor(precision, loc))
+            value = torch.as_tensor(value, dtype=loc.dtype, device=loc.device)
+            self.factor = nn.Parameter(factor_of_spd(self.group, value, what))
         if scale is not None:
             scale = checks.positive("scale", float(scale) if isinstance(scale, Tensor) else scale)
             self.scale = nn.Parameter(torch.tensor(scale, dtype=dtype, device=loc.device))
 
     @classmethod
     def view(cls, group: _groups.MatrixGroup, loc: Tensor, factor: Tensor, estimator: str = "reparam") -> "Gaussian":
-        """A family over existing leaf tensors (e.g. a Pyro guide's parameters).
-
-        The view shares ``loc`` and ``factor`` (and their ``.grad``) instead of copying
-        them, so :class:`~structngd.optim.NaturalGradient` steps move the owner's tensors.
-        """
+        """A family over existing leaf tensors (e.g. a Pyro guide's parameters), shared with their
+        ``.grad`` rather than copied, so :class:`~structngd.optim.NaturalGradient` moves the owner's tensors."""
         if not torch.jit.is_tracing() and (loc.shape != (group.dim,) or factor.shape != group.shape):
             raise ValueError(
                 f"loc and factor must have shapes ({group.dim},) and {tuple(group.shape)}, "
                 f"got {tuple(loc.shape)} and {tuple(factor.shape)}"
             )
-        if estimator not in ESTIMATORS:
-            raise ValueError(f"estimator must be one of {ESTIMATORS}, got {estimator!r}")
+        checks.one_of("estimator", estimator, ESTIMATORS)
         self = cls.__new__(cls)
         nn.Module.__init__(self)
         self.group, self.dim, self.estimator = group, group.dim, estimator
@@ -137,13 +119,6 @@ class Gaussian(RetractInPlace, nn.Module):
         self._parameters["loc"] = loc  # not re-wrapped: the view must share .grad
         self._parameters["factor"] = factor
         return self
-
-    # ------------------------------------------------------------ set-up
-    def _initial_factor(self, precision, loc: Tensor, what: str = "precision") -> Tensor:
-        if precision is None:
-            return self.group.identity(loc.dtype, loc.device)
-        precision = torch.as_tensor(precision, dtype=loc.dtype, device=loc.device)
-        return factor_of_spd(self.group, precision, what)
 
     @property
     def covariant(self) -> bool:
@@ -157,13 +132,10 @@ class Gaussian(RetractInPlace, nn.Module):
 
     def sigma(self) -> Tensor:
         """The global scale (a 0-dim tensor; one without a scale part)."""
-        if self.has_scale:
-            return self.scale
-        return torch.ones((), dtype=self.loc.dtype, device=self.loc.device)
+        return self.scale if self.has_scale else torch.ones((), dtype=self.loc.dtype, device=self.loc.device)
 
     def compact_constants(self) -> tuple:
-        """``(C, I)``: the inverse Fisher weights and the identity in compact form (the group's
-        cached constants, so a step from local gradients does no d x d work)."""
+        """``(C, I)``: the group's cached inverse Fisher weights and identity in compact form."""
         key = (self.factor.dtype, self.factor.device)
         return self.group.constant("inverse_fisher_weights", *key), self.group.constant("identity", *key)
 
@@ -174,10 +146,6 @@ class Gaussian(RetractInPlace, nn.Module):
     def factor_tmatvec(self, x: Tensor) -> Tensor:
         """``A^T x`` for the covariance factor."""
         return self.group.matvec(self.factor, x) if self.transpose else self.group.tmatvec(self.factor, x)
-
-    def _factor_solve(self, x: Tensor) -> Tensor:
-        """``A^{-1} x`` for the covariance factor."""
-        return self.group.tsolve(self.factor, x) if self.transpose else self.group.solve(self.factor, x)
 
     def _dense_covariance_factor(self) -> Tensor:
         a = self.group.to_dense(self.factor)
@@ -190,16 +158,13 @@ class Gaussian(RetractInPlace, nn.Module):
     def extra_repr(self) -> str:
         return f"{self.group!r}"
 
-    # ------------------------------------------------------ distribution
     @property
     def mean(self) -> Tensor:
         return self.loc
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         """Reparameterized samples ``z = mu + B^{-T} eps`` (``mu + sigma A eps``), ``eps ~ N(0, I)``."""
-        eps = torch.randn(
-            tuple(sample_shape) + (self.dim,), dtype=self.loc.dtype, device=self.loc.device
-        )
+        eps = torch.randn(tuple(sample_shape) + (self.dim,), dtype=self.loc.dtype, device=self.loc.device)
         return self.from_noise(eps)
 
     def from_noise(self, eps: Tensor) -> Tensor:
@@ -215,41 +180,31 @@ class Gaussian(RetractInPlace, nn.Module):
     def log_prob(self, z: Tensor) -> Tensor:
         """``log N(z; mu, S^{-1}) = -|B^T (z - mu)|^2 / 2 + log|det B| - d/2 log(2 pi)``
         (covariance: ``-|A^{-1} (z - mu)|^2 / (2 sigma^2) - log|det A| - d log sigma - ...``)."""
+        group, x, const = self.group, z - self.loc, 0.5 * self.dim * math.log(2 * math.pi)
         if self.covariant:
             sigma = self.sigma()
-            u = self._factor_solve(z - self.loc) / sigma
-            return (
-                -0.5 * u.pow(2).sum(-1)
-                - self.group.logdet(self.factor)
-                - self.dim * sigma.log()
-                - 0.5 * self.dim * math.log(2 * math.pi)
-            )
-        u = self.group.tmatvec(self.factor, z - self.loc)
-        return -0.5 * u.pow(2).sum(-1) + self.group.logdet(self.factor) - 0.5 * self.dim * math.log(2 * math.pi)
+            u = (group.tsolve(self.factor, x) if self.transpose else group.solve(self.factor, x)) / sigma
+            return -0.5 * u.pow(2).sum(-1) - group.logdet(self.factor) - self.dim * sigma.log() - const
+        return -0.5 * group.tmatvec(self.factor, x).pow(2).sum(-1) + group.logdet(self.factor) - const
 
     def entropy(self) -> Tensor:
         """``H = d/2 (1 + log 2 pi) - log|det B|`` (``+ log|det A| + d log sigma``)."""
+        const = 0.5 * self.dim * (1.0 + math.log(2 * math.pi))
         if self.covariant:
-            return (
-                0.5 * self.dim * (1.0 + math.log(2 * math.pi))
-                + self.group.logdet(self.factor)
-                + self.dim * self.sigma().log()
-            )
-        return 0.5 * self.dim * (1.0 + math.log(2 * math.pi)) - self.group.logdet(self.factor)
+            return const + self.group.logdet(self.factor) + self.dim * self.sigma().log()
+        return const - self.group.logdet(self.factor)
 
     def precision(self) -> Tensor:
         """The dense precision ``S = B B^T`` (``(sigma^2 A A^T)^{-1}``)."""
         if self.covariant:
             a = self._dense_covariance_factor()
-            eye = torch.eye(self.dim, dtype=a.dtype, device=a.device)
-            r = torch.linalg.solve(a, eye)
+            r = torch.linalg.solve(a, torch.eye(self.dim, dtype=a.dtype, device=a.device))
             return r.mT @ r
         b = self.group.to_dense(self.factor)
         return b @ b.mT
 
     def covariance(self) -> Tensor:
-        """The dense covariance ``S^{-1} = B^{-T} B^{-1}`` (by solves, no inverse of ``S``;
-        ``sigma^2 A A^T`` for the covariance parameterization)."""
+        """The dense covariance ``S^{-1} = B^{-T} B^{-1}`` by solves (``sigma^2 A A^T``)."""
         if self.covariant:
             a = self._dense_covariance_factor()
             return a @ a.mT
@@ -263,7 +218,6 @@ class Gaussian(RetractInPlace, nn.Module):
             return torch.distributions.MultivariateNormal(self.loc, covariance_matrix=self.covariance())
         return torch.distributions.MultivariateNormal(self.loc, precision_matrix=self.precision())
 
-    # ------------------------------------------------ gradient estimation
     def estimate_gradients(
         self,
         log_density: Callable[[Tensor], Tensor],
@@ -271,14 +225,11 @@ class Gaussian(RetractInPlace, nn.Module):
         estimator: Optional[str] = None,
         gamma: float = 1.0,
     ) -> Tensor:
-        """Accumulate into ``.grad`` the gradient of ``L = E_q[-log p(w)] - gamma H(q)``.
-
-        ``log_density`` maps a batch ``(n, d)`` to ``(n,)`` log-densities.
-        ``"reparam"`` differentiates the Monte Carlo loss through ``w = mu + B^{-T} eps``;
-        ``"price"`` uses Bonnet/Price, ``g_mu = E[grad l]``, ``g_Sigma = (E[hess l] - gamma S)/2``
-        on mirrored samples (exact for quadratic ``l`` with one pair); ``"delta"`` evaluates
-        both at the mean (Newton-like). Returns the loss estimate (detached).
-        """
+        """Accumulate into ``.grad`` the gradient of ``L = E_q[-log p(w)] - gamma H(q)``; returns the
+        loss estimate (detached). ``log_density`` maps a batch ``(n, d)`` to ``(n,)``. ``"reparam"``
+        differentiates the Monte Carlo loss through ``w = mu + B^{-T} eps``; ``"price"``: Bonnet/Price,
+        ``g_mu = E[grad l]``, ``g_Sigma = (E[hess l] - gamma S)/2`` on mirrored samples (exact for
+        quadratic ``l`` with one pair); ``"delta"``: both at the mean."""
         estimator = estimator or self.estimator
         checks.one_of("estimator", estimator, ESTIMATORS)
         checks.count("num_samples", num_samples)
@@ -288,22 +239,19 @@ class Gaussian(RetractInPlace, nn.Module):
             return loss.detach()
         if self.covariant:
             raise ValueError(f'estimator {estimator!r} needs parameterization="precision"; use "reparam"')
-
-        def derivatives(w: Tensor):
-            return estimators.loss_derivatives(log_density, w)
-
+        args = (self.group, self.loc, self.factor, partial(estimators.loss_derivatives, log_density))
         if estimator == "delta":
-            value, g_mu, g_factor = estimators.delta_gradients(self.group, self.loc, self.factor, derivatives, gamma)
+            value, g_mu, g_factor = estimators.delta_gradients(*args, gamma)
         else:
-            value, g_mu, g_factor = estimators.price_gradients(
-                self.group, self.loc, self.factor, derivatives, max(1, num_samples // 2), gamma
-            )
+            value, g_mu, g_factor = estimators.price_gradients(*args, max(1, num_samples // 2), gamma)
         with torch.no_grad():
-            _accumulate(self.loc, g_mu)
-            _accumulate(self.factor, g_factor)
+            for param, grad in ((self.loc, g_mu), (self.factor, g_factor)):
+                if param.grad is None:
+                    param.grad = grad.detach().clone(memory_format=torch.contiguous_format)
+                else:
+                    param.grad.add_(grad)
             return value - gamma * self.entropy()
 
-    # ------------------------------------------- natural-gradient interface
     def check_gradients(self) -> None:
         """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
         require_finite_gradients(self, list(self.named_parameters()))
@@ -313,32 +261,37 @@ class Gaussian(RetractInPlace, nn.Module):
 
     @torch.no_grad()
     def natural_gradient(self, local_gradient: Optional[tuple] = None):
-        """Natural gradient in local coordinates at ``eta0``.
+        """Natural gradient in local coordinates at ``eta0`` from the parameters' ``.grad``: precision
+        ``delta = B^{-1} g_mu``, ``M = C ⊙ κ(B^T g_B)`` (compact); covariance ``delta = sigma A^T g_mu``,
+        ``M = C ⊙ κ(A^T g_A)`` and, with a scale part, ``M`` trace-free and ``s = sigma g_sigma / (2 d)``.
 
-        Without ``local_gradient``: from the parameters' ``.grad``. Precision: ``delta =
-        B^{-1} g_mu`` (Fisher ``I``) and ``M = C ⊙ κ(B^T g_B)`` in compact form; covariance:
-        ``delta = sigma A^T g_mu``, ``M = C ⊙ κ(A^T g_A)`` and, with a scale part, ``s = sigma
-        g_sigma / (2 d)`` and ``M`` trace-free.
-
-        ``local_gradient``: the gradient in the local coordinates computed elsewhere (e.g. by
-        :func:`~structngd.families.estimators.score_function_gradients`): ``(g_delta, g_M)`` or,
-        with a scale part, ``(g_delta, g_M, g_s)``, where ``g_M`` holds the pattern entries (compact
-        form) of the symmetric full-matrix gradient ``dL/dM`` and ``g_s = dL/ds = tr(dL/dM)``.
-        Returns ``(g_delta, C ⊙ g_M)`` and, with a scale part, ``C ⊙ (g_M - g_s / d I)`` and
-        ``g_s / (2 d)``: O(nnz) work, no d x d matrix.
+        ``local_gradient``: ``(g_delta, g_M)`` or, with a scale part, ``(g_delta, g_M, g_s)`` computed
+        elsewhere (e.g. :func:`~structngd.families.estimators.score_function_gradients`), ``g_M`` the
+        compact pattern entries of the symmetric ``dL/dM`` and ``g_s = tr(dL/dM)``. Returns
+        ``(g_delta, C ⊙ g_M)`` or ``(g_delta, C ⊙ (g_M - g_s / d I), g_s / (2 d))``: O(nnz).
         """
         if local_gradient is not None:
-            return self._natural_from_local(tuple(local_gradient))
+            local = tuple(local_gradient)
+            n_parts = 3 if self.has_scale else 2
+            if len(local) != n_parts:
+                raise ValueError(
+                    f"local_gradient must have {n_parts} parts "
+                    f"({', '.join(name for name, _ in self.named_parameters())}), got {len(local)}"
+                )
+            weights, eye = self.compact_constants()
+            if not self.has_scale:
+                return GaussianStep(local[0], weights * local[1])
+            g_delta, g_m, g_s = local
+            g_s = torch.as_tensor(g_s, dtype=self.loc.dtype, device=self.loc.device)
+            return ScaledGaussianStep(g_delta, weights * (g_m - (g_s / self.dim) * eye), g_s / (2 * self.dim))
         self.check_gradients()
         if not self.covariant:
             delta = self.group.solve(self.factor, self.loc.grad)
-            m = self.group.pullback(self.factor, self.factor.grad)
-            return GaussianStep(delta, m)
+            return GaussianStep(delta, self.group.pullback(self.factor, self.factor.grad))
         sigma = self.sigma()
         delta = sigma * self.factor_tmatvec(self.loc.grad)
         if self.transpose:  # B = h(N) B_t with N = M^T in the group: dL/dN = g_B B_t^T
-            dense = self.group.to_dense(self.factor.grad) @ self.group.to_dense(self.factor).mT
-            m = self.group.project(dense)
+            m = self.group.project(self.group.to_dense(self.factor.grad) @ self.group.to_dense(self.factor).mT)
         else:
             m = self.group.pullback(self.factor, self.factor.grad)
         if not self.has_scale:
@@ -348,47 +301,19 @@ class Gaussian(RetractInPlace, nn.Module):
         m = m - (trace / self.dim) * (weights * eye)
         return ScaledGaussianStep(delta, m, sigma * self.scale.grad / (2 * self.dim))
 
-    def _natural_from_local(self, local: tuple):
-        n_parts = 3 if self.has_scale else 2
-        if len(local) != n_parts:
-            raise ValueError(
-                f"local_gradient must have {n_parts} parts "
-                f"({', '.join(name for name, _ in self.named_parameters())}), got {len(local)}"
-            )
-        weights, eye = self.compact_constants()
-        if not self.has_scale:
-            g_delta, g_m = local
-            return GaussianStep(g_delta, weights * g_m)
-        g_delta, g_m, g_s = local
-        g_s = torch.as_tensor(g_s, dtype=self.loc.dtype, device=self.loc.device)
-        return ScaledGaussianStep(g_delta, weights * (g_m - (g_s / self.dim) * eye), g_s / (2 * self.dim))
-
     @torch.no_grad()
     def retracted(self, step: tuple, retraction: str = "h") -> Dict[str, Tensor]:
-        """New parameter values at ``phi_tau(eta0 - step)``, without writing them:
-        ``mu - B^{-T} delta`` and ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``);
-        covariance: ``mu - sigma A delta``, ``A h(-M)`` and ``sigma exp(-s)`` (the scalar scale
-        always takes the exact exponential)."""
+        """New parameter values at ``phi_tau(eta0 - step)``, without writing them: ``mu - B^{-T} delta``
+        and ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``); covariance: ``mu - sigma A delta``,
+        ``A h(-M)`` and ``sigma exp(-s)`` (the scalar scale always takes the exact exponential)."""
         delta, m = step[0], step[1]
         local_map = self.group.exp if retraction == "exp" else self.group.h
         if not self.covariant:
-            return {
-                "loc": self.loc - self.group.tsolve(self.factor, delta),
-                "factor": self.group.mul(self.factor, local_map(-m)),
-            }
-        sigma = self.sigma()
-        moved = local_map(-m)
-        out = {
-            "loc": self.loc - sigma * self.factor_matvec(delta),
-            "factor": self.group.mul(moved, self.factor) if self.transpose else self.group.mul(self.factor, moved),
-        }
+            loc = self.loc - self.group.tsolve(self.factor, delta)
+            return {"loc": loc, "factor": self.group.mul(self.factor, local_map(-m))}
+        sigma, moved = self.sigma(), local_map(-m)
+        factor = self.group.mul(moved, self.factor) if self.transpose else self.group.mul(self.factor, moved)
+        out = {"loc": self.loc - sigma * self.factor_matvec(delta), "factor": factor}
         if self.has_scale:
             out["scale"] = sigma * torch.exp(-step[2])
         return out
-
-
-def _accumulate(param: nn.Parameter, grad: Tensor) -> None:
-    if param.grad is None:
-        param.grad = grad.detach().clone(memory_format=torch.contiguous_format)
-    else:
-        param.grad.add_(grad)

@@ -1,36 +1,19 @@
 """Layer 2: the matrix-normal (Kronecker-factored Gaussian) over a ``d_out x d_in`` matrix.
 
-``W ~ N(M, (K K^T) ⊗ (C C^T))`` on the column-major ``vec(W)``: the rows of ``W`` (the
-``d_out`` side) have covariance ``C C^T``, its columns (the ``d_in`` side) ``K K^T``, and
-``W = M + C E K^T`` with ``E`` a standard normal ``d_out x d_in`` matrix. ``K`` and ``C`` are
-covariance factors, each in a layer-1 group (compact storage). This is the posterior of one
-layer of a Bayesian neural network and, read as a preconditioner, the ``(K K^T) ⊗ (C C^T)`` of
-LocalKFAC (INGD / SINGD).
+``W ~ N(M, (K K^T) ⊗ (C C^T))`` on the column-major ``vec(W)``, i.e. ``W = M + C E K^T`` with ``E``
+standard normal; ``K`` (the ``d_in`` side) and ``C`` (the ``d_out`` side) are covariance factors in
+layer-1 groups. A Bayesian layer's posterior and, read as a preconditioner, LocalKFAC's (INGD / SINGD).
 
 Local coordinates around ``(M_t, K_t, C_t)`` (MATH §6.2): ``M = M_t + C_t Delta K_t^T``,
-``K = K_t h(M_K)``, ``C = C_t h(M_C)``, ``h(X) = I + X + X^2 / 2``. Their Fisher at ``eta0``:
-
-* ``Delta``: the identity (``vec(dM) = (K_t ⊗ C_t) vec(dDelta)`` whitens the mean's Fisher
-  ``Sigma^{-1}``); no cross term with the factors (a Gaussian's mean and covariance decouple);
-* ``M_K``: ``d_out`` times the group's weights ``w`` (2 on diagonal entries and symmetric
-  blocks, 1 on free entries): ``1/2 tr(Sigma^{-1} dSigma Sigma^{-1} dSigma)`` with
-  ``Sigma^{-1} dSigma = (K_t^{-T} (dM_K + dM_K^T) K_t^T) ⊗ I_{d_out}``;
-* ``M_C``: ``d_in`` times ``w``;
-* ``M_K`` with ``M_C``: ``1/2 tr(dM_K + dM_K^T) tr(dM_C + dM_C^T)``, non-zero between trace
-  directions only.
-
-The cross block reflects the scale redundancy of the Kronecker product: ``(a K, C / a)`` is
-the same distribution for every ``a > 0``, so the joint Fisher of ``(M_K, M_C)`` is singular
-along ``(t I, -t I)`` and only the product of the two factors' scales is identified. As in
-INGD / SINGD the step uses the Fisher's block-diagonal part (a block-coordinate natural
-gradient: each factor's natural gradient with the other factor fixed), which is invertible and
-in closed form:
-
-``Delta = C^T g_M K``, ``N_K = C ⊙ κ(K^T g_K) / d_out``, ``N_C = C ⊙ κ(C^T g_C) / d_in``
-
-(``C ⊙ κ`` is the group's ``project``: half on diagonal entries and symmetric blocks), with
-``g_M, g_K, g_C`` the Euclidean gradients of the loss. The step ``eta0 - beta N`` maps back
-to ``M - beta C Delta K^T``, ``K h(-beta N_K)``, ``C h(-beta N_C)``: the mean moves by the
+``K = K_t h(M_K)``, ``C = C_t h(M_C)``, ``h(X) = I + X + X^2 / 2``. Their Fisher at ``eta0``: ``I``
+for ``Delta`` (no cross term with the factors), ``d_out w`` for ``M_K`` and ``d_in w`` for ``M_C``
+(``w`` the group's weights), and ``1/2 tr(dM_K + dM_K^T) tr(dM_C + dM_C^T)`` between them: the scale
+redundancy ``(a K, C / a)`` of the Kronecker product makes the joint Fisher singular along
+``(t I, -t I)``. As in INGD / SINGD the step uses the block-diagonal part (each factor's natural
+gradient with the other fixed):
+``Delta = C^T g_M K``, ``N_K = C ⊙ κ(K^T g_K) / d_out``, ``N_C = C ⊙ κ(C^T g_C) / d_in`` (``C ⊙ κ``
+is the group's ``project``; ``g_M, g_K, g_C`` the Euclidean gradients). The step ``eta0 - beta N``
+maps back to ``M - beta C Delta K^T``, ``K h(-beta N_K)``, ``C h(-beta N_C)``: the mean moves by the
 preconditioned gradient ``C C^T g_M K K^T`` and both factors stay in their groups.
 """
 
@@ -59,43 +42,19 @@ class KroneckerGaussianStep(NamedTuple):
 
 
 class KroneckerFactorStep(NamedTuple):
-    """The direction of a :class:`KroneckerGaussian` view without a mean parameter:
-    ``in_factor`` (compact ``M_K``) and ``out_factor`` (compact ``M_C``)."""
+    """The direction of a :class:`KroneckerGaussian` view without a mean parameter."""
 
     in_factor: Tensor
     out_factor: Tensor
 
 
-def _pair(value, what: str) -> tuple:
-    if isinstance(value, (tuple, list)):
-        if len(value) != 2:
-            raise ValueError(f"{what} must be one value or a pair (input side, output side), got {value!r}")
-        return tuple(value)
-    return value, value
-
-
-def _make(structure: Structure, dim: int, options: dict) -> _groups.MatrixGroup:
-    """A group from a name and options, or a given group instance (options then unused)."""
-    if isinstance(structure, _groups.MatrixGroup):
-        return _groups.make(structure, dim)
-    return _groups.make(structure, dim, **options)
-
-
 class KroneckerGaussian(RetractInPlace, nn.Module):
-    """Matrix-normal ``N(M, (K K^T) ⊗ (C C^T))`` over ``W`` in ``R^{d_out x d_in}``.
+    """Matrix-normal ``N(M, (K K^T) ⊗ (C C^T))`` over ``W`` in ``R^{d_out x d_in}`` (see the module).
 
-    Parameters (in this order):
-
-    * ``loc``: the mean ``M``, shape ``(d_out, d_in)``;
-    * ``in_factor``: ``K`` (``d_in x d_in``, the column / input side), compact form of its group;
-    * ``out_factor``: ``C`` (``d_out x d_out``, the row / output side), compact form.
-
-    ``Cov(vec W) = (K K^T) ⊗ (C C^T)`` for the column-major ``vec``, i.e. ``W = M + C E K^T``,
-    ``E`` standard normal. See the module's description for the local coordinates, their
-    Fisher at ``eta0`` and the block-diagonal treatment of the factors' scale redundancy.
+    Parameters, in this order: ``loc`` (``M``), ``in_factor`` (``K``) and ``out_factor`` (``C``),
+    the factors in compact form.
 
     Args:
-        d_out, d_in: the matrix's shape.
         structure: a group name for :func:`structngd.groups.make` or a group instance, used for
             both factors, or a pair ``(input side, output side)``.
         loc: initial mean (default zeros).
@@ -119,9 +78,12 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         **group_options,
     ):
         super().__init__()
-        in_structure, out_structure = _pair(structure, "structure")
-        self.in_group = _make(in_structure, d_in, group_options)
-        self.out_group = _make(out_structure, d_out, group_options)
+        if not isinstance(structure, (tuple, list)):
+            structure = structure, structure
+        elif len(structure) != 2:
+            raise ValueError(f"structure must be one value or a pair (input side, output side), got {structure!r}")
+        self.in_group = _groups.make(structure[0], d_in, **group_options)  # a group instance ignores the options
+        self.out_group = _groups.make(structure[1], d_out, **group_options)
         self.d_out, self.d_in = d_out, d_in
         if dtype is None:
             given = next((t for t in (loc, in_factor, out_factor) if isinstance(t, Tensor)), None)
@@ -155,12 +117,8 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         out_factor: Tensor,
         loc: Optional[Tensor] = None,
     ) -> "KroneckerGaussian":
-        """A family over existing tensors, shared rather than copied (a step writes into them).
-
-        Without ``loc`` the view has only the two factor parameters: its mean is held elsewhere
-        (it reads as zero here) and its steps are :class:`KroneckerFactorStep`; a Kronecker
-        preconditioner uses it to move ``K`` and ``C`` alone.
-        """
+        """A family over existing tensors, shared rather than copied (a step writes into them); without
+        ``loc`` only ``K``, ``C`` are parameters (the mean reads as zero), steps :class:`KroneckerFactorStep`."""
         if in_factor.shape != tuple(in_group.shape) or out_factor.shape != tuple(out_group.shape):
             raise ValueError(
                 f"in_factor and out_factor must have shapes {tuple(in_group.shape)} and {tuple(out_group.shape)}, "
@@ -178,7 +136,6 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         self._parameters["out_factor"] = out_factor
         return self
 
-    # ---------------------------------------------------------------- helpers
     @property
     def has_loc(self) -> bool:
         """Whether the mean is a parameter (``False`` for a factors-only :meth:`view`)."""
@@ -209,17 +166,19 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         """``C^{-1} X K^{-T}`` (two structured solves)."""
         return self.in_group.solve(self.in_factor, self.out_group.solve(self.out_factor, x.mT).mT)
 
+    def _transposed_products(self, g: Tensor) -> Tensor:
+        """``C^T G K``."""
+        return self.in_group.tmatvec(self.in_factor, self.out_group.tmatvec(self.out_factor, g.mT).mT)
+
     def precondition(self, g: Tensor) -> Tensor:
         """``C C^T G K K^T`` for ``G`` of shape ``(..., d_out, d_in)``: ``Sigma vec(G)`` unvectorized."""
-        u = self.in_group.tmatvec(self.in_factor, self.out_group.tmatvec(self.out_factor, g.mT).mT)
-        return self.right_t(self.left(u))
+        return self.right_t(self.left(self._transposed_products(g)))
 
     def compact_constants(self) -> tuple:
-        """``(C_in, C_out)``: both groups' inverse Fisher weights (the groups' cached constants)."""
+        """``(C_in, C_out)``: both groups' cached inverse Fisher weights."""
         key = (self.in_factor.dtype, self.in_factor.device)
-        return self.in_group.constant("inverse_fisher_weights", *key), self.out_group.constant("inverse_fisher_weights", *key)
+        return tuple(group.constant("inverse_fisher_weights", *key) for group in (self.in_group, self.out_group))
 
-    # ----------------------------------------------------------- distribution
     @property
     def mean(self) -> Tensor:
         if self.has_loc:
@@ -238,10 +197,8 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
         """Reparameterized samples ``W = M + C E K^T``, ``E`` standard normal: products only."""
-        eps = torch.randn(
-            tuple(sample_shape) + (self.d_out, self.d_in), dtype=self.in_factor.dtype, device=self.in_factor.device
-        )
-        return self.from_noise(eps)
+        shape = tuple(sample_shape) + (self.d_out, self.d_in)
+        return self.from_noise(torch.randn(shape, dtype=self.in_factor.dtype, device=self.in_factor.device))
 
     def from_noise(self, eps: Tensor) -> Tensor:
         """The reparameterization ``M + C E K^T`` of given noise ``E`` (shape ``(..., d_out, d_in)``)."""
@@ -252,14 +209,9 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         return self.rsample(sample_shape)
 
     def log_prob(self, w: Tensor) -> Tensor:
-        """``-||C^{-1} (W - M) K^{-T}||_F^2 / 2 - d_out log|det K| - d_in log|det C| - d_out d_in log(2 pi) / 2``
-        (``log det((K K^T) ⊗ (C C^T)) = 2 d_out log|det K| + 2 d_in log|det C|``)."""
+        """``-||C^{-1} (W - M) K^{-T}||_F^2 / 2 - d_out log|det K| - d_in log|det C| - d_out d_in log(2 pi) / 2``."""
         u = self.whiten(w - self.mean)
-        return (
-            -0.5 * u.pow(2).sum((-2, -1))
-            - self._half_logdet()
-            - 0.5 * self.dim * math.log(2 * math.pi)
-        )
+        return -0.5 * u.pow(2).sum((-2, -1)) - self._half_logdet() - 0.5 * self.dim * math.log(2 * math.pi)
 
     def _half_logdet(self) -> Tensor:
         return self.d_out * self.in_group.logdet(self.in_factor) + self.d_in * self.out_group.logdet(self.out_factor)
@@ -276,26 +228,19 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
         """The same distribution over the column-major ``vec(W)`` (``W.mT.reshape(-1)``)."""
         return torch.distributions.MultivariateNormal(self.mean.mT.reshape(-1), covariance_matrix=self.covariance())
 
-    # ---------------------------------------------- natural-gradient interface
     def check_gradients(self) -> None:
         """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
         require_finite_gradients(self, list(self.named_parameters()))
 
     @torch.no_grad()
     def natural_gradient(self, local_gradient: Optional[tuple] = None):
-        """Natural gradient in local coordinates at ``eta0`` (block-diagonal Fisher, see the module).
+        """Natural gradient in local coordinates at ``eta0`` (block-diagonal Fisher, see the module),
+        from the parameters' ``.grad`` (``Delta``, ``N_K``, ``N_C`` by the groups' ``pullback``).
 
-        Without ``local_gradient``: from the parameters' ``.grad``: ``Delta = C^T g_M K``,
-        ``N_K = C ⊙ κ(K^T g_K) / d_out`` and ``N_C = C ⊙ κ(C^T g_C) / d_in`` (the groups'
-        ``pullback``).
-
-        ``local_gradient``: the gradients in the local coordinates computed elsewhere (e.g. by
-        :func:`~structngd.families.estimators.kronecker_factor_gradients`): ``(g_Delta, X_K, X_C)``,
-        or ``(X_K, X_C)`` for a view without a mean, where ``X_K = K^T dL/dK`` is the symmetric
-        full-matrix gradient ``dL/dM_K`` as a dense ``d_in x d_in`` matrix or as its pattern entries
-        (compact form), and likewise ``X_C``. Returns ``g_Delta``, ``project(X_K) / d_out`` and
-        ``project(X_C) / d_in`` (``C ⊙ X`` for compact entries: O(nnz)).
-        """
+        ``local_gradient``: ``(g_Delta, X_K, X_C)`` (``(X_K, X_C)`` for a view without a mean), e.g. from
+        :func:`~structngd.families.estimators.kronecker_factor_gradients`; ``X_K = K^T dL/dK`` (the
+        symmetric ``dL/dM_K``) dense ``d_in x d_in`` or compact, likewise ``X_C``. Returns ``g_Delta``,
+        ``project(X_K) / d_out`` and ``project(X_C) / d_in`` (``C ⊙ X`` for compact entries: O(nnz))."""
         step = KroneckerGaussianStep if self.has_loc else KroneckerFactorStep
         if local_gradient is not None:
             local = tuple(local_gradient)
@@ -303,23 +248,15 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
                 raise ValueError(
                     f"local_gradient must have {len(step._fields)} parts ({', '.join(step._fields)}), got {len(local)}"
                 )
-            x_in, x_out = local[-2:]
-            weights_in, weights_out = self.compact_constants()
-            factors = (
-                self._from_local(self.in_group, weights_in, x_in) / self.d_out,
-                self._from_local(self.out_group, weights_out, x_out) / self.d_in,
-            )
+            sides = zip((self.in_group, self.out_group), self.compact_constants(), local[-2:], (self.d_out, self.d_in))
+            factors = tuple(self._from_local(group, weights, x) / n for group, weights, x, n in sides)
             return step(*(local[:-2] + factors))
         self.check_gradients()
-        factors = (
-            self.in_group.pullback(self.in_factor, self.in_factor.grad) / self.d_out,
-            self.out_group.pullback(self.out_factor, self.out_factor.grad) / self.d_in,
-        )
+        sides = ((self.in_group, self.in_factor, self.d_out), (self.out_group, self.out_factor, self.d_in))
+        factors = tuple(group.pullback(f, f.grad) / n for group, f, n in sides)
         if not self.has_loc:
             return KroneckerFactorStep(*factors)
-        g = self.loc.grad
-        delta = self.in_group.tmatvec(self.in_factor, self.out_group.tmatvec(self.out_factor, g.mT).mT)
-        return KroneckerGaussianStep(delta, *factors)
+        return KroneckerGaussianStep(self._transposed_products(self.loc.grad), *factors)
 
     @staticmethod
     def _from_local(group, weights: Tensor, x: Tensor) -> Tensor:
@@ -335,15 +272,9 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
 
     @torch.no_grad()
     def retracted(self, step: tuple, retraction: str = "h") -> Dict[str, Tensor]:
-        """New parameter values at ``phi_tau(eta0 - step)``, without writing them:
-        ``M - C Delta K^T``, ``K h(-N_K)`` and ``C h(-N_C)`` (``exp`` in place of ``h`` with
-        ``retraction="exp"``)."""
-        n_k, n_c = step[-2], step[-1]
-        out = {}
-        if self.has_loc:
-            out["loc"] = self.loc - self.right_t(self.left(step[0]))
-        in_map = self.in_group.exp if retraction == "exp" else self.in_group.h
-        out_map = self.out_group.exp if retraction == "exp" else self.out_group.h
-        out["in_factor"] = self.in_group.mul(self.in_factor, in_map(-n_k))
-        out["out_factor"] = self.out_group.mul(self.out_factor, out_map(-n_c))
+        """New parameter values at ``phi_tau(eta0 - step)``, without writing them: ``M - C Delta K^T``,
+        ``K h(-N_K)`` and ``C h(-N_C)`` (``exp`` in place of ``h`` with ``retraction="exp"``)."""
+        out = {"loc": self.loc - self.right_t(self.left(step[0]))} if self.has_loc else {}
+        for name, group, n in (("in_factor", self.in_group, step[-2]), ("out_factor", self.out_group, step[-1])):
+            out[name] = group.mul(getattr(self, name), (group.exp if retraction == "exp" else group.h)(-n))
         return out

@@ -1,16 +1,13 @@
 """Layer 2: the Wishart ``W(n, V)`` with a structured factor of its mean ``E[W] = n V = B B^T``.
 
-MATH.md §4. The family is parameterized by the degrees of freedom ``n`` and the mean
-``Psi = E[W] = n V = B B^T`` (``B`` in a matrix group): in these coordinates the Fisher
-of the local parameterization is block-diagonal (``n`` and ``Psi`` are orthogonal).
-Local coordinates around ``(n_t, B_t)``::
+MATH.md §4. In the coordinates ``(n, Psi = B B^T)`` the Fisher is block-diagonal. Local coordinates::
 
     n = d - 1 + (n_t - d + 1) exp(delta)      (log coordinate: keeps n > d - 1)
     B = B_t h(M),  h(M) = I + M + M^2 / 2
 
 with Fisher at ``eta0``: ``c_t^2 F_nn(n_t)`` for ``delta`` (``c_t = n_t - d + 1``,
 ``F_nn(n) = psi_d'(n/2)/4 - d/(2n)``), ``n_t * w`` for ``M`` (``w`` the Gaussian weights of
-MATH.md §1.3: 2 on diagonal / symmetric-block entries, 1 on free entries), no cross term.
+MATH.md §1.3), no cross term.
 """
 
 from __future__ import annotations
@@ -35,21 +32,17 @@ class WishartStep(NamedTuple):
     df: Tensor
     factor: Tensor
 
+
 # Bernoulli numbers B_2, B_4, ..., B_10 for the asymptotic series of the trigamma function
 _BERNOULLI = (1.0 / 6, -1.0 / 30, 1.0 / 42, -1.0 / 30, 5.0 / 66)
 _ASYMPTOTIC_FROM = 30.0
 
 
 def _trigamma_minus_reciprocal(a: Tensor) -> Tensor:
-    """``psi'(a) - 1/a`` to float64 precision, without cancellation for large ``a``.
-
-    ``torch.polygamma(1, a)`` is only accurate to ~1e-9 relative for small ``a``, and the
-    difference ``psi'(a) - 1/a ~ 1/(2a^2)`` cancels for large ``a``. Here: the recurrence
-    ``psi'(a) = sum_{j<k} 1/(a+j)^2 + psi'(a+k)`` with ``k`` the number of shifts that bring
-    ``a`` to ``>= 30``, then the asymptotic series ``psi'(x) - 1/x = 1/(2x^2) + sum B_2k / x^(2k+1)``
-    (truncation error below 1e-16 relative for ``x >= 30``); the two reciprocals combine as
-    ``1/(a+k) - 1/a = -k / (a (a+k))``.
-    """
+    """``psi'(a) - 1/a`` to float64 precision, without cancellation for large ``a``: the recurrence
+    ``psi'(a) = sum_{j<k} 1/(a+j)^2 + psi'(a+k)`` (``k`` shifts bring ``a`` to ``>= 30``), then the
+    asymptotic series ``psi'(x) - 1/x = 1/(2x^2) + sum B_2k / x^(2k+1)`` (error below 1e-16 relative
+    for ``x >= 30``), with ``1/(a+k) - 1/a = -k / (a (a+k))``."""
     j = torch.arange(int(_ASYMPTOTIC_FROM), dtype=a.dtype, device=a.device)
     shifted = a.unsqueeze(-1) + j
     take = shifted < _ASYMPTOTIC_FROM
@@ -63,12 +56,8 @@ def _trigamma_minus_reciprocal(a: Tensor) -> Tensor:
 
 
 def _df_fisher(n: Tensor, d: int) -> Tensor:
-    """``F_nn(n) = psi_d'(n/2)/4 - d/(2n)`` (Fisher of ``n`` at fixed mean), computed stably.
-
-    With ``a_i = (n + 1 - i)/2`` (``i = 1..d``) and ``a_1 = n/2``:
-    ``4 F_nn = sum_i [psi'(a_i) - 1/a_i] + sum_i (a_1 - a_i) / (a_i a_1)``; both sums are
-    positive, so no cancellation for large ``n``.
-    """
+    """``F_nn(n)`` as ``4 F_nn = sum_i [psi'(a_i) - 1/a_i] + sum_i (a_1 - a_i) / (a_i a_1)`` with
+    ``a_i = (n + 1 - i)/2``: both sums are positive, so no cancellation for large ``n``."""
     shift = 0.5 * torch.arange(d, dtype=n.dtype, device=n.device)
     a1 = 0.5 * n
     a = a1 - shift
@@ -103,34 +92,24 @@ def multivariate_digamma(x: Tensor, d: int) -> Tensor:
 
 
 class Wishart(RetractInPlace, nn.Module):
-    """Wishart ``W(n, V)`` over SPD matrices with mean ``Psi = n V = B B^T``, ``B`` in a group.
+    """Wishart ``W(n, V)`` over ``d x d`` SPD matrices with mean ``Psi = n V = B B^T``, ``B`` in a group.
 
-    Density ``|W|^{(n-d-1)/2} exp(-tr(V^{-1} W)/2) / (2^{nd/2} |V|^{n/2} Gamma_d(n/2))``,
-    ``n > d - 1``. Typical use: a variational posterior over a precision (or covariance)
-    matrix; the structure of ``B`` restricts the mean (a diagonal ``B`` gives a diagonal
-    ``E[W]``, a triangular one any SPD mean, ...), never the support.
-
-    Parameters (``tau``): ``df`` (``n``, a 0-d tensor) and ``factor`` (``B``, compact
-    form). Their Euclidean gradients are ``dL/dn`` *at fixed mean* and ``dL/dB``, which is
-    what autograd gives through :meth:`rsample`, :meth:`log_prob`, :meth:`entropy`,
-    :attr:`mean`, :meth:`expected_logdet`, ... The optimizer's step, with
-    ``g_n = df.grad``, ``g_B = factor.grad``::
+    Density ``|W|^{(n-d-1)/2} exp(-tr(V^{-1} W)/2) / (2^{nd/2} |V|^{n/2} Gamma_d(n/2))``, ``n > d - 1``.
+    The structure of ``B`` restricts the mean (a diagonal ``B`` gives a diagonal ``E[W]``), never the
+    support. Parameters: ``df`` (``n``, 0-d) and ``factor`` (``B``, compact); autograd gives
+    ``dL/dn`` *at fixed mean* and ``dL/dB``. The optimizer's step, ``g_n = df.grad``, ``g_B = factor.grad``::
 
         n <- d - 1 + c exp(-lr g_n / (c F_nn(n))),  c = n - d + 1     (df_coordinate="log")
         n <- n - lr g_n / F_nn(n)                                      (df_coordinate="linear")
         B <- B h(-lr M),  M = C ⊙ κ(B^T g_B) / n
 
     Args:
-        dim: dimension ``d`` of the matrices.
-        df: degrees of freedom ``n > d - 1``.
         structure: a group name for :func:`structngd.groups.make` or a group instance.
-        mean: initial ``E[W] = Psi``: a positive scalar or ``(d,)`` vector (a diagonal mean,
-            every structure) or an SPD ``(d, d)`` matrix (dense and triangular structures).
+        mean: initial ``Psi``: a positive scalar or ``(d,)`` vector (diagonal) or SPD ``(d, d)`` (dense, triangular).
         scale: initial scale ``V`` instead (``Psi = n V``), same forms. Default: ``V = I``.
-        df_coordinate: ``"log"`` (default, MATH.md §4's constraint-safe map: every step
-            keeps ``n > d - 1``) or ``"linear"`` (``n = n_t + delta``: one step at ``lr = 1``
-            with exact gradients solves the ``n`` part of a conjugate problem, but a large
-            step can leave ``n > d - 1``, which :meth:`retract` refuses).
+        df_coordinate: ``"log"`` (default: every step keeps ``n > d - 1``) or ``"linear"``
+            (``n = n_t + delta``: one step at ``lr = 1`` with exact gradients solves the ``n`` part
+            of a conjugate problem, but a large step can leave ``n > d - 1``, which :meth:`retract` refuses).
         **group_options: options of the group (``k``, ``block_size``, ...).
     """
 
@@ -147,50 +126,30 @@ class Wishart(RetractInPlace, nn.Module):
         **group_options,
     ):
         super().__init__()
-        self.group = _groups.make(structure, dim, **group_options)
-        self.dim = dim
-        if df_coordinate not in DF_COORDINATES:
-            raise ValueError(f"df_coordinate must be one of {DF_COORDINATES}, got {df_coordinate!r}")
+        self.group, self.dim = _groups.make(structure, dim, **group_options), dim
+        checks.one_of("df_coordinate", df_coordinate, DF_COORDINATES)
         self.df_coordinate = df_coordinate
         if mean is not None and scale is not None:
             raise ValueError("pass at most one of mean and scale")
         if dtype is None:
-            for x in (df, mean, scale):
-                if isinstance(x, Tensor) and x.is_floating_point():
-                    dtype = x.dtype
-                    break
-            else:
-                dtype = torch.get_default_dtype()
-        df = self._check_df(df, dtype, device)
-        self.df = nn.Parameter(df)
-        if mean is None:
-            given, multiplier = (1.0 if scale is None else scale), df
-        else:
-            given, multiplier = mean, None
-        self.factor = nn.Parameter(self._initial_factor(given, multiplier, df))
-
-    # ------------------------------------------------------------ set-up
-    def _check_df(self, df, dtype, device) -> Tensor:
-        d = self.dim
+            given = next((x for x in (df, mean, scale) if isinstance(x, Tensor) and x.is_floating_point()), None)
+            dtype = torch.get_default_dtype() if given is None else given.dtype
         if isinstance(df, bool) or not isinstance(df, (int, float, Tensor)):
-            raise ValueError(f"df must be a real number > dim - 1 = {d - 1}, got {df!r}")
+            raise ValueError(f"df must be a real number > dim - 1 = {dim - 1}, got {df!r}")
         df = torch.as_tensor(df, dtype=dtype, device=device).detach().clone()
         if df.numel() != 1:
             raise ValueError(f"df must be a scalar, got shape {tuple(df.shape)}")
         df = df.reshape(())
-        if not torch.isfinite(df) or df.item() <= d - 1:
-            raise ValueError(f"df must be a finite number > dim - 1 = {d - 1}, got {df.item()!r}")
-        return df
-
-    def _initial_factor(self, given, multiplier: Optional[Tensor], df: Tensor) -> Tensor:
-        """``B`` with ``B B^T = given`` (times ``multiplier`` for a scale)."""
-        what = "mean" if multiplier is None else "scale"
+        if not torch.isfinite(df) or df.item() <= dim - 1:
+            raise ValueError(f"df must be a finite number > dim - 1 = {dim - 1}, got {df.item()!r}")
+        self.df = nn.Parameter(df)
+        what, given = ("mean", mean) if mean is not None else ("scale", 1.0 if scale is None else scale)
         value = torch.as_tensor(given, dtype=df.dtype, device=df.device)
         if not torch.isfinite(value).all():
             raise ValueError(f"{what} must be finite")
-        if multiplier is not None:
-            value = value * multiplier
-        return factor_of_spd(self.group, value, what, symmetric_check=True)
+        if mean is None:
+            value = value * df
+        self.factor = nn.Parameter(factor_of_spd(self.group, value, what, symmetric_check=True))
 
     @property
     def structure(self) -> str:
@@ -199,7 +158,6 @@ class Wishart(RetractInPlace, nn.Module):
     def extra_repr(self) -> str:
         return f"{self.group!r}, df_coordinate={self.df_coordinate!r}"
 
-    # ------------------------------------------------------ distribution
     @property
     def mean(self) -> Tensor:
         """``E[W] = Psi = B B^T`` (dense)."""
@@ -231,19 +189,13 @@ class Wishart(RetractInPlace, nn.Module):
         return multivariate_digamma(0.5 * self.df, self.dim) + self.dim * math.log(2.0) + self.log_det_scale()
 
     def rsample(self, sample_shape: torch.Size = torch.Size()) -> Tensor:
-        """Reparameterized samples by the Bartlett decomposition, differentiable in ``n`` and ``B``.
-
-        ``W = (B A)(B A)^T / n`` with ``A`` lower triangular, ``A_ii^2 ~ chi2(n - i + 1)``
-        (implicitly reparameterized gamma), ``A_ij ~ N(0, 1)`` below the diagonal, so
-        ``A A^T ~ W(n, I)`` and ``W ~ W(n, B B^T / n)``.
-        """
-        d = self.dim
-        shape = tuple(sample_shape)
+        """Reparameterized samples by the Bartlett decomposition, differentiable in ``n`` and ``B``:
+        ``W = (B A)(B A)^T / n`` with ``A`` lower triangular, ``A_ii^2 ~ chi2(n - i + 1)`` (implicitly
+        reparameterized gamma), ``A_ij ~ N(0, 1)`` below the diagonal."""
+        d, shape = self.dim, tuple(sample_shape)
         dtype, device = self.factor.dtype, self.factor.device
-        dfs = self.df - torch.arange(d, dtype=dtype, device=device)
-        diag = torch.distributions.Chi2(dfs).rsample(shape).sqrt()
-        noise = torch.randn(shape + (d, d), dtype=dtype, device=device).tril(-1)
-        a = noise + torch.diag_embed(diag)
+        diag = torch.distributions.Chi2(self.df - torch.arange(d, dtype=dtype, device=device)).rsample(shape).sqrt()
+        a = torch.randn(shape + (d, d), dtype=dtype, device=device).tril(-1) + torch.diag_embed(diag)
         ba = self.group.matvec(self.factor, a.mT).mT  # columns B a_j
         w = ba @ ba.mT / self.df
         return 0.5 * (w + w.mT)
@@ -254,7 +206,7 @@ class Wishart(RetractInPlace, nn.Module):
 
     def log_prob(self, w: Tensor) -> Tensor:
         """``log W(W; n, V)`` for SPD ``W`` of shape ``(..., d, d)``; returns shape ``(...)``."""
-        d = self.dim
+        d, n = self.dim, self.df
         if w.dim() < 2 or w.shape[-2:] != (d, d):
             raise ValueError(f"Wishart.log_prob expects matrices of shape (..., {d}, {d}), got {tuple(w.shape)}")
         chol, info = torch.linalg.cholesky_ex(w)
@@ -262,49 +214,31 @@ class Wishart(RetractInPlace, nn.Module):
             raise ValueError("Wishart.log_prob expects symmetric positive-definite matrices")
         logdet_w = 2 * chol.diagonal(dim1=-2, dim2=-1).log().sum(-1)
         whitened = self.group.solve(self.factor, chol.mT).mT  # B^{-1} L_W, so |.|_F^2 = tr(Psi^{-1} W)
-        trace = self.df * whitened.pow(2).sum((-2, -1))  # tr(V^{-1} W)
-        n = self.df
-        return (
-            0.5 * (n - d - 1) * logdet_w
-            - 0.5 * trace
-            - 0.5 * n * d * math.log(2.0)
-            - 0.5 * n * self.log_det_scale()
-            - torch.mvlgamma(0.5 * n, d)
-        )
+        trace = n * whitened.pow(2).sum((-2, -1))  # tr(V^{-1} W)
+        out = 0.5 * (n - d - 1) * logdet_w - 0.5 * trace - 0.5 * n * d * math.log(2.0)
+        return out - 0.5 * n * self.log_det_scale() - torch.mvlgamma(0.5 * n, d)
 
     def entropy(self) -> Tensor:
         """``H = (d+1)/2 log|V| + d(d+1)/2 log 2 + log Gamma_d(n/2) - (n-d-1)/2 psi_d(n/2) + nd/2``."""
         d, n = self.dim, self.df
-        return (
-            0.5 * (d + 1) * self.log_det_scale()
-            + 0.5 * d * (d + 1) * math.log(2.0)
-            + torch.mvlgamma(0.5 * n, d)
-            - 0.5 * (n - d - 1) * multivariate_digamma(0.5 * n, d)
-            + 0.5 * n * d
-        )
+        h = 0.5 * (d + 1) * self.log_det_scale() + 0.5 * d * (d + 1) * math.log(2.0) + torch.mvlgamma(0.5 * n, d)
+        return h - 0.5 * (n - d - 1) * multivariate_digamma(0.5 * n, d) + 0.5 * n * d
 
     def to_torch(self) -> torch.distributions.Wishart:
         """The same distribution as a ``torch.distributions.Wishart``."""
         v = self.scale()
         return torch.distributions.Wishart(df=self.df, covariance_matrix=0.5 * (v + v.mT))
 
-    # ------------------------------------------------ gradient estimation
     def estimate_gradients(
-        self,
-        log_density: Callable[[Tensor], Tensor],
-        num_samples: int = 1,
-        gamma: float = 1.0,
+        self, log_density: Callable[[Tensor], Tensor], num_samples: int = 1, gamma: float = 1.0
     ) -> Tensor:
-        """Accumulate into ``.grad`` the reparameterization gradient of ``E_q[-log p(W)] - gamma H(q)``.
-
-        ``log_density`` maps a batch ``(s, d, d)`` to ``(s,)``. Returns the loss estimate (detached).
-        """
+        """Accumulate into ``.grad`` the reparameterization gradient of ``E_q[-log p(W)] - gamma H(q)``;
+        ``log_density`` maps a batch ``(s, d, d)`` to ``(s,)``. Returns the loss estimate (detached)."""
         checks.count("num_samples", num_samples)
         loss = -log_density(self.rsample((num_samples,))).mean() - gamma * self.entropy()
         loss.backward()
         return loss.detach()
 
-    # ------------------------------------------- natural-gradient interface
     def df_fisher(self) -> Tensor:
         """``F_nn(n) = psi_d'(n/2)/4 - d/(2n)``: the Fisher of ``n`` at fixed mean ``Psi``."""
         return _df_fisher(self.df.detach(), self.dim)
@@ -318,15 +252,11 @@ class Wishart(RetractInPlace, nn.Module):
 
     @torch.no_grad()
     def natural_gradient(self) -> WishartStep:
-        """Natural gradient in local coordinates from ``df.grad`` and ``factor.grad``.
-
-        ``delta = g_n / (c F_nn)`` (log coordinate, ``c = n - d + 1``) or ``g_n / F_nn``
-        (linear); ``M = C ⊙ κ(B^T g_B) / n`` in compact form.
-        """
+        """Natural gradient in local coordinates from ``df.grad`` and ``factor.grad``: ``delta = g_n / (c F_nn)``
+        (log coordinate, ``c = n - d + 1``) or ``g_n / F_nn`` (linear), ``M = C ⊙ κ(B^T g_B) / n``."""
         self.check_gradients()
         n = self.df.detach()
-        fisher = self.df_fisher()
-        delta = self.df.grad / fisher
+        delta = self.df.grad / self.df_fisher()
         if self.df_coordinate == "log":
             delta = delta / (n - self.dim + 1)
         m = self.group.pullback(self.factor, self.factor.grad) / n
@@ -334,18 +264,12 @@ class Wishart(RetractInPlace, nn.Module):
 
     @torch.no_grad()
     def retracted(self, step: WishartStep, retraction: str = "h") -> Dict[str, Tensor]:
-        """New ``(df, factor)`` at ``phi_tau(eta0 - step)``, without writing them:
-        ``n`` by its coordinate map, ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``).
-
-        Raises ``ValueError`` if the new ``n`` would not be a finite number ``> d - 1`` (the
-        linear coordinate after a too large step, or an overflow).
-        """
+        """New ``(df, factor)`` at ``phi_tau(eta0 - step)``, without writing them: ``n`` by its
+        coordinate map, ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``). ``ValueError`` if the
+        new ``n`` would not be a finite number ``> d - 1`` (a too large linear step, or an overflow)."""
         delta, m = step
         n = self.df.detach()
-        if self.df_coordinate == "log":
-            new_df = (self.dim - 1) + (n - self.dim + 1) * torch.exp(-delta)
-        else:
-            new_df = n - delta
+        new_df = (self.dim - 1) + (n - self.dim + 1) * torch.exp(-delta) if self.df_coordinate == "log" else n - delta
         if not torch.isfinite(new_df) or new_df.item() <= self.dim - 1:
             raise ValueError(
                 f"Wishart step would move df from {n.item()!r} to {new_df.item()!r}, outside "
