@@ -13,8 +13,8 @@ from torch import Tensor, nn
 from .. import checks
 from .. import groups as _groups
 from . import estimators
-from .checks import factor_of_spd, require_finite_gradients
-from .retraction import RetractInPlace
+from .checks import factor_of_spd
+from .shared import FamilyMethods
 
 ESTIMATORS = ("reparam", "price", "delta")
 PARAMETERIZATIONS = ("precision", "covariance")
@@ -36,7 +36,7 @@ class ScaledGaussianStep(NamedTuple):
     scale: Tensor
 
 
-class Gaussian(RetractInPlace, nn.Module):
+class Gaussian(FamilyMethods, nn.Module):
     """Gaussian ``N(mu, S^{-1})``, ``S = B B^T``; parameters ``loc`` (``mu``) and ``factor`` (``B`` in
     the group's compact form). Local coordinates around ``(mu_t, B_t)``: ``mu = mu_t + B_t^{-T} delta``,
     ``B = B_t h(M)``; their Fisher at ``eta0`` is ``I`` for ``delta`` and has weights 2 on diagonal /
@@ -251,10 +251,6 @@ class Gaussian(RetractInPlace, nn.Module):
                 else:
                     param.grad.add_(grad)
             return value - gamma * self.entropy()
-
-    def check_gradients(self) -> None:
-        """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
-        require_finite_gradients(self, list(self.named_parameters()))
 
     #: the parts whose step moves a group factor (the optimizer's trust region acts on them)
     factor_parts = ("factor",)

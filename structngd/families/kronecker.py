@@ -26,8 +26,7 @@ import torch
 from torch import Tensor, nn
 
 from .. import groups as _groups
-from .checks import require_finite_gradients
-from .retraction import RetractInPlace
+from .shared import FamilyMethods
 
 Structure = Union[str, _groups.MatrixGroup]
 
@@ -48,7 +47,7 @@ class KroneckerFactorStep(NamedTuple):
     out_factor: Tensor
 
 
-class KroneckerGaussian(RetractInPlace, nn.Module):
+class KroneckerGaussian(FamilyMethods, nn.Module):
     """Matrix-normal ``N(M, (K K^T) ⊗ (C C^T))`` over ``W`` in ``R^{d_out x d_in}`` (see the module).
 
     Parameters, in this order: ``loc`` (``M``), ``in_factor`` (``K``) and ``out_factor`` (``C``),
@@ -227,10 +226,6 @@ class KroneckerGaussian(RetractInPlace, nn.Module):
     def to_torch(self) -> torch.distributions.MultivariateNormal:
         """The same distribution over the column-major ``vec(W)`` (``W.mT.reshape(-1)``)."""
         return torch.distributions.MultivariateNormal(self.mean.mT.reshape(-1), covariance_matrix=self.covariance())
-
-    def check_gradients(self) -> None:
-        """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
-        require_finite_gradients(self, list(self.named_parameters()))
 
     @torch.no_grad()
     def natural_gradient(self, local_gradient: Optional[tuple] = None):

@@ -20,8 +20,8 @@ from torch import Tensor, nn
 
 from .. import checks
 from .. import groups as _groups
-from .checks import factor_of_spd, require_finite_gradients
-from .retraction import RetractInPlace
+from .checks import factor_of_spd
+from .shared import FamilyMethods
 
 DF_COORDINATES = ("log", "linear")
 
@@ -91,7 +91,7 @@ def multivariate_digamma(x: Tensor, d: int) -> Tensor:
     return _MultivariateDigamma.apply(x, d)
 
 
-class Wishart(RetractInPlace, nn.Module):
+class Wishart(FamilyMethods, nn.Module):
     """Wishart ``W(n, V)`` over ``d x d`` SPD matrices with mean ``Psi = n V = B B^T``, ``B`` in a group.
 
     Density ``|W|^{(n-d-1)/2} exp(-tr(V^{-1} W)/2) / (2^{nd/2} |V|^{n/2} Gamma_d(n/2))``, ``n > d - 1``.
@@ -242,10 +242,6 @@ class Wishart(RetractInPlace, nn.Module):
     def df_fisher(self) -> Tensor:
         """``F_nn(n) = psi_d'(n/2)/4 - d/(2n)``: the Fisher of ``n`` at fixed mean ``Psi``."""
         return _df_fisher(self.df.detach(), self.dim)
-
-    def check_gradients(self) -> None:
-        """Raise ``ValueError`` if a parameter's gradient is missing or non-finite."""
-        require_finite_gradients(self, (("df", self.df), ("factor", self.factor)))
 
     #: the parts whose step moves a group factor (the optimizer's trust region acts on them)
     factor_parts = ("factor",)
