@@ -351,3 +351,24 @@ def test_numpy_scalars_are_accepted_where_harmless():
     np = pytest.importorskip("numpy")
     pre = KFAC(mlp(), damping=np.float64(1e-3), update_every=np.int64(2))
     assert pre.update_every == 2
+
+
+def test_a_layer_called_twice_in_one_forward_gets_one_warning_and_the_documented_statistics():
+    torch.manual_seed(0)
+    shared, head = nn.Linear(4, 4), nn.Linear(4, 3)
+    model = nn.ModuleDict({"shared": shared, "head": head})
+    pre = KFAC(model, update_every=1)
+    x, y = batch(0)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        for _ in range(2):
+            model.zero_grad()
+            F.cross_entropy(head(torch.tanh(shared(torch.tanh(shared(x))))), y).backward()
+            a, _ = pre.capture.batch_statistics(pre.layers[0])
+            hidden = torch.tanh(shared(x)).detach()
+            torch.testing.assert_close(a, (input_statistic(x) + input_statistic(hidden)) / 2)
+            pre.step()
+    assert [str(w.message) for w in caught if "called" in str(w.message)] == [
+        "KFAC: layers {'shared': 2} were called (or backpropagated) more often than the others in one step; each "
+        "call's rows count as more examples of their statistics"
+    ]

@@ -276,7 +276,7 @@ class Capture:
     def reset(self) -> None:
         """Forget the statistics of the current step."""
         self.a_sum, self.g_sum = ({layer.name: None for layer in self.layers} for _ in range(2))
-        self.a_count, self.g_count = ({layer.name: 0 for layer in self.layers} for _ in range(2))
+        self.a_count, self.g_count, self.calls = ({layer.name: 0 for layer in self.layers} for _ in range(3))
         self.backward_seen = self.forward_seen = self.stale = False
         on_reset = self.on_reset if hasattr(self, "_on_reset") else None
         if on_reset is not None:
@@ -317,6 +317,7 @@ class Capture:
                 self.a_count[layer.name] += n
                 _add(self.g_sum, layer.name, torch.einsum("nti,ntj->ij", g_rows, g_rows) / g_rows.shape[1])
                 self.g_count[layer.name] += g_rows.shape[0]
+                self.calls[layer.name] += 1
             on_rows = self.on_rows
             if on_rows is not None and a_rows is not None:
                 on_rows(layer, a_rows, g_rows)
@@ -327,6 +328,11 @@ class Capture:
     def capturing(self) -> bool:
         """Whether this step needs rows (new statistics, or per-example rows)."""
         return self.statistics or self.on_rows is not None
+
+    def repeated_calls(self) -> Dict[str, int]:
+        """Layers whose outputs were backpropagated more often than the others' in this step, with the count."""
+        fewest = min(self.calls.values(), default=0)
+        return {name: n for name, n in self.calls.items() if n > fewest > 0}
 
     def batch_statistics(self, layer: KronLayer) -> Tuple[Tensor, Tensor]:
         """This step's ``(A, G)`` of ``layer`` (sums over the micro-batches, averaged)."""

@@ -95,7 +95,7 @@ class KroneckerPreconditioner:
         warn_skipped(self.kind, self.skipped)
         self.capture = Capture(self.layers, self._grad_scale, from_sampled_labels=fisher == "true")
         self.capture.on_reset = self._discard_batch
-        self.steps = 0
+        self.steps, self._warned_repeated = 0, False
         self.blocks: Dict[str, CurvatureBlock] = {layer.name: self._make_block(layer) for layer in self.layers}
         self._arm_capture()
 
@@ -215,6 +215,12 @@ class KroneckerPreconditioner:
     def _update_and_precondition(self, grads: Dict[str, Tensor], hp: dict) -> Dict[str, Tensor]:
         """The blocks' work of a step; returns the preconditioned gradients."""
         if self.capture.statistics:
+            repeated = self.capture.repeated_calls()
+            if repeated and not self._warned_repeated:
+                self._warned_repeated = True
+                warnings.warn(f"{self.kind}: layers {repeated} were called (or backpropagated) more often than the "
+                              "others in one step; each call's rows count as more examples of their statistics",
+                              stacklevel=3)
             batch = {layer.name: self.capture.batch_statistics(layer) for layer in self.layers}
             batch = all_reduce_statistics(batch)
             for name, (a, g) in batch.items():
