@@ -19,10 +19,17 @@ class GaussianTarget:
     """
 
     def __init__(self, mean: Tensor, precision: Tensor):
+        d = mean.shape[-1] if mean.dim() == 1 else None
+        finite = bool(torch.isfinite(mean).all() and torch.isfinite(precision).all())
+        if d is None or precision.shape != (d, d) or not finite:
+            raise ValueError(f"GaussianTarget needs a finite mean (d,) and precision (d, d), got shapes "
+                             f"{tuple(mean.shape)} and {tuple(precision.shape)}")
         self.mean = mean
         self.precision = 0.5 * (precision + precision.mT)
-        self.chol = torch.linalg.cholesky(self.precision)
-        self.dim = mean.shape[-1]
+        self.chol, info = torch.linalg.cholesky_ex(self.precision)
+        if info != 0:
+            raise ValueError("GaussianTarget: the precision must be symmetric positive-definite")
+        self.dim = d
         self.logdet = 2 * self.chol.diagonal().log().sum()
 
     @classmethod

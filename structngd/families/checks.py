@@ -6,6 +6,8 @@ from typing import Iterable, Tuple
 
 import torch
 
+from ..groups.base import HALF_DTYPES
+
 
 def require_finite_gradients(owner: object, named: Iterable[Tuple[str, torch.Tensor]]) -> None:
     """Raise ``ValueError`` if a named parameter's gradient is missing or non-finite."""
@@ -18,6 +20,14 @@ def require_finite_gradients(owner: object, named: Iterable[Tuple[str, torch.Ten
             )
         if not torch.isfinite(p.grad).all():
             raise ValueError(f"{kind}.{name}.grad has non-finite values")
+
+
+def require_invertible(group, factor: torch.Tensor, what: str = "factor") -> None:
+    """``ValueError`` if a finite proposed ``factor`` is singular (``log|det| = -inf``: ``exp(-M)`` or a product
+    underflowed); a non-finite one is left to the caller's finiteness check."""
+    if torch.isfinite(factor).all() and not torch.isfinite(group.logdet(factor)):
+        raise ValueError(f"the step would make {what} singular (its entries underflow; lower the learning rate "
+                         "or set max_step); no parameter was changed")
 
 
 def factor_of_spd(group, value: torch.Tensor, what: str, symmetric_check: bool = False) -> torch.Tensor:
@@ -40,16 +50,14 @@ def factor_of_spd(group, value: torch.Tensor, what: str, symmetric_check: bool =
         if asym > 64 * torch.finfo(value.dtype).eps * value.abs().max():
             raise ValueError(f"{what} must be symmetric positive-definite (it is not symmetric)")
         value = 0.5 * (value + value.mT)
-    if group.name in ("dense", "lower_triangular"):
-        chol, info = torch.linalg.cholesky_ex(value)
-    elif group.name == "upper_triangular":
-        chol, info = torch.linalg.cholesky_ex(value.flip(0, 1))
-        chol = chol.flip(0, 1)
-    else:
+    if group.name not in ("dense", "lower_triangular", "upper_triangular"):
         raise ValueError(
             f"a dense {what} matrix can only initialize dense or triangular structures, "
             f"not {group.name!r}; pass a scalar or a vector of diagonal entries"
         )
+    upper = group.name == "upper_triangular"
+    wide = value.float() if value.dtype in HALF_DTYPES else value  # LAPACK has no half or bfloat16 Cholesky
+    chol, info = torch.linalg.cholesky_ex(wide.flip(0, 1) if upper else wide)
     if info != 0:
         raise ValueError(f"{what} must be symmetric positive-definite")
-    return chol
+    return (chol.flip(0, 1) if upper else chol).to(value.dtype)

@@ -12,8 +12,9 @@ from torch import Tensor, nn
 
 from .. import checks
 from .. import groups as _groups
+from ..groups.base import HALF_DTYPES, linear_solve
 from . import estimators
-from .checks import factor_of_spd
+from .checks import factor_of_spd, require_invertible
 from .shared import FamilyMethods
 
 ESTIMATORS = ("reparam", "price", "delta")
@@ -83,7 +84,7 @@ class Gaussian(FamilyMethods, nn.Module):
             raise ValueError('covariance, scale and transpose need parameterization="covariance"')
         if covariant and precision is not None:
             raise ValueError('parameterization="covariance" takes covariance=..., not precision=...')
-        self.transpose = bool(transpose)
+        self.transpose = checks.flag("transpose", transpose)
         dtype = dtype or (loc.dtype if isinstance(loc, Tensor) else torch.get_default_dtype())
         loc = torch.zeros(dim, dtype=dtype, device=device) if loc is None else loc
         loc = torch.as_tensor(loc, dtype=dtype, device=device).detach().clone()
@@ -198,7 +199,7 @@ class Gaussian(FamilyMethods, nn.Module):
         """The dense precision ``S = B B^T`` (``(sigma^2 A A^T)^{-1}``)."""
         if self.covariant:
             a = self._dense_covariance_factor()
-            r = torch.linalg.solve(a, torch.eye(self.dim, dtype=a.dtype, device=a.device))
+            r = linear_solve(a, torch.eye(self.dim, dtype=a.dtype, device=a.device))
             return r.mT @ r
         b = self.group.to_dense(self.factor)
         return b @ b.mT
@@ -213,7 +214,10 @@ class Gaussian(FamilyMethods, nn.Module):
         return r @ r.mT
 
     def to_torch(self) -> torch.distributions.MultivariateNormal:
-        """The same distribution as a ``torch.distributions.MultivariateNormal``."""
+        """The same distribution as a ``torch.distributions.MultivariateNormal`` (float32 or float64: it factorizes
+        the matrix by Cholesky, which half and bfloat16 lack; ``ValueError`` there)."""
+        if self.loc.dtype in HALF_DTYPES:
+            raise ValueError(f"Gaussian.to_torch needs float32 or float64, got {self.loc.dtype} (call .float() first)")
         if self.covariant:
             return torch.distributions.MultivariateNormal(self.loc, covariance_matrix=self.covariance())
         return torch.distributions.MultivariateNormal(self.loc, precision_matrix=self.precision())
@@ -301,15 +305,21 @@ class Gaussian(FamilyMethods, nn.Module):
     def retracted(self, step: tuple, retraction: str = "h") -> Dict[str, Tensor]:
         """New parameter values at ``phi_tau(eta0 - step)``, without writing them: ``mu - B^{-T} delta``
         and ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``); covariance: ``mu - sigma A delta``,
-        ``A h(-M)`` and ``sigma exp(-s)`` (the scalar scale always takes the exact exponential)."""
+        ``A h(-M)`` and ``sigma exp(-s)`` (the scalar scale always takes the exact exponential). ``ValueError``
+        where the factor would be singular or the scale 0 (underflow)."""
         delta, m = step[0], step[1]
         local_map = self.group.exp if retraction == "exp" else self.group.h
         if not self.covariant:
-            loc = self.loc - self.group.tsolve(self.factor, delta)
-            return {"loc": loc, "factor": self.group.mul(self.factor, local_map(-m))}
+            loc, factor = self.loc - self.group.tsolve(self.factor, delta), self.group.mul(self.factor, local_map(-m))
+            require_invertible(self.group, factor)
+            return {"loc": loc, "factor": factor}
         sigma, moved = self.sigma(), local_map(-m)
         factor = self.group.mul(moved, self.factor) if self.transpose else self.group.mul(self.factor, moved)
+        require_invertible(self.group, factor)
         out = {"loc": self.loc - sigma * self.factor_matvec(delta), "factor": factor}
         if self.has_scale:
             out["scale"] = sigma * torch.exp(-step[2])
+            if not bool(out["scale"] > 0):
+                raise ValueError(f"the step would move scale from {float(sigma)!r} to {float(out['scale'])!r} "
+                                 "(it must stay > 0; lower the learning rate); no parameter was changed")
         return out

@@ -81,8 +81,12 @@ class KroneckerGaussian(FamilyMethods, nn.Module):
             structure = structure, structure
         elif len(structure) != 2:
             raise ValueError(f"structure must be one value or a pair (input side, output side), got {structure!r}")
-        self.in_group = _groups.make(structure[0], d_in, **group_options)  # a group instance ignores the options
-        self.out_group = _groups.make(structure[1], d_out, **group_options)
+        # the options go to the named sides (a group instance beside a name takes none; two instances refuse them)
+        named = not all(isinstance(s, _groups.MatrixGroup) for s in structure)
+        self.in_group, self.out_group = (
+            _groups.make(s, d, **({} if named and isinstance(s, _groups.MatrixGroup) else group_options))
+            for s, d in zip(structure, (d_in, d_out))
+        )
         self.d_out, self.d_in = d_out, d_in
         if dtype is None:
             given = next((t for t in (loc, in_factor, out_factor) if isinstance(t, Tensor)), None)

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import torch
 
+from ..optim.kernel import checked_values
 from .checks import require_finite_gradients
 
 
@@ -16,6 +17,8 @@ class FamilyMethods:
 
     @torch.no_grad()
     def retract(self, step: tuple, lr: float = 1.0, retraction: str = "h") -> None:
-        """``tau <- phi_tau(eta0 - lr * step)`` in place; a refused step raises ``ValueError`` and changes nothing."""
-        for name, value in self.retracted(tuple(lr * t for t in step), retraction).items():
+        """``tau <- phi_tau(eta0 - lr * step)`` in place; a refused step (a non-finite or misshapen new value
+        included) raises ``ValueError`` and changes nothing."""
+        new = self.retracted(tuple(lr * t for t in step), retraction)
+        for name, value in checked_values(self, new, type(self).__name__).items():
             getattr(self, name).copy_(value)

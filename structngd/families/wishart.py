@@ -20,7 +20,8 @@ from torch import Tensor, nn
 
 from .. import checks
 from .. import groups as _groups
-from .checks import factor_of_spd
+from ..groups.base import HALF_DTYPES
+from .checks import factor_of_spd, require_invertible
 from .shared import FamilyMethods
 
 DF_COORDINATES = ("log", "linear")
@@ -91,6 +92,14 @@ def multivariate_digamma(x: Tensor, d: int) -> Tensor:
     return _MultivariateDigamma.apply(x, d)
 
 
+def _check_dtype(dtype: torch.dtype) -> None:
+    """``ValueError`` for half and bfloat16: the Bartlett sampler's gamma draws, the Cholesky factor of
+    ``log_prob`` and the trigamma series of the Fisher have no kernel or no accuracy there."""
+    if dtype in HALF_DTYPES:
+        raise ValueError(f"Wishart needs float32 or float64, got {dtype} (its gamma sampling, Cholesky and "
+                         "trigamma series have no half-precision form)")
+
+
 class Wishart(FamilyMethods, nn.Module):
     """Wishart ``W(n, V)`` over ``d x d`` SPD matrices with mean ``Psi = n V = B B^T``, ``B`` in a group.
 
@@ -134,7 +143,8 @@ class Wishart(FamilyMethods, nn.Module):
         if dtype is None:
             given = next((x for x in (df, mean, scale) if isinstance(x, Tensor) and x.is_floating_point()), None)
             dtype = torch.get_default_dtype() if given is None else given.dtype
-        if isinstance(df, bool) or not isinstance(df, (int, float, Tensor)):
+        _check_dtype(dtype)
+        if not (checks._is_number(df) or isinstance(df, Tensor)):
             raise ValueError(f"df must be a real number > dim - 1 = {dim - 1}, got {df!r}")
         df = torch.as_tensor(df, dtype=dtype, device=device).detach().clone()
         if df.numel() != 1:
@@ -194,6 +204,7 @@ class Wishart(FamilyMethods, nn.Module):
         reparameterized gamma), ``A_ij ~ N(0, 1)`` below the diagonal."""
         d, shape = self.dim, tuple(sample_shape)
         dtype, device = self.factor.dtype, self.factor.device
+        _check_dtype(dtype)
         diag = torch.distributions.Chi2(self.df - torch.arange(d, dtype=dtype, device=device)).rsample(shape).sqrt()
         a = torch.randn(shape + (d, d), dtype=dtype, device=device).tril(-1) + torch.diag_embed(diag)
         ba = self.group.matvec(self.factor, a.mT).mT  # columns B a_j
@@ -207,6 +218,7 @@ class Wishart(FamilyMethods, nn.Module):
     def log_prob(self, w: Tensor) -> Tensor:
         """``log W(W; n, V)`` for SPD ``W`` of shape ``(..., d, d)``; returns shape ``(...)``."""
         d, n = self.dim, self.df
+        _check_dtype(self.factor.dtype)
         if w.dim() < 2 or w.shape[-2:] != (d, d):
             raise ValueError(f"Wishart.log_prob expects matrices of shape (..., {d}, {d}), got {tuple(w.shape)}")
         chol, info = torch.linalg.cholesky_ex(w)
@@ -250,6 +262,7 @@ class Wishart(FamilyMethods, nn.Module):
     def natural_gradient(self) -> WishartStep:
         """Natural gradient in local coordinates from ``df.grad`` and ``factor.grad``: ``delta = g_n / (c F_nn)``
         (log coordinate, ``c = n - d + 1``) or ``g_n / F_nn`` (linear), ``M = C ⊙ κ(B^T g_B) / n``."""
+        _check_dtype(self.factor.dtype)
         self.check_gradients()
         n = self.df.detach()
         delta = self.df.grad / self.df_fisher()
@@ -262,7 +275,8 @@ class Wishart(FamilyMethods, nn.Module):
     def retracted(self, step: WishartStep, retraction: str = "h") -> Dict[str, Tensor]:
         """New ``(df, factor)`` at ``phi_tau(eta0 - step)``, without writing them: ``n`` by its
         coordinate map, ``B h(-M)`` (``B exp(-M)`` with ``retraction="exp"``). ``ValueError`` if the
-        new ``n`` would not be a finite number ``> d - 1`` (a too large linear step, or an overflow)."""
+        new ``n`` would not be a finite number ``> d - 1`` (a too large linear step, or an overflow) or the new
+        factor would be singular (underflow)."""
         delta, m = step
         n = self.df.detach()
         new_df = (self.dim - 1) + (n - self.dim + 1) * torch.exp(-delta) if self.df_coordinate == "log" else n - delta
@@ -274,4 +288,6 @@ class Wishart(FamilyMethods, nn.Module):
                 + "; no parameter was changed"
             )
         local_map = self.group.exp if retraction == "exp" else self.group.h
-        return {"df": new_df.reshape(self.df.shape), "factor": self.group.mul(self.factor, local_map(-m))}
+        factor = self.group.mul(self.factor, local_map(-m))
+        require_invertible(self.group, factor)
+        return {"df": new_df.reshape(self.df.shape), "factor": factor}

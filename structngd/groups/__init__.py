@@ -28,8 +28,11 @@ def check_structure(name) -> None:
 
 def make(name: str, dim: int, **options) -> MatrixGroup:
     """Build a group from its snake_case name, e.g. ``make("block_triangular", 100, k=5)``. Unknown names, missing
-    or unexpected options and impossible values (``k >= d``, a block size not dividing ``d``) raise ``ValueError``."""
+    or unexpected options (options beside a group instance too) and impossible values (``k >= d``, a block size not
+    dividing ``d``) raise ``ValueError``."""
     if isinstance(name, MatrixGroup):
+        if options:
+            raise ValueError(f"group options {options} apply to a structure name, not to the group {name!r}")
         if name.dim != dim:
             raise ValueError(f"group {name!r} has dim {name.dim}, expected {dim}")
         return name

@@ -13,6 +13,7 @@ from typing import Callable, Optional, Tuple
 import torch
 from torch import Tensor
 
+from .. import checks
 
 HALF_DTYPES = (torch.float16, torch.bfloat16)
 
@@ -32,6 +33,14 @@ def log_abs_det(x: Tensor) -> Tensor:
     if x.dtype in HALF_DTYPES:
         return torch.linalg.slogdet(x.float())[1].to(x.dtype)
     return torch.linalg.slogdet(x)[1]
+
+
+def matrix_exp(x: Tensor) -> Tensor:
+    """``exp(X)`` by ``torch.linalg.matrix_exp``; half and bfloat16 (where it returns NaN or inf) in float32, the
+    result cast back."""
+    if x.dtype in HALF_DTYPES:
+        return torch.linalg.matrix_exp(x.float()).to(x.dtype)
+    return torch.linalg.matrix_exp(x)
 
 
 def sym(x: Tensor) -> Tensor:
@@ -58,9 +67,7 @@ class MatrixGroup(abc.ABC):
     name: str = ""
 
     def __init__(self, dim: int):
-        if not isinstance(dim, int) or dim < 1:
-            raise ValueError(f"dim must be a positive integer, got {dim!r}")
-        self.dim = dim
+        self.dim = checks.count("dim", dim)
 
     @property
     @abc.abstractmethod
@@ -136,6 +143,8 @@ class MatrixGroup(abc.ABC):
         """The exact ``exp(M)`` in compact form: Taylor series with scaling and squaring through the compact
         product (the pattern is closed under products), to float64 round-off."""
         norm = float(m.abs().sum())  # bounds any induced norm of M on the pattern
+        if not math.isfinite(norm / 0.25):  # an overflowing or non-finite M: a non-finite result, for callers to refuse
+            return torch.full_like(m, math.nan)
         squarings = max(0, int(math.ceil(math.log2(norm / 0.25)))) if norm > 0.25 else 0
         x = m / (2.0**squarings)
         term = out = self.identity(m.dtype, m.device)

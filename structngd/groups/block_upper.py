@@ -14,6 +14,7 @@ from typing import Dict, List, Sequence, Tuple
 import torch
 from torch import Tensor
 
+from .. import checks
 from .base import MatrixGroup, apply_columns, linear_solve, log_abs_det, sym
 
 DENSE, DIAG = "dense", "diag"
@@ -233,12 +234,14 @@ class BlockUpperTriangular(MatrixGroup):
         return sum(terms[1:], terms[0])
 
 
-def _check_rank(name: str, value, dim: int, other: Tuple[str, int] = None) -> None:
-    """``value`` must be a positive integer with ``value (+ other) < dim``."""
-    total = value + other[1] if other and isinstance(value, int) else value
+def _check_rank(name: str, value, dim: int, other: Tuple[str, int] = None) -> int:
+    """``value`` (numpy's integers too) as an ``int``; a positive integer with ``value (+ other) < dim``."""
+    integer = checks._is_integer(value)
+    total = value + other[1] if other and integer else value
     bound = f"{name} + {other[0]}" if other else name
-    if not isinstance(value, int) or value < 1 or total >= dim:
+    if not integer or value < 1 or total >= dim:
         raise ValueError(f"{name} must be a positive integer with {bound} < dim={dim}, got {name}={value!r}")
+    return int(value)
 
 
 class BlockTriangular(BlockUpperTriangular):
@@ -248,8 +251,7 @@ class BlockTriangular(BlockUpperTriangular):
     name = "block_triangular"
 
     def __init__(self, dim: int, k: int):
-        _check_rank("k", k, dim)
-        self.k = k
+        self.k = k = _check_rank("k", k, dim)
         super().__init__(dim, [(0, k, DENSE), (k, dim, DIAG)])
 
     def __repr__(self):
@@ -263,9 +265,8 @@ class Heisenberg(BlockUpperTriangular):
     name = "heisenberg"
 
     def __init__(self, dim: int, k: int, k2: int = None):
-        k2 = k if k2 is None else k2
-        _check_rank("k2", k2, dim)
-        _check_rank("k", k, dim, other=("k2", k2))
+        k2 = _check_rank("k2", k if k2 is None else k2, dim)
+        k = _check_rank("k", k, dim, other=("k2", k2))
         self.k, self.k2 = k, k2
         super().__init__(dim, [(0, k, DENSE), (k, dim - k2, DIAG), (dim - k2, dim, DENSE)])
 
@@ -280,8 +281,8 @@ class Hierarchical(BlockUpperTriangular):
     name = "hierarchical"
 
     def __init__(self, dim: int, k1: int, k2: int):
-        _check_rank("k2", k2, dim)
-        _check_rank("k1", k1, dim, other=("k2", k2))
+        k2 = _check_rank("k2", k2, dim)
+        k1 = _check_rank("k1", k1, dim, other=("k2", k2))
         self.k1, self.k2 = k1, k2
         super().__init__(dim, [(0, k1, DENSE), (dim - k2, dim, DENSE), (k1, dim - k2, DIAG)])
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MatrixGroup, apply_columns, linear_solve, log_abs_det, sym
+from .base import MatrixGroup, apply_columns, linear_solve, log_abs_det, matrix_exp, sym
 
 
 class Dense(MatrixGroup):
@@ -37,7 +37,7 @@ class Dense(MatrixGroup):
         return a @ b
 
     def exp(self, m: Tensor) -> Tensor:
-        return torch.linalg.matrix_exp(m)
+        return matrix_exp(m)
 
     def outer(self, z, weights=None):
         wz = z if weights is None else z * weights.unsqueeze(-1)

@@ -5,12 +5,14 @@ from __future__ import annotations
 import torch
 from torch import Tensor
 
-from .base import MatrixGroup, apply_columns, linear_solve
+from .base import MatrixGroup, apply_columns, linear_solve, matrix_exp
 
 
 class _Triangular(MatrixGroup):
-    """Triangular factors stored as ``(d, d)`` with exact zeros off the triangle; every algebra entry but the
-    diagonal is free, so ``project(G) = diag(G) / 2 + strict triangle of G``."""
+    """Triangular factors stored as ``(d, d)``; every algebra entry but the diagonal is free, so
+    ``project(G) = diag(G) / 2 + strict triangle of G``. Only the triangle is read: every operation (products,
+    solves, ``logdet``, ``to_dense``) sees ``tril(A)`` (``triu(A)``), whatever sits in the other slots (an Adam
+    or SGD step on the stored matrix, a user's write), and gradients vanish there."""
 
     upper: bool = False
 
@@ -28,21 +30,26 @@ class _Triangular(MatrixGroup):
         return self._tri(g)
 
     def to_dense(self, a: Tensor) -> Tensor:
-        return a
+        return self._tri(a)
 
     def project(self, g: Tensor) -> Tensor:
         return self._tri(g, 1) + 0.5 * torch.diag_embed(g.diagonal(dim1=-2, dim2=-1))
 
     def mul(self, a, b):
-        return self._tri(a @ b)
+        return self._tri(self._tri(a) @ self._tri(b))
+
+    def h(self, m):
+        return super().h(self._tri(m))
 
     def exp(self, m):
-        return self._tri(torch.linalg.matrix_exp(m))
+        return self._tri(matrix_exp(self._tri(m)))
 
     def row_sq_norms(self, a):
+        a = self._tri(a)
         return (a * a).sum(-1)
 
     def col_sq_norms(self, a):
+        a = self._tri(a)
         return (a * a).sum(-2)
 
     def _solve(self, a: Tensor, x: Tensor, transpose: bool) -> Tensor:
@@ -50,10 +57,10 @@ class _Triangular(MatrixGroup):
         return apply_columns(a.mT if transpose else a, x, fn, self._unbatched(a))
 
     def matvec(self, a, x):
-        return apply_columns(a, x, torch.matmul, self._unbatched(a))
+        return apply_columns(self._tri(a), x, torch.matmul, self._unbatched(a))
 
     def tmatvec(self, a, x):
-        return apply_columns(a.mT, x, torch.matmul, self._unbatched(a))
+        return apply_columns(self._tri(a).mT, x, torch.matmul, self._unbatched(a))
 
     def solve(self, a, x):
         return self._solve(a, x, transpose=False)

@@ -57,9 +57,10 @@ def natural_gradient_step(
     ``beta_p ||m_p||_F > max_step`` shrinks to that size (``max_step <= 1`` keeps ``h`` monotone)
     and the other parts by the smallest factor scale; then ``tau <- phi_tau(eta0 - beta m)``.
 
-    Everything is formed and checked before anything is written: a ``ValueError`` leaves every
-    family and buffer as it was. Returns the new momentum buffers (``None`` without momentum) for
-    the caller to store; ``labels`` name the families in errors.
+    Everything is formed and checked before anything is written (each new value finite in its
+    parameter's dtype, each new buffer finite): a raise leaves every family and buffer as it was.
+    Returns the new momentum buffers (``None`` without momentum) for the caller to store; ``labels``
+    name the families in errors.
     """
     n = len(families)
     directions = list(directions) if directions is not None else [None] * n
@@ -69,35 +70,74 @@ def natural_gradient_step(
         check_hyperparameters(lr[i], momentum[i], max_step[i], retraction[i], part_lrs[i])
         try:
             nat = directions[i] if directions[i] is not None else family.natural_gradient()
-        except ValueError as err:
-            raise ValueError(f"{who}: {err}; no parameter was changed") from None
+        except (ValueError, torch.linalg.LinAlgError) as err:
+            raise _refusal(who, err, "; no parameter was changed") from None
         parts = nat._asdict()
         if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
             raise ValueError(f"{who}: the natural gradient is non-finite (singular factor?); no parameter was changed")
         if momentum[i] > 0:
-            old = momentum_buffers[i]
-            parts = {k: v.clone() if old is None else old[k] * momentum[i] + v for k, v in parts.items()}
+            parts = _momentum(parts, momentum_buffers[i], momentum[i], who)
             new_buffers.append(parts)
         else:
             new_buffers.append(None)
         rates = {k: lr[i] * float((part_lrs[i] or {}).get(k, 1.0)) for k in parts}
-        shrink = _trust_region(parts, rates, getattr(family, "factor_parts", ()), max_step[i])
-        step = type(nat)(**{k: v * (rates[k] * shrink[k]) for k, v in parts.items()})
         try:
+            shrink = _trust_region(parts, rates, getattr(family, "factor_parts", ()), max_step[i])
+            step = type(nat)(**{k: v * (rates[k] * shrink[k]) for k, v in parts.items()})
             new = family.retracted(step, retraction[i])
-        except ValueError as err:
-            raise ValueError(f"{who}: {err}") from None
-        bad = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
-        if bad:
-            raise ValueError(f"{who}: the step would write non-finite values into {', '.join(bad)} "
-                             "(lower the learning rate or set max_step); no parameter was changed")
-        proposals.append(new)
+        except (ValueError, torch.linalg.LinAlgError) as err:
+            raise _refusal(who, err) from None
+        proposals.append(checked_values(family, new, who))
     with torch.no_grad():
         for family, new in zip(families, proposals):
             params = dict(family.named_parameters())
             for name, value in new.items():
                 params[name].copy_(value)
     return new_buffers
+
+
+def _refusal(who: str, err: Exception, tail: str = "") -> ValueError:
+    """The ``ValueError`` naming the family; a failed factorization (``LinAlgError``) reads as a singular factor."""
+    if isinstance(err, torch.linalg.LinAlgError):
+        return ValueError(f"{who}: a factor is singular to working precision ({err}); no parameter was changed")
+    return ValueError(f"{who}: {err}{tail}")
+
+
+def _momentum(parts: Dict[str, Tensor], old: Optional[Mapping[str, Tensor]], momentum: float, who: str):
+    """``m <- momentum m + n`` (``m = n`` at first); the old buffers follow the parts' dtype and device (a family
+    moved by ``.to()``). ``ValueError`` for a buffer of another shape or a non-finite new one."""
+    if old is None:
+        return {k: v.clone() for k, v in parts.items()}
+    new = {}
+    for k, v in parts.items():
+        if k not in old or tuple(old[k].shape) != tuple(v.shape):
+            got = "none" if k not in old else f"shape {tuple(old[k].shape)}"
+            raise ValueError(f"{who}: the momentum buffer of part {k!r} must have shape {tuple(v.shape)}, got {got} "
+                             "(a state dict of another family?); no parameter was changed")
+        new[k] = old[k].to(dtype=v.dtype, device=v.device) * momentum + v
+    bad = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{who}: the momentum buffer of {', '.join(bad)} would be non-finite; "
+                         "no parameter was changed")
+    return new
+
+
+def checked_values(family: nn.Module, new: Mapping[str, Tensor], who: str = "the family") -> Dict[str, Tensor]:
+    """The proposed values as the parameters will hold them (their dtype and device); ``ValueError`` for a shape
+    that is not the parameter's or a value that is non-finite once cast (float32 overflows where float64 did not)."""
+    params = dict(family.named_parameters())
+    out = {}
+    for name, value in new.items():
+        param = params[name]
+        if tuple(value.shape) != tuple(param.shape):
+            raise ValueError(f"{who}: the step proposes shape {tuple(value.shape)} for {name}, which has shape "
+                             f"{tuple(param.shape)}; no parameter was changed")
+        out[name] = value.to(dtype=param.dtype, device=param.device)
+    bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
+    if bad:
+        raise ValueError(f"{who}: the step would write non-finite values into {', '.join(bad)} "
+                         "(lower the learning rate or set max_step); no parameter was changed")
+    return out
 
 
 def _trust_region(

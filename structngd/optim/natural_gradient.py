@@ -113,20 +113,74 @@ class NaturalGradient(Optimizer):
 
     # -------------------------------------------------------- state dicts
     def state_dict(self):
-        """Like ``torch.optim.Optimizer.state_dict`` without the family objects."""
+        """Like ``torch.optim.Optimizer.state_dict``, each family replaced by its description
+        (``"family_description"``: kind, structure, parameter shapes), which :meth:`load_state_dict` checks."""
         state = super().state_dict()
         for group in state["param_groups"]:
-            group.pop("family", None)
+            group[DESCRIPTION] = describe(group.pop("family"))
         return state
 
     def load_state_dict(self, state_dict) -> None:
+        """Like ``torch.optim.Optimizer.load_state_dict``, after checking everything (``ValueError`` naming what
+        differs, nothing changed): the number of families, each family's description (where saved), each
+        momentum buffer's shape and finiteness, and the hyperparameters."""
         families = [group["family"] for group in self.param_groups]
-        if len(state_dict["param_groups"]) != len(families):
-            raise ValueError(f"state_dict has {len(state_dict['param_groups'])} param groups, "
-                             f"this optimizer has {len(families)} families")
-        super().load_state_dict(state_dict)
+        _check_state(state_dict, families, self.defaults)
+        groups = [{k: v for k, v in group.items() if k != DESCRIPTION} for group in state_dict["param_groups"]]
+        super().load_state_dict({**state_dict, "param_groups": groups})
         for group, family in zip(self.param_groups, families):
             group["family"] = family
+
+
+#: the key of a family's description in a state dict's param group
+DESCRIPTION = "family_description"
+
+
+def describe(family: nn.Module) -> dict:
+    """What a family's optimizer state depends on: its kind, structure and parameter shapes (as strings)."""
+    out = {"kind": type(family).__name__}
+    for name in ("group", "in_group", "out_group", "parameterization", "transpose", "df_coordinate"):
+        if hasattr(family, name):
+            out[name] = repr(getattr(family, name))
+    out["parameters"] = ", ".join(f"{k} {tuple(p.shape)}" for k, p in family.named_parameters())
+    return out
+
+
+def _check_state(state_dict, families, defaults: dict) -> None:
+    """``ValueError`` unless ``state_dict`` fits the optimizer over ``families`` (see ``load_state_dict``)."""
+    if not isinstance(state_dict, Mapping) or not {"state", "param_groups"} <= set(state_dict):
+        raise ValueError("NaturalGradient.load_state_dict expects the dict of NaturalGradient.state_dict()")
+    groups = state_dict["param_groups"]
+    if len(groups) != len(families):
+        raise ValueError(f"state_dict has {len(groups)} param groups, this optimizer has {len(families)} families")
+    for index, (group, family) in enumerate(zip(groups, families)):
+        where = f"NaturalGradient.load_state_dict, param group {index}"
+        saved, here = group.get(DESCRIPTION), describe(family)
+        if isinstance(saved, Mapping) and dict(saved) != here:
+            diff = "; ".join(f"{k}: saved {saved.get(k)}, this family {here.get(k)}"
+                             for k in list(here) + [k for k in saved if k not in here] if saved.get(k) != here.get(k))
+            raise ValueError(f"{where}: the state of another family cannot be loaded ({diff}); nothing was changed")
+        params = list(family.parameters())
+        if len(group["params"]) != len(params):
+            raise ValueError(f"{where}: {len(group['params'])} saved parameters, the family has {len(params)}")
+        for key, p in zip(group["params"], params):
+            _check_buffer(state_dict["state"].get(key, {}).get("momentum_buffer"), p, where)
+        try:
+            _check_group({**defaults, **group})
+        except ValueError as err:
+            raise ValueError(f"{where}: {err}; nothing was changed") from None
+
+
+def _check_buffer(buffer, param: torch.Tensor, where: str) -> None:
+    """``ValueError`` unless ``buffer`` is ``None`` or a finite tensor of ``param``'s shape."""
+    if buffer is None:
+        return
+    if not isinstance(buffer, torch.Tensor) or tuple(buffer.shape) != tuple(param.shape):
+        got = f"shape {tuple(buffer.shape)}" if isinstance(buffer, torch.Tensor) else type(buffer).__name__
+        raise ValueError(f"{where}: a momentum buffer of {got} for a parameter of shape {tuple(param.shape)}; "
+                         "nothing was changed")
+    if not bool(torch.isfinite(buffer).all()):
+        raise ValueError(f"{where}: a momentum buffer is non-finite; nothing was changed")
 
 
 def _check_group(group: dict) -> None:
