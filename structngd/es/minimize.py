@@ -9,26 +9,19 @@ from torch import Tensor
 
 from .nes import StructuredNES
 from .result import ESResult
+from .utilities import as_costs, real_number
 
 
-def _evaluate(f: Callable, x: Tensor, batch: bool, executor) -> list:
+def _evaluate(f: Callable, x: Tensor, batch: bool, executor) -> Tensor:
     if batch:
-        values = f(x)
-        if isinstance(values, Tensor):
-            values = values.detach().to("cpu", torch.float64)
-        values = torch.as_tensor(values, dtype=torch.float64).reshape(-1)
+        values = as_costs(f(x)).reshape(-1)
         if values.shape[0] != x.shape[0]:
             raise ValueError(f"batch=True: f returned {values.shape[0]} values for {x.shape[0]} points")
         return values
     rows = list(x.unbind(0))
     raw = list(executor.map(f, rows)) if executor is not None else [f(r) for r in rows]
-    out = []
-    for v in raw:
-        try:
-            out.append(float(v))
-        except (TypeError, ValueError, RuntimeError) as err:
-            raise ValueError(f"f must return a scalar for one point, got {v!r} ({err})") from None
-    return torch.tensor(out, dtype=torch.float64)
+    return torch.tensor([real_number(v, "f must return a real scalar for one point") for v in raw],
+                        dtype=torch.float64)
 
 
 def minimize(
@@ -52,6 +45,11 @@ def minimize(
             ``tolx``, ``max_iterations``, group options ...).
 
     ``result.history`` records every generation and ``result.plot()`` draws it.
+
+    No evaluation is lost to an interruption: on ``KeyboardInterrupt`` the run so far comes back as the
+    result, with ``stop_reason`` ``{"interrupted": "KeyboardInterrupt"}``; any other exception (from ``f``, the
+    executor or the callback) is raised again with the run so far attached as its attribute ``partial_result``
+    (an :class:`ESResult`, said in a note of the exception).
     """
     if batch and executor is not None:
         raise ValueError("batch=True and executor are exclusive: pass one of them")
@@ -76,9 +74,20 @@ def minimize(
             if callback is not None and callback(es) is True:
                 extra["callback"] = True
                 break
+    except KeyboardInterrupt:
+        extra["interrupted"] = "KeyboardInterrupt"
+    except Exception as err:
+        err.partial_result = _result(es, {"interrupted": type(err).__name__})
+        err.add_note(f"structngd.es.minimize: the run so far ({es.evaluations} evaluations, best f {es.best_f:.6g}) "
+                     "is this exception's partial_result")
+        raise
     finally:
         if bar is not None:
             bar.close()
+    return _result(es, extra)
+
+
+def _result(es: StructuredNES, extra: dict) -> ESResult:
     result = es.result
     result.stop_reason.update(extra)
     return result

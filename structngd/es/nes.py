@@ -25,7 +25,7 @@ from ..optim.kernel import natural_gradient_step
 from . import cumulation
 from .result import ESHistory, ESResult
 from .stopping import FINAL_REASONS, termination
-from .utilities import default_popsize, rank_order, recombination_weights, utilities
+from .utilities import as_costs, default_popsize, rank_order, recombination_weights, utilities
 
 RATES = ("cma", "default", "xnes")
 #: ``"default"`` is the former name of ``"cma"``
@@ -36,6 +36,26 @@ _XNES_KEYS = ("eta_mu", "eta_sigma", "eta_B")
 #: below this dimension ``rates="cma"`` samples mirrored pairs and halves CMA-ES's step-size damping;
 #: from it on both changes hurt large low-rank searches, so CMA-ES's are kept
 MIRRORED_BELOW_DIM = 500
+
+
+def _checked_scalar(name: str, value):
+    """A state's scalar: ``sigma`` a positive number, ``best_f`` a number, the flag a bool, the rest integers
+    (``popsize >= 2``); ``ValueError`` otherwise."""
+    if name == "_warned_nonfinite":
+        return checks.flag(name, value)
+    if name == "sigma":
+        return checks.positive("state 'sigma'", value)
+    if name in ("best_f", "seed"):
+        if not (checks._is_integer(value) if name == "seed" else checks._is_number(value)):
+            what = "an integer" if name == "seed" else "a number"
+            raise ValueError(f"state {name!r} must be {what}, got {value!r}; nothing was loaded")
+        return value
+    return checks.count(f"state {name!r}", value, minimum=2 if name == "popsize" else 0)
+
+
+def _optional_int(value):
+    """``None`` or ``int(value)`` (numpy's integers become ``int``, so states and reprs stay plain)."""
+    return None if value is None else int(value)
 
 
 class StructuredNES:
@@ -103,32 +123,35 @@ class StructuredNES:
         self.mode, self._rate_overrides = base, {k: checks.non_negative(f"rate {k}", v) for k, v in overrides.items()}
         self.retraction = retraction or ("exp" if base == "xnes" else "h")
         checks.one_of("retraction", self.retraction, RETRACTIONS)
-        self.transpose = bool(transpose)
+        self.transpose = checks.flag("transpose", transpose)
 
-        checks.optional_count("popsize", popsize, minimum=2)
+        popsize = _optional_int(checks.optional_count("popsize", popsize, minimum=2))
         self.base_popsize = popsize if popsize is not None else default_popsize(self.dim)
-        self.mirrored = (base == "cma" and self.dim < MIRRORED_BELOW_DIM) if mirrored is None else bool(mirrored)
-        checks.count("restarts", restarts, minimum=0)
+        if mirrored is None:
+            mirrored = base == "cma" and self.dim < MIRRORED_BELOW_DIM
+        self.mirrored = checks.flag("mirrored", mirrored)
+        restarts = checks.count("restarts", restarts, minimum=0)
         if not (checks.positive("incpopsize", incpopsize) >= 1):
             raise ValueError(f"incpopsize must be a number >= 1, got {incpopsize!r}")
         self.restarts, self.incpopsize = restarts, incpopsize
-        checks.optional_count("budget", budget)
-        checks.optional_count("max_iterations", max_iterations)
-        if target is not None and not isinstance(target, (int, float)):
+        budget = _optional_int(checks.optional_count("budget", budget))
+        max_iterations = _optional_int(checks.optional_count("max_iterations", max_iterations))
+        if target is not None and not (checks._is_number(target) and not math.isnan(target)):
             raise ValueError(f"target must be a number or None, got {target!r}")
         for name, value in (("tolx", tolx), ("tolfun", tolfun), ("tolupsigma", tolupsigma)):
             checks.optional_non_negative(name, value)
-        checks.optional_count("tolflatfitness", tolflatfitness, minimum=0)
+        tolflatfitness = _optional_int(checks.optional_count("tolflatfitness", tolflatfitness, minimum=0))
         if tolstagnation is not False:
-            checks.optional_count("tolstagnation", tolstagnation)
+            tolstagnation = _optional_int(checks.optional_count("tolstagnation", tolstagnation))
         self.budget, self.target, self.max_iterations = budget, target, max_iterations
         self.tolx, self.tolfun, self.tolupsigma = tolx, tolfun, tolupsigma
         self.tolflatfitness, self.tolstagnation = tolflatfitness, tolstagnation
 
         if seed is None:
             seed = int(torch.Generator().seed() % (2**63))
-        if not isinstance(seed, int):
+        if not checks._is_integer(seed):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
+        seed = int(seed)
         self.seed, self.generator = seed, torch.Generator(device=self.device).manual_seed(seed)
 
         self._weights_c = self.group.constant("inverse_fisher_weights", dtype, self.device)
@@ -258,29 +281,49 @@ class StructuredNES:
         return None if self._pending is None else self._pending[1].clone()
 
     def _as_fitness(self, fitness) -> Tensor:
-        if isinstance(fitness, Tensor):
-            f = fitness.detach().to(device="cpu", dtype=torch.float64)
-        else:
-            try:
-                f = torch.as_tensor(fitness, dtype=torch.float64)
-            except (TypeError, ValueError, RuntimeError):
-                try:
-                    f = torch.tensor([float(v) for v in fitness], dtype=torch.float64)
-                except (TypeError, ValueError) as err:
-                    raise ValueError(f"fitness must be a 1-D sequence of numbers: {err}") from None
+        f = as_costs(fitness)
         if f.dim() != 1 or f.shape[0] != self.popsize:
             raise ValueError(f"fitness must be a 1-D sequence of length popsize={self.popsize}, "
                              f"got shape {tuple(f.shape)}")
         return f
 
     def tell(self, fitness) -> None:
-        """Update the search distribution from the costs (lower is better) of the last :meth:`ask`.
+        """Update the search distribution from the costs (lower is better) of the last :meth:`ask`, in the order
+        of its rows: a list, tuple, numpy array or tensor of real numbers (a dict or a set is refused).
 
-        NaN and infinite costs rank worst (warned once; :attr:`nonfinite` counts them).
+        NaN and infinite costs rank worst (warned once; :attr:`nonfinite` counts them). A raise (a refused kernel
+        step, an ``x0()`` that fails at a restart) leaves the search as it was, the population still pending.
         """
         if self._pending is None:
             raise RuntimeError("tell() without a pending population: call ask() first")
         f = self._as_fitness(fitness)
+        undo = self._undo()
+        try:
+            self._tell(f)
+        except Exception:
+            undo()
+            raise
+
+    def _undo(self) -> Callable[[], None]:
+        """A function that puts the search back as it is now: its attributes, the search distribution's tensors
+        and the lengths of the run records (the only things :meth:`tell` changes in place)."""
+        attributes, family = dict(self.__dict__), self.family
+        values = [p.detach().clone() for p in family.parameters()]
+        records = [self._run_best, self._run_median, self.restart_log, *self.history.data.values()]
+        lengths = [len(r) for r in records]
+
+        def undo() -> None:
+            for record, n in zip(records, lengths):
+                del record[n:]
+            self.__dict__.clear()
+            self.__dict__.update(attributes)
+            with torch.no_grad():
+                for p, v in zip(family.parameters(), values):
+                    p.copy_(v)
+
+        return undo
+
+    def _tell(self, f: Tensor) -> None:
         z, x = self._pending
         order, n_bad = rank_order(f)
         if n_bad:
@@ -288,7 +331,7 @@ class StructuredNES:
             if not self._warned_nonfinite:
                 self._warned_nonfinite = True
                 warnings.warn(f"{n_bad} non-finite fitness value(s) (NaN/inf) ranked worst; further ones are only "
-                              "counted in .nonfinite", RuntimeWarning, stacklevel=2)
+                              "counted in .nonfinite", RuntimeWarning, stacklevel=3)
         self._pending = None
         self.evaluations += self.popsize
         self.iterations += 1
@@ -393,6 +436,7 @@ class StructuredNES:
     _TENSORS = ("mean", "factor", "p_sigma", "p_c", "best_x")
     _SCALARS = ("sigma", "popsize", "run_iteration", "iterations", "evaluations", "restarts_done", "nonfinite",
                 "_warned_nonfinite", "best_f", "_flat", "seed")
+    _RECORDS = ("generator", "pending", "history", "run_best", "run_median", "restart_log", "stop")
 
     def state_dict(self) -> Dict[str, object]:
         """Everything needed to resume bit for bit (RNG included); tensors are copies."""
@@ -409,26 +453,58 @@ class StructuredNES:
         return state
 
     def load_state_dict(self, state: Dict[str, object]) -> None:
-        """Restore a :meth:`state_dict` into an object built with the same options."""
-        if state.get("version") != 1:
-            raise ValueError(f"unsupported state version {state.get('version')!r}")
-        mode = _RATE_ALIASES.get(state["mode"], state["mode"])
-        if (state["dim"], state["group"], mode, state.get("transpose", False)) != (self.dim, repr(self.group),
-                                                                                 self.mode, self.transpose):
-            raise ValueError(f"state of a {state['group']} {state['mode']!r} search in dimension {state['dim']} cannot "
-                             f"be loaded into a {self.group!r} {self.mode!r} search in dimension {self.dim}")
-        for name in self._TENSORS:
-            setattr(self, name, state[name].to(dtype=self.dtype, device=self.device).clone())
-        for name in self._SCALARS:
-            setattr(self, name, state[name])
+        """Restore a :meth:`state_dict` into an object built with the same options. Everything is checked and
+        converted (the search's dimension, group and rates, every key, tensor shape, number and the generator
+        state) before anything is set: a ``ValueError`` leaves the object as it was."""
+        new = self._checked_state(state)
+        new.pop("generator")  # a checked copy: the object's own generator takes the state
+        for name, value in new.items():
+            setattr(self, name, value)
         self._set_parameters()
         self.generator.set_state(state["generator"])
-        pending = state["pending"]
-        self._pending = None if pending is None else tuple(t.to(self.device).clone() for t in pending)
-        self.history = ESHistory(state["history"])
-        self._run_best, self._run_median = list(state["run_best"]), list(state["run_median"])
-        self.restart_log = [dict(e) for e in state["restart_log"]]
-        self._stop = dict(state["stop"])
+
+    def _checked_state(self, state) -> Dict[str, object]:
+        """The attributes a :meth:`state_dict` restores, converted; ``ValueError`` naming what does not fit."""
+        version = state.get("version") if isinstance(state, dict) else state
+        if version != 1:
+            raise ValueError(f"unsupported state version {version!r}")
+        mode = _RATE_ALIASES.get(state.get("mode"), state.get("mode"))
+        saved = (state.get("dim"), state.get("group"), mode, state.get("transpose", False))
+        if saved != (self.dim, repr(self.group), self.mode, self.transpose):
+            raise ValueError(f"state of a {state.get('group')} {state.get('mode')!r} search in dimension "
+                             f"{state.get('dim')} cannot be loaded into a {self.group!r} {self.mode!r} search in "
+                             f"dimension {self.dim}")
+        missing = [k for k in self._TENSORS + self._SCALARS + self._RECORDS if k not in state]
+        if missing:
+            raise ValueError(f"state misses {missing}; nothing was loaded")
+        try:
+            new = {name: self._checked_tensor(name, state[name]) for name in self._TENSORS}
+            new.update((name, _checked_scalar(name, state[name])) for name in self._SCALARS)
+            new["_pending"] = self._checked_pending(state["pending"], new["popsize"])
+            new["generator"] = torch.Generator(device=self.device)
+            new["generator"].set_state(state["generator"])
+            new["history"] = ESHistory({k: list(v) for k, v in dict(state["history"]).items()})
+            new["_run_best"], new["_run_median"] = list(state["run_best"]), list(state["run_median"])
+            new["restart_log"] = [dict(e) for e in state["restart_log"]]
+            new["_stop"] = dict(state["stop"])
+        except (TypeError, RuntimeError) as err:
+            raise ValueError(f"state does not fit this search ({err}); nothing was loaded") from None
+        return new
+
+    def _checked_tensor(self, name: str, value) -> Tensor:
+        shape = tuple(self.group.shape) if name == "factor" else (self.dim,)
+        if not isinstance(value, Tensor) or tuple(value.shape) != shape:
+            got = tuple(value.shape) if isinstance(value, Tensor) else type(value).__name__
+            raise ValueError(f"state {name!r} must be a tensor of shape {shape}, got {got}; nothing was loaded")
+        return value.to(dtype=self.dtype, device=self.device).clone()
+
+    def _checked_pending(self, pending, popsize: int):
+        if pending is None:
+            return None
+        if not (isinstance(pending, tuple) and len(pending) == 2
+                and all(isinstance(t, Tensor) and tuple(t.shape) == (popsize, self.dim) for t in pending)):
+            raise ValueError(f"state 'pending' must be None or two ({popsize}, {self.dim}) tensors; nothing was loaded")
+        return tuple(t.to(self.device).clone() for t in pending)
 
     def __repr__(self) -> str:
         return (f"StructuredNES(dim={self.dim}, group={self.group!r}, rates={self.mode!r}, popsize={self.popsize}, "

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import math
+from collections.abc import Iterable, Mapping, Set as AbstractSet
 from typing import Tuple
 
+import numpy as np
 import torch
 from torch import Tensor
 
@@ -57,3 +59,36 @@ def rank_order(fitness: Tensor) -> Tuple[Tensor, int]:
     if n_bad:
         order = torch.cat([order[finite[order]], torch.nonzero(~finite).flatten()])  # bad ones in index order
     return order, n_bad
+
+
+def real_number(value, refusal: str) -> float:
+    """``value`` as a float: a real number (numpy's, ``Fraction``, ...) or a one-element real tensor or array;
+    ``ValueError`` (``refusal``, then the value) for strings, complex numbers, bools and anything else."""
+    if isinstance(value, Tensor):
+        real = value.numel() == 1 and not value.is_complex() and value.dtype != torch.bool
+    elif isinstance(value, np.ndarray):
+        real = value.size == 1 and value.dtype.kind in "fiu"
+    else:
+        real = (hasattr(type(value), "__float__") and not isinstance(value, (str, bytes, complex, np.complexfloating))
+                and not checks._is_bool(value))
+    if not real:
+        raise ValueError(f"{refusal}, got {value!r}")
+    return float(value)
+
+
+def as_costs(values) -> Tensor:
+    """Costs as a float64 CPU tensor: a tensor, numpy array, list or tuple (any iterable in the order of the
+    points) of real numbers. ``ValueError`` for dicts and sets (their keys are not costs in order), strings,
+    complex and bool values."""
+    if isinstance(values, Tensor):
+        if values.is_complex() or values.dtype == torch.bool:
+            raise ValueError(f"fitness must be real numbers, got a tensor of dtype {values.dtype}")
+        return values.detach().to(device="cpu", dtype=torch.float64)
+    if isinstance(values, np.ndarray) and values.dtype.kind != "O":
+        if values.dtype.kind not in "fiu":
+            raise ValueError(f"fitness must be real numbers, got a numpy array of dtype {values.dtype}")
+        return torch.as_tensor(values, dtype=torch.float64)
+    if isinstance(values, (Mapping, AbstractSet, str, bytes)) or not isinstance(values, Iterable):
+        raise ValueError("fitness must be a 1-D sequence of numbers in the order of the points (a list, tuple, "
+                         f"numpy array or tensor), got a {type(values).__name__}")
+    return torch.tensor([real_number(v, "fitness values must be real numbers") for v in values], dtype=torch.float64)
