@@ -7,6 +7,7 @@ from pyro.distributions import TorchDistribution, constraints
 from torch import Tensor
 from torch.distributions.transforms import Transform
 
+from .. import checks
 from ..families.estimators import standard_normal_noise
 from ..families.gaussian import Gaussian
 from ..groups import MatrixGroup
@@ -34,7 +35,8 @@ class StructuredNormal(TorchDistribution):
 
     def _adapt(self, family: Gaussian, antithetic: bool, validate_args) -> None:
         self.family = family
-        self.loc, self.factor, self.group, self.antithetic = family.loc, family.factor, family.group, antithetic
+        self.loc, self.factor, self.group = family.loc, family.factor, family.group
+        self.antithetic = checks.flag("antithetic", antithetic)
         super().__init__(torch.Size(), torch.Size([family.group.dim]), validate_args=validate_args)
 
     def rsample(self, sample_shape=torch.Size()) -> Tensor:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import weakref
+from functools import partial
 from typing import Optional, Tuple
 
 import pyro.distributions as dist
@@ -12,6 +13,9 @@ from pyro.distributions import constraints
 from pyro.infer.autoguide import AutoContinuous
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.nn import PyroParam
+from pyro.poutine.block_messenger import BlockMessenger
+from pyro.poutine.messenger import Messenger
+from pyro.poutine.util import site_is_subsample
 from torch import Tensor
 
 from .. import checks
@@ -85,6 +89,9 @@ class AutoStructuredNormal(AutoContinuous):
         antithetic: draw vectorized particles in ``+-eps`` pairs: less noise far from the optimum,
             but half the rank of the precision estimate.
         **group_options: the group's options (``k``, ``k1``, ``k2``, ``block_size``).
+
+    A pickled guide (``pickle``, ``torch.save``, ``copy.deepcopy``) keeps its prototype and group, not
+    its model (as Pyro's autoguides) nor its family; pickling leaves the guide itself as it was.
     """
 
     def __init__(
@@ -96,13 +103,17 @@ class AutoStructuredNormal(AutoContinuous):
         antithetic: bool = False,
         **group_options,
     ):
-        checks.positive("init_scale", init_scale)
-        _groups.check_structure(structure)
+        init_scale = checks.positive("init_scale", init_scale)
+        antithetic = checks.flag("antithetic", antithetic)
+        if isinstance(structure, _groups.MatrixGroup):
+            _groups.check_structure(structure)
+        else:
+            _groups.check_options(structure, **group_options)
         super().__init__(model, init_loc_fn=init_loc_fn)
         self._structure = structure
         self._group_options = dict(group_options)
-        self._init_scale = float(init_scale)
-        self.antithetic = bool(antithetic)
+        self._init_scale = init_scale
+        self.antithetic = antithetic
         self.group: Optional[_groups.MatrixGroup] = None
         self._set_family(None)
         self._last_arguments = None  # (args, kwargs) of the last training pass
@@ -115,6 +126,15 @@ class AutoStructuredNormal(AutoContinuous):
         self.loc = PyroParam(loc, constraints.real_vector)
         factor = self.group.from_diagonal(torch.full_like(loc, 1.0 / self._init_scale))
         self.factor = PyroParam(factor, constraints.independent(constraints.real, factor.dim()))
+
+    def __getstate__(self):
+        # Pyro's AutoGuide.__getstate__ drops the model and master from the guide itself: keep them here
+        kept = {k: self.__dict__[k] for k in ("_model", "master")}
+        try:  # without the views and the data of the last pass
+            state = {**super().__getstate__(), "_family": None, "_last_arguments": None}
+        finally:
+            self.__dict__.update(kept)
+        return state
 
     @property
     def structure(self) -> str:
@@ -171,6 +191,11 @@ class AutoStructuredNormal(AutoContinuous):
             guide = poutine.condition(self, data={latent_name: z})
             guide_trace = poutine.trace(guide).get_trace(*args, **kwargs)
             model_trace = poutine.trace(poutine.replay(self.model, trace=guide_trace)).get_trace(*args, **kwargs)
+        unguided = [name for name, site in model_trace.nodes.items() if site["type"] == "sample"
+                    and not site["is_observed"] and not site_is_subsample(site) and name not in guide_trace.nodes]
+        if unguided:
+            raise ValueError(f"the Price estimator would draw the model's sites {unguided} from their prior (sites "
+                             "this guide does not cover, e.g. discrete or enumerated ones); use estimator='reparam'")
         jacobians = guide_trace.log_prob_sum(lambda name, site: name != latent_name)
         return model_trace.log_prob_sum() - jacobians
 
@@ -203,7 +228,9 @@ class AutoStructuredNormal(AutoContinuous):
         if family is None or self._last_arguments is None:
             raise RuntimeError("price_gradients needs a training pass of the guide first")
         if self._model is None or self.model is None:  # Pyro drops the model when it pickles a guide
-            raise RuntimeError("price_gradients needs the guide's model, which a pickled guide does not keep")
+            raise RuntimeError("price_gradients needs the guide's model, which a pickled guide does not keep; "
+                               "build the guide from the model and load the param store")
+        self._check_price_model()
         args, kwargs = self._last_arguments
         value, g_mu, g_factor = estimators.price_gradients(
             self.group, family.loc, family.factor, lambda w: self.loss_derivatives(w, *args, **kwargs), num_pairs
@@ -211,3 +238,22 @@ class AutoStructuredNormal(AutoContinuous):
         family.loc.grad = g_mu
         family.factor.grad = g_factor.contiguous()  # the layout autograd accumulates into next step
         return value
+
+    def _check_price_model(self) -> None:
+        """``ValueError`` where the guide's model is not the model ``SVI`` scores: Price re-traces it alone."""
+        if self.master is not None:
+            raise ValueError("the Price estimator cannot be used for a guide inside an AutoGuideList: it re-traces "
+                             "this guide's model alone, without the other guides' values; use estimator='reparam'")
+        if _is_blocked(self.model):
+            raise ValueError("the Price estimator cannot be used for a guide over a poutine.block-ed model: it "
+                             "re-traces that model, whose hidden sites (likelihood, discrete or other latents) it "
+                             "would miss or draw from their prior; use estimator='reparam'")
+
+
+def _is_blocked(fn) -> bool:
+    """Whether ``fn`` is wrapped by ``poutine.block`` (handlers wrap as ``partial(_context_wrap, messenger, fn)``)."""
+    while isinstance(fn, partial) and len(fn.args) == 2 and isinstance(fn.args[0], Messenger):
+        if isinstance(fn.args[0], BlockMessenger):
+            return True
+        fn = fn.args[1]
+    return False
