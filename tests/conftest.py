@@ -21,3 +21,14 @@ def _restore_default_dtype():
     before = torch.get_default_dtype()
     yield
     torch.set_default_dtype(before)
+
+
+@pytest.fixture
+def fresh_pyro():
+    """An empty Pyro param store and a seeded Pyro RNG, and an empty store afterwards."""
+    import pyro
+
+    pyro.clear_param_store()
+    pyro.set_rng_seed(0)
+    yield
+    pyro.clear_param_store()

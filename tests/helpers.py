@@ -65,3 +65,12 @@ def compact_basis(group):
         positions.append((i, j))
     assert sorted(positions) == sorted(map(tuple, mask.nonzero().tolist()))
     return slots, positions
+
+
+def assert_same(a: dict, b: dict) -> None:
+    """Two dicts of tensors agree bit for bit, dtype included, NaN where NaN was (a user's non-finite
+    gradient stays as it came)."""
+    assert a.keys() == b.keys()
+    for k in a:
+        assert a[k].dtype == b[k].dtype, k
+        assert torch.equal(a[k].isnan(), b[k].isnan()) and torch.equal(a[k].nan_to_num(), b[k].nan_to_num()), k

@@ -32,12 +32,7 @@ def make(likelihood="gaussian", hidden=(5, 4), **kwargs):
 LIKELIHOODS = ["gaussian", "categorical"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 @pytest.mark.parametrize("parallel", [False, True])

@@ -19,6 +19,8 @@ from structngd.families.gaussian import GaussianStep
 from structngd.optim import NaturalGradient, natural_gradient_step
 from structngd.targets import GaussianTarget
 
+from helpers import assert_same
+
 F64 = torch.float64
 
 
@@ -34,14 +36,6 @@ def snapshot(families, opt=None):
             if opt is not None and "momentum_buffer" in opt.state.get(p, {}):
                 out[f"{i}.{name}.momentum"] = opt.state[p]["momentum_buffer"].clone()
     return out
-
-
-def assert_same(a, b):
-    """Bit for bit, NaN where NaN was (a user's non-finite gradient stays as it came), dtype included."""
-    assert a.keys() == b.keys()
-    for k in a:
-        assert a[k].dtype == b[k].dtype, k
-        assert torch.equal(a[k].isnan(), b[k].isnan()) and torch.equal(a[k].nan_to_num(), b[k].nan_to_num()), k
 
 
 def all_finite(families, opt, grads=True):

@@ -16,6 +16,8 @@ from torch.func import functional_call, grad, vmap
 
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 
+from helpers import assert_same
+
 PRECONDITIONERS = {
     "kfac": lambda m, **kw: KFAC(m, update_every=1, **kw),
     "ekfac": lambda m, **kw: EKFAC(m, update_every=2, **kw),
@@ -46,13 +48,6 @@ def snapshot(model, pre):
     for name, state in pre.state.items():
         out.update({f"{name}.{k}": v.clone() for k, v in state.items()})
     return out
-
-
-def assert_same(a, b):
-    """Bit for bit, NaN where NaN was (a user's non-finite gradient stays as it came)."""
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k].isnan(), b[k].isnan()) and torch.equal(a[k].nan_to_num(), b[k].nan_to_num()), k
 
 
 def all_finite(model, pre, grads=True):

@@ -23,18 +23,15 @@ from models.linear import BayesianLinearRegression, BayesianLogisticRegression
 from structngd import groups
 from structngd.pyro import NGD, AutoStructuredNormal
 
+from helpers import assert_same
+
 STRUCTURES = [("dense", {}), ("diagonal", {}), ("lower_triangular", {}), ("upper_triangular", {}),
               ("block_diagonal", {"block_size": 2}), ("block_triangular", {"k": 2}), ("heisenberg", {"k": 2}),
               ("hierarchical", {"k1": 1, "k2": 2})]
 IDS = [name for name, _ in STRUCTURES]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def blr(n=40, p=3, seed=0):
@@ -66,13 +63,6 @@ def snapshot(ngd=None):
         for p, state in optimizer.state.items():
             out.update({f"{guide._pyro_name} {tuple(p.shape)} {k}": v.clone() for k, v in state.items()})
     return out
-
-
-def assert_same(a, b):
-    """Bit for bit, NaN where NaN was (a user's non-finite gradient stays as it came)."""
-    assert a.keys() == b.keys()
-    for k in a:
-        assert torch.equal(a[k].isnan(), b[k].isnan()) and torch.equal(a[k].nan_to_num(), b[k].nan_to_num()), k
 
 
 def all_finite(snap, grads=True):

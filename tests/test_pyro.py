@@ -24,12 +24,7 @@ from structngd.pyro.distribution import StructuredAffine
 DENSE_CAPABLE = ["dense", "lower_triangular", "upper_triangular"]
 
 
-@pytest.fixture(autouse=True)
-def _fresh_pyro():
-    pyro.clear_param_store()
-    pyro.set_rng_seed(0)
-    yield
-    pyro.clear_param_store()
+pytestmark = pytest.mark.usefixtures("fresh_pyro")
 
 
 def blr_problem(n=50, p=4, seed=0, subsample_size=None):
