@@ -18,8 +18,10 @@ from __future__ import annotations
 import argparse
 import contextlib
 import importlib
+import importlib.util
 import multiprocessing
 import os
+import sys
 import time
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from pathlib import Path
@@ -168,8 +170,31 @@ def write_report(out: Path, studies: List[str], seconds: Dict[str, float], comma
     return path
 
 
+#: the modules of the ``experiments`` extra (import name -> distribution name)
+EXTRA_MODULES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn", "mnist1d": "mnist1d",
+                 "cma": "cma"}
+
+
+def missing_extras() -> List[str]:
+    """The distributions of the ``experiments`` extra that are not installed."""
+    return [dist for module, dist in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
+
+
+def program_name() -> str:
+    """How the command was called: the console script's name, else ``python -m experiments``."""
+    called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
+    return called if called.startswith("structngd-experiments") else "python -m experiments"
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     """``python -m experiments ...`` (and the ``structngd-experiments`` console script)."""
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    parser.prog = program_name()
+    args = parser.parse_args(argv)
+    missing = missing_extras()
+    if missing:
+        print(f"{parser.prog}: the studies need the experiments extra (missing: {', '.join(missing)}); "
+              'install it with: pip install "structngd[experiments]"', file=sys.stderr)
+        return 2
     args.run(args)
     return 0

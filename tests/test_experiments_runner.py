@@ -4,15 +4,18 @@ them, and finite headline numbers for every method."""
 import csv
 import dataclasses
 import importlib
+import importlib.util
 import math
 import re
 import shlex
+import sys
 from pathlib import Path
 
 import pytest
 import torch
 
 from experiments.__main__ import STUDIES, main
+from experiments import runner
 from experiments.runner import build_parser
 
 #: study -> the summary.csv columns that must be finite on every row
@@ -101,3 +104,18 @@ def test_every_readme_command_parses_and_resolves(command):
 def test_the_readme_quotes_commands_of_every_study():
     quoted = {shlex.split(c)[3] for c in _readme_commands()}
     assert quoted >= set(STUDIES) | {"quick"}, quoted
+
+
+def test_a_missing_extra_is_one_line_naming_the_install_command(monkeypatch, capsys):
+    real = importlib.util.find_spec
+    monkeypatch.setattr(importlib.util, "find_spec", lambda name, *a: None if name == "cma" else real(name, *a))
+    assert runner.main(["quick", "--tiny"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err.count("\n") == 0 and "missing: cma" in err and 'pip install "structngd[experiments]"' in err
+
+
+def test_the_console_script_help_names_itself(monkeypatch, capsys):
+    monkeypatch.setattr(sys, "argv", ["/somewhere/bin/structngd-experiments", "--help"])
+    with pytest.raises(SystemExit):
+        runner.main(["--help"])
+    assert capsys.readouterr().out.startswith("usage: structngd-experiments ")
