@@ -106,13 +106,13 @@ def fork_rng(device=None):
 
 
 def resolve_device(name: str) -> torch.device:
-    """``torch.device(name)``, with a clear error for a CUDA device this machine lacks."""
+    """``torch.device(name)``, with a clear error for a CUDA device that is absent."""
     try:
         device = torch.device(name)
     except RuntimeError as err:
         raise SystemExit(f"--device: {err}") from None
     if device.type == "cuda" and not torch.cuda.is_available():
-        raise SystemExit(f"--device {name}: CUDA is not available on this machine (torch {torch.__version__})")
+        raise SystemExit(f"--device {name}: CUDA is not available (torch {torch.__version__})")
     return device
 
 

@@ -173,7 +173,6 @@ class Settings:
     #: (0.03, 1e-3). On MNIST-1D only KFAC reaches Adam's final loss: after 640 steps with
     #: (0.03, 3e-3), 960 with (0.03, 1e-3), not at all with damping 0.01. The clip binds: lr 0.3
     #: and 1 gave the same CURVES step counts. Without it KFAC needs damping 1 to stay stable
-    #: (earlier sessions)
     damping: float = 0.03
     autoencoder_damping: float = 0.01
     kl_clip: Optional[float] = 3e-3
@@ -183,7 +182,7 @@ class Settings:
     #: per-example projections and, with the true Fisher, a second backward pass). Chosen on
     #: CURVES (1000 steps, 2 seeds, runs on a loaded machine, so the ratios are noisy): time to
     #: Adam's final loss 0.37x Adam's with (20, 5), 0.42x with (20, 10), 0.54x with (10, 10),
-    #: 0.59x with (10, 5); a quieter run of (20, 5) gave 0.60x; (10, 1) about 1.3x (earlier session)
+    #: 0.59x with (10, 5); a quieter run of (20, 5) gave 0.60x; (10, 1) about 1.3x
     ekfac_update_every: Optional[int] = 20
     ekfac_scale_every: int = 5
     lr_cov: float = 0.3

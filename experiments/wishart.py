@@ -1,4 +1,4 @@
-"""Covariance learning (issue 7): structured NGD against geoopt (SPD manifold) and Adam (Cholesky).
+"""Covariance learning: structured NGD against geoopt (SPD manifold) and Adam (Cholesky).
 
 Data: ``N = samples_per_dim * d`` draws ``x_i ~ N(0, Sigma*)``, ``Sigma* = Q diag(s) Q^T`` with ``s``
 log-spaced so that ``cond(Sigma*) = cond`` (geometric mean 1, ``Q`` a random rotation), and the

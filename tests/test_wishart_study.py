@@ -1,4 +1,4 @@
-"""The covariance-learning study (issue 7) end to end at its ``--tiny`` size: files, finite numbers,
+"""The covariance-learning study end to end at its ``--tiny`` size: files, finite numbers,
 no SPD failure for the natural-gradient methods."""
 
 import argparse

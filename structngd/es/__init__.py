@@ -1,4 +1,4 @@
-"""Layer 4c: evolution strategies with structured search distributions (DESIGN.md, MATH.md §5).
+"""Evolution strategies with structured search distributions.
 
 :class:`StructuredNES` is an ask-and-tell natural evolution strategy whose covariance factor lives in a
 :mod:`structngd.groups` group: ``rates="xnes"`` is exactly xNES with ``"dense"`` and SNES with ``"diagonal"``;

@@ -2,7 +2,7 @@
 
 The search distribution ``N(mu, A A^T)``, ``A = sigma B``, ``B`` in a :mod:`structngd.groups` group, is a
 covariance-parameterized :class:`~structngd.families.Gaussian` (``loc = mu``, ``factor = B``, ``scale = sigma``).
-One generation (MATH.md §5): ``x_k = mu + sigma B z_k``, ``z_k ~ N(0, I)``; with the rank utilities ``u``,
+One generation: ``x_k = mu + sigma B z_k``, ``z_k ~ N(0, I)``; with the rank utilities ``u``,
 ``G_delta = sum_k u_k z_k`` and ``G_M = sum_k u_k (z_k z_k^T - I)`` (pattern entries only) step
 ``mu <- mu + eta_mu sigma B G_delta``, the scale by ``G_sigma = tr(G_M) / d`` and ``B <- B h(eta_B / 2 Pi_hat(G_B))``
 by the trace-free part, in O(nnz(B)) per sample (score-function gradients, then the layer-3 kernel's step).

@@ -1,4 +1,4 @@
-"""Fitness shaping: ranks, utilities and recombination weights (MATH.md §5)."""
+"""Fitness shaping: ranks, utilities and recombination weights."""
 
 from __future__ import annotations
 
@@ -31,7 +31,7 @@ def utilities(popsize: int, dtype=torch.float64, device=None) -> Tensor:
     """The xNES utilities ``u_r`` of ranks ``r = 1..popsize`` (1 = best = lowest cost).
 
     ``u_r = max(0, ln(lambda/2 + 1) - ln r) / sum_j max(0, ln(lambda/2 + 1) - ln j) - 1/lambda``: they sum
-    to zero, do not increase with the rank, and for ``lambda = 10`` the first is 0.3295 (MATH.md §5).
+    to zero, do not increase with the rank, and for ``lambda = 10`` the first is 0.3295.
     """
     return torch.tensor([w - 1.0 / popsize for w in _normalized_weights(popsize)], dtype=dtype, device=device)
 

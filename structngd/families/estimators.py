@@ -130,7 +130,7 @@ def kronecker_factor_gradients(
     """Local gradients ``(X_K, X_C)`` of a Kronecker Gaussian's factors from the curvature ``A ⊗ G``.
 
     With ``A`` (``d_in x d_in`` layer-input statistics), ``G`` (``d_out x d_out`` output-gradient
-    statistics) and damping ``lambda``, the factors' part of ``L = E_q[l] - H(q)`` is (MATH §6.2)
+    statistics) and damping ``lambda``, the factors' part of ``L = E_q[l] - H(q)`` is
     ``tr(A K K^T) tr(G C C^T) / 2 + lambda tr(K K^T) tr(C C^T) / 2 - (d_out log|K K^T| + d_in log|C C^T|) / 2``.
     Returns the dense symmetric local gradients at ``eta0`` (for ``KroneckerGaussian.natural_gradient``):
     ``X_K = K^T dL/dK = tr(C^T G C) K^T A K + lambda tr(C^T C) K^T K - d_out I``,
@@ -156,7 +156,7 @@ def score_function_gradients(
     shape_utilities: Optional[Tensor] = None,
 ) -> Tuple[Tensor, Tensor, Tensor]:
     """Local gradients of ``L = E[l]`` at ``eta0`` of a covariance Gaussian from fitness-shaped
-    utilities (MATH.md §5): samples ``x_k = mu + sigma A z_k`` whose costs are replaced by ``-u_k``
+    utilities: samples ``x_k = mu + sigma A z_k`` whose costs are replaced by ``-u_k``
     (higher utility = better, so these are *loss* gradients). Returns ``(g_delta, g_M, g_s)``, the
     input of :meth:`~structngd.families.Gaussian.natural_gradient` ``(local_gradient=...)``:
     ``g_delta = -sum_k u_k z_k``, the compact pattern entries of ``g_M = -sum_k u_k (z_k z_k^T - I)``

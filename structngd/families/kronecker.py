@@ -4,7 +4,7 @@
 standard normal; ``K`` (the ``d_in`` side) and ``C`` (the ``d_out`` side) are covariance factors in
 layer-1 groups. A Bayesian layer's posterior and, read as a preconditioner, LocalKFAC's (INGD / SINGD).
 
-Local coordinates around ``(M_t, K_t, C_t)`` (MATH §6.2): ``M = M_t + C_t Delta K_t^T``,
+Local coordinates around ``(M_t, K_t, C_t)``: ``M = M_t + C_t Delta K_t^T``,
 ``K = K_t h(M_K)``, ``C = C_t h(M_C)``, ``h(X) = I + X + X^2 / 2``. Their Fisher at ``eta0``: ``I``
 for ``Delta`` (no cross term with the factors), ``d_out w`` for ``M_K`` and ``d_in w`` for ``M_C``
 (``w`` the group's weights), and ``1/2 tr(dM_K + dM_K^T) tr(dM_C + dM_C^T)`` between them: the scale

@@ -1,13 +1,12 @@
 """Layer 2: the Wishart ``W(n, V)`` with a structured factor of its mean ``E[W] = n V = B B^T``.
 
-MATH.md §4. In the coordinates ``(n, Psi = B B^T)`` the Fisher is block-diagonal. Local coordinates::
+In the coordinates ``(n, Psi = B B^T)`` the Fisher is block-diagonal. Local coordinates::
 
     n = d - 1 + (n_t - d + 1) exp(delta)      (log coordinate: keeps n > d - 1)
     B = B_t h(M),  h(M) = I + M + M^2 / 2
 
 with Fisher at ``eta0``: ``c_t^2 F_nn(n_t)`` for ``delta`` (``c_t = n_t - d + 1``,
-``F_nn(n) = psi_d'(n/2)/4 - d/(2n)``), ``n_t * w`` for ``M`` (``w`` the Gaussian weights of
-MATH.md §1.3), no cross term.
+``F_nn(n) = psi_d'(n/2)/4 - d/(2n)``), ``n_t * w`` for ``M`` (``w`` the Gaussian's Fisher weights), no cross term.
 """
 
 from __future__ import annotations

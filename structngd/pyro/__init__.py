@@ -1,4 +1,4 @@
-"""Layer 4a: structured natural-gradient variational inference in Pyro.
+"""Structured natural-gradient variational inference in Pyro.
 
 ``AutoStructuredNormal`` is an autoguide whose Gaussian posterior has a structured
 precision factor; ``NGD`` is the ``PyroOptim`` that ``SVI`` uses to move it by the
