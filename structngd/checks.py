@@ -8,24 +8,26 @@ import numbers
 import numpy as np
 
 
-def _is_bool(value) -> bool:
+def is_bool(value) -> bool:
+    """A Python or numpy bool."""
     return isinstance(value, (bool, np.bool_))
 
 
-def _is_number(value) -> bool:
+def is_number(value) -> bool:
     """A real number (numpy's scalars too), not a bool."""
-    return isinstance(value, numbers.Real) and not _is_bool(value)
+    return isinstance(value, numbers.Real) and not is_bool(value)
 
 
-def _is_integer(value) -> bool:
-    return isinstance(value, numbers.Integral) and not _is_bool(value)
+def is_integer(value) -> bool:
+    """An integer (numpy's too), not a bool."""
+    return isinstance(value, numbers.Integral) and not is_bool(value)
 
 
 def _finite_bound(name: str, value, strict: bool, optional: bool):
     """A finite number ``> 0`` (``strict``) or ``>= 0``, or ``None`` where ``optional``."""
     if optional and value is None:
         return None
-    if not (_is_number(value) and (0 < value if strict else 0 <= value) and value < math.inf):
+    if not (is_number(value) and (0 < value if strict else 0 <= value) and value < math.inf):
         raise ValueError(
             f"{name} must be {'None or ' if optional else ''}a finite number {'>' if strict else '>='} 0, got {value!r}"
         )
@@ -54,14 +56,14 @@ def optional_non_negative(name: str, value):
 
 def fraction(name: str, value) -> float:
     """A number in ``[0, 1)`` (momentum, decay rates)."""
-    if not (_is_number(value) and 0.0 <= value < 1.0):
+    if not (is_number(value) and 0.0 <= value < 1.0):
         raise ValueError(f"{name} must be in [0, 1), got {value!r}")
     return float(value)
 
 
 def count(name: str, value, minimum: int = 1) -> int:
     """An integer ``>= minimum`` (not a bool)."""
-    if not (_is_integer(value) and value >= minimum):
+    if not (is_integer(value) and value >= minimum):
         what = "a positive integer" if minimum == 1 else f"an integer >= {minimum}"
         raise ValueError(f"{name} must be {what}, got {value!r}")
     return int(value)
@@ -69,7 +71,7 @@ def count(name: str, value, minimum: int = 1) -> int:
 
 def optional_count(name: str, value, minimum: int = 1):
     """``None`` or an integer ``>= minimum``."""
-    if value is not None and not (_is_integer(value) and value >= minimum):
+    if value is not None and not (is_integer(value) and value >= minimum):
         raise ValueError(f"{name} must be None or an integer >= {minimum}, got {value!r}")
     return value
 
@@ -82,6 +84,6 @@ def one_of(name: str, value, allowed) -> None:
 
 def flag(name: str, value) -> bool:
     """``True`` or ``False`` (numpy's bools too), nothing else."""
-    if not _is_bool(value):
+    if not is_bool(value):
         raise ValueError(f"{name} must be True or False, got {value!r}")
     return bool(value)

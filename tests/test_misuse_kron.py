@@ -55,6 +55,14 @@ def all_finite(model, pre, grads=True):
                if v.is_floating_point() and (grads or not k.startswith("grad")))
 
 
+def assert_refused(model, pre, call, match):
+    """``call()`` raises ``ValueError`` matching ``match`` and leaves every tensor of ``model`` and ``pre`` as it was."""
+    before = snapshot(model, pre)
+    with pytest.raises(ValueError, match=match):
+        call()
+    assert_same(before, snapshot(model, pre))
+
+
 def twin_steps(kind, batches, dtype=torch.float32):
     model = mlp(dtype=dtype)
     pre = PRECONDITIONERS[kind](model)
@@ -67,17 +75,11 @@ def twin_steps(kind, batches, dtype=torch.float32):
 # ------------------------------------------------------------------ 1. a failed step leaves no trace
 @pytest.mark.parametrize("kind", PRECONDITIONERS)
 def test_a_nan_batch_raises_changes_nothing_and_does_not_poison_the_next_step(kind):
-    model = mlp()
-    pre = PRECONDITIONERS[kind](model)
-    backward(model, *batch(0))
-    pre.step()
+    model, pre = twin_steps(kind, [batch(0)])
     x, y = batch(1)
     x[3, 1] = float("nan")
     backward(model, x, y)
-    before = snapshot(model, pre)
-    with pytest.raises(ValueError, match="non-finite"):
-        pre.step()
-    assert_same(before, snapshot(model, pre))
+    assert_refused(model, pre, pre.step, "non-finite")
     backward(model, *batch(2))  # the next batch starts afresh
     pre.step()
     twin_model, twin = twin_steps(kind, [batch(0), batch(2)])
@@ -86,17 +88,10 @@ def test_a_nan_batch_raises_changes_nothing_and_does_not_poison_the_next_step(ki
 
 @pytest.mark.parametrize("kind", PRECONDITIONERS)
 def test_overflowing_activations_are_refused_before_anything_is_written(kind):
-    model = mlp()
-    pre = PRECONDITIONERS[kind](model)
-    backward(model, *batch(0))
-    pre.step()
+    model, pre = twin_steps(kind, [batch(0)])
     x, y = batch(1)
-    model.zero_grad()
-    F.cross_entropy(model(x * 1e25), y).backward()  # x x^T overflows float32, the gradients do not
-    before = snapshot(model, pre)
-    with pytest.raises(ValueError, match="(statistics|scaling) of layer '0' (are|is) non-finite"):
-        pre.step()
-    assert_same(before, snapshot(model, pre))
+    backward(model, x * 1e25, y)  # x x^T overflows float32, the gradients do not
+    assert_refused(model, pre, pre.step, "(statistics|scaling) of layer '0' (are|is) non-finite")
 
 
 def test_a_huge_factor_step_without_trust_region_is_refused_not_written():
@@ -267,10 +262,7 @@ def stepped(make, model=None):
 def test_a_state_dict_of_another_preconditioner_is_refused_with_nothing_changed(source, target, words):
     _, pre = stepped(source)
     model2, other = stepped(target)
-    before = snapshot(model2, other)
-    with pytest.raises(ValueError, match=words):
-        other.load_state_dict(pre.state_dict())
-    assert_same(before, snapshot(model2, other))
+    assert_refused(model2, other, lambda: other.load_state_dict(pre.state_dict()), words)
 
 
 def test_a_state_dict_of_another_architecture_with_the_same_names_is_refused():

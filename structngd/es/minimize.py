@@ -78,8 +78,9 @@ def minimize(
         extra["interrupted"] = "KeyboardInterrupt"
     except Exception as err:
         err.partial_result = _result(es, {"interrupted": type(err).__name__})
-        err.add_note(f"structngd.es.minimize: the run so far ({es.evaluations} evaluations, best f {es.best_f:.6g}) "
-                     "is this exception's partial_result")
+        if hasattr(err, "add_note"):  # Python >= 3.11
+            err.add_note(f"structngd.es.minimize: the run so far ({es.evaluations} evaluations, best f "
+                         f"{es.best_f:.6g}) is this exception's partial_result")
         raise
     finally:
         if bar is not None:

@@ -46,7 +46,7 @@ def _checked_scalar(name: str, value):
     if name == "sigma":
         return checks.positive("state 'sigma'", value)
     if name in ("best_f", "seed"):
-        if not (checks._is_integer(value) if name == "seed" else checks._is_number(value)):
+        if not (checks.is_integer(value) if name == "seed" else checks.is_number(value)):
             what = "an integer" if name == "seed" else "a number"
             raise ValueError(f"state {name!r} must be {what}, got {value!r}; nothing was loaded")
         return value
@@ -136,7 +136,7 @@ class StructuredNES:
         self.restarts, self.incpopsize = restarts, incpopsize
         budget = _optional_int(checks.optional_count("budget", budget))
         max_iterations = _optional_int(checks.optional_count("max_iterations", max_iterations))
-        if target is not None and not (checks._is_number(target) and not math.isnan(target)):
+        if target is not None and not (checks.is_number(target) and not math.isnan(target)):
             raise ValueError(f"target must be a number or None, got {target!r}")
         for name, value in (("tolx", tolx), ("tolfun", tolfun), ("tolupsigma", tolupsigma)):
             checks.optional_non_negative(name, value)
@@ -149,7 +149,7 @@ class StructuredNES:
 
         if seed is None:
             seed = int(torch.Generator().seed() % (2**63))
-        if not checks._is_integer(seed):
+        if not checks.is_integer(seed):
             raise ValueError(f"seed must be an integer or None, got {seed!r}")
         seed = int(seed)
         self.seed, self.generator = seed, torch.Generator(device=self.device).manual_seed(seed)

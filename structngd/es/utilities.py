@@ -70,7 +70,7 @@ def real_number(value, refusal: str) -> float:
         real = value.size == 1 and value.dtype.kind in "fiu"
     else:
         real = (hasattr(type(value), "__float__") and not isinstance(value, (str, bytes, complex, np.complexfloating))
-                and not checks._is_bool(value))
+                and not checks.is_bool(value))
     if not real:
         raise ValueError(f"{refusal}, got {value!r}")
     return float(value)

@@ -143,7 +143,7 @@ class Wishart(FamilyMethods, nn.Module):
             given = next((x for x in (df, mean, scale) if isinstance(x, Tensor) and x.is_floating_point()), None)
             dtype = torch.get_default_dtype() if given is None else given.dtype
         _check_dtype(dtype)
-        if not (checks._is_number(df) or isinstance(df, Tensor)):
+        if not (checks.is_number(df) or isinstance(df, Tensor)):
             raise ValueError(f"df must be a real number > dim - 1 = {dim - 1}, got {df!r}")
         df = torch.as_tensor(df, dtype=dtype, device=device).detach().clone()
         if df.numel() != 1:

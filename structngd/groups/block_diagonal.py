@@ -23,7 +23,7 @@ class BlockDiagonal(MatrixGroup):
     def __init__(self, dim: int, block_size: int, ragged: bool = False):
         super().__init__(dim)
         dim, ragged = self.dim, checks.flag("ragged", ragged)
-        if not checks._is_integer(block_size) or not 1 <= block_size <= dim or (dim % block_size and not ragged):
+        if not checks.is_integer(block_size) or not 1 <= block_size <= dim or (dim % block_size and not ragged):
             raise ValueError(f"block_size must be a positive integer dividing dim={dim} (or at most dim with "
                              f"ragged=True, for a smaller last block), got {block_size!r}")
         self.block_size, self.ragged = int(block_size), ragged

@@ -236,7 +236,7 @@ class BlockUpperTriangular(MatrixGroup):
 
 def _check_rank(name: str, value, dim: int, other: Tuple[str, int] = None) -> int:
     """``value`` (numpy's integers too) as an ``int``; a positive integer with ``value (+ other) < dim``."""
-    integer = checks._is_integer(value)
+    integer = checks.is_integer(value)
     total = value + other[1] if other and integer else value
     bound = f"{name} + {other[0]}" if other else name
     if not integer or value < 1 or total >= dim:

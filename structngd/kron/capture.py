@@ -278,7 +278,7 @@ class Capture:
         self.a_sum, self.g_sum = ({layer.name: None for layer in self.layers} for _ in range(2))
         self.a_count, self.g_count, self.calls = ({layer.name: 0 for layer in self.layers} for _ in range(3))
         self.backward_seen = self.forward_seen = self.stale = False
-        on_reset = self.on_reset if hasattr(self, "_on_reset") else None
+        on_reset = self.on_reset
         if on_reset is not None:
             on_reset()
 

@@ -73,7 +73,7 @@ def natural_gradient_step(
         except (ValueError, torch.linalg.LinAlgError) as err:
             raise _refusal(who, err, "; no parameter was changed") from None
         parts = nat._asdict()
-        if not all(bool(torch.isfinite(t).all()) for t in parts.values()):
+        if _non_finite(parts):
             raise ValueError(f"{who}: the natural gradient is non-finite (singular factor?); no parameter was changed")
         if momentum[i] > 0:
             parts = _momentum(parts, momentum_buffers[i], momentum[i], who)
@@ -115,7 +115,7 @@ def _momentum(parts: Dict[str, Tensor], old: Optional[Mapping[str, Tensor]], mom
             raise ValueError(f"{who}: the momentum buffer of part {k!r} must have shape {tuple(v.shape)}, got {got} "
                              "(a state dict of another family?); no parameter was changed")
         new[k] = old[k].to(dtype=v.dtype, device=v.device) * momentum + v
-    bad = [k for k, v in new.items() if not bool(torch.isfinite(v).all())]
+    bad = _non_finite(new)
     if bad:
         raise ValueError(f"{who}: the momentum buffer of {', '.join(bad)} would be non-finite; "
                          "no parameter was changed")
@@ -133,11 +133,16 @@ def checked_values(family: nn.Module, new: Mapping[str, Tensor], who: str = "the
             raise ValueError(f"{who}: the step proposes shape {tuple(value.shape)} for {name}, which has shape "
                              f"{tuple(param.shape)}; no parameter was changed")
         out[name] = value.to(dtype=param.dtype, device=param.device)
-    bad = [k for k, v in out.items() if not bool(torch.isfinite(v).all())]
+    bad = _non_finite(out)
     if bad:
         raise ValueError(f"{who}: the step would write non-finite values into {', '.join(bad)} "
                          "(lower the learning rate or set max_step); no parameter was changed")
     return out
+
+
+def _non_finite(tensors: Mapping[str, Tensor]) -> List[str]:
+    """The names of the tensors holding a NaN or an infinity."""
+    return [k for k, v in tensors.items() if not bool(torch.isfinite(v).all())]
 
 
 def _trust_region(
