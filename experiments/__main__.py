@@ -1,5 +1,5 @@
-"""``python -m experiments <study> [options]`` or ``python -m experiments quick``: see
-:mod:`experiments.runner`."""
+"""``python -m experiments <study> [options]``, ``python -m experiments quick`` or
+``python -m experiments pages RUN_DIR``: see :mod:`experiments.runner`."""
 
 import sys
 

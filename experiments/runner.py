@@ -6,30 +6,38 @@ can import what they run.)
 Adding a study is one line in :data:`STUDIES`: its name and the module that defines
 ``add_arguments(parser)`` (its command-line options, including ``--tiny/--quick/--full`` and
 ``--out``) and ``run(args)``. ``quick`` runs every study's quick preset (``--tiny``: the
-seconds-long smoke presets) into ``<out>/<study>/`` and writes ``<out>/REPORT.md`` linking
-their tables and plots; ``--jobs 2`` (the default on 2 cores) runs two studies at a time, each
-in its own single-threaded process with its output in ``<out>/logs/<study>.log`` (every study
+seconds-long smoke presets) into ``<out>/<study>/``, by default a fresh ``results/<date-time>/``
+that ``results/latest`` then points at, and writes ``<out>/REPORT.md``: first each study's
+verdict, then its table and plots. ``--jobs 2`` (the default on 2 cores) runs two studies at a
+time, each in its own single-threaded process with its output in ``<out>/logs/<study>.log``,
+and prints a status line with the time left every :data:`STATUS_EVERY_SECONDS` (every study
 times its methods against each other inside its own process; ``--jobs 1`` gives the quietest
-timings). The console script ``structngd-experiments`` is the same command.
+timings, and shows the studies' progress bars). Every run records its command and hardware in
+``<out>/run.json``; ``pages`` turns a finished run into documentation pages
+(:mod:`experiments.pages`).
 """
 
 from __future__ import annotations
 
 import argparse
 import contextlib
+import datetime
 import importlib
 import importlib.util
 import multiprocessing
 import os
+import platform
+import shlex
+import shutil
 import sys
 import time
-from concurrent.futures import ProcessPoolExecutor, as_completed
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Dict, List, Optional
 
 import torch
 
-from . import common
+from . import common, pages, progress
 
 #: study name -> module defining ``add_arguments(parser)`` and ``run(args)``
 STUDIES = {
@@ -51,8 +59,21 @@ QUICK_OVERVIEW = {
     "wishart": [],
 }
 
-#: the order in which ``quick`` hands studies to its workers: the longest first (2-core timings)
-LONGEST_FIRST = ("es", "gaussian", "dl", "vi", "wishart")
+#: typical seconds of each study in ``quick`` (two at a time on 2 cores): the time left is these,
+#: scaled by the pace observed so far
+TYPICAL_QUICK_SECONDS = {"gaussian": 184, "es": 251, "vi": 102, "dl": 206, "wishart": 66}
+
+#: the typical share of a study's time per progress bar, for a study that opens several in sequence
+BAR_SHARES = {"es": {"es bbob": 0.75, "es large": 0.25}}
+
+#: the order in which ``quick`` hands studies to its workers: the longest first
+LONGEST_FIRST = tuple(sorted(TYPICAL_QUICK_SECONDS, key=TYPICAL_QUICK_SECONDS.get, reverse=True))
+
+#: seconds between two status lines while the studies run in workers
+STATUS_EVERY_SECONDS = 15.0
+
+#: where ``quick`` puts a fresh run directory when ``--out`` is not given
+RESULTS_ROOT = Path("results")
 
 
 def study_parser(name: str) -> argparse.ArgumentParser:
@@ -75,12 +96,14 @@ def _with_study(parser: argparse.ArgumentParser, name: str) -> argparse.Argument
 
 
 def build_parser() -> argparse.ArgumentParser:
-    """The top-level parser with one sub-command per study, plus ``quick``."""
+    """The top-level parser with one sub-command per study, plus ``quick`` and ``pages``."""
     parser = argparse.ArgumentParser(prog="python -m experiments", description=__doc__.splitlines()[0])
     commands = parser.add_subparsers(dest="study", metavar="STUDY", required=True)
     quick = commands.add_parser("quick", help="every study's quick preset and one REPORT.md")
     quick.add_argument("--tiny", action="store_true", help="the seconds-long smoke presets instead")
-    quick.add_argument("--out", type=Path, default=Path("results"), help="output root (default results/)")
+    quick.add_argument("--out", type=Path, help=f"output root (default: a fresh {RESULTS_ROOT}/<date-time>/, "
+                                                f"{RESULTS_ROOT}/latest pointing at it)")
+    quick.add_argument("--overwrite", action="store_true", help="write into an --out that already holds files")
     quick.add_argument("--studies", nargs="+", choices=tuple(STUDIES), default=list(STUDIES))
     quick.add_argument("--device", help="passed to every study (default cpu; e.g. cuda)")
     quick.add_argument("--jobs", type=int, default=min(2, os.cpu_count() or 1),
@@ -88,12 +111,16 @@ def build_parser() -> argparse.ArgumentParser:
                             "where there are 2 cores; 1 runs them one after the other, in this process, "
                             "with their progress bars)")
     quick.set_defaults(run=run_quick)
+    pages.add_arguments(commands.add_parser("pages", help=pages.__doc__.strip().splitlines()[0],
+                                            description=pages.__doc__,
+                                            formatter_class=argparse.RawDescriptionHelpFormatter))
     for name, module_name in STUDIES.items():
         summary = (importlib.import_module(module_name).__doc__ or name).strip().splitlines()[0]
         _with_study(commands.add_parser(name, help=summary, **_study_help(name)), name)
     return parser
 
 
+# ------------------------------------------------------------ running a study
 def run_study(name: str, preset: str, extra: List[str], out: Path) -> float:
     """Run one study's preset into ``out / name``; returns its seconds."""
     study_args = study_parser(name).parse_args([preset, *extra, "--out", str(out / name)])
@@ -103,49 +130,192 @@ def run_study(name: str, preset: str, extra: List[str], out: Path) -> float:
     return time.perf_counter() - start
 
 
-def _run_study_logged(name: str, preset: str, extra: List[str], out: Path, log: Path) -> float:
-    """:func:`run_study` in a worker process, its output (tables, progress bars) into ``log``."""
-    with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle):
+def _run_study_logged(name: str, preset: str, extra: List[str], out: Path, log: Path, progress_dir: Path) -> float:
+    """:func:`run_study` in a worker process, its output (tables, progress bars) into ``log``
+    and its progress recorded in ``progress_dir``."""
+    with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), \
+            progress.recording(progress_dir, name):
         return run_study(name, preset, extra, out)
 
 
+# ------------------------------------------------------------ the output directory
+def fresh_run_dir(root: Path, now: Optional[datetime.datetime] = None) -> Path:
+    """A new ``root/<YYYYmmdd-HHMMSS>/`` (``-2``, ``-3``, ... appended when that one exists)."""
+    stamp = (now or datetime.datetime.now()).strftime("%Y%m%d-%H%M%S")
+    candidate, number = root / stamp, 1
+    while candidate.exists():
+        number += 1
+        candidate = root / f"{stamp}-{number}"
+    candidate.mkdir(parents=True)
+    return candidate
+
+
+def point_latest(root: Path, run_dir: Path) -> Path:
+    """``root/latest``: a relative symlink to ``run_dir`` (a text file naming it where links fail)."""
+    latest = root / "latest"
+    if latest.is_dir() and not latest.is_symlink():
+        print(f"{latest} is a directory: left as it is", file=sys.stderr)
+        return latest
+    temporary = root / f".latest.{os.getpid()}"
+    try:
+        temporary.symlink_to(run_dir.name, target_is_directory=True)
+    except OSError:
+        temporary.write_text(run_dir.name + "\n")
+    os.replace(temporary, latest)
+    return latest
+
+
+def check_out(out: Path, overwrite: bool, studies: List[str]) -> None:
+    """Refuse an ``out`` that already holds files, unless ``overwrite``: then clear what this run
+    writes again (the chosen studies' folders and logs), so no stale file stays listed."""
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise SystemExit(f"--out {out} already holds files ({shown}): pass --overwrite to write over them, "
+                         f"or leave --out off for a fresh {RESULTS_ROOT}/<date-time>/")
+    for name in studies:
+        shutil.rmtree(out / name, ignore_errors=True)
+        (out / "logs" / f"{name}.log").unlink(missing_ok=True)
+    shutil.rmtree(out / "logs" / "progress", ignore_errors=True)
+
+
+def choose_out(args: argparse.Namespace) -> Path:
+    """``--out`` checked (:func:`check_out`), or a fresh run directory that ``latest`` points at."""
+    if args.out is not None:
+        check_out(args.out, args.overwrite, list(args.studies))
+        args.out.mkdir(parents=True, exist_ok=True)
+        return args.out
+    out = fresh_run_dir(RESULTS_ROOT)
+    point_latest(RESULTS_ROOT, out)
+    return out
+
+
+# ------------------------------------------------------------ the run's record
+def public_command(argv: List[str]) -> str:
+    """The command of ``argv`` without the output options (``--out DIR``, ``--overwrite``)."""
+    kept, skip = [], False
+    for word in argv:
+        if skip:
+            skip = False
+        elif word == "--out":
+            skip = True
+        elif not word.startswith("--out=") and word != "--overwrite":
+            kept.append(word)
+    return " ".join(["python -m experiments", *map(shlex.quote, kept)])
+
+
+def hardware(device: Optional[str]) -> dict:
+    """The machine a run used: cores, the torch device and, on CUDA, the GPU's name."""
+    device = device or "cpu"
+    cuda = common.resolve_device(device).type == "cuda"
+    return {
+        "cpu_count": os.cpu_count(),
+        "device": device,
+        "cuda": cuda,
+        "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else None,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "machine": platform.machine(),
+    }
+
+
+def write_run_record(out: Path, **fields) -> Path:
+    """``out/run.json``: the fields given, with the date."""
+    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), **fields}
+    path = out / "run.json"
+    common.write_json(path, record)
+    return path
+
+
+# ------------------------------------------------------------ quick
 def run_quick(args: argparse.Namespace) -> None:
     """Run the chosen studies (``--jobs`` at once), then write the report."""
     common.check_jobs(args.jobs)
+    machine = hardware(args.device)
     preset = "--tiny" if args.tiny else "--quick"
     names = [n for n in LONGEST_FIRST if n in args.studies] + [n for n in args.studies if n not in LONGEST_FIRST]
     device = ["--device", args.device] if args.device else []
     extras = {name: ([] if args.tiny else QUICK_OVERVIEW[name]) + device for name in names}
     commands = {name: " ".join([f"python -m experiments {name}", preset, *extras[name]]) for name in names}
-    seconds: Dict[str, float] = {}
+    out = choose_out(args)
+    print(f"results go to {out}/", flush=True)
+    record = dict(layout="quick", command=args.command_line, preset=preset.lstrip("-"), studies=list(args.studies),
+                  study_commands=commands, jobs=args.jobs, **machine)
+    write_run_record(out, **record)
     start = time.perf_counter()
     if args.jobs == 1:
-        for name in names:
-            print(f"\n=== {name} ({preset})", flush=True)
-            seconds[name] = run_study(name, preset, extras[name], args.out)
+        seconds = _run_in_process(names, preset, extras, out)
     else:
-        logs = args.out / "logs"
-        logs.mkdir(parents=True, exist_ok=True)
-        print(f"running {len(names)} studies, {args.jobs} at a time; their output goes to {logs}/", flush=True)
-        context = multiprocessing.get_context("spawn")  # no forked torch / OpenMP state
-        with ProcessPoolExecutor(max_workers=args.jobs, mp_context=context) as pool:
-            futures = {
-                pool.submit(_run_study_logged, name, preset, extras[name], args.out, logs / f"{name}.log"): name
-                for name in names
-            }
-            for future in as_completed(futures):
-                name = futures[future]
-                seconds[name] = future.result()
-                print(f"  {name} done in {seconds[name]:.0f} s ({time.perf_counter() - start:.0f} s so far)",
-                      flush=True)
+        seconds = _run_in_workers(names, preset, extras, out, args.jobs)
     wall = time.perf_counter() - start
-    report = write_report(args.out, list(args.studies), seconds, commands, preset, wall, args.jobs)
+    write_run_record(out, **record, wall_seconds=wall, seconds=seconds)
+    report = write_report(out, list(args.studies), seconds, commands, preset, wall, args.jobs)
     print(f"\nreport: {report}")
 
 
+def _run_in_process(names: List[str], preset: str, extras: Dict[str, List[str]], out: Path) -> Dict[str, float]:
+    """The studies one after the other in this process, with their progress bars."""
+    seconds = {}
+    for name in names:
+        print(f"\n=== {name} ({preset})", flush=True)
+        seconds[name] = run_study(name, preset, extras[name], out)
+    return seconds
+
+
+def _run_in_workers(names: List[str], preset: str, extras: Dict[str, List[str]], out: Path,
+                    jobs: int) -> Dict[str, float]:
+    """The studies ``jobs`` at a time in spawned workers, a status line every
+    :data:`STATUS_EVERY_SECONDS` and a line as each one finishes."""
+    logs, progress_dir = out / "logs", out / "logs" / "progress"
+    progress_dir.mkdir(parents=True, exist_ok=True)
+    print(f"running {len(names)} studies, {jobs} at a time; their output goes to {logs}/", flush=True)
+    seconds: Dict[str, float] = {}
+    start = time.perf_counter()
+    context = multiprocessing.get_context("spawn")  # no forked torch / OpenMP state
+    with ProcessPoolExecutor(max_workers=jobs, mp_context=context) as pool:
+        futures = {pool.submit(_run_study_logged, name, preset, extras[name], out, logs / f"{name}.log",
+                               progress_dir): name for name in names}
+        pending, next_status = set(futures), start + STATUS_EVERY_SECONDS
+        try:
+            while pending:
+                done, pending = wait(pending, timeout=max(next_status - time.perf_counter(), 0.0),
+                                     return_when=FIRST_COMPLETED)
+                for future in done:
+                    seconds[futures[future]] = _finished(future, futures[future], logs, time.perf_counter() - start)
+                if pending and time.perf_counter() >= next_status:
+                    print(_status(progress_dir, names, seconds, time.perf_counter() - start, jobs), flush=True)
+                    next_status += STATUS_EVERY_SECONDS
+        except BaseException:
+            for future in pending:  # the studies not started yet do not start
+                future.cancel()
+            raise
+    return seconds
+
+
+def _finished(future: Future, name: str, logs: Path, elapsed: float) -> float:
+    """A finished study's seconds, announced (its error, pointing at its log, when it failed)."""
+    try:
+        seconds = future.result()
+    except BaseException:
+        print(f"  {name} failed: see {logs / (name + '.log')}", file=sys.stderr, flush=True)
+        raise
+    print(f"  {name} done in {seconds:.0f} s ({elapsed:.0f} s so far)", flush=True)
+    return seconds
+
+
+def _status(progress_dir: Path, names: List[str], finished: Dict[str, float], elapsed: float, jobs: int) -> str:
+    """The status line of the studies' progress files."""
+    records = progress.read_progress(progress_dir)
+    waiting = [name for name in names if name not in records and name not in finished]
+    snapshot = progress.Snapshot(elapsed, records, dict(finished), waiting, jobs)
+    return progress.status_line(snapshot, TYPICAL_QUICK_SECONDS, BAR_SHARES)
+
+
+# ------------------------------------------------------------ the report
 def write_report(out: Path, studies: List[str], seconds: Dict[str, float], commands: Dict[str, str],
                  preset: str, wall: float, jobs: int = 1) -> Path:
-    """``out/REPORT.md``: per study its command, run time, table and plots (relative links)."""
+    """``out/REPORT.md``: the verdicts, then per study its command, run time, table and plots
+    (relative links)."""
     parallel = f", {jobs} studies at a time (their own times add up to {sum(seconds.values()):.0f} s)" if jobs > 1 else ""
     lines = [
         "# structngd: study report",
@@ -153,23 +323,44 @@ def write_report(out: Path, studies: List[str], seconds: Dict[str, float], comma
         f"`python -m experiments quick{' --tiny' if preset == '--tiny' else ''}`; "
         f"{wall:.0f} s wall clock{parallel}. Each section links the study's files under `{out}`.",
         "",
+        *verdict_section(out, studies),
     ]
     for name in studies:
-        folder = out / name
-        module = importlib.import_module(STUDIES[name])
-        lines += [f"## {name}: {(module.__doc__ or name).strip().splitlines()[0]}", ""]
-        lines += [f"`{commands[name]}` ({seconds[name]:.0f} s). Files: "
-                  + ", ".join(f"[{p.name}]({name}/{p.name})" for p in sorted(folder.iterdir()) if p.is_file()), ""]
-        table = folder / "table.md"
-        if table.exists():
-            body = table.read_text().splitlines()
-            lines += [line.replace("# ", "### ", 1) if line.startswith("#") else line for line in body] + [""]
-        lines += [f"![{p.stem}]({name}/{p.name})" for p in sorted(folder.glob("*.png"))] + [""]
+        lines += _study_section(out, name, commands[name], seconds[name])
     path = out / "REPORT.md"
     path.write_text("\n".join(lines))
     return path
 
 
+def verdict_section(out: Path, studies: List[str]) -> List[str]:
+    """``## Verdict``: one bullet per study, its verdict sentences (or a line saying it wrote none)."""
+    lines = ["## Verdict", ""]
+    for name in studies:
+        verdict = pages.read_verdict(out / name)
+        if verdict:
+            lines.append(f"- **{name}**: {' '.join(verdict)}")
+        elif (out / name / "table.md").exists():
+            lines.append(f"- **{name}**: wrote no verdict; see [its table]({name}/table.md).")
+        else:
+            lines.append(f"- **{name}**: wrote no verdict and no table.")
+    return lines + [""]
+
+
+def _study_section(out: Path, name: str, command: str, seconds: float) -> List[str]:
+    """A study's section of the report: command, time, files, table and plots."""
+    folder = out / name
+    module = importlib.import_module(STUDIES[name])
+    lines = [f"## {name}: {(module.__doc__ or name).strip().splitlines()[0]}", ""]
+    lines += [f"`{command}` ({seconds:.0f} s). Files: "
+              + ", ".join(f"[{p.name}]({name}/{p.name})" for p in sorted(folder.iterdir()) if p.is_file()), ""]
+    table = folder / "table.md"
+    if table.exists():
+        lines += [line.replace("# ", "### ", 1) if line.startswith("#") else line
+                  for line in table.read_text().splitlines()] + [""]
+    return lines + [f"![{p.stem}]({name}/{p.name})" for p in sorted(folder.glob("*.png"))] + [""]
+
+
+# ------------------------------------------------------------ main
 #: the modules of the ``experiments`` extra (import name -> distribution name)
 EXTRA_MODULES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn", "mnist1d": "mnist1d",
                  "cma": "cma"}
@@ -180,21 +371,30 @@ def missing_extras() -> List[str]:
     return [dist for module, dist in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
 
 
-def program_name() -> str:
-    """How the command was called: the console script's name, else ``python -m experiments``."""
-    called = Path(sys.argv[0]).name if sys.argv and sys.argv[0] else ""
-    return called if called.startswith("structngd-experiments") else "python -m experiments"
+def _run_single_study(args: argparse.Namespace) -> None:
+    """A study's own command, its command and hardware recorded in ``<out>/run.json``."""
+    start = time.perf_counter()
+    args.run(args)
+    if getattr(args, "out", None) is not None and args.out.is_dir():
+        write_run_record(args.out, layout="study", command=args.command_line, studies=[args.study],
+                         study_commands={args.study: args.command_line}, wall_seconds=time.perf_counter() - start,
+                         **hardware(getattr(args, "device", None)))
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m experiments ...`` (and the ``structngd-experiments`` console script)."""
+    """``python -m experiments ...``."""
+    argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
-    parser.prog = program_name()
     args = parser.parse_args(argv)
-    missing = missing_extras()
-    if missing:
-        print(f"{parser.prog}: the studies need the experiments extra (missing: {', '.join(missing)}); "
-              'install it with: pip install "structngd[experiments]"', file=sys.stderr)
-        return 2
-    args.run(args)
+    args.command_line = public_command(argv)
+    if args.study in STUDIES or args.study == "quick":
+        missing = missing_extras()
+        if missing:
+            print(f"{parser.prog}: the studies need the experiments extra (missing: {', '.join(missing)}); "
+                  'install it from the repository root with: pip install -e ".[experiments]"', file=sys.stderr)
+            return 2
+    if args.study in STUDIES:
+        _run_single_study(args)
+    else:
+        args.run(args)
     return 0
