@@ -6,8 +6,10 @@ from __future__ import annotations
 import csv
 import json
 import math
+import platform
+import textwrap
 import time
-from dataclasses import dataclass, replace
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Dict, Iterable, List, Optional, Sequence, Tuple
 
@@ -27,51 +29,11 @@ def configure_torch(threads: Optional[int] = None, dtype: torch.dtype = torch.fl
         torch.set_num_threads(threads)
 
 
-PRESET_NAMES = ("tiny", "quick", "full")
-
-
-def add_preset_arguments(parser, minutes: str) -> None:
-    """``--tiny`` (seconds), ``--quick`` (the default) and ``--full`` (``minutes``: how long)."""
-    mode = parser.add_mutually_exclusive_group()
-    mode.add_argument("--tiny", action="store_true", help="smoke test (seconds)")
-    mode.add_argument("--quick", action="store_true", help="the default: a few minutes on 2 cores")
-    mode.add_argument("--full", action="store_true", help=f"the README's tables ({minutes})")
-
-
-def preset_name(args) -> str:
-    """The preset chosen on the command line (``quick`` unless ``--tiny`` or ``--full``)."""
-    for name in ("tiny", "full"):
-        if getattr(args, name, False):
-            return name
-    return "quick"
-
-
-def resolve_preset(presets: dict, args, skip: Iterable[str] = ()):
-    """The preset chosen on the command line with every option given there
-    (``args.<field>`` not ``None``; lists become tuples) except the fields in ``skip``. A
-    ``device`` field is checked with :func:`resolve_device` (a clear error for missing CUDA)."""
-    preset = presets[preset_name(args)]
-    overrides = {}
-    for name in preset.__dataclass_fields__:
-        value = getattr(args, name, None)
-        if value is not None and name not in skip:
-            overrides[name] = tuple(value) if isinstance(value, list) else value
-    settings = replace(preset, **overrides)
-    if "device" in preset.__dataclass_fields__:
-        resolve_device(settings.device)
-    return settings
-
-
 def check_jobs(jobs) -> int:
     """``--jobs``: a positive integer (how many runs or studies go at once), else a clear error."""
     if not isinstance(jobs, int) or jobs < 1:
         raise SystemExit(f"--jobs must be a positive integer, got {jobs!r}")
     return jobs
-
-
-def parse_optional_float(text: str) -> Optional[float]:
-    """``argparse`` type for a float that may be ``none`` (no value)."""
-    return None if text.lower() in ("none", "off", "inf") else float(text)
 
 
 # --------------------------------------------------------------- timing
@@ -127,6 +89,13 @@ def eval_points(iterations: int, count: int = 100) -> List[int]:
     return sorted({0} | geometric | linear)
 
 
+def low_rank(dim: int, most: float = math.inf) -> int:
+    """The rank / block parameter ``k`` of the low-rank structures at dimension ``dim``:
+    ``clamp(round(sqrt(d) / 2), 2, 10)``, lowered to ``most`` where a structure needs a smaller
+    one (``block_triangular(k)`` needs ``k < d``, ``hierarchical(k, k)`` ``2 k < d``), and at least 1."""
+    return max(1, min(10, max(2, round(math.sqrt(dim) / 2)), most))
+
+
 def _geomspace(start: float, stop: float, count: int) -> List[float]:
     if count < 2 or stop <= start:
         return [stop]
@@ -155,6 +124,18 @@ class Curve:
     def final(self) -> float:
         return self.values[-1] if self.values else math.nan
 
+    @property
+    def total_seconds(self) -> float:
+        """Seconds of work up to the last evaluation that was reached (``nan`` for none)."""
+        return max((s for s in self.seconds if s == s), default=math.nan)
+
+    def pad_to(self, points: Sequence[int]) -> None:
+        """Extend a run that stopped early (diverged) to every evaluation point, with ``nan``."""
+        missing = points[len(self.iterations):]
+        self.iterations += missing
+        self.seconds += [math.nan] * len(missing)
+        self.values += [math.nan] * len(missing)
+
 
 def missing_last(value: Optional[float]) -> float:
     """Sort value with ``None`` (never reached) and ``nan`` (diverged) after every number."""
@@ -164,6 +145,18 @@ def missing_last(value: Optional[float]) -> float:
 def reach_then_final(reached: Optional[float], curve: Curve) -> Tuple[float, float]:
     """Selection key: the reach (iterations or seconds to a tolerance) first, then the final value."""
     return missing_last(reached), missing_last(curve.final)
+
+
+def settle_optima(optima: Dict[tuple, dict], reached: Iterable[Tuple[tuple, Curve]]) -> None:
+    """Each entry of ``optima`` gets ``best_run``, the lowest finite value of the curves filed
+    under its key in ``reached`` (``(key, curve)`` pairs), and ``optimum``, the lower of its
+    ``reference`` and ``best_run`` (any iterate bounds the optimum from above)."""
+    for key, curve in reached:
+        entry = optima[key]
+        best = min((v for v in curve.values if v == v), default=math.inf)
+        entry["best_run"] = min(entry.get("best_run", math.inf), best)
+    for entry in optima.values():
+        entry["optimum"] = min(entry["reference"], entry["best_run"])
 
 
 def mean_curve(curves: Sequence[Curve]) -> Curve:
@@ -177,6 +170,19 @@ def mean_curve(curves: Sequence[Curve]) -> Curve:
         seconds=[sum(col) / n for col in zip(*(c.seconds for c in curves))],
         values=[sum(col) / n for col in zip(*(c.values for c in curves))],
     )
+
+
+@dataclass(frozen=True)
+class LrSetting:
+    """One optimizer setting of a method: a learning rate and, for NGD, a trust region ``max_step``."""
+
+    method: str
+    lr: float
+    max_step: Optional[float] = None
+
+    @property
+    def label(self) -> str:
+        return setting_text(self.lr, self.max_step)
 
 
 # ---------------------------------------------------------- formatting
@@ -206,6 +212,28 @@ def fmt_ratio(slow: Optional[float], fast: Optional[float], slow_bound: float, f
     return "–"
 
 
+def grid_text(values: Iterable[Optional[float]]) -> str:
+    """A grid of settings as ``{0.1, 1, none}``."""
+    return "{" + ", ".join("none" if v is None else f"{v:g}" for v in values) + "}"
+
+
+def environment_text(runtime: float) -> str:
+    """The software and hardware a report's numbers come from, and the study's runtime."""
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; "
+            f"study runtime {runtime:.0f} s.")
+
+
+def setting_text(lr: float, max_step: Optional[float] = None) -> str:
+    """A learning rate and its trust region: ``0.5``, or ``0.5, tr 1`` with ``max_step`` 1."""
+    return f"{lr:g}" + ("" if max_step is None else f", tr {max_step:g}")
+
+
+def cond_text(cond: float) -> str:
+    """A condition number: ``10``, ``1e4`` (powers of ten from 100 on as ``1eN``)."""
+    exponent = math.log10(cond)
+    return f"1e{exponent:.0f}" if cond >= 100 and exponent == round(exponent) else f"{cond:g}"
+
+
 def markdown_table(header: Sequence[str], rows: Iterable[Sequence[object]]) -> str:
     """A GitHub-flavoured Markdown table (cells converted with ``str``)."""
     lines = ["| " + " | ".join(header) + " |", "|" + "|".join(" --- " for _ in header) + "|"]
@@ -218,6 +246,11 @@ def write_json(path: Path, obj) -> None:
     """Write ``obj`` as JSON (``nan``/``inf`` become ``null``)."""
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps(_json_safe(obj), indent=1))
+
+
+def rounded(values: Iterable[float], digits: int = 4) -> List[float]:
+    """``values`` rounded to ``digits`` significant digits (compact JSON curves)."""
+    return [float(f"{v:.{digits}g}") for v in values]
 
 
 def _json_safe(obj):
@@ -248,6 +281,7 @@ class Line:
     y: Sequence[float]
     color: str
     style: str = "-"
+    marker: Optional[str] = None  # e.g. "o": points show even where a line has one
 
 
 def plot_panels(
@@ -260,26 +294,28 @@ def plot_panels(
     logy: bool = True,
     floor: float = 1e-12,
     ncols: Optional[int] = None,
+    xticks: Optional[Sequence[float]] = None,
 ) -> None:
-    """One panel per key of ``panels``, a shared legend of ``(label, color, style)`` entries.
+    """One panel per key of ``panels``, a shared legend of ``(label, color, style)`` entries
+    below them (outside the axes, so it covers no data).
 
-    Values are clipped below at ``floor`` so zeros show on a log scale. The panels fill a
-    grid of ``ncols`` columns (default: about square).
+    Values are clipped below at ``floor`` so zeros show on a log scale. The panels fill a grid
+    of ``ncols`` columns (default: about square). With ``xticks`` the x axis is logarithmic with
+    those ticks, labelled as plain numbers.
     """
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     ncols = min(ncols or math.ceil(math.sqrt(len(panels))), len(panels))
     nrows = math.ceil(len(panels) / ncols)
-    fig, axes = plt.subplots(nrows, ncols, figsize=(4.2 * ncols + 2.2, 3.4 * nrows), squeeze=False)
+    fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
     for ax, (name, lines) in zip(axes.flat, panels.items()):
         for line in lines:
             y = [max(v, floor) if v == v else math.nan for v in line.y]
-            ax.plot(line.x, y, color=line.color, linestyle=line.style, linewidth=1.4, alpha=0.9)
+            ax.plot(line.x, y, color=line.color, linestyle=line.style, marker=line.marker, markersize=4,
+                    linewidth=1.4, alpha=0.9)
         if logy:
             ax.set_yscale("log")
+        if xticks is not None:
+            log_ticks(ax, xticks)
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
@@ -288,28 +324,49 @@ def plot_panels(
     for ax in list(axes.flat)[len(panels):]:
         ax.set_visible(False)
     handles = [plt.Line2D([], [], color=c, linestyle=s, linewidth=1.8) for _, c, s in legend]
-    fig.legend(handles, [label for label, _, _ in legend], loc="center right", fontsize=9, frameon=False)
-    fig.suptitle(title, fontsize=11)
-    fig.tight_layout(rect=(0, 0, 1 - 2.0 / fig.get_figwidth(), 1))
+    fig.suptitle(textwrap.fill(title, int(11 * fig.get_figwidth())), fontsize=11)
+    save_with_legend(fig, path, handles, [label for label, _, _ in legend])
+
+
+def pyplot():
+    """``matplotlib.pyplot`` on the non-interactive Agg backend."""
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    return plt
+
+
+def log_ticks(ax, ticks: Sequence[float]) -> None:
+    """A logarithmic x axis with exactly ``ticks``, labelled as plain numbers."""
+    from matplotlib.ticker import FixedLocator, NullLocator
+
+    ax.set_xscale("log")
+    ax.xaxis.set_major_locator(FixedLocator(list(ticks)))
+    ax.xaxis.set_minor_locator(NullLocator())
+    ax.set_xticklabels([f"{t:g}" for t in ticks])
+
+
+def save_with_legend(fig, path: Path, handles: Sequence, labels: Sequence[str]) -> None:
+    """Lay out ``fig``, put the legend of ``handles`` below its panels (outside every axis, in
+    as many columns as the figure's width holds) and save it at ``path``, the canvas grown to
+    hold the legend."""
+    fig.tight_layout()
+    entry_inches = 0.8 + 0.07 * max((len(label) for label in labels), default=1)  # line sample + 9 pt text
+    columns = max(1, min(len(labels), int(fig.get_figwidth() // entry_inches)))
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns,
+                        fontsize=9, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    fig.savefig(path, dpi=110, bbox_inches="tight")
+    pyplot().close(fig)
 
 
 # ------------------------------------------------------------- progress
 def progress(total: int, desc: str):
-    """A tqdm progress bar (a silent stand-in without tqdm); use ``update()``/``close()``."""
-    if tqdm is not None:
-        return tqdm(total=total, desc=desc, unit="run", dynamic_ncols=True)
-    return _NoBar()
+    """A progress bar: :func:`experiments.progress.bar` (tqdm, else silent; recorded for the
+    ``quick`` runner in its workers); use ``update()``/``close()``."""
+    from . import progress as bars
 
+    return bars.bar(total, desc)
 
-class _NoBar:
-    def update(self, n: int = 1) -> None:
-        pass
-
-    def set_postfix_str(self, text: str) -> None:
-        pass
-
-    def close(self) -> None:
-        pass

@@ -35,7 +35,8 @@ Metrics, per task and method (best learning rate = lowest seed-averaged final tr
 
 Outputs in ``--out`` (default ``results/dl``): ``results.json`` (settings, every run with its
 curve, metrics and the preconditioner's layer structures, the selection), ``summary.csv``,
-``table.md`` (also printed), ``loss_vs_steps.png`` and ``loss_vs_seconds.png`` (one panel per
+``table.md`` (also printed; it opens with the verdict against Adam), ``verdict.json``,
+``loss_vs_steps.png`` and ``loss_vs_seconds.png`` (one panel per
 task, best setting per method).
 
 Presets (one torch thread, float32): ``--tiny`` (seconds; end-to-end test), the default quick
@@ -48,10 +49,7 @@ one run of the study.
 
 from __future__ import annotations
 
-import argparse
 import math
-import platform
-import time
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field
@@ -62,11 +60,12 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
-from models.autoencoder import DeepAutoencoder
+from models.autoencoder import INITS, DeepAutoencoder
 from models.classifiers import CNN, MLP
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 
-from . import common, dl_data
+from . import common, dl_data, harness
+from .cli import option
 from .common import Curve, Line, fmt, fmt_ratio
 
 
@@ -148,23 +147,23 @@ DEFAULT_METHODS = ("sgd", "adam", "kfac", "ekfac", "local_dense", "local_diagona
 class Settings:
     """Everything that defines one study; built from a preset and the command line."""
 
-    size: str
-    tasks: Tuple[str, ...]
-    seeds: Tuple[int, ...]
-    methods: Tuple[str, ...] = DEFAULT_METHODS
-    steps: int = 1000
-    batch_size: int = 256
-    momentum: float = 0.9
+    size: str = option(cli=False)
+    tasks: Tuple[str, ...] = option(help="tasks", choices=tuple(TASKS))
+    seeds: Tuple[int, ...] = option(help="seeds (initialization and batch order)")
+    methods: Tuple[str, ...] = option(DEFAULT_METHODS, "methods", choices=tuple(METHODS))
+    steps: int = option(1000, "training steps per run")
+    batch_size: int = option(256, "mini-batch size")
+    momentum: float = option(0.9, "SGD momentum (SGD and the base optimizer of the preconditioners)")
     #: learning-rate grids; SGD's is per task kind (the autoencoder losses sum over pixels)
-    sgd_lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
-    sgd_autoencoder_lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    adam_lrs: Tuple[float, ...] = (1e-3, 3e-3, 1e-2)
-    kfac_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
-    ekfac_lrs: Tuple[float, ...] = (0.03, 0.1, 0.3)
-    local_lrs: Tuple[float, ...] = (0.01, 0.03, 0.1)
+    sgd_lrs: Tuple[float, ...] = option((0.01, 0.03, 0.1), "SGD learning rates (classifiers)")
+    sgd_autoencoder_lrs: Tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "SGD learning rates (autoencoders)")
+    adam_lrs: Tuple[float, ...] = option((1e-3, 3e-3, 1e-2), "Adam learning rates")
+    kfac_lrs: Tuple[float, ...] = option((0.03, 0.1, 0.3), "learning rates of SGD behind KFAC")
+    ekfac_lrs: Tuple[float, ...] = option((0.03, 0.1, 0.3), "learning rates of SGD behind EKFAC")
+    local_lrs: Tuple[float, ...] = option((0.01, 0.03, 0.1), "learning rates of SGD behind LocalKFAC")
     #: preconditioner hyperparameters (shared by every task); fisher "true" samples the
     #: model's own outputs (Task.sample_fisher), "empirical" uses the loss's gradients
-    fisher: str = "true"
+    fisher: str = option("true", "Fisher of the preconditioners", choices=("true", "empirical"))
     #: kl_clip 3e-3 and damping per task kind: 0.01 on the autoencoders (their loss sums 256
     #: or 64 pixels), 0.03 on the classifiers. Tuned at 1000 steps, seeds 0 and 1, steps to
     #: Adam's final loss: on CURVES KFAC 184 against 212 with damping 0.03 and 260 with
@@ -173,38 +172,36 @@ class Settings:
     #: (0.03, 1e-3). On MNIST-1D only KFAC reaches Adam's final loss: after 640 steps with
     #: (0.03, 3e-3), 960 with (0.03, 1e-3), not at all with damping 0.01. The clip binds: lr 0.3
     #: and 1 gave the same CURVES step counts. Without it KFAC needs damping 1 to stay stable
-    damping: float = 0.03
-    autoencoder_damping: float = 0.01
-    kl_clip: Optional[float] = 3e-3
-    factor_decay: float = 0.95
-    update_every: int = 10
+    damping: float = option(0.03, "KFAC / EKFAC damping (classifiers)")
+    autoencoder_damping: float = option(0.01, "KFAC / EKFAC damping (autoencoders)")
+    kl_clip: Optional[float] = option(3e-3, "bound on lr^2 <p, g> per step (preconditioners; 0 or 'none' = off)")
+    factor_decay: float = option(0.95, "KFAC / EKFAC factor moving-average decay")
+    update_every: int = option(10, "steps between preconditioner updates")
     #: EKFAC's eigenbasis period (None: update_every) and scaling period (re-fitting s costs
     #: per-example projections and, with the true Fisher, a second backward pass). Chosen on
     #: CURVES (1000 steps, 2 seeds, runs on a loaded machine, so the ratios are noisy): time to
     #: Adam's final loss 0.37x Adam's with (20, 5), 0.42x with (20, 10), 0.54x with (10, 10),
     #: 0.59x with (10, 5); a quieter run of (20, 5) gave 0.60x; (10, 1) about 1.3x
-    ekfac_update_every: Optional[int] = 20
-    ekfac_scale_every: int = 5
-    lr_cov: float = 0.3
-    local_momentum: float = 0.5
-    local_damping: float = 0.03
-    local_autoencoder_damping: float = 0.01
-    local_k: int = 10
-    block_size: int = 8
-    #: autoencoder initialization (models.DeepAutoencoder's init)
-    ae_init: str = "xavier"
-    #: data
-    data_seed: int = 0
-    curves_train: int = 10000
-    curves_test: int = 2000
-    curves_size: int = 16
-    mnist1d_samples: int = 5000
-    eval_examples: int = 2000
-    eval_points: int = 30
-    warmup_steps: int = 3
-    threads: Optional[int] = 1
-    #: where models, data and preconditioner state live ("cpu", "cuda", "cuda:1", ...)
-    device: str = "cpu"
+    ekfac_update_every: Optional[int] = option(20, "steps between EKFAC's eigenbasis updates ('none': update-every)")
+    ekfac_scale_every: int = option(5, "steps between EKFAC's scaling re-fits")
+    lr_cov: float = option(0.3, "LocalKFAC factor step size")
+    local_momentum: float = option(0.5, "LocalKFAC Riemannian momentum")
+    local_damping: float = option(0.03, "LocalKFAC damping (classifiers)")
+    local_autoencoder_damping: float = option(0.01, "LocalKFAC damping (autoencoders)")
+    local_k: int = option(10, "LocalKFAC hierarchical k1 = k2")
+    block_size: int = option(8, "LocalKFAC block_diagonal block size")
+    ae_init: str = option("xavier", "autoencoder initialization (models.DeepAutoencoder's init)", choices=INITS)
+    data_seed: int = option(0, "seed of the data draw / split")
+    curves_train: int = option(10000, "CURVES training images")
+    curves_test: int = option(2000, "CURVES test images")
+    curves_size: int = option(16, "CURVES image side (pixels)")
+    mnist1d_samples: int = option(5000, "MNIST-1D examples (train and test)")
+    eval_examples: int = option(2000, "training examples of the loss evaluations")
+    eval_points: int = option(30, "about how many evaluations per run (x2)")
+    warmup_steps: int = option(3, "untimed warm-up steps per method and task")
+    threads: Optional[int] = option(1, "torch threads")
+    device: str = option("cpu", "device of models, data and preconditioner state (e.g. cuda, cuda:1)",
+                         check=common.resolve_device)
 
     @property
     def ekfac_period(self) -> int:
@@ -382,10 +379,7 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
                 _record(curve, it, clock.seconds, evaluate(task, model, x_eval, y_eval)["loss"])
     except (ValueError, RuntimeError, FloatingPointError) as err:
         run.status = f"diverged at step {it}: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    missing = points[len(curve.iterations):]
-    curve.iterations += missing
-    curve.seconds += [math.nan] * len(missing)
-    curve.values += [math.nan] * len(missing)
+    curve.pad_to(points)
     if run.status == "ok":
         test = evaluate(task, model, data.x_test, data.y_test)
         run.metrics = {"train_loss": curve.final, "test_loss": test["loss"], f"test_{task.metric}": test[task.metric],
@@ -483,13 +477,13 @@ def summary_rows(selected: Dict[str, Dict[str, Selected]], info: Dict[str, dict]
         adam = methods.get("adam")
         target = adam.curve.final if adam is not None else math.nan
         adam_steps, adam_seconds = reach(adam.curve, target) if adam is not None and target == target else (None, None)
-        adam_total = _total_seconds(adam.curve) if adam is not None else math.nan
+        adam_total = adam.curve.total_seconds if adam is not None else math.nan
         for method_key in settings.methods:
             sel = methods.get(method_key)
             if sel is None:
                 continue
             steps, seconds = reach(sel.curve, target) if target == target else (None, None)
-            total = _total_seconds(sel.curve)
+            total = sel.curve.total_seconds
             rows.append({
                 "task": task_key, "task_label": task.label, "method": method_key, "method_label": METHODS[method_key].label,
                 "lr": sel.lr, "lr_grid": " ".join(f"{lr:g}" for lr in settings.lrs(METHODS[method_key], task)),
@@ -505,18 +499,12 @@ def summary_rows(selected: Dict[str, Dict[str, Selected]], info: Dict[str, dict]
     return rows
 
 
-def _total_seconds(curve: Curve) -> float:
-    return max((s for s in curve.seconds if s == s), default=math.nan)
-
-
-def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings, runtime: float,
-                    notes: List[str]) -> str:
+def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
     """The results table, one section per task, with the settings and notes."""
+    rows, info, notes = results.rows, results.info, notes_for(results.runs)
     header = ["method", "lr", "final train loss", "test loss", "test metric", "steps to Adam's final",
               "s to Adam's final", "time ratio vs Adam", "step ratio vs Adam", "ms/step"]
     lines = [
-        "# Kronecker preconditioners on deep nets",
-        "",
         "Training loss = the training objective on a fixed subset of training examples; best lr per "
         "method = lowest seed-averaged final training loss. `steps/s to Adam's final`: first evaluation "
         "at or below the best Adam run's final training loss (seed-averaged curves; seconds of training "
@@ -532,9 +520,7 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"{settings.ekfac_scale_every}; LocalKFAC damping "
         f"{settings.local_damping:g} (autoencoders {settings.local_autoencoder_damping:g}), lr_cov {settings.lr_cov:g}, momentum {settings.local_momentum:g}, "
         f"hierarchical k1 = k2 = {settings.local_k}; update_every {settings.update_every}; float32 on "
-        f"{settings.device}; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()}; study runtime "
-        f"{runtime:.0f} s.",
+        f"{settings.device}; {common.environment_text(runtime)}",
     ]
     for task_key in dict.fromkeys(row["task"] for row in rows):
         task_rows = [row for row in rows if row["task"] == task_key]
@@ -583,7 +569,7 @@ def notes_for(runs: List[Run]) -> List[str]:
 
 
 # ------------------------------------------------------------------- plots
-def plot_all(selected: Dict[str, Dict[str, Selected]], settings: Settings, out: Path) -> List[Path]:
+def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
     """Training loss vs steps and vs seconds, one panel per task, best setting per method."""
     import matplotlib
 
@@ -593,7 +579,7 @@ def plot_all(selected: Dict[str, Dict[str, Selected]], settings: Settings, out: 
     paths = []
     for axis in ("steps", "seconds"):
         panels: Dict[str, List[Line]] = {}
-        for task_key, methods in selected.items():
+        for task_key, methods in results.selected.items():
             panels[TASKS[task_key].label] = [
                 Line(sel.curve.iterations if axis == "steps" else sel.curve.seconds, sel.curve.values,
                      color_of[key], style_of(key))
@@ -602,8 +588,8 @@ def plot_all(selected: Dict[str, Dict[str, Selected]], settings: Settings, out: 
         legend = [(METHODS[key].label, color_of[key], style_of(key)) for key in settings.methods]
         path = out / f"loss_vs_{axis}.png"
         common.plot_panels(
-            path, panels, xlabel="steps" if axis == "steps" else "seconds (training work)",
-            ylabel="training loss", title="Kronecker preconditioners on deep nets: best lr per method (seed mean)",
+            path, panels, xlabel="steps" if axis == "steps" else "time (s, training work only)",
+            ylabel="training loss (nats per example)", title="Kronecker preconditioners on deep nets: best lr per method (seed mean)",
             legend=legend, ncols=min(2, len(panels)),
         )
         paths.append(path)
@@ -616,83 +602,83 @@ def run_records(runs: List[Run]) -> List[dict]:
         {
             "task": r.task, "method": r.method, "lr": r.lr, "seed": r.seed, "status": r.status,
             "metrics": r.metrics, "structures": r.structures, "warnings": r.warnings,
-            "steps": r.curve.iterations, "seconds": [float(f"{s:.4g}") for s in r.curve.seconds],
-            "train_loss": [float(f"{v:.6g}") for v in r.curve.values],
+            "steps": r.curve.iterations, "seconds": common.rounded(r.curve.seconds),
+            "train_loss": common.rounded(r.curve.values, 6),
         }
         for r in runs
     ]
 
 
-def write_outputs(out: Path, settings: Settings, runs: List[Run], info: Dict[str, dict],
-                  selected: Dict[str, Dict[str, Selected]], rows: List[dict], report: str) -> List[Path]:
-    """``table.md``, ``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(report)
-    common.write_csv(out / "summary.csv", rows)
+def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
+    common.write_csv(out / "summary.csv", results.rows)
     selection = {task: {m: {"lr": s.lr, "final_train_loss": s.curve.final} for m, s in methods.items()}
-                 for task, methods in selected.items()}
+                 for task, methods in results.selected.items()}
     common.write_json(out / "results.json", {
-        "settings": asdict(settings), "tasks": info, "selection": selection, "summary": rows,
-        "runs": run_records(runs),
+        "settings": asdict(settings), "tasks": results.info, "selection": selection, "summary": results.rows,
+        "runs": run_records(results.runs),
     })
-    return [out / "table.md", out / "summary.csv", out / "results.json"]
+    return [out / "summary.csv", out / "results.json"]
 
 
-# --------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m experiments dl``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "about 45 minutes")
-    parser.add_argument("--out", type=Path, default=Path("results/dl"), help="output directory")
-    parser.add_argument("--tasks", nargs="+", choices=tuple(TASKS), help="tasks")
-    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (initialization and batch order)")
-    parser.add_argument("--steps", type=int, help="training steps per run")
-    parser.add_argument("--batch-size", type=int, help="mini-batch size")
-    parser.add_argument("--sgd-lrs", type=float, nargs="+", help="SGD learning rates (classifiers)")
-    parser.add_argument("--sgd-autoencoder-lrs", type=float, nargs="+", help="SGD learning rates (autoencoders)")
-    parser.add_argument("--adam-lrs", type=float, nargs="+", help="Adam learning rates")
-    parser.add_argument("--kfac-lrs", type=float, nargs="+", help="learning rates of SGD behind KFAC")
-    parser.add_argument("--ekfac-lrs", type=float, nargs="+", help="learning rates of SGD behind EKFAC")
-    parser.add_argument("--local-lrs", type=float, nargs="+", help="learning rates of SGD behind LocalKFAC")
-    parser.add_argument("--fisher", choices=("true", "empirical"), help="Fisher of the preconditioners")
-    parser.add_argument("--damping", type=float, help="KFAC / EKFAC damping (classifiers)")
-    parser.add_argument("--autoencoder-damping", type=float, help="KFAC / EKFAC damping (autoencoders)")
-    parser.add_argument("--kl-clip", type=float, help="bound on lr^2 <p, g> per step (preconditioners; 0 = off)")
-    parser.add_argument("--factor-decay", type=float, help="KFAC / EKFAC factor moving-average decay")
-    parser.add_argument("--update-every", type=int, help="steps between preconditioner updates")
-    parser.add_argument("--ekfac-update-every", type=int, help="steps between EKFAC's eigenbasis updates")
-    parser.add_argument("--ekfac-scale-every", type=int, help="steps between EKFAC's scaling re-fits")
-    parser.add_argument("--lr-cov", type=float, help="LocalKFAC factor step size")
-    parser.add_argument("--local-momentum", type=float, help="LocalKFAC Riemannian momentum")
-    parser.add_argument("--local-damping", type=float, help="LocalKFAC damping (classifiers)")
-    parser.add_argument("--local-autoencoder-damping", type=float, help="LocalKFAC damping (autoencoders)")
-    parser.add_argument("--local-k", type=int, help="LocalKFAC hierarchical k1 = k2")
-    parser.add_argument("--block-size", type=int, help="LocalKFAC block_diagonal block size")
-    parser.add_argument("--data-seed", type=int, help="seed of the data draw / split")
-    parser.add_argument("--curves-train", type=int, help="CURVES training images")
-    parser.add_argument("--eval-examples", type=int, help="training examples of the loss evaluations")
-    parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
-    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
-    parser.add_argument("--device", help="device of models, data and preconditioners (default cpu; e.g. cuda)")
+# ------------------------------------------------------------------- study
+@dataclass
+class Results:
+    """What the study computed: every run, the tasks' descriptions, the selection and the table's rows."""
+
+    runs: List[Run]
+    info: Dict[str, dict]
+    selected: Dict[str, Dict[str, Selected]]
+    rows: List[dict]
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    """The preset (``--tiny``, ``--full``, else quick) with every option given on the command line."""
-    return common.resolve_preset(PRESETS, args, skip=("size",))
-
-
-def run(args: argparse.Namespace) -> None:
-    """Run the study, write the outputs and print the table."""
-    settings = resolve_settings(args)
-    common.configure_torch(settings.threads, torch.float32)
-    start = time.perf_counter()
+def compute(settings: Settings) -> Results:
+    """Every run, the best lr per method and task, and the table's rows."""
     runs, info = run_all(settings)
     selected = select(runs)
-    rows = summary_rows(selected, info, settings)
-    report = markdown_report(rows, info, settings, time.perf_counter() - start, notes_for(runs))
-    paths = write_outputs(args.out, settings, runs, info, selected, rows, report)
-    paths += plot_all(selected, settings, args.out)
-    print(report)
-    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
-    for path in paths:
-        print(f"  {path}")
+    return Results(runs, info, selected, summary_rows(selected, info, settings))
+
+
+#: the KFAC paper's claim: a preconditioner reaches Adam's final loss in at most this fraction of Adam's time
+TARGET_TIME_RATIO = 0.5
+
+
+def _fastest_preconditioner(rows: Dict[str, dict]) -> Optional[Tuple[str, float]]:
+    """``(method, seconds / Adam's)`` of the preconditioner first at Adam's final loss (``None``: none got there)."""
+    adam = rows["adam"]["seconds_to_adam"]
+    ratios = {key: row["seconds_to_adam"] / adam for key, row in rows.items()
+              if METHODS[key].preconditioner and row["seconds_to_adam"] is not None and adam}
+    return min(ratios.items(), key=lambda item: item[1]) if ratios else None
+
+
+def verdict(results: Results, settings: Settings) -> List[str]:
+    """Per task: the preconditioner that reached Adam's final training loss soonest, its time
+    as a fraction of Adam's own, and whether that meets the KFAC paper's claim."""
+    found, holds = [], []
+    for task_key in dict.fromkeys(row["task"] for row in results.rows):
+        rows = {row["method"]: row for row in results.rows if row["task"] == task_key}
+        if "adam" not in rows:
+            continue
+        fastest = _fastest_preconditioner(rows)
+        label = TASKS[task_key].label
+        if fastest is None:
+            found.append(f"{label}: no preconditioner reached it")
+            continue
+        found.append(f"{label}: {METHODS[fastest[0]].label} in {fmt(fastest[1], 2)}x Adam's time")
+        holds += [label] * (fastest[1] <= TARGET_TIME_RATIO)
+    if not found:
+        return ["Adam is not among the methods, so there is no baseline to compare with."]
+    return [
+        "Fastest preconditioner to Adam's final training loss (seconds of training work, Adam's own = 1): "
+        + "; ".join(found) + ".",
+        f"Target (at most {TARGET_TIME_RATIO:g}x Adam's time, the KFAC paper's claim): met on {len(holds)} of "
+        f"{len(found)} tasks" + (f" ({', '.join(holds)})." if holds else "."),
+    ]
+
+
+STUDY = harness.Study(
+    name="dl", title="Kronecker preconditioners on deep nets", presets=PRESETS, full_time="about 45 minutes",
+    dtype=torch.float32, compute=compute, report=markdown_report, verdict=verdict, write=write_outputs,
+    plot=plot_all,
+)
+add_arguments, resolve_settings, run = STUDY.add_arguments, STUDY.resolve_settings, STUDY.run

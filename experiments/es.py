@@ -44,7 +44,8 @@ wall time at d >= 1000 (one check per large-scale problem); and the reference ER
 Outputs in ``--out`` (default ``results/es``): ``results.json`` (settings, every run with its
 trace of (evaluations, f - fopt) at each improvement, ERTs, large-scale runs, checks),
 ``summary.csv`` (one row per method, function and dimension, then the large-scale rows),
-``table.md`` (also printed), ``ecdf.png``, ``ert_vs_dim.png`` and ``large_scale.png``.
+``table.md`` (also printed; it opens with the verdict against pycma's CMA-ES), ``verdict.json``,
+``ecdf.png``, ``ert_vs_dim.png`` and ``large_scale.png``.
 
 Modes (2 CPU cores, one torch thread, sequential runs):
 
@@ -77,12 +78,11 @@ Timings are wall-clock on a shared machine: compare methods within one run.
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import logging
 import math
 import multiprocessing
-import platform
+import statistics
 import time
 import warnings
 from collections import defaultdict
@@ -97,7 +97,8 @@ import torch
 
 from structngd.es import StructuredNES, default_popsize
 
-from . import bbob, common
+from . import bbob, common, harness
+from .cli import option
 from .common import Line, fmt
 
 #: target precision of the ERT and the success criterion
@@ -122,7 +123,7 @@ class Method:
 
     def group_options(self, dim: int) -> Optional[Dict[str, int]]:
         """Group options at dimension ``dim`` (``None``: the structure does not exist there)."""
-        k = low_rank(dim)
+        k = common.low_rank(dim, most=dim - 1)
         if self.low_rank == "block":
             return {"k": k}
         if self.low_rank == "heisenberg":
@@ -133,11 +134,6 @@ class Method:
     def describe(self, dim: int) -> str:
         opts = self.group_options(dim) or {}
         return self.label.replace("(k)", f"({opts['k']})") if "k" in opts else self.label
-
-
-def low_rank(dim: int) -> int:
-    """The rank ``k = clamp(round(sqrt(d) / 2), 2, 10)`` of the studies, below ``d``."""
-    return max(1, min(dim - 1, 10, max(2, round(math.sqrt(dim) / 2))))
 
 
 METHODS = {
@@ -184,24 +180,26 @@ def evotorch_available() -> bool:
 class Settings:
     """Everything that defines one study; built from a preset and the command line."""
 
-    size: str
-    dims: Tuple[int, ...]
-    functions: Tuple[int, ...]
-    instances: Tuple[int, ...]
-    seeds: Tuple[int, ...] = (0,)
-    methods: Tuple[str, ...] = tuple(METHODS)
-    budget_factor: int = 10000
-    restarts: int = 9
-    time_cap: float = 600.0  # seconds per BBOB run
-    stall: int = 300  # evotorch: generations without improvement that end a run
-    large_dims: Tuple[int, ...] = ()
-    large_methods: Tuple[str, ...] = LARGE_METHODS
-    large_problems: Tuple[str, ...] = LARGE_PROBLEMS
-    large_time_cap: float = 120.0
-    large_budget_factor: int = 2000
-    threads: Optional[int] = 1
-    device: str = "cpu"  # StructuredNES, evotorch and their function evaluations (pycma: numpy, CPU)
-    jobs: int = 1  # BBOB runs at once, each in its own process of ``threads`` threads
+    size: str = option(cli=False)
+    dims: Tuple[int, ...] = option(help="BBOB dimensions")
+    functions: Tuple[int, ...] = option(help="BBOB functions", choices=tuple(bbob.FUNCTIONS))
+    instances: Tuple[int, ...] = option(help="BBOB instances")
+    seeds: Tuple[int, ...] = option((0,), "seeds (one run per instance and seed)")
+    methods: Tuple[str, ...] = option(tuple(METHODS), "methods", choices=tuple(METHODS))
+    budget_factor: int = option(10000, "evaluation budget per run / d")
+    restarts: int = option(9, "maximal IPOP restarts (StructuredNES, pycma)")
+    time_cap: float = option(600.0, "seconds per BBOB run")
+    stall: int = option(300, "evotorch: generations without improvement that end a run")
+    large_dims: Tuple[int, ...] = option((), "large-scale dimensions (none given: skip the part)", nargs="*")
+    large_methods: Tuple[str, ...] = option(LARGE_METHODS, "large-scale methods", choices=tuple(METHODS))
+    large_problems: Tuple[str, ...] = option(LARGE_PROBLEMS, "large-scale problems", choices=LARGE_PROBLEMS)
+    large_time_cap: float = option(120.0, "seconds per large-scale run")
+    large_budget_factor: int = option(2000, "large-scale evaluation budget / d")
+    threads: Optional[int] = option(1, "torch threads")
+    device: str = option("cpu", "device of StructuredNES, evotorch and their function evaluations (e.g. cuda); "
+                         "pycma runs on the CPU", check=common.resolve_device)
+    jobs: int = option(1, "BBOB runs at once, each in its own process of --threads threads (the large-scale "
+                       "part, timed, always runs alone)", check=common.check_jobs)
 
 
 PRESETS = {
@@ -462,6 +460,15 @@ def run_cell(settings: Settings, key: str, function: int, dim: int, instance: in
     return Run(key, function, dim, instance, seed, budget, trace)
 
 
+def _blas_threads(threads: Optional[int]):
+    """numpy's BLAS (pycma) on as many threads as torch, when threadpoolctl is installed."""
+    try:
+        from threadpoolctl import threadpool_limits
+    except ImportError:  # pragma: no cover - optional
+        return contextlib.nullcontext()
+    return threadpool_limits(limits=threads) if threads else contextlib.nullcontext()
+
+
 _WORKER_LIMITS = []  # a worker's BLAS thread limit, held for the process's life
 
 
@@ -689,11 +696,11 @@ def ert_cell(row: Optional[dict]) -> str:
     return f"{_ert_text(row['ert'])}{ratio_text} {row['successes']}/{row['runs']}"
 
 
-def markdown_report(rows: List[dict], large: List[dict], checks: List[dict], settings: Settings,
-                    methods: Sequence[str], runtime: float, notes: List[str]) -> str:
+def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
+    """The target checks, the ERT tables (one per dimension), the large-scale table and notes."""
+    rows, large, checks, methods = results.rows, results.large, results.checks, results.methods
+    notes = run_notes(results.runs, results.skipped, results.notes)
     lines = [
-        "# Evolution strategies: StructuredNES vs CMA-ES on BBOB",
-        "",
         f"ERT = evaluations of all runs (each up to its first success) / successes, to f - fopt <= {FTARGET:g}; "
         "`(r x)` = ratio to CMA-ES's ERT (< 1: fewer evaluations than CMA-ES); `s/n` = successful runs / runs; "
         "∞ = no run succeeded.",
@@ -702,9 +709,8 @@ def markdown_report(rows: List[dict], large: List[dict], checks: List[dict], set
         f"instances {list(settings.instances)}, seeds {list(settings.seeds)}; x0 ~ U[-{X0_RANGE:g}, {X0_RANGE:g}]^d, "
         f"sigma0 = {SIGMA0:g}; budget {settings.budget_factor:g} d evaluations, up to {settings.restarts} IPOP "
         f"restarts (StructuredNES, pycma); time cap {settings.time_cap:g} s per run; population evaluated in one "
-        f"batched torch call on {settings.device} (pycma: numpy on the CPU); torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {platform.machine()}; "
-        f"{settings.jobs} BBOB run(s) at once; study runtime {runtime:.0f} s.",
+        f"batched torch call on {settings.device} (pycma: numpy on the CPU); {settings.jobs} BBOB run(s) at "
+        f"once; {common.environment_text(runtime)}",
         "",
         "## Target checks",
         "",
@@ -789,7 +795,7 @@ def plot_ecdf(runs: List[Run], methods: Sequence[str], settings: Settings, out: 
         panels[f"d = {dim} ({len(settings.functions)} functions)"] = lines
     legend = [(METHODS[k].label, color[k], _style(k)) for k in methods]
     path = out / "ecdf.png"
-    common.plot_panels(path, panels, xlabel="log10(evaluations / d)", ylabel="fraction of (f, instance, target)",
+    common.plot_panels(path, panels, xlabel="log10(evaluations / d)", ylabel="fraction of (f, instance, target) reached",
                        title="Runtime ECDF, targets 10^{2..-8} (COCO style)", legend=legend, logy=False, floor=-1.0)
     return path
 
@@ -803,13 +809,13 @@ def plot_ert(rows: List[dict], methods: Sequence[str], settings: Settings, out: 
         for key in methods:
             pts = [(r["dim"], r["ert_over_d"]) for r in rows if r["method"] == key and r["function"] == function]
             if pts:
-                lines.append(Line([math.log2(d) for d, _ in pts],
-                                  [v if math.isfinite(v) else math.nan for _, v in pts], color[key], _style(key)))
+                lines.append(Line([d for d, _ in pts], [v if math.isfinite(v) else math.nan for _, v in pts],
+                                  color[key], _style(key), marker="o"))
         panels[f"f{function} {bbob.FUNCTIONS[function]}"] = lines
     legend = [(METHODS[k].label, color[k], _style(k)) for k in methods]
     path = out / "ert_vs_dim.png"
-    common.plot_panels(path, panels, xlabel="log2(d)", ylabel="ERT / d", title=f"ERT to f - fopt <= {FTARGET:g}",
-                       legend=legend)
+    common.plot_panels(path, panels, xlabel="dimension d", ylabel="ERT / d (evaluations per dimension)",
+                       title=f"ERT to f - fopt <= {FTARGET:g}", legend=legend, xticks=settings.dims)
     return path
 
 
@@ -825,96 +831,103 @@ def plot_large(runs: List[LargeRun], out: Path) -> Optional[Path]:
                                                         _style(r.method)))
     legend = [(METHODS[k].label, color[k], _style(k)) for k in keys]
     path = out / "large_scale.png"
-    common.plot_panels(path, dict(panels), xlabel="seconds", ylabel="best f - fopt", title="Large scale: wall time",
+    common.plot_panels(path, dict(panels), xlabel="wall time (s)", ylabel="best f - fopt",
+                       title="Large scale: best value against wall time",
                        legend=legend, ncols=len({r.dim for r in runs}))
     return path
 
 
 # ------------------------------------------------------------------ outputs
 def _trace_record(t: Trace) -> dict:
-    return {**asdict(t), "gaps": [float(f"{g:.6g}") for g in t.gaps],
-            "seconds_at": [float(f"{s:.4g}") for s in t.seconds_at]}
+    return {**asdict(t), "gaps": common.rounded(t.gaps, 6),
+            "seconds_at": common.rounded(t.seconds_at)}
 
 
-def write_outputs(out: Path, settings: Settings, methods, runs, skipped, large_runs, rows, large, checks, report
-                  ) -> List[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(report)
-    keys = list(dict.fromkeys(k for r in rows + large for k in r))
-    common.write_csv(out / "summary.csv", [{k: r.get(k, "") for k in keys} for r in rows + large])
+def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
+    rows = results.rows + results.large
+    keys = list(dict.fromkeys(k for r in rows for k in r))
+    common.write_csv(out / "summary.csv", [{k: r.get(k, "") for k in keys} for r in rows])
     common.write_json(out / "results.json", {
-        "settings": asdict(settings), "methods": {k: METHODS[k].label for k in methods},
-        "ftarget": FTARGET, "skipped": skipped, "checks": checks, "ert": rows, "large": large,
+        "settings": asdict(settings), "methods": {k: METHODS[k].label for k in results.methods},
+        "ftarget": FTARGET, "skipped": results.skipped, "checks": results.checks, "ert": results.rows,
+        "large": results.large,
         "runs": [{"method": r.method, "function": r.function, "dim": r.dim, "instance": r.instance, "seed": r.seed,
-                  "budget": r.budget, **_trace_record(r.trace)} for r in runs],
+                  "budget": r.budget, **_trace_record(r.trace)} for r in results.runs],
         "large_runs": [{"method": r.method, "problem": r.problem, "dim": r.dim, "seed": r.seed,
-                        **_trace_record(r.trace)} for r in large_runs],
+                        **_trace_record(r.trace)} for r in results.large_runs],
     })
-    return [out / "table.md", out / "summary.csv", out / "results.json"]
+    return [out / "summary.csv", out / "results.json"]
 
 
-# ---------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m experiments es``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "about 6 hours; --jobs N divides its BBOB part")
-    parser.add_argument("--out", type=Path, default=Path("results/es"), help="output directory")
-    parser.add_argument("--dims", type=int, nargs="+", help="BBOB dimensions")
-    parser.add_argument("--functions", type=int, nargs="+", choices=tuple(bbob.FUNCTIONS), help="BBOB functions")
-    parser.add_argument("--instances", type=int, nargs="+", help="BBOB instances")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (one run per instance and seed)")
-    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")
-    parser.add_argument("--budget-factor", type=int, help="evaluation budget per run / d")
-    parser.add_argument("--restarts", type=int, help="maximal IPOP restarts (StructuredNES, pycma)")
-    parser.add_argument("--time-cap", type=float, help="seconds per BBOB run")
-    parser.add_argument("--stall", type=int, help="evotorch: generations without improvement that end a run")
-    parser.add_argument("--large-dims", type=int, nargs="*", help="large-scale dimensions (none: skip the part)")
-    parser.add_argument("--large-methods", nargs="+", choices=tuple(METHODS), help="large-scale methods")
-    parser.add_argument("--large-problems", nargs="+", choices=LARGE_PROBLEMS, help="large-scale problems")
-    parser.add_argument("--large-time-cap", type=float, help="seconds per large-scale run")
-    parser.add_argument("--large-budget-factor", type=int, help="large-scale evaluation budget / d")
-    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
-    parser.add_argument("--jobs", type=int, help="BBOB runs at once, each in its own process (default 1; "
-                                                 "the large-scale part, timed, always runs alone)")
-    parser.add_argument("--device", help="device of StructuredNES, evotorch and their function evaluations "
-                                         "(default cpu; e.g. cuda); pycma runs on the CPU")
+def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """The ECDFs, ERT against d and, with a large-scale part, its wall-time plot."""
+    paths = [plot_ecdf(results.runs, results.methods, settings, out),
+             plot_ert(results.rows, results.methods, settings, out)]
+    large = plot_large(results.large_runs, out)
+    return paths + ([large] if large else [])
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    settings = common.resolve_preset(PRESETS, args)
-    common.check_jobs(settings.jobs)
-    return settings
+# ------------------------------------------------------------------- study
+@dataclass
+class Results:
+    """What the study computed: the methods that ran (and notes on those left out), every BBOB
+    and large-scale run, the ERT and large-scale rows and the target checks."""
+
+    methods: List[str]
+    notes: List[str]
+    runs: List[Run]
+    skipped: List[dict]
+    large_runs: List[LargeRun]
+    rows: List[dict]
+    large: List[dict]
+    checks: List[dict]
 
 
-def _blas_threads(threads: Optional[int]):
-    """numpy's BLAS (pycma) on as many threads as torch, when threadpoolctl is installed."""
-    try:
-        from threadpoolctl import threadpool_limits
-    except ImportError:  # pragma: no cover - optional
-        return contextlib.nullcontext()
-    return threadpool_limits(limits=threads) if threads else contextlib.nullcontext()
-
-
-def run(args: argparse.Namespace) -> None:
-    """Run the study, write the outputs and print the table."""
-    settings = resolve_settings(args)
-    common.configure_torch(settings.threads, torch.float64)
-    start = time.perf_counter()
+def compute(settings: Settings) -> Results:
+    """Every BBOB run, then the large-scale part; their rows and the target checks."""
     methods, notes = active_methods(settings)
     with warnings.catch_warnings(), _blas_threads(settings.threads):
         warnings.simplefilter("ignore")  # pycma's and evotorch's chatter; failures are recorded per run
         runs, skipped = run_bbob(settings, methods)
         large_runs = run_large(settings) if settings.large_dims else []
-    rows = ert_rows(runs, methods, settings)
-    large = large_rows(large_runs)
+    rows, large = ert_rows(runs, methods, settings), large_rows(large_runs)
     checks = target_checks(rows, large, settings, methods)
-    report = markdown_report(rows, large, checks, settings, methods, time.perf_counter() - start,
-                             run_notes(runs, skipped, notes))
-    paths = write_outputs(args.out, settings, methods, runs, skipped, large_runs, rows, large, checks, report)
-    paths.append(plot_ecdf(runs, methods, settings, args.out))
-    paths.append(plot_ert(rows, methods, settings, args.out))
-    large_plot = plot_large(large_runs, args.out)
-    paths += [large_plot] if large_plot else []
-    print(report)
-    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
-    for path in paths:
-        print(f"  {path}")
+    return Results(methods, notes, runs, skipped, large_runs, rows, large, checks)
+
+
+def _ert_ratios(results: Results) -> List[Tuple[str, float, int]]:
+    """``(method, median ERT ratio to CMA-ES, cells)`` per StructuredNES method, over the
+    (function, d) cells both solved; best first."""
+    out = []
+    for key in results.methods:
+        ratios = [r["ratio_to_cma"] for r in results.rows
+                  if r["method"] == key and r["ratio_to_cma"] == r["ratio_to_cma"] and math.isfinite(r["ratio_to_cma"])]
+        if METHODS[key].kind == "nes" and ratios:
+            out.append((key, statistics.median(ratios), len(ratios)))
+    return sorted(out, key=lambda item: item[1])
+
+
+def verdict(results: Results, settings: Settings) -> List[str]:
+    """The median ERT of each StructuredNES structure relative to CMA-ES, and the target checks."""
+    lines = []
+    ratios = _ert_ratios(results)
+    if ratios:
+        lines.append("ERT relative to CMA-ES (pycma), median over the (function, d) cells both solved "
+                     "(< 1: fewer evaluations): "
+                     + ", ".join(f"{METHODS[k].label} {fmt(r, 2)}x ({n} cells)" for k, r, n in ratios) + ".")
+    judged = [c for c in results.checks if c["status"] != "n/a"]
+    failing = [c["check"] for c in judged if c["status"] == "FAIL"]
+    unjudged = len(results.checks) - len(judged)
+    lines.append(f"Target checks: {len(judged) - len(failing)} of {len(judged)} judged pass"
+                 + (f"; failing: {'; '.join(failing)}" if failing else "")
+                 + (f" ({unjudged} not judged: the preset lacks their methods or sizes)." if unjudged else "."))
+    return lines
+
+
+STUDY = harness.Study(
+    name="es", title="Evolution strategies: StructuredNES vs CMA-ES on BBOB", presets=PRESETS,
+    full_time="about 6 hours; --jobs N divides its BBOB part", dtype=torch.float64, compute=compute,
+    report=markdown_report, verdict=verdict, write=write_outputs, plot=plot_all,
+)
+add_arguments, resolve_settings, run = STUDY.add_arguments, STUDY.resolve_settings, STUDY.run

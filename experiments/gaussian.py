@@ -22,10 +22,10 @@ for dense and triangular structures (0), diagonal and block-diagonal (block mean
 lowered to the best KL any run reached (any member of the structure bounds the optimum from
 above). Seconds count only the optimization work (gradient and step).
 
-Outputs in ``--out`` (default ``results/gaussian``): ``table.md`` (also printed),
-``summary.csv`` (the table's rows), ``runs.json`` (settings, optima and every run's curve:
-``iterations``, ``seconds``, ``kl``, ``gap``, ``status``) and the plots
-``gap_vs_{iterations,seconds}_{exact,mc}.png``.
+Outputs in ``--out`` (default ``results/gaussian``): ``table.md`` (also printed; it opens with
+the verdict: how often and by how much NGD beat Adam), ``verdict.json``, ``summary.csv`` (the
+table's rows), ``runs.json`` (settings, optima and every run's curve: ``iterations``,
+``seconds``, ``kl``, ``gap``, ``status``) and the plots ``gap_vs_{iterations,seconds}_{exact,mc}.png``.
 
 Modes (2 CPU cores, one torch thread, 9 optimizer settings per structure and gradient type):
 
@@ -43,11 +43,8 @@ Timings are wall-clock on a shared machine: compare NGD and Adam within one run 
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
-import platform
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass, replace
 from pathlib import Path
@@ -60,7 +57,8 @@ from structngd.optim import NaturalGradient
 from structngd.groups import GROUPS
 from structngd.targets import GaussianTarget
 
-from . import common
+from . import common, harness
+from .cli import option
 from .common import Curve, Line, fmt, fmt_ratio
 
 STRUCTURES = tuple(GROUPS)  # every registered structure
@@ -75,24 +73,25 @@ EXACT_STRUCTURES = ("dense", "lower_triangular", "upper_triangular")
 class Settings:
     """Everything that defines one study; built from a preset and the command line."""
 
-    dims: Tuple[int, ...]
-    conds: Tuple[float, ...]
-    seeds: Tuple[int, ...]
-    structures: Tuple[str, ...] = STRUCTURES
-    gradients: Tuple[str, ...] = GRADIENTS
-    iterations: int = 500
-    mc_iterations: int = 1000
-    num_samples: int = 32
-    estimator: str = "reparam"
-    ngd_lrs: Tuple[float, ...] = (0.05, 0.2, 0.5)
-    ngd_mc_lrs: Tuple[float, ...] = (1e-3, 1e-2, 1e-1)
-    ngd_max_steps: Tuple[Optional[float], ...] = (None, 1.0)
-    adam_lrs: Tuple[float, ...] = (1e-3, 1e-2, 1e-1)
-    adam_mc_lrs: Tuple[float, ...] = (1e-3, 1e-2, 1e-1)
-    tol: float = 1e-2
-    eval_points: int = 100
-    threads: Optional[int] = 1
-    device: str = "cpu"  # of the targets (drawn on the CPU, then moved) and of every fitted q
+    dims: Tuple[int, ...] = option(help="target dimensions")
+    conds: Tuple[float, ...] = option(help="target condition numbers")
+    seeds: Tuple[int, ...] = option(help="seeds (target draw and MC noise)")
+    structures: Tuple[str, ...] = option(STRUCTURES, "structures to fit", choices=STRUCTURES)
+    gradients: Tuple[str, ...] = option(GRADIENTS, "gradient types", choices=GRADIENTS)
+    iterations: int = option(500, "steps per run with exact gradients")
+    mc_iterations: int = option(1000, "steps per run with MC gradients")
+    num_samples: int = option(32, "MC samples per step")
+    estimator: str = option("reparam", "MC gradient estimator", choices=ESTIMATORS)
+    ngd_lrs: Tuple[float, ...] = option((0.05, 0.2, 0.5), "NGD learning rates (exact gradients)")
+    ngd_mc_lrs: Tuple[float, ...] = option((1e-3, 1e-2, 1e-1), "NGD learning rates (MC gradients)")
+    ngd_max_steps: Tuple[Optional[float], ...] = option((None, 1.0), "NGD trust regions max_step ('none' = off)")
+    adam_lrs: Tuple[float, ...] = option((1e-3, 1e-2, 1e-1), "Adam learning rates (exact gradients)")
+    adam_mc_lrs: Tuple[float, ...] = option((1e-3, 1e-2, 1e-1), "Adam learning rates (MC gradients)")
+    tol: float = option(1e-2, "gap threshold for iterations/seconds to reach it")
+    eval_points: int = option(100, "about how many evaluations per run (x2)")
+    threads: Optional[int] = option(1, "torch threads (1: steadier timings under load)")
+    device: str = option("cpu", "device of the targets (drawn on the CPU, then moved) and of every fitted q "
+                         "(e.g. cuda)", check=common.resolve_device)
 
     def steps(self, gradient: str) -> int:
         """Number of optimizer steps of a run with this gradient type."""
@@ -125,18 +124,8 @@ PRESETS = {
 
 
 @dataclass(frozen=True)
-class OptimizerConfig:
+class OptimizerConfig(common.LrSetting):
     """One optimizer setting: ``NaturalGradient(lr, max_step)`` or ``Adam(lr)``."""
-
-    method: str
-    lr: float
-    max_step: Optional[float] = None
-
-    @property
-    def label(self) -> str:
-        if self.method == "adam":
-            return f"{self.lr:g}"
-        return f"{self.lr:g}" + ("" if self.max_step is None else f", tr {self.max_step:g}")
 
     def build(self, q: Gaussian) -> torch.optim.Optimizer:
         if self.method == "ngd":
@@ -153,9 +142,7 @@ class TargetSpec:
 
     @property
     def label(self) -> str:
-        exponent = math.log10(self.cond)
-        cond = f"1e{exponent:.0f}" if self.cond >= 100 and exponent == round(exponent) else f"{self.cond:g}"
-        return f"d={self.dim}, cond={cond}"
+        return f"d={self.dim}, cond={common.cond_text(self.cond)}"
 
     def build(self, seed: int, device="cpu") -> GaussianTarget:
         """The seed's target, drawn on the CPU (the same on every device) and moved to ``device``."""
@@ -184,7 +171,7 @@ class StructureSpec:
 def structure_specs(dim: int, names: Sequence[str] = STRUCTURES) -> List[StructureSpec]:
     """The structures for dimension ``dim``: ``k = clamp(round(sqrt(d)/2), 2, 10)`` for the
     low-rank groups and the largest divisor of ``d`` up to ``max(2, sqrt(d))`` as block size."""
-    k = min(10, max(2, round(math.sqrt(dim) / 2)))
+    k = common.low_rank(dim)
     block = max(b for b in range(1, max(2, int(math.sqrt(dim))) + 1) if dim % b == 0)
     options = {
         "block_diagonal": (("block_size", block),),
@@ -306,10 +293,7 @@ def run_one(
         except (ValueError, RuntimeError, FloatingPointError) as err:
             status = f"diverged at iteration {it}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
             break
-    missing = points[len(curve.iterations):]
-    curve.iterations += missing
-    curve.seconds += [math.nan] * len(missing)
-    curve.values += [math.nan] * len(missing)
+    curve.pad_to(points)
     return curve, status
 
 
@@ -338,12 +322,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
 
 def attach_gaps(runs: List[Run], optima: Dict[tuple, dict]) -> None:
     """Set ``KL*`` = min(reference, best KL of any run) and every run's gap curve."""
-    for run in runs:
-        entry = optima[(run.target, run.seed, run.structure)]
-        best = min((v for v in run.kl.values if v == v), default=math.inf)
-        entry["best_run"] = min(entry.get("best_run", math.inf), best)
-    for entry in optima.values():
-        entry["optimum"] = min(entry["reference"], entry["best_run"])
+    common.settle_optima(optima, (((run.target, run.seed, run.structure), run.kl) for run in runs))
     for run in runs:
         optimum = optima[(run.target, run.seed, run.structure)]["optimum"]
         run.gap = replace(run.kl, values=[v - optimum for v in run.kl.values])
@@ -407,7 +386,7 @@ def summary_rows(
                 f"{name}_final_gap": result.gap.final,
                 f"{name}_iterations_to_tol": result.reached[0],
                 f"{name}_seconds_to_tol": result.reached[1],
-                f"{name}_total_seconds": max((s for s in result.kl.seconds if s == s), default=math.nan),
+                f"{name}_total_seconds": result.kl.total_seconds,
                 f"{name}_diverged": sum(not s.startswith("ok") for s in result.statuses),
             })
         row["ratio_iterations"] = fmt_ratio(
@@ -437,16 +416,15 @@ def _reach_text(value) -> str:
     return "not reached" if value is None else (fmt(value, 2) if isinstance(value, float) else str(value))
 
 
-def markdown_report(rows: List[dict], settings: Settings, runtime: float, warnings: List[str]) -> str:
+def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
     """The results table (one section per target) with the settings and notes."""
+    rows, warnings = results.rows, notes(results.runs, results.optima)
     header = [
         "structure", "grad", "KL*", "NGD lr", "Adam lr", "KL NGD", "KL Adam", "gap NGD", "gap Adam",
         "it NGD", "it Adam", "it Adam/NGD", "s NGD", "s Adam", "s Adam/NGD",
     ]
-    grid = lambda values: "{" + ", ".join("none" if v is None else f"{v:g}" for v in values) + "}"
+    grid = common.grid_text
     lines = [
-        "# Structured NGD vs Adam on Gaussian targets",
-        "",
         f"`KL` = KL(q || p) = -ELBO (exact, final iterate); `gap` = KL - KL* (the structure's optimum); "
         f"`it`/`s` = iterations / seconds of optimization work to reach gap < {settings.tol:g} "
         f"(on the seed-averaged curve); ratios Adam/NGD (> 1: NGD faster; `>x` / `<x`: bound when one "
@@ -457,8 +435,7 @@ def markdown_report(rows: List[dict], settings: Settings, runtime: float, warnin
         f"{settings.mc_iterations} MC iterations; MC: {settings.num_samples} samples, "
         f"estimator `{settings.estimator}`; NGD lr exact {grid(settings.ngd_lrs)}, MC "
         f"{grid(settings.ngd_mc_lrs)}, max_step {grid(settings.ngd_max_steps)}; Adam lr exact "
-        f"{grid(settings.adam_lrs)}, MC {grid(settings.adam_mc_lrs)}; torch {torch.__version__}, "
-        f"{torch.get_num_threads()} thread(s), {platform.machine()}; study runtime {runtime:.0f} s.",
+        f"{grid(settings.adam_lrs)}, MC {grid(settings.adam_mc_lrs)}; {common.environment_text(runtime)}",
     ]
     for target in dict.fromkeys(row["target"] for row in rows):
         body = [
@@ -508,7 +485,7 @@ def notes(runs: List[Run], optima: Dict[tuple, dict]) -> List[str]:
 
 
 # ------------------------------------------------------------------ plots
-def plot_all(best: Dict[tuple, Dict[str, MethodResult]], settings: Settings, out: Path) -> List[Path]:
+def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
     """Gap vs iterations and vs seconds, one figure per gradient type, one panel per target."""
     import matplotlib
 
@@ -518,7 +495,7 @@ def plot_all(best: Dict[tuple, Dict[str, MethodResult]], settings: Settings, out
     paths = []
     for gradient, axis in itertools.product(settings.gradients, ("iterations", "seconds")):
         panels: Dict[str, List[Line]] = defaultdict(list)
-        for (target, structure, grad), methods in best.items():
+        for (target, structure, grad), methods in results.best.items():
             if grad != gradient:
                 continue
             for method, result in methods.items():
@@ -531,9 +508,9 @@ def plot_all(best: Dict[tuple, Dict[str, MethodResult]], settings: Settings, out
         what = "exact gradients" if gradient == "exact" else f"MC gradients ({settings.num_samples} samples, {settings.estimator})"
         path = out / f"gap_vs_{axis}_{gradient}.png"
         common.plot_panels(
-            path, dict(panels), xlabel=axis if axis == "iterations" else "seconds (optimization work)",
-            ylabel="KL - KL* (gap to structure optimum)",
-            title=f"Gaussian targets, {what}: best NGD and Adam setting per structure",
+            path, dict(panels), xlabel=axis if axis == "iterations" else "time (s, optimization work only)",
+            ylabel="KL - KL* (nats)",
+            title=f"Gaussian targets, {what}: gap to each structure's optimum KL*, best NGD and Adam setting",
             legend=legend, floor=ROUNDOFF,
         )
         paths.append(path)
@@ -556,77 +533,57 @@ def run_records(runs: List[Run]) -> List[dict]:
             "structure_options": dict(run.structure.options), "gradient": run.gradient,
             **asdict(run.config), "status": run.status,
             "iterations": run.kl.iterations,
-            "seconds": [float(f"{s:.4g}") for s in run.kl.seconds],
-            "kl": [float(f"{v:.12g}") for v in run.kl.values],
-            "gap": [float(f"{v:.4g}") for v in run.gap.values],
+            "seconds": common.rounded(run.kl.seconds),
+            "kl": common.rounded(run.kl.values, 12),
+            "gap": common.rounded(run.gap.values),
         }
         for run in runs
     ]
 
 
-def write_outputs(
-    out: Path, settings: Settings, runs: List[Run], optima: Dict[tuple, dict], rows: List[dict], report: str
-) -> List[Path]:
-    """``table.md``, ``summary.csv`` and ``runs.json`` in ``out``; returns their paths."""
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(report)
-    common.write_csv(out / "summary.csv", rows)
+def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """``summary.csv`` and ``runs.json`` in ``out``; returns their paths."""
+    common.write_csv(out / "summary.csv", results.rows)
     optimum_records = [
-        {"target": t.label, "seed": s, "structure": st.label, **entry} for (t, s, st), entry in optima.items()
+        {"target": t.label, "seed": s, "structure": st.label, **entry} for (t, s, st), entry in results.optima.items()
     ]
     common.write_json(
         out / "runs.json",
-        {"settings": asdict(settings), "optima": optimum_records, "runs": run_records(runs)},
+        {"settings": asdict(settings), "optima": optimum_records, "runs": run_records(results.runs)},
     )
-    return [out / "table.md", out / "summary.csv", out / "runs.json"]
+    return [out / "summary.csv", out / "runs.json"]
 
 
-# -------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m experiments gaussian``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "about 9 hours, most of it d = 1000")
-    parser.add_argument("--out", type=Path, default=Path("results/gaussian"), help="output directory")
-    parser.add_argument("--dims", type=int, nargs="+", help="target dimensions")
-    parser.add_argument("--conds", type=float, nargs="+", help="target condition numbers")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (target draw and MC noise)")
-    parser.add_argument("--structures", nargs="+", choices=STRUCTURES, help="structures to fit")
-    parser.add_argument("--gradients", nargs="+", choices=GRADIENTS, help="gradient types")
-    parser.add_argument("--iterations", type=int, help="steps per run with exact gradients")
-    parser.add_argument("--mc-iterations", type=int, help="steps per run with MC gradients")
-    parser.add_argument("--num-samples", type=int, help="MC samples per step")
-    parser.add_argument("--estimator", choices=ESTIMATORS, help="MC gradient estimator")
-    parser.add_argument("--ngd-lrs", type=float, nargs="+", help="NGD learning rates (exact gradients)")
-    parser.add_argument("--ngd-mc-lrs", type=float, nargs="+", help="NGD learning rates (MC gradients)")
-    parser.add_argument(
-        "--ngd-max-steps", type=common.parse_optional_float, nargs="+",
-        help="NGD trust regions max_step ('none' = off)",
-    )
-    parser.add_argument("--adam-lrs", type=float, nargs="+", help="Adam learning rates (exact gradients)")
-    parser.add_argument("--adam-mc-lrs", type=float, nargs="+", help="Adam learning rates (MC gradients)")
-    parser.add_argument("--tol", type=float, help="gap threshold for iterations/seconds to reach it")
-    parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
-    parser.add_argument("--threads", type=int, help="torch threads (default 1: steadier timings under load)")
-    parser.add_argument("--device", help="device of the targets and the fitted Gaussians (default cpu; e.g. cuda)")
+# ------------------------------------------------------------------- study
+Results = harness.OptimaResults
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    """The preset (``tiny``, ``quick`` or ``full``) with every option given on the command line."""
-    return common.resolve_preset(PRESETS, args)
+def compute(settings: Settings) -> Results:
+    """Every run, its gap to the structure's optimum, the selection and the table's rows."""
+    return Results.compute(settings, run_all, attach_gaps, best_results, summary_rows)
 
 
-def run(args: argparse.Namespace) -> None:
-    """Run the study, write the outputs and print the table."""
-    settings = resolve_settings(args)
-    common.configure_torch(settings.threads, torch.float64)
-    start = time.perf_counter()
-    runs, optima = run_all(settings)
-    attach_gaps(runs, optima)
-    best = best_results(runs, settings)
-    rows = summary_rows(best, optima, settings)
-    report = markdown_report(rows, settings, time.perf_counter() - start, notes(runs, optima))
-    paths = write_outputs(args.out, settings, runs, optima, rows, report)
-    paths += plot_all(best, settings, args.out)
-    print(report)
-    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
-    for path in paths:
-        print(f"  {path}")
+def verdict(results: Results, settings: Settings) -> List[str]:
+    """Per gradient type: how often NGD reached the tolerance before Adam, and how much faster."""
+    lines = []
+    for gradient in settings.gradients:
+        rows = [row for row in results.rows if row["gradient"] == gradient]
+        pairs = {unit: [(row[f"ngd_{unit}_to_tol"], row[f"adam_{unit}_to_tol"]) for row in rows]
+                 for unit in ("iterations", "seconds")}
+        seconds = harness.median_ratio(pairs["seconds"])
+        what = "Exact gradients" if gradient == "exact" else f"Monte Carlo gradients ({settings.num_samples} samples)"
+        lines.append(
+            f"{what}: " + harness.head_to_head(pairs["iterations"], "NGD", "Adam", f"gap < {settings.tol:g}",
+                                               "(target, structure) cells", "iterations",
+                                               [(row["ngd_final_gap"], row["adam_final_gap"]) for row in rows])
+            + (f" In seconds of optimization work NGD was {harness.times_text(seconds)} (median)." if seconds else "")
+        )
+    return lines
+
+
+STUDY = harness.Study(
+    name="gaussian", title="Structured NGD vs Adam on Gaussian targets", presets=PRESETS,
+    full_time="about 9 hours, most of it d = 1000", dtype=torch.float64, compute=compute,
+    report=markdown_report, verdict=verdict, write=write_outputs, plot=plot_all,
+)
+add_arguments, resolve_settings, run = STUDY.add_arguments, STUDY.resolve_settings, STUDY.run

@@ -11,7 +11,7 @@ standard splits, the seed is the split index):
 * Pyro's ``AutoNormal``, ``AutoLowRankMultivariateNormal(rank=k)`` and
   ``AutoMultivariateNormal`` with ``pyro.optim.Adam``;
 
-with ``k = clamp(round(sqrt(d) / 2), 2, 10)`` for latent dimension ``d``. Every guide starts
+with ``k = clamp(round(sqrt(d) / 2), 2, 10)`` (below ``d / 2``) for latent dimension ``d``. Every guide starts
 from the same point (``init_to_median``, ``init_scale=0.1``, the same seed). Each method runs
 over a small learning-rate grid (``NGD_SETTINGS`` holds every NGD choice: lr grids,
 ``max_step``, estimator and particles, in one place); the best learning rate per method is the
@@ -38,8 +38,9 @@ mean-field VI (``LITERATURE``). Their O(d^2) guides are skipped above ``--uci-ma
 (``--uci-ngd-steps``, ``--uci-adam-steps``; the full preset gives NGD 1000 steps there).
 
 Outputs in ``--out`` (default ``results/vi``): ``results.json`` (settings, every run with its
-curve and metrics, the selection), ``summary.csv`` and ``table.md`` (the best setting per
-method and problem; also printed), ``elbo_vs_steps.png`` and ``elbo_vs_seconds.png`` (gap to
+curve and metrics, the selection), ``summary.csv``, ``table.md`` (the best setting per
+method and problem; also printed; it opens with the verdict against Adam ``AutoNormal``),
+``verdict.json``, ``elbo_vs_steps.png`` and ``elbo_vs_seconds.png`` (gap to
 the best ELBO, one panel per problem) and ``gap1d_bands.png`` (predictive mean and 90% band
 of each method on the gap regression, training points shown).
 
@@ -55,10 +56,7 @@ one run.
 
 from __future__ import annotations
 
-import argparse
 import math
-import platform
-import time
 import warnings
 from collections import defaultdict
 from dataclasses import asdict, dataclass, field, replace
@@ -78,7 +76,8 @@ from pyro.infer.autoguide import (
 
 from structngd.pyro import NGD, AutoStructuredNormal
 
-from . import common, vi_data
+from . import common, harness, vi_data
+from .cli import option
 from .common import Curve, Line, fmt
 from .vi_data import Problem
 
@@ -93,14 +92,15 @@ class NGDSettings:
     ``particles`` vectorized particles) above.
     """
 
-    estimator: str = "auto"
-    price_max_dim: int = 160
-    price_lrs: Tuple[float, ...] = (0.1, 0.3, 1.0)  # non-dense structures need lr < 2 / lambda_max(S^-1 P)
-    reparam_lrs: Tuple[float, ...] = (0.05, 0.1, 0.2)
-    max_step: Optional[float] = 1.0
-    num_pairs: int = 1
-    particles: int = 16
-    momentum: float = 0.0
+    estimator: str = option("auto", "NGD gradient estimator", choices=("auto", "price", "reparam"))
+    price_max_dim: int = option(160, "largest latent dim where estimator auto uses price")
+    #: non-dense structures need lr < 2 / lambda_max(S^-1 P)
+    price_lrs: Tuple[float, ...] = option((0.1, 0.3, 1.0), "NGD learning rates with price")
+    reparam_lrs: Tuple[float, ...] = option((0.05, 0.1, 0.2), "NGD learning rates with reparam")
+    max_step: Optional[float] = option(1.0, "NGD trust region ('none' = off)")
+    num_pairs: int = option(1, "mirrored sample pairs per step of the price estimator")
+    particles: int = option(16, "particles per NGD reparam step")
+    momentum: float = option(0.0, "NGD momentum")
 
     def estimator_for(self, dim: int) -> str:
         if self.estimator != "auto":
@@ -131,7 +131,7 @@ class Method:
     estimator: Optional[str] = None  # NGD: force this estimator (None: NGDSettings.estimator_for)
 
     def options(self, dim: int) -> Dict[str, int]:
-        k = low_rank(dim)
+        k = guide_rank(dim)
         if self.structure == "block_triangular":
             return {"k": k}
         if self.structure == "hierarchical":
@@ -158,9 +158,10 @@ class Method:
         return cls(model, **common_args, **self.options(dim))
 
 
-def low_rank(dim: int) -> int:
-    """Rank / block parameter of the low-rank structures: ``clamp(round(sqrt(d)/2), 2, 10)``."""
-    return max(1, min(10, max(2, round(math.sqrt(dim) / 2)), dim // 2 - 1))
+def guide_rank(dim: int) -> int:
+    """The low-rank guides' ``k`` (:func:`experiments.common.low_rank`), below ``d / 2`` so that
+    ``hierarchical(k, k)`` keeps a diagonal block."""
+    return common.low_rank(dim, most=dim // 2 - 1)
 
 
 METHODS = {
@@ -193,8 +194,7 @@ class RunConfig:
     def label(self) -> str:
         if self.estimator is None:
             return f"lr {self.lr:g}"
-        tr = "" if self.max_step is None else f", tr {self.max_step:g}"
-        return f"{self.estimator} lr {self.lr:g}{tr}"
+        return f"{self.estimator} lr {common.setting_text(self.lr, self.max_step)}"
 
     def build_optimizer(self, ngd: NGDSettings):
         if METHODS[self.method].optimizer == "ngd":
@@ -263,26 +263,28 @@ def literature_line(problem: str) -> Optional[str]:
 class Settings:
     """Everything that defines one study; built from a preset and the command line."""
 
-    size: str
-    seeds: Tuple[int, ...]
-    problems: Tuple[str, ...]
-    methods: Tuple[str, ...] = tuple(METHODS)
-    ngd_steps: int = 300
-    adam_steps: int = 1500
-    adam_lrs: Tuple[float, ...] = (0.003, 0.01, 0.03)
-    adam_particles: int = 16
-    ngd: NGDSettings = NGD_SETTINGS
-    eval_particles: int = 256
-    eval_points: int = 25
-    predictive_samples: int = 400
-    max_dense_dim: int = 2000
-    tol: float = 1.0
-    threads: Optional[int] = 1
-    uci_ngd_steps: Optional[int] = None  # UCI problems: own step budgets (None: ngd_steps / adam_steps)
-    uci_adam_steps: Optional[int] = None
-    uci_max_dense_dim: int = 300  # UCI problems: O(d^2) guides also skipped above this
-    uci_root: Optional[str] = None  # UCI data in the original folder layout (None: vendored npz)
-    device: str = "cpu"  # of the data, the models' priors and the guides (the splits are made on the CPU)
+    size: str = option(cli=False)
+    seeds: Tuple[int, ...] = option(help="seeds (split, init, noise)")
+    problems: Tuple[str, ...] = option(help="data sets", choices=vi_data.DATASETS)
+    methods: Tuple[str, ...] = option(tuple(METHODS), "methods", choices=tuple(METHODS))
+    ngd_steps: int = option(300, "SVI steps of NGD runs")
+    adam_steps: int = option(1500, "SVI steps of Adam runs")
+    adam_lrs: Tuple[float, ...] = option((0.003, 0.01, 0.03), "Adam learning rates")
+    adam_particles: int = option(16, "particles per Adam step")
+    ngd: NGDSettings = option(NGD_SETTINGS)  # one option per field: --ngd-estimator, --ngd-price-lrs, ...
+    eval_particles: int = option(256, "particles of the ELBO evaluations")
+    eval_points: int = option(25, "about how many ELBO evaluations per run (x2)")
+    predictive_samples: int = option(400, "posterior draws of the test metrics")
+    max_dense_dim: int = option(2000, "skip O(d^2) guides above this latent dim")
+    tol: float = option(1.0, "nats to the best ELBO for steps/seconds to reach")
+    threads: Optional[int] = option(1, "torch threads")
+    uci_ngd_steps: Optional[int] = option(None, "SVI steps of NGD runs on UCI problems ('none': --ngd-steps)")
+    uci_adam_steps: Optional[int] = option(None, "SVI steps of Adam runs on UCI problems ('none': --adam-steps)")
+    uci_max_dense_dim: int = option(300, "skip O(d^2) guides on UCI problems above this dim")
+    uci_root: Optional[str] = option(None, "read the UCI sets from this folder (original layout) instead of the "
+                                     "vendored copies")
+    device: str = option("cpu", "device of the data, the models' priors and the guides (the splits are made on "
+                         "the CPU; e.g. cuda)", check=common.resolve_device)
 
     def steps(self, method: str, problem: Optional[str] = None) -> int:
         ngd = METHODS[method].optimizer == "ngd"
@@ -385,10 +387,7 @@ def run_one(problem: Problem, config: RunConfig, seed: int, steps: int, settings
                 curve.seconds.append(clock.seconds)
     except (ValueError, RuntimeError, FloatingPointError, AssertionError) as err:
         status = f"diverged at step {it}: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
-    missing = points[len(curve.iterations):]
-    curve.iterations += missing
-    curve.seconds += [math.nan] * len(missing)
-    curve.values += [math.nan] * len(missing)
+    curve.pad_to(points)
     run = Run(problem.name, seed, config, curve, status)
     if status == "ok":
         try:
@@ -437,7 +436,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict], List[dict]]
             info.setdefault(name, {
                 "label": spec.label, "task": spec.task, "latent_dim": dim, "hidden": spec.hidden,
                 "num_train": problem.x_train.shape[0], "num_test": problem.x_test.shape[0],
-                "features": problem.x_train.shape[1], "k": low_rank(dim),
+                "features": problem.x_train.shape[1], "k": guide_rank(dim),
                 "original_units": "y_std" in problem.extra,
             })
             for key in settings.methods:
@@ -558,7 +557,7 @@ def summary_rows(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict
                 rows.append(row)
                 continue
             mean, std = _mean_std(sel.finals)
-            total_s = max((s for s in sel.curve.seconds if s == s), default=math.nan)
+            total_s = sel.curve.total_seconds
             row.update({
                 "setting": sel.config.label, "status": "ok" if not sel.diverged else f"{sel.diverged} diverged",
                 "final_elbo": mean, "final_elbo_std": std,
@@ -580,13 +579,12 @@ def _reach(value, digits=2) -> str:
     return str(value) if isinstance(value, int) else fmt(value, digits)
 
 
-def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings, runtime: float,
-                    notes: List[str]) -> str:
-    ngd = settings.ngd
-    grid = lambda values: "{" + ", ".join(f"{v:g}" for v in values) + "}"
+def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
+    """The results table (one section per problem) with the settings, literature and notes."""
+    rows, info, notes = results.rows, results.info, notes_for(results.runs, results.selected)
+    ngd, grid = settings.ngd, common.grid_text
+    spread = len(settings.seeds) > 1  # one seed: no spread to show
     lines = [
-        "# Variational inference: structured NGD vs Pyro autoguides with Adam",
-        "",
         f"ELBO: {settings.eval_particles}-particle estimate (fixed noise per run) at {settings.eval_points}-ish "
         f"scheduled steps, seed-averaged over seeds {list(settings.seeds)}; `best` = best ELBO of any run "
         f"and evaluation on the problem (per seed, then averaged). `steps`/`s` to {settings.tol:g} nat = first "
@@ -601,8 +599,7 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
         f"{ngd.price_max_dim}, {ngd.num_pairs} pair; reparam with {ngd.particles} particles above), lr "
         f"price {grid(ngd.price_lrs)} / reparam {grid(ngd.reparam_lrs)}, max_step {ngd.max_step}; "
         f"Adam {settings.adam_steps} steps, lr {grid(settings.adam_lrs)}, {settings.adam_particles} particles; "
-        f"init_to_median, init_scale 0.1; float64 on {settings.device}; torch {torch.__version__}, {torch.get_num_threads()} "
-        f"thread(s), {platform.machine()}; study runtime {runtime:.0f} s.",
+        f"init_to_median, init_scale 0.1; float64 on {settings.device}; {common.environment_text(runtime)}",
     ]
     header = ["method", "setting", "final ELBO", "steps to 1 nat", "s to 1 nat", "ms/step", "test LL"]
     for problem in settings.problems:
@@ -615,7 +612,8 @@ def markdown_report(rows: List[dict], info: Dict[str, dict], settings: Settings,
             if "final_elbo" not in r:
                 body.append([r["method"], r["setting"], r["status"]] + ["–"] * (len(header) + len(extra) - 3))
                 continue
-            elbo = "diverged" if r["final_elbo"] != r["final_elbo"] else f"{r['final_elbo']:.2f} ± {r['final_elbo_std']:.2f}"
+            elbo = ("diverged" if r["final_elbo"] != r["final_elbo"]
+                    else _pm(r["final_elbo"], r["final_elbo_std"] if spread else None))
             if r["status"] != "ok":
                 elbo += f" ({r['status']})"
             if meta.get("original_units"):
@@ -684,6 +682,7 @@ def _colors():
 
 def plot_curves(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict], settings: Settings,
                 out: Path) -> List[Path]:
+    """Gap to the best ELBO vs steps and vs seconds, one panel per problem, best lr per method."""
     color = _colors()
     paths = []
     for axis in ("steps", "seconds"):
@@ -704,7 +703,7 @@ def plot_curves(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict]
         legend.append((f"{settings.tol:g} nat", "gray", ":"))
         path = out / f"elbo_vs_{axis}.png"
         common.plot_panels(
-            path, panels, xlabel=axis if axis == "steps" else "seconds (svi.step only)",
+            path, panels, xlabel="SVI steps" if axis == "steps" else "time (s, svi.step only)",
             ylabel="best ELBO - ELBO (nats)", title="VI: gap to the best ELBO (best lr per method, seed mean)",
             legend=legend, floor=1e-2,
         )
@@ -714,11 +713,7 @@ def plot_curves(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict]
 
 def plot_bands(selected: Dict[Tuple[str, str], Selected], problem: str, settings: Settings, out: Path) -> Optional[Path]:
     """Predictive mean and 90% band of each method (best lr, first seed) with the training data."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = common.pyplot()
     entries = [(key, selected[(problem, key)]) for key in settings.methods if (problem, key) in selected]
     entries = [(key, sel, next((r for r in sel.runs if r.band is not None), None)) for key, sel in entries]
     entries = [e for e in entries if e[2] is not None]
@@ -739,16 +734,26 @@ def plot_bands(selected: Dict[Tuple[str, str], Selected], problem: str, settings
         ax.set_title(f"{METHODS[key].label()}\n{sel.config.label}, ELBO {run.curve.final:.1f}", fontsize=9)
         ax.set_ylim(-3, 3)
         ax.grid(True, alpha=0.3)
+    for ax in axes[-1, :]:
+        ax.set_xlabel("input x")
+    for ax in axes[:, 0]:
+        ax.set_ylabel("output y")
     for ax in list(axes.flat)[len(entries):]:
         ax.set_visible(False)
-    fig.suptitle(f"{problem}: posterior predictive mean and 90% band (seed {entries[0][2].seed}); dotted: sin(3x)",
-                 fontsize=10)
-    fig.tight_layout()
+    fig.suptitle(f"{problem}: posterior predictive mean and 90% band (seed {entries[0][2].seed})", fontsize=10)
     path = out / f"{problem}_bands.png"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fig.savefig(path, dpi=110)
-    plt.close(fig)
+    common.save_with_legend(fig, path, *_band_legend(plt))
     return path
+
+
+def _band_legend(plt) -> Tuple[list, List[str]]:
+    """Handles and labels of the band plot's legend."""
+    from matplotlib.patches import Patch
+
+    handles = [plt.Line2D([], [], color="tab:blue", linewidth=1.4), Patch(color="tab:blue", alpha=0.25),
+               plt.Line2D([], [], color="black", linewidth=0.8, linestyle=":"),
+               plt.Line2D([], [], color="black", marker="o", markersize=3, linestyle="")]
+    return handles, ["predictive mean", "90% predictive band", "sin(3x), the noise-free truth", "training data"]
 
 
 # ------------------------------------------------------------------ outputs
@@ -757,29 +762,28 @@ def run_records(runs: List[Run]) -> List[dict]:
         {
             "problem": r.problem, "seed": r.seed, "method": r.method, "method_label": METHODS[r.method].label(),
             **asdict(r.config), "status": r.status, "iterations": r.curve.iterations,
-            "seconds": [float(f"{s:.4g}") for s in r.curve.seconds],
-            "elbo": [float(f"{v:.8g}") for v in r.curve.values], "metrics": r.metrics,
+            "seconds": common.rounded(r.curve.seconds),
+            "elbo": common.rounded(r.curve.values, 8), "metrics": r.metrics,
             **({"band": r.band} if r.band else {}),
         }
         for r in runs
     ]
 
 
-def write_outputs(out: Path, settings: Settings, runs, info, skipped, best, selected, rows, report) -> List[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(report)
-    common.write_csv(out / "summary.csv", rows_for_csv(rows))
+def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
+    common.write_csv(out / "summary.csv", rows_for_csv(results.rows))
     selection = [
         {"problem": p, "method": m, "setting": s.config.label, "grid": s.grid, "steps_to_tol": s.reached[0],
          "seconds_to_tol": s.reached[1]}
-        for (p, m), s in selected.items()
+        for (p, m), s in results.selected.items()
     ]
     common.write_json(out / "results.json", {
-        "settings": asdict(settings), "problems": info, "skipped": skipped,
-        "best_elbo": [{"problem": p, "seed": s, "elbo": v} for (p, s), v in best.items()],
-        "selection": selection, "summary": rows, "runs": run_records(runs),
+        "settings": asdict(settings), "problems": results.info, "skipped": results.skipped,
+        "best_elbo": [{"problem": p, "seed": s, "elbo": v} for (p, s), v in results.best.items()],
+        "selection": selection, "summary": results.rows, "runs": run_records(results.runs),
     })
-    return [out / "table.md", out / "summary.csv", out / "results.json"]
+    return [out / "summary.csv", out / "results.json"]
 
 
 def rows_for_csv(rows: List[dict]) -> List[dict]:
@@ -787,65 +791,80 @@ def rows_for_csv(rows: List[dict]) -> List[dict]:
     return [{k: r.get(k, "") for k in keys} for r in rows]
 
 
-# ---------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m experiments vi``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "about 4-5 hours")
-    parser.add_argument("--out", type=Path, default=Path("results/vi"), help="output directory")
-    parser.add_argument("--problems", nargs="+", choices=vi_data.DATASETS, help="data sets")
-    parser.add_argument("--methods", nargs="+", choices=tuple(METHODS), help="methods")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (split, init, noise)")
-    parser.add_argument("--ngd-steps", type=int, help="SVI steps of NGD runs")
-    parser.add_argument("--adam-steps", type=int, help="SVI steps of Adam runs")
-    parser.add_argument("--adam-lrs", type=float, nargs="+", help="Adam learning rates")
-    parser.add_argument("--adam-particles", type=int, help="particles per Adam step")
-    parser.add_argument("--ngd-estimator", choices=("auto", "price", "reparam"), help="NGD gradient estimator")
-    parser.add_argument("--ngd-price-lrs", type=float, nargs="+", help="NGD learning rates with price")
-    parser.add_argument("--ngd-reparam-lrs", type=float, nargs="+", help="NGD learning rates with reparam")
-    parser.add_argument("--ngd-max-step", type=common.parse_optional_float, help="NGD trust region ('none' = off)")
-    parser.add_argument("--ngd-particles", type=int, help="particles per NGD reparam step")
-    parser.add_argument("--eval-particles", type=int, help="particles of the ELBO evaluations")
-    parser.add_argument("--eval-points", type=int, help="about how many ELBO evaluations per run (x2)")
-    parser.add_argument("--max-dense-dim", type=int, help="skip O(d^2) guides above this latent dim")
-    parser.add_argument("--tol", type=float, help="nats to the best ELBO for steps/seconds to reach")
-    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
-    parser.add_argument("--uci-ngd-steps", type=int, help="SVI steps of NGD runs on UCI problems")
-    parser.add_argument("--uci-adam-steps", type=int, help="SVI steps of Adam runs on UCI problems")
-    parser.add_argument("--uci-max-dense-dim", type=int, help="skip O(d^2) guides on UCI problems above this dim")
-    parser.add_argument("--uci-root", type=str,
-                        help="read the UCI sets from this folder (original layout) instead of the vendored copies")
-    parser.add_argument("--device", help="device of the data, the models and the guides (default cpu; e.g. cuda)")
+# ------------------------------------------------------------------- study
+@dataclass
+class Results:
+    """What the study computed: every run, the problems, the skipped pairs, the best ELBOs, the
+    selection and the table's rows."""
+
+    runs: List[Run]
+    info: Dict[str, dict]
+    skipped: List[dict]
+    best: Dict[Tuple[str, int], float]
+    selected: Dict[Tuple[str, str], Selected]
+    rows: List[dict]
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    preset = common.resolve_preset(PRESETS, args, skip=("ngd",))
-    ngd = {}
-    for name, attr in (("estimator", "ngd_estimator"), ("price_lrs", "ngd_price_lrs"),
-                       ("reparam_lrs", "ngd_reparam_lrs"), ("particles", "ngd_particles")):
-        value = getattr(args, attr, None)
-        if value is not None:
-            ngd[name] = tuple(value) if isinstance(value, list) else value
-    if "ngd_max_step" in vars(args) and args.ngd_max_step is not None:
-        ngd["max_step"] = args.ngd_max_step
-    return replace(preset, ngd=replace(preset.ngd, **ngd))
-
-
-def run(args: argparse.Namespace) -> None:
-    settings = resolve_settings(args)
-    common.configure_torch(settings.threads, torch.float64)
+def compute(settings: Settings) -> Results:
+    """Every run, the gaps to the best ELBO, the best lr per method and the table's rows."""
     warnings.filterwarnings("ignore", message=".*gradient layout contract.*")
-    start = time.perf_counter()
     runs, info, skipped = run_all(settings)
     best = attach_gaps(runs)
     selected = select(runs, settings.tol)
-    rows = summary_rows(selected, info, best, skipped, settings)
-    report = markdown_report(rows, info, settings, time.perf_counter() - start, notes_for(runs, selected))
-    paths = write_outputs(args.out, settings, runs, info, skipped, best, selected, rows, report)
-    paths += plot_curves(selected, info, settings, args.out)
-    if "gap1d" in settings.problems:
-        band = plot_bands(selected, "gap1d", settings, args.out)
-        paths += [band] if band else []
-    print(report)
-    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
-    for path in paths:
-        print(f"  {path}")
+    return Results(runs, info, skipped, best, selected, summary_rows(selected, info, best, skipped, settings))
+
+
+def plot_all(results: Results, settings: Settings, out: Path) -> List[Path]:
+    """The ELBO-gap curves and, with gap1d, its predictive bands."""
+    paths = plot_curves(results.selected, results.info, settings, out)
+    band = plot_bands(results.selected, "gap1d", settings, out) if "gap1d" in settings.problems else None
+    return paths + ([band] if band else [])
+
+
+def baseline_method(settings: Settings) -> Optional[str]:
+    """The Adam guide a user would pick first: ``AutoNormal``, else the first Adam method that runs."""
+    adam = [key for key in settings.methods if METHODS[key].optimizer == "adam"]
+    return "adam_normal" if "adam_normal" in adam else next(iter(adam), None)
+
+
+def _winner_text(problem: str, chosen: Dict[str, Selected], baseline: str, info: Dict[str, dict]) -> str:
+    """``problem: method (+x nats over the baseline)`` for the highest final ELBO."""
+    best = max(chosen.values(), key=lambda s: _mean_final(s.curve))
+    margin = _mean_final(best.curve) - _mean_final(chosen[baseline].curve)
+    text = f"{info[problem]['label']}: {METHODS[best.method].label()}"
+    if best.method == baseline:
+        return text
+    name = METHODS[baseline].label()
+    return text + (f" (+{fmt(margin, 3)} nats over {name})" if math.isfinite(margin) else f" ({name} diverged)")
+
+
+def verdict(results: Results, settings: Settings) -> List[str]:
+    """Per problem: the guide with the highest final ELBO and its margin over the Adam baseline;
+    then how often NGD's fastest guide got within ``tol`` of the best ELBO before the baseline."""
+    baseline = baseline_method(settings)
+    if baseline is None:
+        return ["No Adam guide ran, so there is no baseline to compare with."]
+    winners, pairs, finals = [], [], []
+    for problem in settings.problems:
+        chosen = {key: sel for (p, key), sel in results.selected.items() if p == problem}
+        ngd = [sel for key, sel in chosen.items() if METHODS[key].optimizer == "ngd"]
+        if baseline not in chosen or not ngd:
+            continue
+        winners.append(_winner_text(problem, chosen, baseline, results.info))
+        fastest = min(ngd, key=lambda s: common.reach_then_final(s.reached[1], s.gap))
+        pairs.append((fastest.reached[1], chosen[baseline].reached[1]))
+        finals.append((fastest.gap.final, chosen[baseline].gap.final))
+    if not winners:
+        return [f"No problem has both an NGD guide and {METHODS[baseline].label()}."]
+    return [f"Highest final ELBO: {'; '.join(winners)}.",
+            harness.head_to_head(pairs, "NGD (its fastest guide)", METHODS[baseline].label(),
+                                 f"within {settings.tol:g} nat of the best ELBO", "problems", "seconds of svi.step",
+                                 finals)]
+
+
+STUDY = harness.Study(
+    name="vi", title="Variational inference: structured NGD vs Pyro autoguides with Adam", presets=PRESETS,
+    full_time="about 4-5 hours", dtype=torch.float64, compute=compute, report=markdown_report, verdict=verdict,
+    write=write_outputs, plot=plot_all,
+)
+add_arguments, resolve_settings, run = STUDY.add_arguments, STUDY.resolve_settings, STUDY.run

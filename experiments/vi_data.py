@@ -45,7 +45,7 @@ from torch import Tensor
 from models import BNN, BayesianLogisticRegression
 
 from . import uci_data
-from .common import fork_rng
+from .common import fork_rng, rounded
 
 TASKS = ("binary", "multiclass", "regression")
 
@@ -291,5 +291,5 @@ def predictive_band(problem: Problem, guide, samples: int, seed: int) -> Dict[st
     fn = predictive_distribution(problem, guide, problem.x_grid, samples, seed)
     draws = fn.sample()
     lo, hi = torch.quantile(draws, draws.new_tensor([0.05, 0.95]), dim=0)
-    rnd = lambda t: [float(f"{v:.4g}") for v in t.tolist()]
+    rnd = lambda t: rounded(t.tolist())
     return {"x": rnd(problem.x_grid.squeeze(-1)), "mean": rnd(fn.mean.mean(0)), "lo": rnd(lo), "hi": rnd(hi)}

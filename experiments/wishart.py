@@ -36,7 +36,8 @@ iterations to ``tol``, else smallest final gap), its final gap, iterations/secon
 ratio to the best geoopt method (< 1: faster than geoopt) and the SPD failures (at the best lr /
 over the whole grid).
 
-Outputs in ``--out`` (default ``results/wishart``): ``table.md`` (also printed), ``summary.csv``
+Outputs in ``--out`` (default ``results/wishart``): ``table.md`` (also printed; it opens with the
+verdict against the best geoopt method), ``verdict.json``, ``summary.csv``
 (one row per method and problem), ``results.json`` (settings, problems, summary, every run's curve)
 and ``gap_vs_{iterations,seconds}_{map,vi}.png``.
 
@@ -48,11 +49,8 @@ at d = 200, whose steps are eigendecompositions).
 
 from __future__ import annotations
 
-import argparse
 import itertools
 import math
-import platform
-import time
 from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -64,7 +62,8 @@ from structngd.families import Gaussian, Wishart
 from structngd.families.wishart import multivariate_digamma
 from structngd.optim import NaturalGradient
 
-from . import common
+from . import common, harness
+from .cli import option
 from .common import Curve, Line, fmt, fmt_ratio
 
 PROBLEMS = ("map", "vi")
@@ -90,25 +89,26 @@ NGD_STRUCTURES = {"ngd_dense": "dense", "ngd_tril": "lower_triangular"}
 class Settings:
     """Everything that defines one study; built from a preset and the command line."""
 
-    dims: Tuple[int, ...]
-    conds: Tuple[float, ...] = (10.0, 1e4)
-    seeds: Tuple[int, ...] = (0,)
-    problems: Tuple[str, ...] = PROBLEMS
-    methods: Tuple[str, ...] = METHODS
-    iterations: int = 400
-    samples_per_dim: int = 4
-    ngd_lrs: Tuple[float, ...] = (0.5, 1.0)
+    dims: Tuple[int, ...] = option(help="dimensions d")
+    conds: Tuple[float, ...] = option((10.0, 1e4), "condition numbers of Sigma*")
+    seeds: Tuple[int, ...] = option((0,), "seeds (data draw)")
+    problems: Tuple[str, ...] = option(PROBLEMS, "problems", choices=PROBLEMS)
+    methods: Tuple[str, ...] = option(METHODS, "methods", choices=METHODS)
+    iterations: int = option(400, "steps per run")
+    samples_per_dim: int = option(4, "N = this x d data points")
+    ngd_lrs: Tuple[float, ...] = option((0.5, 1.0), "NGD learning rates")
     #: two trust regions: 4 NGD settings against RSGD's 4 learning rates (at d = 200, cond = 10,
     #: max_step 1 held lower_triangular MAP at 8 steps, 2 at 5; without one, the first steps from
     #: the prior overflow on every cond = 1e4 problem)
-    ngd_max_steps: Tuple[Optional[float], ...] = (1.0, 2.0)
-    rsgd_lrs: Tuple[float, ...] = (0.001, 0.01, 0.1, 1.0)
-    radam_lrs: Tuple[float, ...] = (0.01, 0.1, 1.0)
-    adam_lrs: Tuple[float, ...] = (0.001, 0.01, 0.1)
-    tol: float = 1e-6
-    eval_points: int = 60
-    threads: Optional[int] = 1
-    device: str = "cpu"  # of the data and every method's parameters (drawn on the CPU, then moved)
+    ngd_max_steps: Tuple[Optional[float], ...] = option((1.0, 2.0), "NGD trust regions max_step ('none' = off)")
+    rsgd_lrs: Tuple[float, ...] = option((0.001, 0.01, 0.1, 1.0), "geoopt RiemannianSGD learning rates")
+    radam_lrs: Tuple[float, ...] = option((0.01, 0.1, 1.0), "geoopt RiemannianAdam learning rates")
+    adam_lrs: Tuple[float, ...] = option((0.001, 0.01, 0.1), "Adam (Cholesky) learning rates")
+    tol: float = option(1e-6, "relative-gap tolerance for iterations/seconds to reach it")
+    eval_points: int = option(60, "about how many evaluations per run (x2)")
+    threads: Optional[int] = option(1, "torch threads")
+    device: str = option("cpu", "device of the data (drawn on the CPU, then moved) and of every method's "
+                         "parameters (e.g. cuda)", check=common.resolve_device)
 
     def configs(self, method: str) -> List["Config"]:
         if method in OURS:
@@ -127,17 +127,7 @@ PRESETS = {
 }
 
 
-@dataclass(frozen=True)
-class Config:
-    """One optimizer setting of one method."""
-
-    method: str
-    lr: float
-    max_step: Optional[float] = None
-
-    @property
-    def label(self) -> str:
-        return f"{self.lr:g}" + ("" if self.max_step is None else f", tr {self.max_step:g}")
+Config = common.LrSetting  # one optimizer setting of one method
 
 
 @dataclass(frozen=True)
@@ -148,9 +138,7 @@ class ProblemSpec:
 
     @property
     def label(self) -> str:
-        exponent = math.log10(self.cond)
-        cond = f"1e{exponent:.0f}" if self.cond >= 100 and exponent == round(exponent) else f"{self.cond:g}"
-        return f"{self.kind}, d={self.dim}, cond={cond}"
+        return f"{self.kind}, d={self.dim}, cond={common.cond_text(self.cond)}"
 
 
 # ------------------------------------------------------------------ problem
@@ -356,10 +344,7 @@ def run_one(
             curve.iterations.append(it)
             curve.seconds.append(clock.seconds)
             curve.values.append(value)
-    missing = points[len(curve.iterations):]
-    curve.iterations += missing
-    curve.seconds += [math.nan] * len(missing)
-    curve.values += [math.nan] * len(missing)
+    curve.pad_to(points)
     return Run(spec, seed, config, curve, failures, status)
 
 
@@ -383,12 +368,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
 def attach_gaps(runs: List[Run], optima: Dict[tuple, dict]) -> None:
     """``f*`` = min(exact optimum, best value of any run) (runs stop below the optimum minus
     rounding, so this only absorbs rounding); relative gap ``(f - f*) / (f_0 - f*)``."""
-    for run in runs:
-        entry = optima[(run.spec, run.seed)]
-        best = min((v for v in run.objective.values if v == v), default=math.inf)
-        entry["best_run"] = min(entry.get("best_run", math.inf), best)
-    for entry in optima.values():
-        entry["optimum"] = min(entry["reference"], entry["best_run"])
+    common.settle_optima(optima, (((run.spec, run.seed), run.objective) for run in runs))
     for run in runs:
         optimum = optima[(run.spec, run.seed)]["optimum"]
         initial = run.objective.values[0] - optimum
@@ -439,14 +419,7 @@ def best_results(runs: List[Run], settings: Settings) -> Dict[ProblemSpec, Dict[
 def _geoopt_reference(methods: Dict[str, MethodResult]) -> Optional[MethodResult]:
     """The best geoopt method: fewest seconds to ``tol``, else smallest final gap."""
     candidates = [methods[m] for m in GEOOPT if m in methods]
-    if not candidates:
-        return None
-
-    return min(candidates, key=lambda r: common.reach_then_final(r.reached[1], r.gap))
-
-
-def _total_seconds(curve: Curve) -> float:
-    return max((s for s in curve.seconds if s == s), default=math.nan)
+    return _fastest(candidates) if candidates else None
 
 
 def summary_rows(best, optima, settings: Settings) -> List[dict]:
@@ -458,7 +431,7 @@ def summary_rows(best, optima, settings: Settings) -> List[dict]:
         optimum = sum(e["optimum"] for e in entries) / len(entries)
         for method in settings.methods:
             r = methods[method]
-            seconds = _total_seconds(r.objective)
+            seconds = r.objective.total_seconds
             last_it = max((i for i, v in zip(r.objective.iterations, r.objective.values) if v == v), default=0)
             row = {
                 "problem": spec.label, "kind": spec.kind, "dim": spec.dim, "cond": spec.cond,
@@ -475,7 +448,7 @@ def summary_rows(best, optima, settings: Settings) -> List[dict]:
             if ref is not None:
                 row["ratio_iterations_vs_geoopt"] = fmt_ratio(r.reached[0], ref.reached[0], steps, steps)
                 row["ratio_seconds_vs_geoopt"] = fmt_ratio(
-                    r.reached[1], ref.reached[1], _total_seconds(r.objective), _total_seconds(ref.objective)
+                    r.reached[1], ref.reached[1], r.objective.total_seconds, ref.objective.total_seconds
                 )
                 row["geoopt_reference"] = METHOD_NAMES[ref.config.method]
             else:
@@ -489,15 +462,14 @@ def _reach(x) -> str:
     return "not reached" if x is None else fmt(x)
 
 
-def markdown_report(rows: List[dict], settings: Settings, runtime: float) -> str:
-    grid = lambda xs: "{" + ", ".join("none" if x is None else f"{x:g}" for x in xs) + "}"  # noqa: E731
+def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
+    """The results table (one section per problem) with the settings and notes."""
+    rows, grid = results.rows, common.grid_text
     header = [
         "method", "best lr", "final rel. gap", "final gap", f"iters to {settings.tol:g}",
         f"s to {settings.tol:g}", "iters / geoopt", "s / geoopt", "ms/step", "SPD failures (best / grid)",
     ]
     lines = [
-        "# Covariance learning: structured NGD vs geoopt (SPD) and Adam (Cholesky)",
-        "",
         "Relative gap = (f - f*) / (f_0 - f*), f* exact (MAP: closed form; VI: KL = 0). Times to "
         f"relative gap < {settings.tol:g}; ratios = method / best geoopt method (fewest seconds to tol; "
         "< 1: faster than geoopt; >x / <x when one side did not reach tol). SPD failures: steps after which "
@@ -506,8 +478,7 @@ def markdown_report(rows: List[dict], settings: Settings, runtime: float) -> str
         f"Settings: seeds {list(settings.seeds)}; N = {settings.samples_per_dim} d samples; "
         f"{settings.iterations} iterations on {settings.device}; float64; lr grids: NGD {grid(settings.ngd_lrs)} with max_step "
         f"{grid(settings.ngd_max_steps)}, RSGD {grid(settings.rsgd_lrs)}, RAdam {grid(settings.radam_lrs)}, "
-        f"Adam {grid(settings.adam_lrs)}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), "
-        f"{platform.machine()}; study runtime {runtime:.0f} s.",
+        f"Adam {grid(settings.adam_lrs)}; {common.environment_text(runtime)}",
     ]
     for problem in dict.fromkeys(row["problem"] for row in rows):
         body = [
@@ -529,7 +500,8 @@ def markdown_report(rows: List[dict], settings: Settings, runtime: float) -> str
 
 
 # ------------------------------------------------------------------ plots
-def plot_all(best, settings: Settings, out: Path) -> List[Path]:
+def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """Relative gap vs iterations and vs seconds, one figure per problem kind, one panel per (d, cond)."""
     import matplotlib
 
     colors = {m: matplotlib.colormaps["tab10"](i) for i, m in enumerate(METHODS)}
@@ -537,7 +509,7 @@ def plot_all(best, settings: Settings, out: Path) -> List[Path]:
     paths = []
     for kind, axis in itertools.product(settings.problems, ("iterations", "seconds")):
         panels: Dict[str, List[Line]] = defaultdict(list)
-        for spec, methods in best.items():
+        for spec, methods in results.best.items():
             if spec.kind != kind:
                 continue
             title = spec.label.split(", ", 1)[1]
@@ -549,8 +521,8 @@ def plot_all(best, settings: Settings, out: Path) -> List[Path]:
         legend = [(METHOD_NAMES[m], colors[m], styles[m]) for m in settings.methods]
         path = out / f"gap_vs_{axis}_{kind}.png"
         common.plot_panels(
-            path, dict(panels), xlabel=axis if axis == "iterations" else "seconds (optimization work)",
-            ylabel="relative gap", title=f"{PROBLEM_TITLES[kind]}: best lr per method",
+            path, dict(panels), xlabel=axis if axis == "iterations" else "time (s, optimization work only)",
+            ylabel="relative gap (f - f*) / (f0 - f*)", title=f"{PROBLEM_TITLES[kind]}: best lr per method",
             legend=legend, floor=1e-14,
         )
         paths.append(path)
@@ -564,68 +536,65 @@ def run_records(runs: List[Run]) -> List[dict]:
             "problem": r.spec.label, "kind": r.spec.kind, "dim": r.spec.dim, "cond": r.spec.cond, "seed": r.seed,
             "method": METHOD_NAMES[r.config.method], **asdict(r.config), "status": r.status,
             "spd_failures": r.spd_failures, "iterations": r.objective.iterations,
-            "seconds": [float(f"{s:.4g}") for s in r.objective.seconds],
-            "objective": [float(f"{v:.14g}") for v in r.objective.values],
-            "relative_gap": [float(f"{v:.4g}") for v in r.gap.values],
+            "seconds": common.rounded(r.objective.seconds),
+            "objective": common.rounded(r.objective.values, 14),
+            "relative_gap": common.rounded(r.gap.values),
         }
         for r in runs
     ]
 
 
-def write_outputs(out: Path, settings, runs, optima, rows, report) -> List[Path]:
-    out.mkdir(parents=True, exist_ok=True)
-    (out / "table.md").write_text(report)
-    common.write_csv(out / "summary.csv", rows)
-    problems = [{"problem": s.label, "seed": seed, **e} for (s, seed), e in optima.items()]
-    common.write_json(
-        out / "results.json",
-        {"settings": asdict(settings), "problems": problems, "summary": rows, "runs": run_records(runs)},
-    )
-    return [out / "table.md", out / "summary.csv", out / "results.json"]
+def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
+    common.write_csv(out / "summary.csv", results.rows)
+    problems = [{"problem": s.label, "seed": seed, **e} for (s, seed), e in results.optima.items()]
+    common.write_json(out / "results.json", {
+        "settings": asdict(settings), "problems": problems, "summary": results.rows,
+        "runs": run_records(results.runs),
+    })
+    return [out / "summary.csv", out / "results.json"]
 
 
-# -------------------------------------------------------------------- CLI
-def add_arguments(parser: argparse.ArgumentParser) -> None:
-    """Options of ``python -m experiments wishart``; unset ones come from the preset."""
-    common.add_preset_arguments(parser, "about 17 minutes")
-    parser.add_argument("--out", type=Path, default=Path("results/wishart"), help="output directory")
-    parser.add_argument("--dims", type=int, nargs="+", help="dimensions d")
-    parser.add_argument("--conds", type=float, nargs="+", help="condition numbers of Sigma*")
-    parser.add_argument("--seeds", type=int, nargs="+", help="seeds (data draw)")
-    parser.add_argument("--problems", nargs="+", choices=PROBLEMS, help="problems")
-    parser.add_argument("--methods", nargs="+", choices=METHODS, help="methods")
-    parser.add_argument("--iterations", type=int, help="steps per run")
-    parser.add_argument("--samples-per-dim", type=int, help="N = this x d data points")
-    parser.add_argument("--ngd-lrs", type=float, nargs="+", help="NGD learning rates")
-    parser.add_argument("--ngd-max-steps", type=common.parse_optional_float, nargs="+",
-                        help="NGD trust regions max_step ('none' = off)")
-    parser.add_argument("--rsgd-lrs", type=float, nargs="+", help="geoopt RiemannianSGD learning rates")
-    parser.add_argument("--radam-lrs", type=float, nargs="+", help="geoopt RiemannianAdam learning rates")
-    parser.add_argument("--adam-lrs", type=float, nargs="+", help="Adam (Cholesky) learning rates")
-    parser.add_argument("--tol", type=float, help="relative-gap tolerance for iterations/seconds to reach it")
-    parser.add_argument("--eval-points", type=int, help="about how many evaluations per run (x2)")
-    parser.add_argument("--threads", type=int, help="torch threads (default 1)")
-    parser.add_argument("--device", help="device of the data and of every method's parameters (default cpu; "
-                                         "e.g. cuda)")
+# ------------------------------------------------------------------- study
+Results = harness.OptimaResults
 
 
-def resolve_settings(args: argparse.Namespace) -> Settings:
-    return common.resolve_preset(PRESETS, args)
+def compute(settings: Settings) -> Results:
+    """Every run, its relative gap, the selection and the table's rows."""
+    return Results.compute(settings, run_all, attach_gaps, best_results, summary_rows)
 
 
-def run(args: argparse.Namespace) -> None:
-    """Run the study, write the outputs and print the table."""
-    settings = resolve_settings(args)
-    common.configure_torch(settings.threads, torch.float64)
-    start = time.perf_counter()
-    runs, optima = run_all(settings)
-    attach_gaps(runs, optima)
-    best = best_results(runs, settings)
-    rows = summary_rows(best, optima, settings)
-    report = markdown_report(rows, settings, time.perf_counter() - start)
-    paths = write_outputs(args.out, settings, runs, optima, rows, report)
-    paths += plot_all(best, settings, args.out)
-    print(report)
-    print(f"total runtime {time.perf_counter() - start:.0f} s; wrote:")
-    for path in paths:
-        print(f"  {path}")
+def _fastest(results: List[MethodResult]) -> MethodResult:
+    """Fewest seconds to ``tol``, else smallest final gap."""
+    return min(results, key=lambda r: common.reach_then_final(r.reached[1], r.gap))
+
+
+def verdict(results: Results, settings: Settings) -> List[str]:
+    """Per problem kind: how often NGD (its faster structure) reached the tolerance before the
+    best geoopt method, and how much faster; then the SPD failures of both."""
+    lines = []
+    for kind in settings.problems:
+        pairs, finals = [], []
+        for spec, methods in results.best.items():
+            ours = [methods[m] for m in OURS if m in methods]
+            reference = _geoopt_reference(methods)
+            if spec.kind == kind and ours and reference is not None:
+                mine = _fastest(ours)
+                pairs.append((mine.reached[1], reference.reached[1]))
+                finals.append((mine.gap.final, reference.gap.final))
+        if pairs:
+            lines.append(f"{PROBLEM_TITLES[kind]}: " + harness.head_to_head(
+                pairs, "NGD", "the best geoopt method", f"relative gap < {settings.tol:g}", "(d, cond) problems",
+                "seconds", finals))
+    failures = {name: sum(r.spd_failures for r in results.runs if r.config.method in keys)
+                for name, keys in (("NGD", OURS), ("geoopt", GEOOPT))}
+    lines.append(f"SPD failures over every learning rate: NGD {failures['NGD']}, geoopt {failures['geoopt']}.")
+    return lines
+
+
+STUDY = harness.Study(
+    name="wishart", title="Covariance learning: structured NGD vs geoopt (SPD) and Adam (Cholesky)",
+    presets=PRESETS, full_time="about 17 minutes", dtype=torch.float64, compute=compute,
+    report=markdown_report, verdict=verdict, write=write_outputs, plot=plot_all,
+)
+add_arguments, resolve_settings, run = STUDY.add_arguments, STUDY.resolve_settings, STUDY.run

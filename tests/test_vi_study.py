@@ -14,8 +14,12 @@ from helpers import DEVICES, study_settings
 
 def test_vi_study_tiny_writes_finite_results(tmp_path):
     main(["vi", "--tiny", "--out", str(tmp_path)])
-    for name in ("table.md", "summary.csv", "results.json", "elbo_vs_steps.png", "elbo_vs_seconds.png", "gap1d_bands.png"):
+    for name in ("table.md", "summary.csv", "results.json", "verdict.json", "elbo_vs_steps.png", "elbo_vs_seconds.png",
+                 "gap1d_bands.png"):
         assert (tmp_path / name).stat().st_size > 0, name
+    table = (tmp_path / "table.md").read_text()
+    assert "over Adam AutoNormal" in table.splitlines()[2]  # the verdict names the baseline
+    assert "± 0.00" not in table  # one seed: no spread shown
     results = json.loads((tmp_path / "results.json").read_text())
     methods = {row["method"] for row in results["summary"]}
     assert {"NGD dense", "Adam AutoMVN", "Adam AutoNormal"} <= methods

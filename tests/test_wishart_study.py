@@ -47,6 +47,10 @@ def test_wishart_study_tiny(tmp_path):
         assert math.isfinite(entry["optimum"])
     table = (tmp_path / "table.md").read_text()
     assert "## map, d=5, cond=10" in table and "## vi, d=5, cond=10" in table and "RAdam (geoopt)" in table
+    verdict = json.loads((tmp_path / "verdict.json").read_text())
+    assert verdict["study"] == "wishart" and verdict["lines"]
+    assert table.splitlines()[2] == "**Verdict.** " + " ".join(verdict["lines"])  # under the title
+    assert "NGD reached relative gap < 1e-06 first in 1 of 1" in verdict["lines"][0]
 
 
 @pytest.mark.parametrize("device", DEVICES)
