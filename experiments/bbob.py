@@ -25,23 +25,14 @@ import numpy as np
 import torch
 from torch import Tensor
 
-FUNCTIONS = {
-    1: "sphere",
-    2: "ellipsoid",
-    8: "rosenbrock",
-    10: "ellipsoid_rotated",
-    12: "bent_cigar",
-    15: "rastrigin_rotated",
-}
+FUNCTIONS = {1: "sphere", 2: "ellipsoid", 8: "rosenbrock", 10: "ellipsoid_rotated", 12: "bent_cigar",
+             15: "rastrigin_rotated"}
 
 
 # ----------------------------------------------------------------------------- RNG
 def _legacy_uniform(n: int, seed: int) -> List[float]:
     """``n`` uniform numbers in (0, 1] from BBOB's legacy generator seeded with ``seed``."""
-    seed = abs(int(seed))
-    seed = max(seed, 1)
-    state = seed
-    table = [0] * 32
+    state, table = max(abs(int(seed)), 1), [0] * 32
 
     def lehmer(s: int) -> int:
         hi = s // 127773
@@ -67,18 +58,14 @@ def _legacy_uniform(n: int, seed: int) -> List[float]:
 def _legacy_gauss(n: int, seed: int) -> List[float]:
     """Box-Muller normals from ``2 n`` legacy uniforms (first half radii, second half angles)."""
     u = _legacy_uniform(2 * n, seed)
-    out = []
-    for i in range(n):
-        g = math.sqrt(-2 * math.log(u[i])) * math.cos(2 * math.pi * u[n + i])
-        out.append(1e-99 if g == 0.0 else g)
-    return out
+    normals = (math.sqrt(-2 * math.log(u[i])) * math.cos(2 * math.pi * u[n + i]) for i in range(n))
+    return [1e-99 if g == 0.0 else g for g in normals]
 
 
 @lru_cache(maxsize=256)
 def _rotation(seed: int, dim: int) -> np.ndarray:
     """Random orthogonal matrix: column-major Gaussian matrix, Gram-Schmidt on the columns."""
-    g = np.array(_legacy_gauss(dim * dim, seed)).reshape(dim, dim).T  # B[i][j] = g[j * dim + i]
-    b = g.copy()
+    b = np.array(_legacy_gauss(dim * dim, seed)).reshape(dim, dim).T.copy()  # B[i][j]: normal j * dim + i
     for i in range(dim):
         for j in range(i):
             b[:, i] -= (b[:, i] @ b[:, j]) * b[:, j]
@@ -87,6 +74,7 @@ def _rotation(seed: int, dim: int) -> np.ndarray:
 
 
 def _xopt(seed: int, dim: int) -> np.ndarray:
+    """Uniform on a 1e-4 grid in [-4, 4], zeros moved to -1e-5."""
     u = np.array(_legacy_uniform(dim, seed))
     x = 8 * np.floor(1e4 * u) / 1e4 - 4
     x[x == 0.0] = -1e-5
@@ -94,6 +82,7 @@ def _xopt(seed: int, dim: int) -> np.ndarray:
 
 
 def _fopt(function: int, instance: int) -> float:
+    """A ratio of two Gaussians, rounded to 0.01 and clipped to [-1000, 1000]."""
     seed = function + 10000 * instance
     g1 = _legacy_gauss(1, seed)[0]
     g2 = _legacy_gauss(1, seed + 1)[0]
@@ -121,11 +110,6 @@ def t_asy(x: Tensor, beta: float) -> Tensor:
     return torch.where(pos, xp ** (1 + ramp * xp.sqrt()), x)
 
 
-def _conditioning(d: int, cond: float, dtype, device) -> Tensor:
-    """``cond^((i-1)/(D-1))``, i = 1..D."""
-    return cond ** (torch.arange(d, dtype=dtype, device=device) / max(d - 1, 1))
-
-
 # ----------------------------------------------------------------------------- functions
 class BBOBFunction:
     """One BBOB problem ``f_{function}`` in dimension ``dim``, instance ``instance``.
@@ -146,9 +130,7 @@ class BBOBFunction:
         seed = function + 10000 * instance
         self.fopt = _fopt(function, instance)
         xopt = _xopt(seed + 1000000 if function == 12 else seed, dim)
-        if function == 8:
-            xopt = 0.75 * xopt
-        self._xopt = xopt
+        self._xopt = 0.75 * xopt if function == 8 else xopt
         self._mats: Dict[str, np.ndarray] = {}
         if function in (10, 12, 15):
             self._mats["R"] = _rotation(seed + 1000000, dim)
@@ -163,33 +145,30 @@ class BBOBFunction:
         return torch.from_numpy(self._xopt.copy())
 
     def _consts(self, dtype, device) -> Dict[str, Tensor]:
+        """``xopt`` and the rotations as tensors of ``dtype`` on ``device``, built once."""
         key = (dtype, str(device))
         if key not in self._cache:
-            c = {"xopt": torch.as_tensor(self._xopt, dtype=dtype, device=device)}
-            for k, v in self._mats.items():
-                c[k] = torch.as_tensor(v, dtype=dtype, device=device)
-            self._cache[key] = c
+            arrays = {"xopt": self._xopt, **self._mats}
+            self._cache[key] = {k: torch.as_tensor(v, dtype=dtype, device=device) for k, v in arrays.items()}
         return self._cache[key]
 
     def evaluate(self, x: Tensor) -> Tensor:
         """Values at ``x`` (``(..., d)`` tensor)."""
         if x.shape[-1] != self.dim:
             raise ValueError(f"{self!r} expects points of size {self.dim}, got shape {tuple(x.shape)}")
-        c = self._consts(x.dtype, x.device)
-        d = self.dim
+        c, d, fn = self._consts(x.dtype, x.device), self.dim, self.function
         s = x - c["xopt"]
-        fn = self.function
         if fn == 1:
             val = (s * s).sum(-1)
         elif fn in (2, 10):
             z = t_osz(s @ c["R"].T if fn == 10 else s)
-            val = (_conditioning(d, 1e6, x.dtype, x.device) * z * z).sum(-1)
+            conditioning = 1e6 ** (torch.arange(d, dtype=x.dtype, device=x.device) / max(d - 1, 1))
+            val = (conditioning * z * z).sum(-1)
         elif fn == 8:
             z = max(1.0, math.sqrt(d) / 8.0) * s + 1
             val = (100 * (z[..., :-1] ** 2 - z[..., 1:]) ** 2 + (z[..., :-1] - 1) ** 2).sum(-1)
         elif fn == 12:
-            r = c["R"]
-            z = t_asy(s @ r.T, 0.5) @ r.T
+            z = t_asy(s @ c["R"].T, 0.5) @ c["R"].T
             val = z[..., 0] ** 2 + 1e6 * (z[..., 1:] ** 2).sum(-1)
         else:  # 15
             z = t_asy(t_osz(s @ c["R"].T), 0.2) @ c["M"].T
@@ -199,8 +178,7 @@ class BBOBFunction:
     def __call__(self, x):
         if isinstance(x, Tensor):
             return self.evaluate(x)
-        arr = torch.as_tensor(np.asarray(x, dtype=np.float64))
-        out = self.evaluate(arr)
+        out = self.evaluate(torch.as_tensor(np.asarray(x, dtype=np.float64)))
         return float(out) if out.dim() == 0 else out.numpy()
 
     def __repr__(self) -> str:

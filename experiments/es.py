@@ -1,90 +1,57 @@
 """Evolution strategies: StructuredNES structures against CMA-ES (pycma) and evotorch on BBOB and at large d.
 
-**BBOB part.** The noiseless BBOB functions of :mod:`experiments.bbob` (f1 sphere, f2
-ellipsoid, f8 Rosenbrock, f10 rotated ellipsoid, f12 bent cigar, f15 rotated Rastrigin; the
-values match ``cocoex`` to round-off) in several dimensions and instances, minimised by
-(``METHODS``)
+**BBOB part.** The functions of :mod:`experiments.bbob` (f1 sphere, f2 ellipsoid, f8 Rosenbrock,
+f10 rotated ellipsoid, f12 bent cigar, f15 rotated Rastrigin) in several dimensions and
+instances, minimised by the ``METHODS``: :class:`structngd.es.StructuredNES` with the structures
+``dense`` and ``diagonal`` (default rates, and ``rates="xnes"``: textbook xNES and SNES),
+``lower_triangular``, ``block_triangular(k)^T`` (rank-k plus diagonal covariance) and
+``heisenberg(k, k)``, ``k = clamp(round(sqrt(d) / 2), 2, 10)`` below ``d``; pycma's CMA-ES and
+sep-CMA; evotorch's ``XNES`` and ``SNES`` when evotorch imports (``pip install evotorch``),
+which with the same seed draw the same normals as the ``rates="xnes"`` runs and repeat them
+until the first restart.
 
-* :class:`structngd.es.StructuredNES` with the structures ``dense`` (default rates),
-  ``dense`` with ``rates="xnes"`` (textbook xNES), ``lower_triangular``, ``diagonal``,
-  ``diagonal`` with ``rates="xnes"`` (textbook SNES), ``block_triangular(k)`` with
-  ``transpose=True`` (rank-k plus diagonal covariance) and ``heisenberg(k, k)``, with
-  ``k = clamp(round(sqrt(d) / 2), 2, 10)`` (below ``d``; Heisenberg needs ``2 k < d`` and is
-  skipped at ``d = 2``);
-* pycma's CMA-ES, full covariance and ``CMA_diagonal=True`` (sep-CMA);
-* evotorch's ``XNES`` and ``SNES`` when evotorch imports (optional: ``pip install evotorch``;
-  without restarts, a run ends at the target, the budget or after ``stall`` generations
-  without improvement).
+Every run starts at ``x0 ~ U[-3, 3]^d`` (the same draws for every method, seeded by seed,
+function, dimension and instance; each restart draws a new ``x0``) with ``sigma0 = 2``,
+evaluates its whole population in one batched torch call and stops at ``f - fopt <= 1e-8`` or
+after ``budget_factor * d`` evaluations. pycma and StructuredNES restart (IPOP: the population
+doubles) when one of pycma's restartable criteria fires, up to ``restarts`` times; evotorch
+never restarts and stops after ``stall`` generations without improvement. The table gives the
+expected running time ``ERT = (evaluations of all runs, each up to its first success) /
+successes`` to ``f - fopt <= 1e-8``, its ratio to CMA-ES's and the target checks; ``ecdf.png``
+the runtime ECDFs (COCO style, targets ``10^{2, 1.8, ..., -8}``) against evaluations / d.
 
-Every run starts at ``x0 ~ U[-3, 3]^d`` (the same draws for every method: the generator is
-seeded by seed, function, dimension and instance; each restart draws a new ``x0``) with
-``sigma0 = 2``, and stops at ``f - fopt <= 1e-8`` or after ``budget_factor * d`` evaluations.
-pycma and StructuredNES restart (IPOP: the population doubles) when one of pycma's
-restartable criteria fires, up to ``restarts`` times. The whole population is evaluated
-in one batched torch call.
-
-Metrics: the expected running time ``ERT = (evaluations of all runs, each up to its first
-success) / successes`` to ``f - fopt <= 1e-8`` per method, function and dimension, with its
-ratio to CMA-ES; the runtime ECDFs (COCO style): the fraction of (function, instance, target)
-triples with targets ``10^{2, 1.8, ..., -8}`` reached against evaluations / d, one panel
-per dimension.
-
-**Large-scale part.** ``d`` in ``large_dims`` on a separable ellipsoid (BBOB f2) and a
-low-effective-rank quadratic (a rotated "rank-k cigar" with k = 2 long axes,
-``f = ||U^T s||^2 + 1e6 ||s - U U^T s||^2``, ``s = x - x*``, ``U`` a random ``d x 2``
-orthonormal matrix: its ideal covariance is rank 2 + identity), by ``diagonal``,
-``block_triangular(k)^T`` (rank-k + diagonal), pycma and sep-CMA, each with a wall-time
-cap per run: evaluations and seconds to ``f - fopt <= 1e-8``.
-
-The table prints the study's target checks explicitly: dense within 1.3x of CMA-ES's ERT on
-f1, f2, f8, f10 up to d = 40; diagonal at least as good as SNES on the separable f1, f2;
-diagonal solving Rosenbrock (f8) through restarts; a structured variant faster than pycma in
-wall time at d >= 1000 (one check per large-scale problem); and the reference ERTs measured before.
+**Large-scale part.** At each ``d`` of ``large_dims``: the separable ellipsoid (BBOB f2) and a
+:class:`RankCigar`, by ``diagonal``, ``block_triangular(k)^T``, pycma and sep-CMA, each with a
+wall-time cap: evaluations and seconds to ``f - fopt <= 1e-8``.
 
 Outputs in ``--out`` (default ``results/es``): ``results.json`` (settings, every run with its
 trace of (evaluations, f - fopt) at each improvement, ERTs, large-scale runs, checks),
 ``summary.csv`` (one row per method, function and dimension, then the large-scale rows),
-``table.md`` (also printed; it opens with the verdict against pycma's CMA-ES), ``verdict.json``,
-``ecdf.png``, ``ert_vs_dim.png`` and ``large_scale.png``.
+``table.md`` (also printed), ``verdict.json``, ``ecdf.png``, ``ert_vs_dim.png`` and
+``large_scale.png``.
 
-Modes (2 CPU cores, one torch thread, sequential runs):
-
-* ``--tiny`` (about 5 s, smoke test): d = 2, f1 and f2, one instance, five methods, no
-  large-scale part;
-* ``--quick`` (the default; about 7 minutes: 5.5 for the 384 BBOB runs, 1.2 for the
-  large-scale part): d in {2, 5, 10}, f1 f2 f8 f10, 3 instances, budget 1e4 d; large-scale
-  part at d = 200 with a 15 s cap;
-* ``--full``: d in {2, 5, 10, 20, 40}, all six functions, 15 instances, budget 1e4 d;
-  large-scale part at d in {500, 1000, 2000} with a 120 s cap. About 6 hours in one process:
-  its slices with 5 instances took 37 minutes (f1 f2 f8 f10 at d = 20, 40, nine methods),
-  about 20 (f12, f15 at d <= 20: 588 s with ``--jobs 2``) and 27 (f12, f15 at d = 40), and
-  f1 f2 f8 f10 at d <= 10 with all 15 instances 58, so the 15 instances take about 5 hours,
-  mostly in runs that never reach 1e-8 and spend their whole budget, plus at most 48 minutes of
-  capped large-scale runs. ``--jobs N`` divides the BBOB part by about N. Restrict it with
-  ``--dims``, ``--functions``, ``--methods``, ``--instances``.
-
-Options given on the command line replace the chosen preset's values (without ``--full`` they
-replace the quick preset's, including its 60 s cap per BBOB run). ``--jobs N`` runs N BBOB runs
-at once in worker processes (``threads`` each): the same runs, since each run's draws depend only
-on its own (seed, function, dimension, instance); evaluation counts are unchanged, per-run
-seconds grow with the load. The timed large-scale part always runs alone.
-
-With the same seed, evotorch's XNES / SNES draw the same normals as StructuredNES's
-``rates="xnes"`` runs and reproduce them exactly until the first restart (a check of the
-textbook implementations, not independent samples).
-
-Timings are wall-clock on a shared machine: compare methods within one run.
+Presets: ``--tiny`` (seconds): d = 2, f1 f2, one instance, five methods, no large-scale part;
+``--quick`` (the default; about 7 minutes on 2 cores): d in {2, 5, 10}, f1 f2 f8 f10,
+3 instances, large-scale part at d = 200; ``--full`` (about 6 hours): d in {2, 5, 10, 20, 40},
+all six functions, 15 instances, large-scale part at d in {500, 1000, 2000}. Options given on the
+command line replace the preset's values (``--dims``, ``--functions``, ``--methods``,
+``--instances`` slice its grid). ``--jobs N`` runs N BBOB runs at once in worker processes: the
+same runs, since each run's draws depend only on its own (seed, function, dimension, instance);
+only the seconds grow with the load. The timed large-scale part always runs alone. Timings are
+wall-clock: compare methods within one run.
 """
 
 from __future__ import annotations
 
 import contextlib
+import itertools
 import logging
 import math
 import multiprocessing
 import statistics
 import time
 import warnings
+from bisect import bisect_right
 from collections import defaultdict
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
@@ -101,10 +68,8 @@ from . import bbob, common, harness
 from .cli import option
 from .common import Line, fmt
 
-#: target precision of the ERT and the success criterion
-FTARGET = 1e-8
-#: COCO's standard targets 10^{2, 1.8, ..., -8} for the ECDFs
-ECDF_TARGETS = tuple(10.0 ** (2 - 0.2 * i) for i in range(51))
+FTARGET = 1e-8  #: target precision of the ERT and the success criterion
+ECDF_TARGETS = tuple(10.0 ** (2 - 0.2 * i) for i in range(51))  #: COCO's targets 10^{2, 1.8, ..., -8}
 SIGMA0 = 2.0
 X0_RANGE = 3.0
 
@@ -132,6 +97,7 @@ class Method:
         return {}
 
     def describe(self, dim: int) -> str:
+        """The label with the rank ``k`` at dimension ``dim`` filled in."""
         opts = self.group_options(dim) or {}
         return self.label.replace("(k)", f"({opts['k']})") if "k" in opts else self.label
 
@@ -156,7 +122,7 @@ METHODS = {
 LARGE_METHODS = ("diagonal", "block_triangular", "cma", "sep_cma")
 LARGE_PROBLEMS = ("ellipsoid_sep", "cigar_rank2")
 LARGE_LABELS = {"ellipsoid_sep": "separable ellipsoid", "cigar_rank2": "rotated rank-2 cigar"}
-#: ERT measured before this study (d = 10 / 40, x0 ~ U[-3, 3], sigma0 = 2, target 1e-8)
+#: reference ERTs (d = 10 / 40, x0 ~ U[-3, 3], sigma0 = 2, target 1e-8)
 REFERENCE_ERT = {
     ("cma", 1): {10: 1513, 40: 5127},
     ("cma", 2): {10: 4123, 40: 48455},
@@ -167,12 +133,16 @@ REFERENCE_ERT = {
 }
 
 
-def evotorch_available() -> bool:
+def active_methods(settings: "Settings") -> Tuple[List[str], List[str]]:
+    """The methods that run, and notes on those left out (evotorch does not import)."""
+    wanted = [key for key in settings.methods if METHODS[key].kind == "evotorch"]
     try:
-        import evotorch  # noqa: F401
+        if wanted:
+            import evotorch  # noqa: F401
     except Exception:  # pragma: no cover - optional dependency, any import failure
-        return False
-    return True
+        return ([key for key in settings.methods if key not in wanted],
+                [f"{METHODS[key].label} skipped: evotorch does not import (pip install evotorch)" for key in wanted])
+    return list(settings.methods), []
 
 
 # ------------------------------------------------------------------ settings
@@ -215,10 +185,10 @@ PRESETS = {
 
 # ------------------------------------------------------------------ problems
 class RankCigar:
-    """Rotated rank-k cigar ``f(x) = ||U^T s||^2 + cond ||s - U U^T s||^2``, ``s = x - x*``:
-    ``k`` long axes (``U`` a random orthonormal ``d x k`` matrix) in an otherwise steep bowl.
-    The ideal search covariance ``(I - U U^T) / cond + U U^T`` is rank k plus a multiple of the
-    identity. O(d k) per point; ``fopt = 0``."""
+    """Rotated rank-k cigar ``f(x) = ||U^T s||^2 + cond ||s - U U^T s||^2``, ``s = x - x*``, with
+    ``U`` a random orthonormal ``d x k`` matrix: ``k`` long axes in a steep bowl, so the ideal
+    search covariance ``(I - U U^T) / cond + U U^T`` is rank k plus a multiple of the identity.
+    O(d k) per point; ``fopt = 0``."""
 
     def __init__(self, dim: int, k: int = 2, cond: float = 1e6, seed: int = 0):
         g = torch.Generator().manual_seed(seed)
@@ -252,8 +222,8 @@ def x0_sampler(seed: int, function: int, dim: int, instance: int) -> Callable[[]
 # ------------------------------------------------------------------ runs
 @dataclass
 class Trace:
-    """One run: the best ``f - fopt`` after each generation that improved it (``evals``,
-    ``gaps``), its total evaluations and seconds, restarts and why it stopped."""
+    """One run: the best ``f - fopt`` after each generation that improved it (with its
+    evaluations and seconds), the run's totals, its restarts and why it stopped."""
 
     evals: List[int] = field(default_factory=list)
     gaps: List[float] = field(default_factory=list)
@@ -274,27 +244,22 @@ class Trace:
 
     def first_hit(self, target: float) -> Optional[int]:
         """Evaluations when ``f - fopt <= target`` was first reached (``None``: never)."""
-        for e, g in zip(self.evals, self.gaps):
-            if g <= target:
-                return e
-        return None
+        return next((e for e, g in zip(self.evals, self.gaps) if g <= target), None)
 
     def seconds_to(self, target: float) -> Optional[float]:
-        for s, g in zip(self.seconds_at, self.gaps):
-            if g <= target:
-                return s
-        return None
+        """Seconds when ``f - fopt <= target`` was first reached (``None``: never)."""
+        return next((s for s, g in zip(self.seconds_at, self.gaps) if g <= target), None)
 
     @property
     def final_gap(self) -> float:
         return self.gaps[-1] if self.gaps else math.inf
 
 
-class _Budget:
-    """Stop rules shared by the drivers: target, evaluations, wall time."""
+class _Clock:
+    """A run's wall time and the stop rules the drivers share: target, evaluations, time cap."""
 
-    def __init__(self, fopt: float, budget: int, time_cap: float):
-        self.fopt, self.budget, self.time_cap = fopt, budget, time_cap
+    def __init__(self, budget: int, time_cap: float):
+        self.budget, self.time_cap = budget, time_cap
         self.start = time.perf_counter()
 
     def elapsed(self) -> float:
@@ -312,13 +277,10 @@ class _Budget:
 
 def run_nes(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
             time_cap: float, device: str = "cpu") -> Trace:
-    """StructuredNES with IPOP restarts; the population is evaluated in one batched call (on
-    ``device``, where the search state lives)."""
-    opts = dict(method.options)
-    opts.update(method.group_options(dim) or {})
+    """StructuredNES with IPOP restarts, its search state and populations on ``device``."""
     es = StructuredNES(x0, SIGMA0, structure=method.structure, seed=seed, target=fopt + FTARGET, budget=budget,
-                       restarts=restarts, device=device, **opts)
-    trace, clock = Trace(), _Budget(fopt, budget, time_cap)
+                       restarts=restarts, device=device, **dict(method.options), **(method.group_options(dim) or {}))
+    trace, clock = Trace(), _Clock(budget, time_cap)
     while not es.stop():
         es.tell(f(es.ask()))
         trace.record(es.evaluations, es.best_f - fopt, clock.elapsed())
@@ -336,13 +298,12 @@ def run_cma(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, b
     with twice the population, until the target, the budget or ``restarts``."""
     import cma
 
-    trace, clock = Trace(), _Budget(fopt, budget, time_cap)
+    trace, clock = Trace(), _Clock(budget, time_cap)
     popsize, used = default_popsize(dim), 0
     for restart in range(restarts + 1):
-        options = {
-            "popsize": popsize, "maxfevals": budget - used, "ftarget": fopt + FTARGET, "seed": 1 + 1000 * seed + restart,
-            "verbose": -9, "verb_log": 0, "verb_disp": 0, **dict(method.options),
-        }
+        options = {"popsize": popsize, "maxfevals": budget - used, "ftarget": fopt + FTARGET,
+                   "seed": 1 + 1000 * seed + restart, "verbose": -9, "verb_log": 0, "verb_disp": 0,
+                   **dict(method.options)}
         es = cma.CMAEvolutionStrategy(x0().numpy(), SIGMA0, options)
         while not es.stop():
             xs = es.ask()
@@ -365,15 +326,15 @@ def run_cma(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, b
     return trace
 
 
-def run_evotorch(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int, restarts: int,
+def run_evotorch(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int, budget: int,
                  time_cap: float, stall: int = 300, device: str = "cpu") -> Trace:
-    """evotorch's XNES / SNES (no restarts, on ``device``): ends at the target, the budget, the
-    time cap or after ``stall`` generations without improvement of the best value."""
+    """evotorch's XNES / SNES (no restarts, on ``device``) until the target, the budget, the time
+    cap or ``stall`` generations without improvement of the best value."""
     from evotorch import Problem
     from evotorch import algorithms
 
     logging.getLogger("evotorch").setLevel(logging.WARNING)
-    trace, clock = Trace(), _Budget(fopt, budget, time_cap)
+    trace, clock = Trace(), _Clock(budget, time_cap)
     best = [math.inf]
 
     def objective(xs: torch.Tensor) -> torch.Tensor:
@@ -384,19 +345,16 @@ def run_evotorch(method: Method, f, fopt: float, x0: Callable, dim: int, seed: i
 
     problem = Problem("min", objective, solution_length=dim, vectorized=True, dtype=torch.float64,
                       initial_bounds=(-X0_RANGE, X0_RANGE), seed=seed, device=device)
-    searcher = getattr(algorithms, dict(method.options)["algorithm"])(
-        problem, stdev_init=SIGMA0, center_init=x0())
+    searcher = getattr(algorithms, dict(method.options)["algorithm"])(problem, stdev_init=SIGMA0, center_init=x0())
     last_improvement = 0
-    while True:
-        previous = trace.gaps[-1] if trace.gaps else math.inf
+    while not trace.stop:
+        previous = trace.final_gap
         searcher.step()
         trace.generations += 1
         trace.record(trace.evaluations, best[0] - fopt, clock.elapsed())
         if trace.gaps[-1] < previous:
             last_improvement = trace.generations
         trace.stop = clock.reason(trace) or ("stall" if trace.generations - last_improvement >= stall else "")
-        if trace.stop:
-            break
     trace.seconds = clock.elapsed()
     return trace
 
@@ -409,12 +367,9 @@ def run_method(method: Method, f, fopt: float, x0: Callable, dim: int, seed: int
             return run_nes(method, f, fopt, x0, dim, seed, budget, restarts, time_cap, settings.device)
         if method.kind == "cma":
             return run_cma(method, f, fopt, x0, dim, seed, budget, restarts, time_cap)
-        return run_evotorch(method, f, fopt, x0, dim, seed, budget, restarts, time_cap, settings.stall,
-                            settings.device)
+        return run_evotorch(method, f, fopt, x0, dim, seed, budget, time_cap, settings.stall, settings.device)
     except (ValueError, RuntimeError, FloatingPointError, np.linalg.LinAlgError) as err:
-        trace = Trace(status=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
-        trace.stop = "error"
-        return trace
+        return Trace(stop="error", status=f"failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}")
 
 
 @dataclass
@@ -430,24 +385,18 @@ class Run:
     trace: Trace
 
 
-def active_methods(settings: Settings) -> Tuple[List[str], List[str]]:
-    """The methods that run, and notes on those left out (evotorch not installed)."""
-    keep, notes = [], []
-    has_evotorch = None
-    for key in settings.methods:
-        if METHODS[key].kind == "evotorch":
-            has_evotorch = evotorch_available() if has_evotorch is None else has_evotorch
-            if not has_evotorch:
-                notes.append(f"{METHODS[key].label} skipped: evotorch does not import (pip install evotorch)")
-                continue
-        keep.append(key)
-    return keep, notes
+@dataclass
+class LargeRun:
+    """One large-scale run of ``method`` on ``problem`` in ``dim`` dimensions."""
+
+    method: str
+    problem: str
+    dim: int
+    seed: int
+    trace: Trace
 
 
-@lru_cache(maxsize=None)
-def _problem(function: int, dim: int, instance: int):
-    """``bbob.get``, built once per process for all the methods and seeds that run on it."""
-    return bbob.get(function, dim, instance)
+_problem = lru_cache(maxsize=None)(bbob.get)  # one problem per process for all the methods and seeds on it
 
 
 def run_cell(settings: Settings, key: str, function: int, dim: int, instance: int, seed: int) -> Run:
@@ -461,7 +410,8 @@ def run_cell(settings: Settings, key: str, function: int, dim: int, instance: in
 
 
 def _blas_threads(threads: Optional[int]):
-    """numpy's BLAS (pycma) on as many threads as torch, when threadpoolctl is installed."""
+    """numpy's BLAS (pycma) limited to ``threads``, when threadpoolctl is installed: a context
+    manager, or a lasting limit when just built."""
     try:
         from threadpoolctl import threadpool_limits
     except ImportError:  # pragma: no cover - optional
@@ -469,38 +419,29 @@ def _blas_threads(threads: Optional[int]):
     return threadpool_limits(limits=threads) if threads else contextlib.nullcontext()
 
 
-_WORKER_LIMITS = []  # a worker's BLAS thread limit, held for the process's life
-
-
 def _init_worker(threads: Optional[int]) -> None:
     """A ``--jobs`` worker: the study's torch / BLAS threads and dtype, pycma's chatter off."""
     common.configure_torch(threads, torch.float64)
     warnings.simplefilter("ignore")
-    limits = _blas_threads(threads)
-    limits.__enter__()
-    _WORKER_LIMITS.append(limits)
+    _blas_threads(threads)
 
 
 def run_bbob(settings: Settings, methods: Sequence[str]) -> Tuple[List[Run], List[dict]]:
     """Every BBOB run, in plan order (``settings.jobs`` at once in worker processes when more
     than one); and the (method, dim) pairs whose structure does not exist."""
     plan, skipped = [], []
-    for dim in settings.dims:
-        for key in methods:
-            if METHODS[key].group_options(dim) is None:
-                skipped.append({"method": key, "dim": dim, "reason": f"{METHODS[key].label} needs 2k < d"})
-                continue
-            for function in settings.functions:
-                for instance in settings.instances:
-                    for seed in settings.seeds:
-                        plan.append((key, function, dim, instance, seed))
+    for dim, key in itertools.product(settings.dims, methods):
+        if METHODS[key].group_options(dim) is None:
+            skipped.append({"method": key, "dim": dim, "reason": f"{METHODS[key].label} needs 2k < d"})
+            continue
+        cells = itertools.product(settings.functions, settings.instances, settings.seeds)
+        plan += [(key, function, dim, instance, seed) for function, instance, seed in cells]
     bar = common.progress(len(plan), "es bbob")
     if settings.jobs == 1:
         runs = []
-        for cell in plan:
-            key, function, dim, instance, _ = cell
+        for key, function, dim, instance, seed in plan:
             bar.set_postfix_str(f"f{function} d={dim} i{instance} {key}")
-            runs.append(run_cell(settings, *cell))
+            runs.append(run_cell(settings, key, function, dim, instance, seed))
             bar.update()
     else:
         context = multiprocessing.get_context("spawn")  # no forked torch / OpenMP state
@@ -514,21 +455,12 @@ def run_bbob(settings: Settings, methods: Sequence[str]) -> Tuple[List[Run], Lis
     return runs, skipped
 
 
-@dataclass
-class LargeRun:
-    method: str
-    problem: str
-    dim: int
-    seed: int
-    trace: Trace
-
-
 def run_large(settings: Settings) -> List[LargeRun]:
     """The large-scale runs (one seed: the first), each capped at ``large_time_cap`` seconds."""
-    plan = [(p, d, m) for d in settings.large_dims for p in settings.large_problems for m in settings.large_methods]
+    plan = list(itertools.product(settings.large_dims, settings.large_problems, settings.large_methods))
     bar = common.progress(len(plan), "es large")
     runs, seed = [], settings.seeds[0]
-    for name, dim, key in plan:
+    for dim, name, key in plan:
         bar.set_postfix_str(f"{name} d={dim} {key}")
         problem = large_problem(name, dim, seed)
         trace = run_method(METHODS[key], problem, problem.fopt, x0_sampler(seed, 0, dim, 1), dim, seed,
@@ -543,60 +475,47 @@ def run_large(settings: Settings) -> List[LargeRun]:
 def ert(traces: Sequence[Trace], target: float = FTARGET) -> Tuple[float, int]:
     """``(ERT, successes)``: evaluations of every run up to its first hit (all of them for a
     failed run) over the successes; ``inf`` without any success."""
-    total, successes = 0, 0
-    for t in traces:
-        hit = t.first_hit(target)
-        if hit is None:
-            total += t.evaluations
-        else:
-            total += hit
-            successes += 1
+    hits = [t.first_hit(target) for t in traces]
+    successes = sum(hit is not None for hit in hits)
+    total = sum(t.evaluations if hit is None else hit for t, hit in zip(traces, hits))
     return (total / successes if successes else math.inf), successes
 
 
 def ert_rows(runs: List[Run], methods: Sequence[str], settings: Settings) -> List[dict]:
     """One row per (method, function, dim): runs, successes, ERT and its ratio to CMA-ES."""
-    grouped: Dict[tuple, List[Run]] = defaultdict(list)
+    grouped: Dict[tuple, List[Trace]] = defaultdict(list)
     for r in runs:
-        grouped[(r.method, r.function, r.dim)].append(r)
-    cma = {(f, d): ert([r.trace for r in rs])[0] for (m, f, d), rs in grouped.items() if m == "cma"}
+        grouped[(r.method, r.function, r.dim)].append(r.trace)
+    cma = {(f, d): ert(traces)[0] for (m, f, d), traces in grouped.items() if m == "cma"}
     rows = []
-    for dim in settings.dims:
-        for function in settings.functions:
-            for key in methods:
-                members = grouped.get((key, function, dim))
-                if not members:
-                    continue
-                traces = [r.trace for r in members]
-                value, successes = ert(traces)
-                ref = cma.get((function, dim), math.nan)
-                rows.append({
-                    "part": "bbob", "method": key, "method_label": METHODS[key].describe(dim),
-                    "function": function, "function_name": bbob.FUNCTIONS[function], "dim": dim,
-                    "runs": len(traces), "successes": successes, "ert": value,
-                    "ert_over_d": value / dim, "ratio_to_cma": value / ref if math.isfinite(ref) else math.nan,
-                    "median_final_gap": float(np.median([t.final_gap for t in traces])),
-                    "evaluations": sum(t.evaluations for t in traces),
-                    "restarts": sum(t.restarts for t in traces),
-                    "seconds": sum(t.seconds for t in traces),
-                    "failed": sum(t.status != "ok" for t in traces),
-                })
+    for dim, function, key in itertools.product(settings.dims, settings.functions, methods):
+        traces = grouped.get((key, function, dim))
+        if not traces:
+            continue
+        value, successes = ert(traces)
+        ref = cma.get((function, dim), math.nan)
+        rows.append({
+            "part": "bbob", "method": key, "method_label": METHODS[key].describe(dim),
+            "function": function, "function_name": bbob.FUNCTIONS[function], "dim": dim,
+            "runs": len(traces), "successes": successes, "ert": value,
+            "ert_over_d": value / dim, "ratio_to_cma": value / ref if math.isfinite(ref) else math.nan,
+            "median_final_gap": float(np.median([t.final_gap for t in traces])),
+            **{total: sum(getattr(t, total) for t in traces) for total in ("evaluations", "restarts", "seconds")},
+            "failed": sum(t.status != "ok" for t in traces),
+        })
     return rows
 
 
 def large_rows(runs: List[LargeRun]) -> List[dict]:
     """One row per large-scale run: evaluations / seconds to the target, final gap, ms per generation."""
-    rows = []
-    for r in runs:
-        t = r.trace
-        rows.append({
-            "part": "large", "method": r.method, "method_label": METHODS[r.method].describe(r.dim),
-            "problem": r.problem, "dim": r.dim, "solved": t.first_hit(FTARGET) is not None,
-            "evals_to_target": t.first_hit(FTARGET), "seconds_to_target": t.seconds_to(FTARGET),
-            "final_gap": t.final_gap, "evaluations": t.evaluations, "seconds": t.seconds,
-            "ms_per_generation": 1e3 * t.seconds / max(t.generations, 1), "stop": t.stop, "status": t.status,
-        })
-    return rows
+    return [{
+        "part": "large", "method": r.method, "method_label": METHODS[r.method].describe(r.dim),
+        "problem": r.problem, "dim": r.dim, "solved": r.trace.first_hit(FTARGET) is not None,
+        "evals_to_target": r.trace.first_hit(FTARGET), "seconds_to_target": r.trace.seconds_to(FTARGET),
+        "final_gap": r.trace.final_gap, "evaluations": r.trace.evaluations, "seconds": r.trace.seconds,
+        "ms_per_generation": 1e3 * r.trace.seconds / max(r.trace.generations, 1), "stop": r.trace.stop,
+        "status": r.trace.status,
+    } for r in runs]
 
 
 # ------------------------------------------------------------------ checks
@@ -604,74 +523,67 @@ def _cell(rows: List[dict], method: str, function: int, dim: int) -> Optional[di
     return next((r for r in rows if r["method"] == method and r["function"] == function and r["dim"] == dim), None)
 
 
+def _check(name: str, results: List[Tuple[bool, str]], missing: str) -> dict:
+    """A target check: PASS when every ``(ok, text)`` result holds, ``n/a`` (with ``missing``) without any."""
+    if not results:
+        return {"check": name, "status": "n/a", "detail": missing}
+    return {"check": name, "status": "PASS" if all(ok for ok, _ in results) else "FAIL",
+            "detail": "; ".join(text for _, text in results)}
+
+
+def _wall_time_result(large: List[dict], problem: str, dim: int, structured: Sequence[str]):
+    """``(ok, text)``: the fastest structured run to 1e-8 on ``problem`` at ``dim`` beat both
+    pycma variants (``None`` without runs there)."""
+    here = [r for r in large if r["problem"] == problem and r["dim"] == dim]
+    if not here:
+        return None
+    theirs = [r for r in here if r["method"] in ("cma", "sep_cma")]
+    best = min((r for r in here if r["method"] in structured and r["solved"]),
+               key=lambda r: r["seconds_to_target"], default=None)
+    ok = best is not None and not any(r["solved"] and r["seconds_to_target"] <= best["seconds_to_target"]
+                                      for r in theirs)
+    ours = f"{best['method']} {best['seconds_to_target']:.1f} s" if best else "unsolved"
+    pycma = ", ".join(f"{r['method']} " + (f"{r['seconds_to_target']:.1f} s" if r["solved"]
+                                           else f"unsolved in {r['seconds']:.0f} s") for r in theirs)
+    return ok, f"d={dim}: best structured {ours}; pycma {pycma}"
+
+
 def target_checks(rows: List[dict], large: List[dict], settings: Settings, methods: Sequence[str]) -> List[dict]:
-    """The study's targets, each ``{"check", "status" (PASS / FAIL / n/a), "detail"}``."""
-    checks = []
-
-    def add(name: str, results: List[Tuple[bool, str]], missing: str) -> None:
-        if not results:
-            checks.append({"check": name, "status": "n/a", "detail": missing})
-            return
-        ok = all(r for r, _ in results)
-        checks.append({"check": name, "status": "PASS" if ok else "FAIL",
-                       "detail": "; ".join(text for _, text in results)})
-
-    results = []
-    for dim in settings.dims:
-        for function in (1, 2, 8, 10):
-            dense, cma = _cell(rows, "dense", function, dim), _cell(rows, "cma", function, dim)
-            if dense is None or cma is None or dim > 40:
-                continue
-            ratio = dense["ratio_to_cma"]
-            ok = math.isfinite(dense["ert"]) and (not math.isfinite(cma["ert"]) or ratio <= 1.3)
-            results.append((ok, f"f{function} d={dim} {fmt(ratio, 3) if ratio == ratio else '–'}x"))
-    add("dense ERT <= 1.3 x CMA-ES's on f1 f2 f8 f10, d <= 40", results, "needs dense and cma on f1/f2/f8/f10")
-
-    results = []
+    """The study's targets, each ``{"check", "status" (PASS / FAIL / n/a), "detail"}``: dense within
+    1.3x of CMA-ES's ERT on f1, f2, f8, f10 up to d = 40; diagonal at least as good as SNES on the
+    separable f1, f2; diagonal solving f8 through restarts; per large-scale problem, a structured
+    variant faster than pycma in wall time at d >= 1000."""
+    dense = []
+    for dim, function in itertools.product(settings.dims, (1, 2, 8, 10)):
+        ours, cma = _cell(rows, "dense", function, dim), _cell(rows, "cma", function, dim)
+        if ours is not None and cma is not None and dim <= 40:
+            ok = math.isfinite(ours["ert"]) and (not math.isfinite(cma["ert"]) or ours["ratio_to_cma"] <= 1.3)
+            dense.append((ok, f"f{function} d={dim} {fmt(ours['ratio_to_cma'], 3)}x"))
     snes_key = "evotorch_snes" if "evotorch_snes" in methods else "snes"
-    for dim in settings.dims:
-        for function in (1, 2):
-            diag, snes = _cell(rows, "diagonal", function, dim), _cell(rows, snes_key, function, dim)
-            if diag is None or snes is None:
-                continue
+    separable = []
+    for dim, function in itertools.product(settings.dims, (1, 2)):
+        diag, snes = _cell(rows, "diagonal", function, dim), _cell(rows, snes_key, function, dim)
+        if diag is not None and snes is not None:
             ok = diag["ert"] <= snes["ert"] or not math.isfinite(snes["ert"]) and math.isfinite(diag["ert"])
-            results.append((ok, f"f{function} d={dim} {fmt(diag['ert'], 4)} vs {fmt(snes['ert'], 4)}"))
-    add(f"diagonal ERT <= SNES's ({METHODS[snes_key].label}) on the separable f1 f2", results,
-        "needs diagonal and SNES on f1/f2")
-
-    results = []
-    for dim in settings.dims:
-        diag = _cell(rows, "diagonal", 8, dim)
-        if diag is not None:
-            results.append((diag["successes"] == diag["runs"],
-                            f"d={diag['dim']} {diag['successes']}/{diag['runs']} solved, {diag['restarts']} restarts"))
-    add("diagonal solves Rosenbrock f8 (every run, restarts allowed)", results, "needs diagonal on f8")
-
+            separable.append((ok, f"f{function} d={dim} {fmt(diag['ert'], 4)} vs {fmt(snes['ert'], 4)}"))
+    rosenbrock = [(r["successes"] == r["runs"], f"d={r['dim']} {r['successes']}/{r['runs']} solved, "
+                   f"{r['restarts']} restarts") for r in (_cell(rows, "diagonal", 8, d) for d in settings.dims) if r]
+    checks = [
+        _check("dense ERT <= 1.3 x CMA-ES's on f1 f2 f8 f10, d <= 40", dense, "needs dense and cma on f1/f2/f8/f10"),
+        _check(f"diagonal ERT <= SNES's ({METHODS[snes_key].label}) on the separable f1 f2", separable,
+               "needs diagonal and SNES on f1/f2"),
+        _check("diagonal solves Rosenbrock f8 (every run, restarts allowed)", rosenbrock, "needs diagonal on f8"),
+    ]
     structured = [m for m in settings.large_methods if METHODS[m].kind == "nes"]
     for problem in settings.large_problems:
-        results = []
-        for dim in settings.large_dims:
-            here = [r for r in large if r["problem"] == problem and r["dim"] == dim]
-            ours = [r for r in here if r["method"] in structured and r["solved"]]
-            theirs = [r for r in here if r["method"] in ("cma", "sep_cma")]
-            if dim < 1000 or not here:
-                continue
-            best = min(ours, key=lambda r: r["seconds_to_target"], default=None)
-            beaten = [r for r in theirs if r["solved"] and best is not None
-                      and r["seconds_to_target"] <= best["seconds_to_target"]]
-            ok = best is not None and not beaten
-            text = (f"d={dim}: best structured " +
-                    (f"{best['method']} {best['seconds_to_target']:.1f} s" if best else "unsolved") + "; pycma " +
-                    ", ".join(f"{r['method']} " + (f"{r['seconds_to_target']:.1f} s" if r["solved"]
-                                                   else f"unsolved in {r['seconds']:.0f} s") for r in theirs))
-            results.append((ok, text))
-        add(f"{LARGE_LABELS[problem]}: a structured variant faster (wall time to 1e-8) than pycma at d >= 1000",
-            results, "needs the large-scale part at d >= 1000 (full preset)")
+        results = [_wall_time_result(large, problem, dim, structured) for dim in settings.large_dims if dim >= 1000]
+        name = f"{LARGE_LABELS[problem]}: a structured variant faster (wall time to 1e-8) than pycma at d >= 1000"
+        checks.append(_check(name, [r for r in results if r], "needs the large-scale part at d >= 1000 (full preset)"))
     return checks
 
 
 def reference_lines(rows: List[dict]) -> List[str]:
-    """This run's ERT next to the reference numbers measured before (where both exist)."""
+    """This run's ERT next to the reference ERTs (where both exist)."""
     out = []
     for (key, function), by_dim in REFERENCE_ERT.items():
         for dim, ref in by_dim.items():
@@ -692,14 +604,13 @@ def ert_cell(row: Optional[dict]) -> str:
     if row is None:
         return "–"
     ratio = row["ratio_to_cma"]
-    ratio_text = f" ({fmt(ratio, 2)}x)" if ratio == ratio and math.isfinite(ratio) and row["method"] != "cma" else ""
+    ratio_text = f" ({fmt(ratio, 2)}x)" if math.isfinite(ratio) and row["method"] != "cma" else ""
     return f"{_ert_text(row['ert'])}{ratio_text} {row['successes']}/{row['runs']}"
 
 
 def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
     """The target checks, the ERT tables (one per dimension), the large-scale table and notes."""
-    rows, large, checks, methods = results.rows, results.large, results.checks, results.methods
-    notes = run_notes(results.runs, results.skipped, results.notes)
+    rows, large = results.rows, results.large
     lines = [
         f"ERT = evaluations of all runs (each up to its first success) / successes, to f - fopt <= {FTARGET:g}; "
         "`(r x)` = ratio to CMA-ES's ERT (< 1: fewer evaluations than CMA-ES); `s/n` = successful runs / runs; "
@@ -715,14 +626,14 @@ def markdown_report(results: "Results", settings: Settings, runtime: float) -> s
         "## Target checks",
         "",
     ]
-    lines += [f"- **{c['status']}** {c['check']}: {c['detail']}" for c in checks]
+    lines += [f"- **{c['status']}** {c['check']}: {c['detail']}" for c in results.checks]
     ref = reference_lines(rows)
     if ref:
         lines += ["", "Reference ERTs measured before (same protocol):", ""] + [f"- {r}" for r in ref]
+    header = ["method"] + [f"f{f} {bbob.FUNCTIONS[f]}" for f in settings.functions]
     for dim in settings.dims:
-        header = ["method"] + [f"f{f} {bbob.FUNCTIONS[f]}" for f in settings.functions]
-        body = [[METHODS[key].describe(dim)] + [ert_cell(_cell(rows, key, f, dim)) for f in settings.functions]
-                for key in methods if any(_cell(rows, key, f, dim) for f in settings.functions)]
+        cells = {key: [_cell(rows, key, f, dim) for f in settings.functions] for key in results.methods}
+        body = [[METHODS[key].describe(dim)] + [ert_cell(c) for c in row] for key, row in cells.items() if any(row)]
         lines += ["", f"## ERT, d = {dim}", "", common.markdown_table(header, body)]
     if large:
         lines += [
@@ -739,108 +650,112 @@ def markdown_report(results: "Results", settings: Settings, runtime: float) -> s
                  fmt(r["ms_per_generation"], 3), r["stop"] + ("" if r["status"] == "ok" else f" ({r['status']})")]
                 for r in large]
         lines += [common.markdown_table(header, body)]
+    notes = run_notes(results.runs, results.skipped, results.notes)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
 def run_notes(runs: List[Run], skipped: List[dict], extra: List[str]) -> List[str]:
-    out = list(extra)
-    for s in skipped:
-        out.append(f"{s['method']} at d={s['dim']} skipped: {s['reason']}")
+    """``extra``, then the skipped structures, failed runs and runs stopped by the time cap."""
+    out = list(extra) + [f"{s['method']} at d={s['dim']} skipped: {s['reason']}" for s in skipped]
     failed = [r for r in runs if r.trace.status != "ok"]
     if failed:
         r = failed[0]
         out.append(f"{len(failed)} run(s) stopped by an error, e.g. {r.method} f{r.function} d={r.dim} "
                    f"instance {r.instance}: {r.trace.status} (all in results.json)")
-    capped = [r for r in runs if r.trace.stop == "timecap"]
+    capped = sum(r.trace.stop == "timecap" for r in runs)
     if capped:
-        out.append(f"{len(capped)} run(s) hit the time cap (counted with their evaluations so far)")
+        out.append(f"{capped} run(s) hit the time cap (counted with their evaluations so far)")
     return out
 
 
 # ------------------------------------------------------------------ plots
-def _colors(methods: Sequence[str]) -> Dict[str, tuple]:
+def _color(key: str) -> tuple:
+    """A method's color: tab20, by its place in ``METHODS``."""
     import matplotlib
 
-    cmap = matplotlib.colormaps["tab20"]
-    return {key: cmap((2 * i) % 20 + (i // 10)) for i, key in enumerate(METHODS)}
+    i = list(METHODS).index(key)
+    return matplotlib.colormaps["tab20"]((2 * i) % 20 + (i // 10))
 
 
 def _style(key: str) -> str:
     return {"nes": "-", "cma": "--", "evotorch": ":"}[METHODS[key].kind]
 
 
+def _line(key: str, x: Sequence[float], y: Sequence[float], **kwargs) -> Line:
+    return Line(x, y, _color(key), _style(key), **kwargs)
+
+
+def _legend(keys: Sequence[str]) -> List[Tuple[str, tuple, str]]:
+    return [(METHODS[k].label, _color(k), _style(k)) for k in keys]
+
+
 def plot_ecdf(runs: List[Run], methods: Sequence[str], settings: Settings, out: Path) -> Path:
     """Fraction of (function, instance, seed, target) reached vs log10(evaluations / d), per dimension."""
-    color = _colors(methods)
+    top = math.log10(settings.budget_factor)
+    grid = [i * top / 200 for i in range(201)]
     panels: Dict[str, List[Line]] = {}
     for dim in settings.dims:
-        top = math.log10(settings.budget_factor)
-        grid = [i * top / 200 for i in range(201)]
         lines = []
         for key in methods:
-            members = [r for r in runs if r.method == key and r.dim == dim]
-            if not members:
-                continue
-            hits = [r.trace.first_hit(t) for r in members for t in ECDF_TARGETS]
-            logs = sorted(math.log10(h / dim) for h in hits if h is not None)
-            n = len(hits)
-            y, j = [], 0
-            for x in grid:
-                while j < len(logs) and logs[j] <= x:
-                    j += 1
-                y.append(j / n)
-            lines.append(Line(grid, y, color[key], _style(key)))
+            hits = [r.trace.first_hit(t) for r in runs if r.method == key and r.dim == dim for t in ECDF_TARGETS]
+            if hits:
+                logs = sorted(math.log10(h / dim) for h in hits if h is not None)
+                lines.append(_line(key, grid, [bisect_right(logs, x) / len(hits) for x in grid]))
         panels[f"d = {dim} ({len(settings.functions)} functions)"] = lines
-    legend = [(METHODS[k].label, color[k], _style(k)) for k in methods]
     path = out / "ecdf.png"
-    common.plot_panels(path, panels, xlabel="log10(evaluations / d)", ylabel="fraction of (f, instance, target) reached",
-                       title="Runtime ECDF, targets 10^{2..-8} (COCO style)", legend=legend, logy=False, floor=-1.0)
+    common.plot_panels(path, panels, xlabel="log10(evaluations / d)",
+                       ylabel="fraction of (f, instance, target) reached",
+                       title="Runtime ECDF, targets 10^{2..-8} (COCO style)", legend=_legend(methods), logy=False,
+                       floor=-1.0)
     return path
 
 
 def plot_ert(rows: List[dict], methods: Sequence[str], settings: Settings, out: Path) -> Path:
     """ERT / d against d, one panel per function (missing points: no success)."""
-    color = _colors(methods)
     panels: Dict[str, List[Line]] = {}
     for function in settings.functions:
         lines = []
         for key in methods:
             pts = [(r["dim"], r["ert_over_d"]) for r in rows if r["method"] == key and r["function"] == function]
             if pts:
-                lines.append(Line([d for d, _ in pts], [v if math.isfinite(v) else math.nan for _, v in pts],
-                                  color[key], _style(key), marker="o"))
+                lines.append(_line(key, [d for d, _ in pts], [v if math.isfinite(v) else math.nan for _, v in pts],
+                                   marker="o"))
         panels[f"f{function} {bbob.FUNCTIONS[function]}"] = lines
-    legend = [(METHODS[k].label, color[k], _style(k)) for k in methods]
     path = out / "ert_vs_dim.png"
     common.plot_panels(path, panels, xlabel="dimension d", ylabel="ERT / d (evaluations per dimension)",
-                       title=f"ERT to f - fopt <= {FTARGET:g}", legend=legend, xticks=settings.dims)
+                       title=f"ERT to f - fopt <= {FTARGET:g}", legend=_legend(methods), xticks=settings.dims)
     return path
 
 
-def plot_large(runs: List[LargeRun], out: Path) -> Optional[Path]:
-    """Best f - fopt against seconds, one panel per (problem, d)."""
+def plot_large(runs: List[LargeRun], out: Path) -> List[Path]:
+    """Best f - fopt against seconds, one panel per (problem, d); nothing without large-scale runs."""
     if not runs:
-        return None
-    keys = list(dict.fromkeys(r.method for r in runs))
-    color = _colors(keys)
+        return []
     panels: Dict[str, List[Line]] = defaultdict(list)
     for r in runs:
-        panels[f"{r.problem}, d = {r.dim}"].append(Line(r.trace.seconds_at, r.trace.gaps, color[r.method],
-                                                        _style(r.method)))
-    legend = [(METHODS[k].label, color[k], _style(k)) for k in keys]
+        panels[f"{r.problem}, d = {r.dim}"].append(_line(r.method, r.trace.seconds_at, r.trace.gaps))
     path = out / "large_scale.png"
     common.plot_panels(path, dict(panels), xlabel="wall time (s)", ylabel="best f - fopt",
                        title="Large scale: best value against wall time",
-                       legend=legend, ncols=len({r.dim for r in runs}))
-    return path
+                       legend=_legend(list(dict.fromkeys(r.method for r in runs))), ncols=len({r.dim for r in runs}))
+    return [path]
+
+
+def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
+    """The ECDFs, ERT against d and, with a large-scale part, its wall-time plot."""
+    return [plot_ecdf(results.runs, results.methods, settings, out),
+            plot_ert(results.rows, results.methods, settings, out)] + plot_large(results.large_runs, out)
 
 
 # ------------------------------------------------------------------ outputs
-def _trace_record(t: Trace) -> dict:
-    return {**asdict(t), "gaps": common.rounded(t.gaps, 6),
-            "seconds_at": common.rounded(t.seconds_at)}
+def _run_record(run) -> dict:
+    """A :class:`Run` or :class:`LargeRun` as one flat record, its trace's curves rounded."""
+    record = asdict(run)
+    trace = record.pop("trace")
+    return {**record, **trace, "gaps": common.rounded(run.trace.gaps, 6),
+            "seconds_at": common.rounded(run.trace.seconds_at)}
 
 
 def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
@@ -852,20 +767,9 @@ def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Pat
         "settings": asdict(settings), "methods": {k: METHODS[k].label for k in results.methods},
         "ftarget": FTARGET, "skipped": results.skipped, "checks": results.checks, "ert": results.rows,
         "large": results.large,
-        "runs": [{"method": r.method, "function": r.function, "dim": r.dim, "instance": r.instance, "seed": r.seed,
-                  "budget": r.budget, **_trace_record(r.trace)} for r in results.runs],
-        "large_runs": [{"method": r.method, "problem": r.problem, "dim": r.dim, "seed": r.seed,
-                        **_trace_record(r.trace)} for r in results.large_runs],
+        "runs": [_run_record(r) for r in results.runs], "large_runs": [_run_record(r) for r in results.large_runs],
     })
     return [out / "summary.csv", out / "results.json"]
-
-
-def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
-    """The ECDFs, ERT against d and, with a large-scale part, its wall-time plot."""
-    paths = [plot_ecdf(results.runs, results.methods, settings, out),
-             plot_ert(results.rows, results.methods, settings, out)]
-    large = plot_large(results.large_runs, out)
-    return paths + ([large] if large else [])
 
 
 # ------------------------------------------------------------------- study
@@ -896,26 +800,20 @@ def compute(settings: Settings) -> Results:
     return Results(methods, notes, runs, skipped, large_runs, rows, large, checks)
 
 
-def _ert_ratios(results: Results) -> List[Tuple[str, float, int]]:
-    """``(method, median ERT ratio to CMA-ES, cells)`` per StructuredNES method, over the
-    (function, d) cells both solved; best first."""
-    out = []
-    for key in results.methods:
-        ratios = [r["ratio_to_cma"] for r in results.rows
-                  if r["method"] == key and r["ratio_to_cma"] == r["ratio_to_cma"] and math.isfinite(r["ratio_to_cma"])]
-        if METHODS[key].kind == "nes" and ratios:
-            out.append((key, statistics.median(ratios), len(ratios)))
-    return sorted(out, key=lambda item: item[1])
-
-
 def verdict(results: Results, settings: Settings) -> List[str]:
-    """The median ERT of each StructuredNES structure relative to CMA-ES, and the target checks."""
+    """The median ERT ratio to CMA-ES of each StructuredNES method (over the (function, d) cells
+    both solved, best first), and the target checks."""
+    ratios = []
+    for key in results.methods:
+        cells = [r["ratio_to_cma"] for r in results.rows if r["method"] == key and math.isfinite(r["ratio_to_cma"])]
+        if METHODS[key].kind == "nes" and cells:
+            ratios.append((statistics.median(cells), key, len(cells)))
+    ratios.sort(key=lambda item: item[0])
     lines = []
-    ratios = _ert_ratios(results)
     if ratios:
         lines.append("ERT relative to CMA-ES (pycma), median over the (function, d) cells both solved "
                      "(< 1: fewer evaluations): "
-                     + ", ".join(f"{METHODS[k].label} {fmt(r, 2)}x ({n} cells)" for k, r, n in ratios) + ".")
+                     + ", ".join(f"{METHODS[k].label} {fmt(r, 2)}x ({n} cells)" for r, k, n in ratios) + ".")
     judged = [c for c in results.checks if c["status"] != "n/a"]
     failing = [c["check"] for c in judged if c["status"] == "FAIL"]
     unjudged = len(results.checks) - len(judged)

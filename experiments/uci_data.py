@@ -45,23 +45,15 @@ def canonical(name: str) -> str:
     raise ValueError(f"unknown UCI data set {name!r}; known: {sorted(NAMES)} (or {sorted(NAMES.values())})")
 
 
-def short_name(name: str) -> str:
-    folder = canonical(name)
-    return next(k for k, v in NAMES.items() if v == folder)
-
-
 def _ints(path: Path) -> np.ndarray:
     return np.atleast_1d(np.loadtxt(path, dtype=np.int64))
 
 
 @functools.lru_cache(maxsize=None)
-def load_arrays(name: str, root: Optional[str] = None) -> Dict[str, np.ndarray]:
-    """All of one set: ``data`` (rows x columns), ``index_features``, ``index_target`` and the
-    splits ``index_train`` ``(n_splits, n_train)`` / ``index_test`` ``(n_splits, n_test)``.
-
-    ``root=None``: the vendored ``.npz``; else the original folder layout under ``root``.
-    Arrays are cached and read-only.
-    """
+def load_arrays(name: str, root: Optional[Union[str, Path]] = None) -> Dict[str, np.ndarray]:
+    """All of one set, cached and read-only: ``data`` (rows x columns), ``index_features``,
+    ``index_target`` and the splits ``index_train`` ``(n_splits, n_train)`` / ``index_test``
+    ``(n_splits, n_test)``; from the vendored ``.npz`` (``root=None``) or the original layout under ``root``."""
     folder = canonical(name)
     if root is None:
         path = VENDORED / f"{folder}.npz"
@@ -71,46 +63,41 @@ def load_arrays(name: str, root: Optional[str] = None) -> Dict[str, np.ndarray]:
             arrays = {k: npz[k] for k in npz.files}
     else:
         base = Path(root) / folder
-        n_splits = int(np.loadtxt(base / "n_splits.txt"))
+        splits = range(int(np.loadtxt(base / "n_splits.txt")))
         arrays = {
             "data": np.loadtxt(base / "data.txt", dtype=np.float64, ndmin=2),
             "index_features": _ints(base / "index_features.txt"),
             "index_target": _ints(base / "index_target.txt"),
-            "index_train": np.stack([_ints(base / f"index_train_{k}.txt") for k in range(n_splits)]),
-            "index_test": np.stack([_ints(base / f"index_test_{k}.txt") for k in range(n_splits)]),
+            "index_train": np.stack([_ints(base / f"index_train_{k}.txt") for k in splits]),
+            "index_test": np.stack([_ints(base / f"index_test_{k}.txt") for k in splits]),
         }
     for value in arrays.values():
         value.setflags(write=False)
     return arrays
 
 
-def num_splits(name: str, root: Optional[Union[str, Path]] = None) -> int:
-    return int(load_arrays(name, None if root is None else str(root))["index_train"].shape[0])
-
-
-def _standardize(train: np.ndarray, test: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+def _standardize(train: np.ndarray, test: np.ndarray) -> Tuple[np.ndarray, np.ndarray, np.ndarray]:
     """Training mean and (ddof=0) std; constant columns (max == min: their computed std is a
-    round-off residue, not 0) get std 1, i.e. are only centered."""
+    round-off residue, not 0) get std 1, i.e. are only centered. Returns both sets and the std."""
     mean, std = train.mean(0), train.std(0)
     std = np.where(np.ptp(train, axis=0) > 0, std, 1.0)
-    return (train - mean) / std, (test - mean) / std, mean, std
+    return (train - mean) / std, (test - mean) / std, std
 
 
 def load_uci(name: str, split: int, root: Optional[Union[str, Path]] = None):
     """Split ``split`` of set ``name``, standardized with the training split's statistics.
 
-    Returns ``(x_train, y_train, x_test, y_test, y_std)``: float64 numpy arrays ``x`` of shape
-    ``(n, features)`` and ``y`` of shape ``(n,)``, and the target's training std (float) that
-    converts standardized metrics to the original units. (Standard deviations with ``ddof=0``
-    as in the PBP / MC dropout code; a constant input column is only centered.)
+    Returns ``(x_train, y_train, x_test, y_test, y_std)``: float64 arrays ``x`` of shape
+    ``(n, features)`` and ``y`` of shape ``(n,)``, and the target's training std (``ddof=0`` as
+    in the PBP / MC dropout code) that converts standardized metrics to the original units.
     """
-    arrays = load_arrays(name, None if root is None else str(root))
+    arrays = load_arrays(name, root)
     count = arrays["index_train"].shape[0]
     if not 0 <= split < count:
         raise ValueError(f"{canonical(name)} has splits 0..{count - 1}, got {split}")
     data = arrays["data"].astype(np.float64)
     features, target = arrays["index_features"].astype(np.int64), int(arrays["index_target"][0])
     train, test = arrays["index_train"][split].astype(np.int64), arrays["index_test"][split].astype(np.int64)
-    x_train, x_test, _, _ = _standardize(data[np.ix_(train, features)], data[np.ix_(test, features)])
-    y_train, y_test, _, y_std = _standardize(data[train, target], data[test, target])
+    x_train, x_test, _ = _standardize(data[np.ix_(train, features)], data[np.ix_(test, features)])
+    y_train, y_test, y_std = _standardize(data[train, target], data[test, target])
     return x_train, y_train, x_test, y_test, float(y_std)

@@ -1,57 +1,20 @@
 """Variational inference in Pyro: structured NGD guides against Pyro's autoguides with Adam.
 
-Methods (``METHODS``), each fitted by ``pyro.infer.SVI`` to every problem of
-``experiments/vi_data.py`` (logistic regression on breast cancer; BNNs on wine, digits,
-diabetes, a generated 1-D regression with a gap in its inputs, and the UCI regression
-benchmark ``uci_<name>`` with the literature protocol: one hidden layer of 50 ReLU units,
-standard splits, the seed is the split index):
-
-* ``AutoStructuredNormal`` + ``NGD`` (structured natural gradient) with the structures
-  ``dense``, ``lower_triangular``, ``block_triangular(k)``, ``hierarchical(k, k)``, ``diagonal``;
-* Pyro's ``AutoNormal``, ``AutoLowRankMultivariateNormal(rank=k)`` and
-  ``AutoMultivariateNormal`` with ``pyro.optim.Adam``;
-
-with ``k = clamp(round(sqrt(d) / 2), 2, 10)`` (below ``d / 2``) for latent dimension ``d``. Every guide starts
-from the same point (``init_to_median``, ``init_scale=0.1``, the same seed). Each method runs
-over a small learning-rate grid (``NGD_SETTINGS`` holds every NGD choice: lr grids,
-``max_step``, estimator and particles, in one place); the best learning rate per method is the
-one with the highest seed-averaged final ELBO. Methods whose cost grows like ``d^2`` memory /
-``d^3`` time (dense, triangular, multivariate normal) are skipped above ``--max-dense-dim``
-latents (recorded as skipped).
-
-Metrics, per method and problem (seed-averaged):
-
-* the ELBO at a schedule of steps, each a fixed large-particle estimate (``--eval-particles``
-  vectorized particles, the same random numbers at every evaluation of a run), outside the
-  timed region: seconds count only ``svi.step``;
-* the steps and seconds to get within 1 nat (``--tol``) of the best ELBO any method reached
-  on that problem and seed (curves of the gap ``best - ELBO`` averaged over seeds);
-* final ELBO; test log-likelihood of the Monte Carlo posterior predictive
-  (``log mean_s p(y | x, theta_s)`` per test point, averaged); accuracy and expected
-  calibration error (10 bins) for classification; RMSE and 90%-interval coverage of the
-  predictive distribution for regression.
-
-UCI problems: test RMSE and log-likelihood in the target's original units, mean ± standard
-error over the splits (= seeds), next to the published numbers of PBP, MC dropout and
-mean-field VI (``LITERATURE``). Their O(d^2) guides are skipped above ``--uci-max-dense-dim``
-(default 300: all of them; d = 302 to 1102), and they may have their own step budgets
-(``--uci-ngd-steps``, ``--uci-adam-steps``; the full preset gives NGD 1000 steps there).
-
-Outputs in ``--out`` (default ``results/vi``): ``results.json`` (settings, every run with its
-curve and metrics, the selection), ``summary.csv``, ``table.md`` (the best setting per
-method and problem; also printed; it opens with the verdict against Adam ``AutoNormal``),
-``verdict.json``, ``elbo_vs_steps.png`` and ``elbo_vs_seconds.png`` (gap to
-the best ELBO, one panel per problem) and ``gap1d_bands.png`` (predictive mean and 90% band
-of each method on the gap regression, training points shown).
-
-Modes (2 CPU cores, one torch thread): ``--tiny`` (seconds, smoke test), ``--quick`` (breast
-cancer, wine, gap1d with small BNNs, 2 seeds; about 3 minutes; the default) and ``--full``
-(the five small problems and the UCI sets boston, concrete, energy, yacht and wine, 5 seeds =
-splits 0-4, longer runs; about 1-2 hours for the small problems, dominated by the dense
-methods on digits, plus roughly 3 hours for the UCI sets, mostly Adam's 2000-step runs).
-Any UCI set runs with any preset via ``--problems uci_<name>`` (``--seeds 0 ... 19`` for the
-literature's 20 splits). Timings are wall-clock on a shared machine: compare methods within
-one run.
+Every method of ``METHODS`` is fitted by ``pyro.infer.SVI`` to the problems of
+``experiments/vi_data.py`` (logistic regression; BNNs on small data sets, on a 1-D regression with
+a gap in its inputs and on the UCI regression benchmark ``uci_<name>``): ``AutoStructuredNormal`` +
+``NGD`` with five structures against Pyro's ``AutoNormal``, ``AutoLowRankMultivariateNormal`` and
+``AutoMultivariateNormal`` with Adam, all from the same starting point. Each method keeps the
+learning rate of its grid (``NGD_SETTINGS`` holds every NGD choice) with the highest seed-averaged
+final ELBO; guides with ``d^2`` memory are skipped above ``--max-dense-dim`` latents
+(``--uci-max-dense-dim`` on UCI problems). The report (``table.md``, after the verdict against Adam
+``AutoNormal``) gives per method and problem the final ELBO, the steps and seconds of ``svi.step``
+to get within ``--tol`` nats of the best ELBO and the posterior predictive's test metrics (UCI: in
+original units, beside the published numbers of ``LITERATURE``); ``results.json`` holds every run,
+``summary.csv`` the table's rows; the plots show the gap to the best ELBO against steps and seconds
+and gap1d's predictive bands. ``--tiny`` takes seconds, ``--quick`` (the default) minutes and
+``--full`` hours; ``--problems uci_<name>`` adds any UCI set to any preset (``--seeds 0 ... 19``:
+the literature's 20 splits).
 """
 
 from __future__ import annotations
@@ -67,12 +30,7 @@ import pyro
 import pyro.optim
 import torch
 from pyro.infer import SVI, Trace_ELBO
-from pyro.infer.autoguide import (
-    AutoLowRankMultivariateNormal,
-    AutoMultivariateNormal,
-    AutoNormal,
-    init_to_median,
-)
+from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariateNormal, AutoNormal, init_to_median
 
 from structngd.pyro import NGD, AutoStructuredNormal
 
@@ -119,13 +77,16 @@ NGD_SETTINGS = NGDSettings()
 
 
 # ------------------------------------------------------------------ methods
+AUTOGUIDES = {cls.__name__: cls for cls in (AutoNormal, AutoLowRankMultivariateNormal, AutoMultivariateNormal)}
+
+
 @dataclass(frozen=True)
 class Method:
     """A guide and the optimizer family that moves it."""
 
     key: str
     optimizer: str  # "ngd" or "adam"
-    guide: str  # "structured" or a Pyro autoguide class name
+    guide: str  # "structured" or a name of AUTOGUIDES
     structure: Optional[str] = None
     quadratic: bool = False  # O(d^2) memory, O(d^3) time: skipped above max_dense_dim
     estimator: Optional[str] = None  # NGD: force this estimator (None: NGDSettings.estimator_for)
@@ -150,12 +111,10 @@ class Method:
         return name
 
     def build_guide(self, model, dim: int):
-        common_args = dict(init_loc_fn=init_to_median, init_scale=0.1)
+        kwargs = dict(init_loc_fn=init_to_median, init_scale=0.1, **self.options(dim))
         if self.guide == "structured":
-            return AutoStructuredNormal(model, structure=self.structure, **common_args, **self.options(dim))
-        cls = {"AutoNormal": AutoNormal, "AutoLowRankMultivariateNormal": AutoLowRankMultivariateNormal,
-               "AutoMultivariateNormal": AutoMultivariateNormal}[self.guide]
-        return cls(model, **common_args, **self.options(dim))
+            return AutoStructuredNormal(model, structure=self.structure, **kwargs)
+        return AUTOGUIDES[self.guide](model, **kwargs)
 
 
 def guide_rank(dim: int) -> int:
@@ -182,7 +141,7 @@ METHODS = {
 
 @dataclass(frozen=True)
 class RunConfig:
-    """One optimizer setting of a method on a problem of latent dimension ``dim``."""
+    """One optimizer setting of a method."""
 
     method: str
     lr: float
@@ -204,12 +163,11 @@ class RunConfig:
 
 
 # ---------------------------------------------------------------- literature
-#: Published test RMSE and test log-likelihood (original units; mean ± the published error
-#: over the 20 standard splits, 5 for protein; one hidden layer of 50 units, 100 for protein)
-#: as tabulated in Gal & Ghahramani (2016), Table 1: "VI" is mean-field VI (Graves, 2011) and
-#: "PBP" probabilistic backpropagation, both as run by Hernandez-Lobato & Adams (2015);
-#: "MC dropout" Gal & Ghahramani's own (the paper's numbers, not the later 10x-epoch ones).
-#: ``None``: not included (a value not known with confidence).
+#: Published test RMSE and test log-likelihood (original units; mean ± the published error over
+#: the 20 standard splits, 5 for protein; one hidden layer of 50 units, 100 for protein) as
+#: tabulated in Gal & Ghahramani (2016), Table 1: "VI" is mean-field VI (Graves, 2011) and "PBP"
+#: probabilistic backpropagation, both as run by Hernandez-Lobato & Adams (2015); "MC dropout" Gal &
+#: Ghahramani's own (the paper's numbers, not the later 10x-epoch ones).
 LITERATURE_SOURCES = {
     "PBP": "Hernández-Lobato & Adams, Probabilistic backpropagation for scalable learning of Bayesian "
            "neural networks, ICML 2015",
@@ -219,25 +177,17 @@ LITERATURE_SOURCES = {
           "by Hernández-Lobato & Adams 2015 and tabulated by Gal & Ghahramani 2016",
 }
 _Pub = Tuple[Optional[float], Optional[float], Optional[float], Optional[float]]  # rmse, se, ll, se
-LITERATURE: Dict[str, Dict[str, _Pub]] = {
-    "uci_boston": {"PBP": (3.01, 0.18, -2.57, 0.09), "MC dropout": (2.97, 0.85, -2.46, 0.25),
-                   "VI": (4.32, 0.29, -2.90, 0.07)},
-    "uci_concrete": {"PBP": (5.67, 0.09, -3.16, 0.02), "MC dropout": (5.23, 0.53, -3.04, 0.09),
-                     "VI": (None, None, -3.39, 0.02)},
-    "uci_energy": {"PBP": (1.80, 0.05, -2.04, 0.02), "MC dropout": (1.66, 0.19, -1.99, 0.09),
-                   "VI": (2.65, 0.08, -2.39, 0.03)},
-    "uci_kin8nm": {"PBP": (0.10, 0.00, 0.90, 0.01), "MC dropout": (0.10, 0.00, 0.95, 0.03),
-                   "VI": (0.10, 0.00, 0.90, 0.01)},
-    "uci_naval": {"PBP": (0.01, 0.00, 3.73, 0.01), "MC dropout": (0.01, 0.00, 3.80, 0.05),
-                  "VI": (0.01, 0.00, 3.73, 0.12)},
-    "uci_power": {"PBP": (4.12, 0.03, -2.84, 0.01), "MC dropout": (4.02, 0.18, -2.80, 0.05),
-                  "VI": (4.33, 0.04, -2.89, 0.01)},
-    "uci_protein": {"PBP": (4.73, 0.01, -2.97, 0.00), "MC dropout": (4.36, 0.04, -2.89, 0.01),
-                    "VI": (4.84, 0.03, -2.99, 0.01)},
-    "uci_wine": {"PBP": (0.64, 0.01, -0.97, 0.01), "MC dropout": (0.62, 0.04, -0.93, 0.06),
-                 "VI": (0.65, 0.01, -0.98, 0.01)},
-    "uci_yacht": {"PBP": (1.02, 0.05, -1.63, 0.02), "MC dropout": (1.11, 0.38, -1.55, 0.12),
-                  "VI": (6.89, 0.67, -3.43, 0.16)},
+#: per problem, one entry per source of ``LITERATURE_SOURCES``, in order (``None``: a value not known with confidence)
+LITERATURE: Dict[str, Tuple[_Pub, _Pub, _Pub]] = {
+    "uci_boston": ((3.01, 0.18, -2.57, 0.09), (2.97, 0.85, -2.46, 0.25), (4.32, 0.29, -2.90, 0.07)),
+    "uci_concrete": ((5.67, 0.09, -3.16, 0.02), (5.23, 0.53, -3.04, 0.09), (None, None, -3.39, 0.02)),
+    "uci_energy": ((1.80, 0.05, -2.04, 0.02), (1.66, 0.19, -1.99, 0.09), (2.65, 0.08, -2.39, 0.03)),
+    "uci_kin8nm": ((0.10, 0.00, 0.90, 0.01), (0.10, 0.00, 0.95, 0.03), (0.10, 0.00, 0.90, 0.01)),
+    "uci_naval": ((0.01, 0.00, 3.73, 0.01), (0.01, 0.00, 3.80, 0.05), (0.01, 0.00, 3.73, 0.12)),
+    "uci_power": ((4.12, 0.03, -2.84, 0.01), (4.02, 0.18, -2.80, 0.05), (4.33, 0.04, -2.89, 0.01)),
+    "uci_protein": ((4.73, 0.01, -2.97, 0.00), (4.36, 0.04, -2.89, 0.01), (4.84, 0.03, -2.99, 0.01)),
+    "uci_wine": ((0.64, 0.01, -0.97, 0.01), (0.62, 0.04, -0.93, 0.06), (0.65, 0.01, -0.98, 0.01)),
+    "uci_yacht": ((1.02, 0.05, -1.63, 0.02), (1.11, 0.38, -1.55, 0.12), (6.89, 0.67, -3.43, 0.16)),
 }
 
 
@@ -249,11 +199,11 @@ def _pm(mean: Optional[float], err: Optional[float], digits: int = 2) -> str:
 
 def literature_line(problem: str) -> Optional[str]:
     """A Markdown line with the published RMSE / LL of ``problem`` (``None`` if none known)."""
-    entries = LITERATURE.get(problem)
-    if not entries:
+    if problem not in LITERATURE:
         return None
     protein = problem == "uci_protein"
-    parts = [f"{name} {_pm(r, rs)} / {_pm(l, ls)}" for name, (r, rs, l, ls) in entries.items()]
+    entries = zip(LITERATURE_SOURCES, LITERATURE[problem])
+    parts = [f"{name} {_pm(r, rs)} / {_pm(l, ls)}" for name, (r, rs, l, ls) in entries]
     return (f"Literature (test RMSE / test LL, original units, {5 if protein else 20} splits, "
             f"1 x {100 if protein else 50} units; ± as published; sources below): " + "; ".join(parts) + ".")
 
@@ -325,7 +275,7 @@ PRESETS = {
 }
 
 
-# ---------------------------------------------------------------- evaluation
+# ---------------------------------------------------------------------- runs
 def elbo_estimate(problem: Problem, guide, particles: int, seed: int) -> float:
     """ELBO from ``particles`` vectorized particles with a fixed noise stream (``seed``)."""
     loss = Trace_ELBO(num_particles=particles, vectorize_particles=True, max_plate_nesting=1)
@@ -337,7 +287,6 @@ def elbo_estimate(problem: Problem, guide, particles: int, seed: int) -> float:
     return value
 
 
-# ---------------------------------------------------------------------- runs
 @dataclass
 class Run:
     """One SVI run: its ELBO curve, status and final test metrics."""
@@ -356,37 +305,40 @@ class Run:
         return self.config.method
 
 
+def _error_text(err: Exception) -> str:
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:160]}"
+
+
 def run_one(problem: Problem, config: RunConfig, seed: int, steps: int, settings: Settings,
             dim: int, eval_seed: int = 12345, band: bool = False) -> Tuple[Run, object]:
     """Fit one guide by SVI; a failing step or evaluation (non-finite value, singular factor)
     ends the run with status ``diverged at step ...`` and ``nan`` for the rest of the curve."""
-    method = METHODS[config.method]
     pyro.clear_param_store()
     pyro.set_rng_seed(seed)
-    guide = method.build_guide(problem.model, dim)
+    guide = METHODS[config.method].build_guide(problem.model, dim)
     with torch.no_grad():
         guide(problem.x_train, problem.y_train)  # initialize (same init for every method)
     loss = Trace_ELBO(num_particles=config.particles, vectorize_particles=config.particles > 1, max_plate_nesting=1)
     svi = SVI(problem.model, guide, config.build_optimizer(settings.ngd), loss)
     points = common.eval_points(steps, settings.eval_points)
-    clock, status = common.Stopwatch(problem.x_train.device), "ok"
-    curve = Curve([], [], [])
-    it = 0
-    try:
+    clock, status, curve, it = common.Stopwatch(problem.x_train.device), "ok", Curve([], [], []), 0
+
+    def evaluate(step: int) -> None:
         curve.values.append(elbo_estimate(problem, guide, settings.eval_particles, eval_seed))
-        curve.iterations.append(0)
-        curve.seconds.append(0.0)
+        curve.iterations.append(step)
+        curve.seconds.append(clock.seconds)
+
+    try:
+        evaluate(0)
         for it in range(1, steps + 1):
             with clock:
                 value = svi.step(problem.x_train, problem.y_train)
             if not math.isfinite(value):
                 raise FloatingPointError(f"loss is {value}")
             if it == points[len(curve.iterations)]:
-                curve.values.append(elbo_estimate(problem, guide, settings.eval_particles, eval_seed))
-                curve.iterations.append(it)
-                curve.seconds.append(clock.seconds)
+                evaluate(it)
     except (ValueError, RuntimeError, FloatingPointError, AssertionError) as err:
-        status = f"diverged at step {it}: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+        status = f"diverged at step {it}: {_error_text(err)}"
     curve.pad_to(points)
     run = Run(problem.name, seed, config, curve, status)
     if status == "ok":
@@ -395,13 +347,13 @@ def run_one(problem: Problem, config: RunConfig, seed: int, steps: int, settings
             if band and problem.x_grid is not None:
                 run.band = vi_data.predictive_band(problem, guide, settings.predictive_samples, eval_seed)
         except (ValueError, RuntimeError) as err:
-            run.status = f"predictive failed: {type(err).__name__}: {str(err).splitlines()[0][:160]}"
+            run.status = f"predictive failed: {_error_text(err)}"
     return run, guide
 
 
 def warm_up(plan, settings: Settings) -> None:
     """Two untimed steps of each method's first setting: one-time costs (e.g. torch's first
-    batched-gradient call behind the price estimator, about a second) stay out of the timings."""
+    batched-gradient call behind the price estimator) stay out of the timings."""
     seen = set()
     for problem, config, seed, dim in plan:
         if config.method not in seen:
@@ -409,11 +361,11 @@ def warm_up(plan, settings: Settings) -> None:
             run_one(problem, config, seed, 2, replace(settings, eval_points=1, eval_particles=2), dim)
 
 
-def skip_reason(method: Method, dim: int, settings: Settings, problem: Optional[str] = None) -> Optional[str]:
+def skip_reason(method: Method, dim: int, settings: Settings, problem: str) -> Optional[str]:
     """Why ``method`` does not run at latent dimension ``dim`` on ``problem`` (``None``: it runs)."""
     if method.quadratic and dim > settings.max_dense_dim:
         return f"latent dim {dim} > {settings.max_dense_dim}"
-    if method.quadratic and problem is not None and vi_data.is_uci(problem) and dim > settings.uci_max_dense_dim:
+    if method.quadratic and vi_data.is_uci(problem) and dim > settings.uci_max_dense_dim:
         return f"latent dim {dim} > {settings.uci_max_dense_dim} (--uci-max-dense-dim)"
     if method.estimator is not None and method.estimator == settings.ngd.estimator_for(dim):
         twin = next((m for m in METHODS.values() if m.structure == method.structure and m.estimator is None), None)
@@ -432,21 +384,19 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict], List[dict]]
             spec = replace(spec, uci_root=str(settings.uci_root))
         for seed in settings.seeds:
             problem = vi_data.load(spec, seed, settings.device)
-            dim = vi_data.latent_dim(spec, problem)
+            dim = vi_data.latent_dim(problem)
             info.setdefault(name, {
                 "label": spec.label, "task": spec.task, "latent_dim": dim, "hidden": spec.hidden,
                 "num_train": problem.x_train.shape[0], "num_test": problem.x_test.shape[0],
                 "features": problem.x_train.shape[1], "k": guide_rank(dim),
-                "original_units": "y_std" in problem.extra,
+                "original_units": problem.y_std is not None,
             })
             for key in settings.methods:
                 reason = skip_reason(METHODS[key], dim, settings, name)
-                if reason:
-                    if seed == settings.seeds[0]:
-                        skipped.append({"problem": name, "method": key, "reason": reason})
-                    continue
-                for config in settings.configs(key, dim):
-                    plan.append((problem, config, seed, dim))
+                if reason and seed == settings.seeds[0]:
+                    skipped.append({"problem": name, "method": key, "reason": reason})
+                if not reason:
+                    plan += [(problem, config, seed, dim) for config in settings.configs(key, dim)]
     warm_up(plan, settings)
     bar = common.progress(len(plan), "vi")
     runs = []
@@ -465,9 +415,8 @@ def attach_gaps(runs: List[Run]) -> Dict[Tuple[str, int], float]:
     """Best ELBO per (problem, seed) over every run and evaluation; each run's gap curve."""
     best: Dict[Tuple[str, int], float] = defaultdict(lambda: -math.inf)
     for run in runs:
-        for v in run.curve.values:
-            if v == v:
-                best[(run.problem, run.seed)] = max(best[(run.problem, run.seed)], v)
+        key = (run.problem, run.seed)
+        best[key] = max([best[key]] + [v for v in run.curve.values if v == v])
     for run in runs:
         b = best[(run.problem, run.seed)]
         run.gap = replace(run.curve, values=[b - v for v in run.curve.values])
@@ -478,7 +427,6 @@ def attach_gaps(runs: List[Run]) -> Dict[Tuple[str, int], float]:
 class Selected:
     """The best learning rate of a method on a problem, seed-averaged."""
 
-    problem: str
     method: str
     config: RunConfig
     runs: List[Run]
@@ -487,21 +435,12 @@ class Selected:
     reached: Tuple[Optional[int], Optional[float]]
     grid: List[dict]  # every lr of the grid: label and mean final ELBO
 
-    def metric(self, name: str) -> float:
+    def metric(self, name: str) -> Tuple[float, float]:
+        """Seed mean of ``name`` and its standard error (``std / sqrt(seeds)``; nan with one seed)."""
         values = [r.metrics.get(name, math.nan) for r in self.runs]
-        return sum(values) / len(values) if values else math.nan
-
-    def metric_se(self, name: str) -> float:
-        """Standard error of the seed mean of ``name`` (``std / sqrt(seeds)``; nan with one seed)."""
-        values = [r.metrics.get(name, math.nan) for r in self.runs]
-        if len(values) < 2:
-            return math.nan
-        mean = sum(values) / len(values)
-        return math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1) / len(values))
-
-    @property
-    def finals(self) -> List[float]:
-        return [r.curve.final for r in self.runs]
+        n = len(values)
+        mean = sum(values) / n
+        return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (n - 1) / n) if n > 1 else math.nan
 
     @property
     def diverged(self) -> int:
@@ -521,24 +460,20 @@ def select(runs: List[Run], tol: float) -> Dict[Tuple[str, str], Selected]:
     for (problem, method, config), members in grouped.items():
         curve = common.mean_curve([r.curve for r in members])
         gap = common.mean_curve([r.gap for r in members])
-        candidates[(problem, method)].append(
-            Selected(problem, method, config, members, curve, gap, gap.first_below(tol), [])
-        )
-    out = {}
+        candidates[(problem, method)].append(Selected(method, config, members, curve, gap, gap.first_below(tol), []))
+    best = {key: max(options, key=lambda s: _mean_final(s.curve)) for key, options in candidates.items()}
     for key, options in candidates.items():
-        best = max(options, key=lambda s: _mean_final(s.curve))
-        best.grid = [{"setting": s.config.label, "final_elbo": s.curve.final, "diverged": s.diverged} for s in options]
-        out[key] = best
-    return out
+        best[key].grid = [{"setting": s.config.label, "final_elbo": s.curve.final, "diverged": s.diverged}
+                          for s in options]
+    return best
 
 
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
-    vals = [v for v in values if v == v]
-    if len(vals) != len(values) or not vals:
+    """Mean and sample standard deviation (0 for one value); both nan if a value is nan."""
+    if not values or any(v != v for v in values):
         return math.nan, math.nan
-    mean = sum(vals) / len(vals)
-    std = math.sqrt(sum((v - mean) ** 2 for v in vals) / max(1, len(vals) - 1)) if len(vals) > 1 else 0.0
-    return mean, std
+    mean = sum(values) / len(values)
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in values) / (len(values) - 1)) if len(values) > 1 else 0.0
 
 
 def summary_rows(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict], best: Dict[Tuple[str, int], float],
@@ -550,40 +485,60 @@ def summary_rows(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict
         best_mean = _mean_std([best[(problem, s)] for s in settings.seeds])[0]
         for key in settings.methods:
             row = {"problem": problem, "latent_dim": dim, "best_elbo": best_mean, "method": METHODS[key].label(dim)}
+            rows.append(row)
             skip = next((s for s in skipped if s["problem"] == problem and s["method"] == key), None)
             sel = selected.get((problem, key))
             if skip or sel is None:
                 row.update({"setting": "skipped" if skip else "–", "status": skip["reason"] if skip else "no runs"})
-                rows.append(row)
                 continue
-            mean, std = _mean_std(sel.finals)
-            total_s = sel.curve.total_seconds
+            mean, std = _mean_std([r.curve.final for r in sel.runs])
+            total_s, steps = sel.curve.total_seconds, settings.steps(key, problem)
             row.update({
                 "setting": sel.config.label, "status": "ok" if not sel.diverged else f"{sel.diverged} diverged",
                 "final_elbo": mean, "final_elbo_std": std,
                 "steps_to_tol": sel.reached[0], "seconds_to_tol": sel.reached[1],
-                "steps": settings.steps(key, problem), "total_seconds": total_s,
-                "ms_per_step": 1000 * total_s / settings.steps(key, problem) if total_s == total_s else math.nan,
+                "steps": steps, "total_seconds": total_s,
+                "ms_per_step": 1000 * total_s / steps if total_s == total_s else math.nan,
             })
             for name in ("test_loglik", "accuracy", "ece", "rmse", "coverage90"):
                 if any(name in r.metrics for r in sel.runs):
-                    row[name] = sel.metric(name)
-                    row[name + "_se"] = sel.metric_se(name)
-            rows.append(row)
+                    row[name], row[name + "_se"] = sel.metric(name)
     return rows
 
 
-def _reach(value, digits=2) -> str:
-    if value is None:
-        return "not reached"
-    return str(value) if isinstance(value, int) else fmt(value, digits)
+# ------------------------------------------------------------------- report
+def _reach(value) -> str:
+    return "not reached" if value is None else fmt(value, 2)
 
 
-def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
+def _digits(value: Optional[float]) -> int:
+    """Decimals that show about three significant digits of an RMSE."""
+    if value is None or not value == value or value <= 0:
+        return 2
+    return max(2, 2 - math.floor(math.log10(value)))
+
+
+def table_row(row: dict, meta: dict, spread: bool, width: int) -> List[str]:
+    """A summary row as ``width`` table cells (``spread``: show the ELBO's std over seeds)."""
+    if "final_elbo" not in row:
+        return [row["method"], row["setting"], row["status"]] + ["–"] * (width - 3)
+    final = row["final_elbo"]
+    elbo = "diverged" if final != final else _pm(final, row["final_elbo_std"] if spread else None)
+    if row["status"] != "ok":
+        elbo += f" ({row['status']})"
+    if meta.get("original_units"):
+        metrics = [_pm(row.get("test_loglik"), row.get("test_loglik_se")),
+                   _pm(row.get("rmse"), row.get("rmse_se"), _digits(row.get("rmse"))), fmt(row.get("coverage90"), 3)]
+    else:
+        names = ("accuracy", "ece") if meta["task"] != "regression" else ("rmse", "coverage90")
+        metrics = [fmt(row.get(name), 3) for name in ("test_loglik",) + names]
+    return [row["method"], row["setting"], elbo, _reach(row["steps_to_tol"]), _reach(row["seconds_to_tol"]),
+            fmt(row["ms_per_step"], 2)] + metrics
+
+
+def markdown_report(results: Results, settings: Settings, runtime: float) -> str:
     """The results table (one section per problem) with the settings, literature and notes."""
-    rows, info, notes = results.rows, results.info, notes_for(results.runs, results.selected)
     ngd, grid = settings.ngd, common.grid_text
-    spread = len(settings.seeds) > 1  # one seed: no spread to show
     lines = [
         f"ELBO: {settings.eval_particles}-particle estimate (fixed noise per run) at {settings.eval_points}-ish "
         f"scheduled steps, seed-averaged over seeds {list(settings.seeds)}; `best` = best ELBO of any run "
@@ -603,124 +558,85 @@ def markdown_report(results: "Results", settings: Settings, runtime: float) -> s
     ]
     header = ["method", "setting", "final ELBO", "steps to 1 nat", "s to 1 nat", "ms/step", "test LL"]
     for problem in settings.problems:
-        meta = info[problem]
-        members = [r for r in rows if r["problem"] == problem]
-        classification = meta["task"] != "regression"
-        extra = ["acc", "ECE"] if classification else ["RMSE", "cov90"]
-        body = []
-        for r in members:
-            if "final_elbo" not in r:
-                body.append([r["method"], r["setting"], r["status"]] + ["–"] * (len(header) + len(extra) - 3))
-                continue
-            elbo = ("diverged" if r["final_elbo"] != r["final_elbo"]
-                    else _pm(r["final_elbo"], r["final_elbo_std"] if spread else None))
-            if r["status"] != "ok":
-                elbo += f" ({r['status']})"
-            if meta.get("original_units"):
-                digits = _digits(r.get("rmse"))
-                metrics = [_pm(r.get("test_loglik"), r.get("test_loglik_se"), 2),
-                           _pm(r.get("rmse"), r.get("rmse_se"), digits), fmt(r.get("coverage90"), 3)]
-            else:
-                metrics = [fmt(r.get("test_loglik"), 3)] + [
-                    fmt(r.get(k), 3) for k in (("accuracy", "ece") if classification else ("rmse", "coverage90"))]
-            body.append([
-                r["method"], r["setting"], elbo, _reach(r["steps_to_tol"]), _reach(r["seconds_to_tol"]),
-                fmt(r["ms_per_step"], 2),
-            ] + metrics)
+        meta = results.info[problem]
+        members = [r for r in results.rows if r["problem"] == problem]
+        extra = ["acc", "ECE"] if meta["task"] != "regression" else ["RMSE", "cov90"]
+        body = [table_row(r, meta, len(settings.seeds) > 1, len(header) + len(extra)) for r in members]
         best = members[0]["best_elbo"] if members else math.nan
         steps = ""
         if vi_data.is_uci(problem):
             steps = (f", NGD {settings.steps('ngd_diagonal', problem)} / Adam {settings.steps('adam_normal', problem)} "
                      f"steps, splits {list(settings.seeds)}")
-        lines += [
-            "", f"## {meta['label']}: d = {meta['latent_dim']}, n = {meta['num_train']} train / {meta['num_test']} test, "
-            f"k = {meta['k']}, best ELBO {best:.2f}{steps}", "",
-            common.markdown_table(header + extra, body),
-        ]
+        heading = (f"## {meta['label']}: d = {meta['latent_dim']}, n = {meta['num_train']} train / "
+                   f"{meta['num_test']} test, k = {meta['k']}, best ELBO {best:.2f}{steps}")
+        lines += ["", heading, "", common.markdown_table(header + extra, body)]
         literature = literature_line(problem)
         if literature:
             lines += ["", literature]
     if any(p in LITERATURE for p in settings.problems):
         lines += ["", "Literature sources:", ""] + [f"- {k}: {v}." for k, v in LITERATURE_SOURCES.items()]
+    notes = notes_for(results.runs, results.selected)
     if notes:
         lines += ["", "Notes:", ""] + [f"- {n}" for n in notes]
     return "\n".join(lines) + "\n"
 
 
-def _digits(value: Optional[float]) -> int:
-    """Decimals that show about three significant digits of an RMSE."""
-    if value is None or not value == value or value <= 0:
-        return 2
-    return max(2, 2 - math.floor(math.log10(value)))
-
-
 def notes_for(runs: List[Run], selected: Dict[Tuple[str, str], Selected]) -> List[str]:
+    """The failed runs of each method, and the grid settings that diverged in some seeds."""
     out = []
-    failed = [r for r in runs if r.status != "ok"]
-    by_method = defaultdict(list)
-    for r in failed:
-        by_method[r.method].append(r)
-    for key, bad in by_method.items():
-        total = sum(r.method == key for r in runs)
-        ex = bad[0]
+    for key in dict.fromkeys(r.method for r in runs if r.status != "ok"):
+        bad = [r for r in runs if r.method == key and r.status != "ok"]
+        total, ex = sum(r.method == key for r in runs), bad[0]
         out.append(f"{METHODS[key].label()}: {len(bad)} of {total} runs failed, e.g. {ex.problem} seed {ex.seed} "
                    f"{ex.config.label}: {ex.status} (all in results.json)")
     for (problem, key), sel in selected.items():
         lost = [g for g in sel.grid if g["diverged"]]
         if lost and not sel.diverged:
-            out.append(f"{problem} {METHODS[key].label()}: settings {[g['setting'] for g in lost]} diverged in some seeds")
+            names = [g["setting"] for g in lost]
+            out.append(f"{problem} {METHODS[key].label()}: settings {names} diverged in some seeds")
     return out
 
 
 # -------------------------------------------------------------------- plots
-def _colors():
-    import matplotlib
-
-    cmap = matplotlib.colormaps["tab10"]
-    return {key: cmap(i % 10) for i, key in enumerate(METHODS)}
-
-
 def plot_curves(selected: Dict[Tuple[str, str], Selected], info: Dict[str, dict], settings: Settings,
                 out: Path) -> List[Path]:
     """Gap to the best ELBO vs steps and vs seconds, one panel per problem, best lr per method."""
-    color = _colors()
+    import matplotlib
+
+    cmap = matplotlib.colormaps["tab10"]
+    color = {key: cmap(i % 10) for i, key in enumerate(METHODS)}
+    style = {key: "-" if method.optimizer == "ngd" else "--" for key, method in METHODS.items()}
+    legend = [(METHODS[k].label(), color[k], style[k]) for k in settings.methods]
+    legend.append((f"{settings.tol:g} nat", "gray", ":"))
     paths = []
-    for axis in ("steps", "seconds"):
+    for axis, xlabel in (("steps", "SVI steps"), ("seconds", "time (s, svi.step only)")):
         panels: Dict[str, List[Line]] = {}
         for problem in settings.problems:
-            title = f"{info[problem]['label']}, d={info[problem]['latent_dim']}"
-            lines = []
-            for key in settings.methods:
-                sel = selected.get((problem, key))
-                if sel is None:
-                    continue
-                x = sel.gap.iterations if axis == "steps" else sel.gap.seconds
-                lines.append(Line(x, sel.gap.values, color[key], "-" if METHODS[key].optimizer == "ngd" else "--"))
-            xmax = max((max((v for v in l.x if v == v), default=0) for l in lines), default=1)
+            chosen = [(key, selected[(problem, key)]) for key in settings.methods if (problem, key) in selected]
+            lines = [Line(sel.gap.iterations if axis == "steps" else sel.gap.seconds, sel.gap.values, color[key],
+                          style[key]) for key, sel in chosen]
+            xmax = max((max((v for v in line.x if v == v), default=0) for line in lines), default=1)
             lines.append(Line([0, xmax], [settings.tol, settings.tol], "gray", ":"))
-            panels[title] = lines
-        legend = [(METHODS[k].label(), color[k], "-" if METHODS[k].optimizer == "ngd" else "--") for k in settings.methods]
-        legend.append((f"{settings.tol:g} nat", "gray", ":"))
+            panels[f"{info[problem]['label']}, d={info[problem]['latent_dim']}"] = lines
         path = out / f"elbo_vs_{axis}.png"
-        common.plot_panels(
-            path, panels, xlabel="SVI steps" if axis == "steps" else "time (s, svi.step only)",
-            ylabel="best ELBO - ELBO (nats)", title="VI: gap to the best ELBO (best lr per method, seed mean)",
-            legend=legend, floor=1e-2,
-        )
+        common.plot_panels(path, panels, xlabel=xlabel, ylabel="best ELBO - ELBO (nats)",
+                           title="VI: gap to the best ELBO (best lr per method, seed mean)", legend=legend, floor=1e-2)
         paths.append(path)
     return paths
 
 
-def plot_bands(selected: Dict[Tuple[str, str], Selected], problem: str, settings: Settings, out: Path) -> Optional[Path]:
+def plot_bands(selected: Dict[Tuple[str, str], Selected], problem: str, settings: Settings,
+               out: Path) -> Optional[Path]:
     """Predictive mean and 90% band of each method (best lr, first seed) with the training data."""
+    from matplotlib.patches import Patch
+
     plt = common.pyplot()
     entries = [(key, selected[(problem, key)]) for key in settings.methods if (problem, key) in selected]
     entries = [(key, sel, next((r for r in sel.runs if r.band is not None), None)) for key, sel in entries]
     entries = [e for e in entries if e[2] is not None]
     if not entries:
         return None
-    spec = vi_data.problem_specs(settings.size)[problem]
-    data = vi_data.load(spec, entries[0][2].seed)
+    data = vi_data.load(vi_data.problem_specs(settings.size)[problem], entries[0][2].seed)
     ncols = min(4, len(entries))
     nrows = math.ceil(len(entries) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols, 2.9 * nrows), squeeze=False, sharex=True, sharey=True)
@@ -742,60 +658,43 @@ def plot_bands(selected: Dict[Tuple[str, str], Selected], problem: str, settings
         ax.set_visible(False)
     fig.suptitle(f"{problem}: posterior predictive mean and 90% band (seed {entries[0][2].seed})", fontsize=10)
     path = out / f"{problem}_bands.png"
-    common.save_with_legend(fig, path, *_band_legend(plt))
-    return path
-
-
-def _band_legend(plt) -> Tuple[list, List[str]]:
-    """Handles and labels of the band plot's legend."""
-    from matplotlib.patches import Patch
-
     handles = [plt.Line2D([], [], color="tab:blue", linewidth=1.4), Patch(color="tab:blue", alpha=0.25),
                plt.Line2D([], [], color="black", linewidth=0.8, linestyle=":"),
                plt.Line2D([], [], color="black", marker="o", markersize=3, linestyle="")]
-    return handles, ["predictive mean", "90% predictive band", "sin(3x), the noise-free truth", "training data"]
+    common.save_with_legend(fig, path, handles, ["predictive mean", "90% predictive band",
+                                                 "sin(3x), the noise-free truth", "training data"])
+    return path
 
 
 # ------------------------------------------------------------------ outputs
-def run_records(runs: List[Run]) -> List[dict]:
-    return [
-        {
-            "problem": r.problem, "seed": r.seed, "method": r.method, "method_label": METHODS[r.method].label(),
-            **asdict(r.config), "status": r.status, "iterations": r.curve.iterations,
-            "seconds": common.rounded(r.curve.seconds),
-            "elbo": common.rounded(r.curve.values, 8), "metrics": r.metrics,
-            **({"band": r.band} if r.band else {}),
-        }
-        for r in runs
-    ]
-
-
-def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
-    """``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
-    common.write_csv(out / "summary.csv", rows_for_csv(results.rows))
+def write_outputs(results: Results, settings: Settings, out: Path) -> List[Path]:
+    """``summary.csv`` (one column per key of any row) and ``results.json`` in ``out``; returns their paths."""
+    keys = list(dict.fromkeys(k for r in results.rows for k in r))
+    common.write_csv(out / "summary.csv", [{k: r.get(k, "") for k in keys} for r in results.rows])
     selection = [
         {"problem": p, "method": m, "setting": s.config.label, "grid": s.grid, "steps_to_tol": s.reached[0],
          "seconds_to_tol": s.reached[1]}
         for (p, m), s in results.selected.items()
     ]
+    runs = [
+        {"problem": r.problem, "seed": r.seed, "method": r.method, "method_label": METHODS[r.method].label(),
+         **asdict(r.config), "status": r.status, "iterations": r.curve.iterations,
+         "seconds": common.rounded(r.curve.seconds), "elbo": common.rounded(r.curve.values, 8), "metrics": r.metrics,
+         **({"band": r.band} if r.band else {})}
+        for r in results.runs
+    ]
     common.write_json(out / "results.json", {
         "settings": asdict(settings), "problems": results.info, "skipped": results.skipped,
         "best_elbo": [{"problem": p, "seed": s, "elbo": v} for (p, s), v in results.best.items()],
-        "selection": selection, "summary": results.rows, "runs": run_records(results.runs),
+        "selection": selection, "summary": results.rows, "runs": runs,
     })
     return [out / "summary.csv", out / "results.json"]
-
-
-def rows_for_csv(rows: List[dict]) -> List[dict]:
-    keys = list(dict.fromkeys(k for r in rows for k in r))
-    return [{k: r.get(k, "") for k in keys} for r in rows]
 
 
 # ------------------------------------------------------------------- study
 @dataclass
 class Results:
-    """What the study computed: every run, the problems, the skipped pairs, the best ELBOs, the
-    selection and the table's rows."""
+    """Every run, the problems, the skipped pairs, the best ELBOs, the selection and the table's rows."""
 
     runs: List[Run]
     info: Dict[str, dict]
@@ -821,12 +720,6 @@ def plot_all(results: Results, settings: Settings, out: Path) -> List[Path]:
     return paths + ([band] if band else [])
 
 
-def baseline_method(settings: Settings) -> Optional[str]:
-    """The Adam guide a user would pick first: ``AutoNormal``, else the first Adam method that runs."""
-    adam = [key for key in settings.methods if METHODS[key].optimizer == "adam"]
-    return "adam_normal" if "adam_normal" in adam else next(iter(adam), None)
-
-
 def _winner_text(problem: str, chosen: Dict[str, Selected], baseline: str, info: Dict[str, dict]) -> str:
     """``problem: method (+x nats over the baseline)`` for the highest final ELBO."""
     best = max(chosen.values(), key=lambda s: _mean_final(s.curve))
@@ -840,8 +733,10 @@ def _winner_text(problem: str, chosen: Dict[str, Selected], baseline: str, info:
 
 def verdict(results: Results, settings: Settings) -> List[str]:
     """Per problem: the guide with the highest final ELBO and its margin over the Adam baseline;
-    then how often NGD's fastest guide got within ``tol`` of the best ELBO before the baseline."""
-    baseline = baseline_method(settings)
+    then how often NGD's fastest guide got within ``tol`` of the best ELBO before the baseline (Adam
+    ``AutoNormal``, else the first Adam guide that ran)."""
+    adam = [key for key in settings.methods if METHODS[key].optimizer == "adam"]
+    baseline = "adam_normal" if "adam_normal" in adam else next(iter(adam), None)
     if baseline is None:
         return ["No Adam guide ran, so there is no baseline to compare with."]
     winners, pairs, finals = [], [], []

@@ -39,7 +39,6 @@ def test_split_sizes_and_disjoint(name):
     assert arrays["index_features"].size == inputs and arrays["index_target"].size == 1
     assert arrays["index_train"].shape == (splits, n_train) and arrays["index_test"].shape == (splits, n_test)
     assert arrays["index_train"].dtype in (np.int16, np.int32)
-    assert uci_data.num_splits(name) == splits
     for train, test in zip(arrays["index_train"], arrays["index_test"]):
         assert np.intersect1d(train, test).size == 0
         assert np.array_equal(np.sort(np.concatenate([train, test])), np.arange(rows))
@@ -107,9 +106,9 @@ def test_vi_problem_protocol_and_original_units(float64):
     spec = vi_data.problem_specs("tiny")["uci_yacht"]
     problem = vi_data.load(spec, 2)
     assert spec.hidden == (50,) and spec.activation == "relu"
-    assert vi_data.latent_dim(spec, problem) == 6 * 50 + 50 + 50 + 1 + 1
+    assert vi_data.latent_dim(problem) == 6 * 50 + 50 + 50 + 1 + 1
     assert problem.x_train.shape == (277, 6) and problem.x_train.dtype == torch.float64
-    y_std = problem.extra["y_std"]
+    y_std = problem.y_std
     assert y_std == pytest.approx(uci_data.load_uci("yacht", 2)[4])
 
     # a point-mass "guide" at zero weights and sigma = 1: predictive N(0, 1) in standardized units

@@ -45,7 +45,7 @@ def test_a_run_on_a_device_fits_the_same_problem(device, method):
     for where in ("cpu", device):
         problem = vi_data.load(spec, 0, where)
         assert problem.x_train.device.type == where and problem.y_test.device.type == where
-        dim = vi_data.latent_dim(spec, problem)
+        dim = vi_data.latent_dim(problem)
         config = settings.configs(method, dim)[0]
         run, guide = vi.run_one(problem, config, 0, settings.steps(method), settings, dim)
         assert run.status == "ok", run.status
