@@ -11,7 +11,8 @@ ROOT = Path(__file__).resolve().parents[1]
 TEXT = {".py", ".md", ".toml", ".cfg", ".txt", ".yml", ".yaml", ".json", ""}
 #: written in pieces so that this file does not match itself
 MACHINE_ROOTS = ["wo" + "rk", "ro" + "ot", "ho" + "me", "ch" + "eck"]
-RUN_WORDS = ["sess" + "ions?", "this mach" + "ine", "the bri" + "ef"]
+RUN_WORDS = ["sess" + "ions?", "this mach" + "ine", "the bri" + "ef", "tick" + "ets?", "re-meas" + "ured",
+             "earlier ru" + "ns?", "previous com" + "mit", "iss" + "ue #?\\d+"]
 PATTERNS = {
     "an absolute machine path": re.compile("(?<![\\w.])/(" + "|".join(MACHINE_ROOTS) + ")/"),
     "a word about the runs that built it": re.compile("(?i)\\b(" + "|".join(RUN_WORDS) + ")\\b"),
