@@ -48,10 +48,7 @@ def add_preset_arguments(parser: argparse.ArgumentParser, full_time: str) -> Non
 
 def preset_name(args: argparse.Namespace) -> str:
     """The preset chosen on the command line (``quick`` unless ``--tiny`` or ``--full``)."""
-    for name in ("tiny", "full"):
-        if getattr(args, name, False):
-            return name
-    return "quick"
+    return next((name for name in ("tiny", "full") if getattr(args, name, False)), "quick")
 
 
 # ------------------------------------------------------------ field types
@@ -116,7 +113,8 @@ def add_settings_arguments(parser: argparse.ArgumentParser, cls: type, preset: A
         text = f.metadata.get("help", "") + choices + shown
         if choices:
             keywords.setdefault("metavar", dest.upper())
-        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, default=argparse.SUPPRESS, help=text.replace("%", "%%"), **keywords)
+        parser.add_argument("--" + dest.replace("_", "-"), dest=dest, default=argparse.SUPPRESS,
+                            help=text.replace("%", "%%"), **keywords)
 
 
 def resolve(preset: Any, args: argparse.Namespace, prefix: str = "") -> Any:

@@ -1,5 +1,5 @@
-"""Helpers shared by the studies: torch set-up, evaluation schedules, curve summaries,
-Markdown tables, output files, plots and progress bars."""
+"""Helpers shared by the studies: torch set-up, timing, evaluation schedules, curves,
+selection, Markdown text, output files, plots and progress bars."""
 
 from __future__ import annotations
 
@@ -9,16 +9,12 @@ import math
 import platform
 import textwrap
 import time
+from collections import defaultdict
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Dict, Iterable, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 import torch
-
-try:
-    from tqdm.auto import tqdm
-except ImportError:  # pragma: no cover - tqdm is an optional dependency
-    tqdm = None
 
 
 # ----------------------------------------------------------------- set-up
@@ -44,17 +40,16 @@ class Stopwatch:
     def __init__(self, device=None):
         self.seconds = 0.0
         device = torch.device(device) if device is not None else None
-        self._sync = (lambda: torch.cuda.synchronize(device)) if device is not None and device.type == "cuda" else None
+        cuda = device is not None and device.type == "cuda"
+        self._sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
 
     def __enter__(self) -> "Stopwatch":
-        if self._sync:
-            self._sync()
+        self._sync()
         self._start = time.perf_counter()
         return self
 
     def __exit__(self, *exc) -> None:
-        if self._sync:
-            self._sync()
+        self._sync()
         self.seconds += time.perf_counter() - self._start
 
 
@@ -62,9 +57,9 @@ def fork_rng(device=None):
     """``torch.random.fork_rng`` over the CPU generator and, for a CUDA ``device``, that device's:
     seeds set inside (fixed-noise evaluations) leave the training stream where it was."""
     device = torch.device(device) if device is not None else torch.device("cpu")
-    if device.type == "cuda":
-        return torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()])
-    return torch.random.fork_rng(devices=[])
+    if device.type != "cuda":
+        return torch.random.fork_rng(devices=[])
+    return torch.random.fork_rng(devices=[device.index if device.index is not None else torch.cuda.current_device()])
 
 
 def resolve_device(name: str) -> torch.device:
@@ -79,12 +74,13 @@ def resolve_device(name: str) -> torch.device:
 
 
 def eval_points(iterations: int, count: int = 100) -> List[int]:
-    """Iterations at which to evaluate a run: dense at the start, uniform later.
-
-    The union of about ``count`` geometrically and ``count`` linearly spaced points in
-    ``[0, iterations]`` (0 is the initial point, before any step).
-    """
-    geometric = {round(x) for x in _geomspace(1, iterations, count)}
+    """Iterations at which to evaluate a run, dense at the start: the union of ``count``
+    geometrically and ``count`` linearly spaced points in ``[0, iterations]`` (0: before any step)."""
+    if count < 2 or iterations <= 1:
+        geometric = {iterations}
+    else:
+        ratio = iterations ** (1.0 / (count - 1))
+        geometric = {round(ratio**i) for i in range(count)}
     linear = {round(i * iterations / count) for i in range(count + 1)}
     return sorted({0} | geometric | linear)
 
@@ -94,13 +90,6 @@ def low_rank(dim: int, most: float = math.inf) -> int:
     ``clamp(round(sqrt(d) / 2), 2, 10)``, lowered to ``most`` where a structure needs a smaller
     one (``block_triangular(k)`` needs ``k < d``, ``hierarchical(k, k)`` ``2 k < d``), and at least 1."""
     return max(1, min(10, max(2, round(math.sqrt(dim) / 2)), most))
-
-
-def _geomspace(start: float, stop: float, count: int) -> List[float]:
-    if count < 2 or stop <= start:
-        return [stop]
-    ratio = (stop / start) ** (1.0 / (count - 1))
-    return [start * ratio**i for i in range(count)]
 
 
 # ------------------------------------------------------------- curves
@@ -124,6 +113,15 @@ class Curve:
     def final(self) -> float:
         return self.values[-1] if self.values else math.nan
 
+    def append(self, iteration: int, seconds: float, value: float) -> None:
+        self.iterations.append(iteration)
+        self.seconds.append(seconds)
+        self.values.append(value)
+
+    def along(self, axis: str) -> List[float]:
+        """The x values of a plot against ``axis``: ``seconds``, else iterations."""
+        return self.seconds if axis == "seconds" else self.iterations
+
     @property
     def total_seconds(self) -> float:
         """Seconds of work up to the last evaluation that was reached (``nan`` for none)."""
@@ -135,6 +133,20 @@ class Curve:
         self.iterations += missing
         self.seconds += [math.nan] * len(missing)
         self.values += [math.nan] * len(missing)
+
+
+def group_by(items: Iterable[Any], key: Callable[[Any], Any]) -> Dict[Any, list]:
+    """``{key(item): [items with that key]}`` in order of first appearance."""
+    groups = defaultdict(list)
+    for item in items:
+        groups[key(item)].append(item)
+    return groups
+
+
+def keep_best(slot: dict, name: Any, candidate: Any, rank: Callable[[Any], Any]) -> None:
+    """``slot[name] = candidate`` unless what is there already ranks lower (or equal)."""
+    if name not in slot or rank(candidate) < rank(slot[name]):
+        slot[name] = candidate
 
 
 def missing_last(value: Optional[float]) -> float:
@@ -212,6 +224,21 @@ def fmt_ratio(slow: Optional[float], fast: Optional[float], slow_bound: float, f
     return "–"
 
 
+def reach_text(value: Optional[float], digits: int = 3) -> str:
+    """Iterations or seconds to a target: ``not reached`` for ``None``."""
+    return "not reached" if value is None else fmt(value, digits)
+
+
+def error_text(err: Exception, width: int) -> str:
+    """``Type: first line of the message`` cut to ``width`` characters, for a run's status."""
+    return f"{type(err).__name__}: {str(err).splitlines()[0][:width]}"
+
+
+def notes_section(notes: Sequence[str]) -> List[str]:
+    """A report's ``Notes:`` list (no lines without notes)."""
+    return ["", "Notes:", ""] + [f"- {note}" for note in notes] if notes else []
+
+
 def grid_text(values: Iterable[Optional[float]]) -> str:
     """A grid of settings as ``{0.1, 1, none}``."""
     return "{" + ", ".join("none" if v is None else f"{v:g}" for v in values) + "}"
@@ -284,26 +311,19 @@ class Line:
     marker: Optional[str] = None  # e.g. "o": points show even where a line has one
 
 
-def plot_panels(
-    path: Path,
-    panels: Dict[str, List[Line]],
-    xlabel: str,
-    ylabel: str,
-    title: str,
-    legend: Sequence[Tuple[str, str, str]],
-    logy: bool = True,
-    floor: float = 1e-12,
-    ncols: Optional[int] = None,
-    xticks: Optional[Sequence[float]] = None,
-) -> None:
+def plot_panels(path: Path, panels: Dict[str, List[Line]], xlabel: str, ylabel: str, title: str,
+                legend: Sequence[Tuple[str, str, str]], logy: bool = True, floor: float = 1e-12,
+                ncols: Optional[int] = None, xticks: Optional[Sequence[float]] = None) -> None:
     """One panel per key of ``panels``, a shared legend of ``(label, color, style)`` entries
     below them (outside the axes, so it covers no data).
 
     Values are clipped below at ``floor`` so zeros show on a log scale. The panels fill a grid
     of ``ncols`` columns (default: about square). With ``xticks`` the x axis is logarithmic with
-    those ticks, labelled as plain numbers.
+    exactly those ticks, labelled as plain numbers.
     """
     plt = pyplot()
+    from matplotlib.ticker import FixedLocator, NullLocator
+
     ncols = min(ncols or math.ceil(math.sqrt(len(panels))), len(panels))
     nrows = math.ceil(len(panels) / ncols)
     fig, axes = plt.subplots(nrows, ncols, figsize=(4.4 * ncols, 3.4 * nrows), squeeze=False)
@@ -315,7 +335,10 @@ def plot_panels(
         if logy:
             ax.set_yscale("log")
         if xticks is not None:
-            log_ticks(ax, xticks)
+            ax.set_xscale("log")
+            ax.xaxis.set_major_locator(FixedLocator(list(xticks)))
+            ax.xaxis.set_minor_locator(NullLocator())
+            ax.set_xticklabels([f"{t:g}" for t in xticks])
         ax.set_title(name, fontsize=10)
         ax.set_xlabel(xlabel)
         ax.grid(True, which="major", alpha=0.3)
@@ -338,16 +361,6 @@ def pyplot():
     return plt
 
 
-def log_ticks(ax, ticks: Sequence[float]) -> None:
-    """A logarithmic x axis with exactly ``ticks``, labelled as plain numbers."""
-    from matplotlib.ticker import FixedLocator, NullLocator
-
-    ax.set_xscale("log")
-    ax.xaxis.set_major_locator(FixedLocator(list(ticks)))
-    ax.xaxis.set_minor_locator(NullLocator())
-    ax.set_xticklabels([f"{t:g}" for t in ticks])
-
-
 def save_with_legend(fig, path: Path, handles: Sequence, labels: Sequence[str]) -> None:
     """Lay out ``fig``, put the legend of ``handles`` below its panels (outside every axis, in
     as many columns as the figure's width holds) and save it at ``path``, the canvas grown to
@@ -355,8 +368,7 @@ def save_with_legend(fig, path: Path, handles: Sequence, labels: Sequence[str]) 
     fig.tight_layout()
     entry_inches = 0.8 + 0.07 * max((len(label) for label in labels), default=1)  # line sample + 9 pt text
     columns = max(1, min(len(labels), int(fig.get_figwidth() // entry_inches)))
-    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns,
-                        fontsize=9, frameon=False)
+    fig.legend(handles, labels, loc="upper center", bbox_to_anchor=(0.5, 0.0), ncol=columns, fontsize=9, frameon=False)
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     pyplot().close(fig)

@@ -81,10 +81,8 @@ def render_curves(control: Tensor, size: int, width: float = 0.6) -> Tensor:
     return images.reshape(n, size, size)
 
 
-def curves(
-    n_train: int = 10000, n_test: int = 2000, size: int = 16, seed: int = 0, width: float = 0.6,
-    margin: float = 0.1,
-) -> Dataset:
+def curves(n_train: int = 10000, n_test: int = 2000, size: int = 16, seed: int = 0, width: float = 0.6,
+           margin: float = 0.1) -> Dataset:
     """CURVES-style images: one cubic Bezier curve per image through 4 control points drawn
     uniformly in ``[margin, 1 - margin]^2`` (the curve stays in their convex hull, so inside
     the image); intensities in ``[0, 1]``. Inputs ``(N, size, size)``."""
@@ -141,6 +139,3 @@ def mnist1d(num_samples: int = 5000, seed: int = 0, train_split: float = 0.8, **
     as_x = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.float32)
     as_y = lambda a: torch.as_tensor(np.asarray(a), dtype=torch.int64)
     return Dataset("mnist1d", as_x(data["x"]), as_x(data["x_test"]), as_y(data["y"]), as_y(data["y_test"]))
-
-
-DATASETS = {"curves": curves, "digits": digits, "mnist1d": mnist1d}

@@ -1,44 +1,28 @@
 """Structured NGD against Adam on Gaussian targets: KL(q || p) per structure, vs iterations and seconds.
 
-Every structure (dense, diagonal, lower/upper triangular, block-diagonal, block-triangular(k),
-Heisenberg(k), hierarchical(k, k)) is fitted to random Gaussian targets ``p = N(m, P^-1)``
-(``P`` a random rotation of log-spaced eigenvalues in ``[1, cond]``; ``GaussianTarget.random``)
-starting from ``q = N(0, I)``, with
+Every structure of ``structngd.groups`` is fitted to random Gaussian targets ``p = N(m, P^-1)``
+(``GaussianTarget.random``: log-spaced eigenvalues in ``[1, cond]``, a random rotation) from ``q =
+N(0, I)``, with exact gradients (``target.kl(q).backward()``) or Monte Carlo gradients
+(``q.estimate_gradients(target.log_prob, num_samples, estimator)``), each by ``NaturalGradient`` (a
+grid of learning rates x trust regions ``max_step``) and by ``torch.optim.Adam`` on the same
+parameters and loss (a grid of learning rates). The table shows each method's best setting: the
+fewest iterations to ``gap < tol``, else the smallest final gap (seed-averaged curves).
 
-* exact gradients: ``target.kl(q).backward()`` (``KL(q || p) = -ELBO`` up to ``log Z = 0``);
-* Monte Carlo gradients: ``q.estimate_gradients(target.log_prob, num_samples, estimator)``
-  (``reparam`` by default),
-
-each by ``NaturalGradient`` (a grid of learning rates x trust regions ``max_step``) and by
-``torch.optim.Adam`` on the same parameters (``loc``, ``factor``) and the same loss (a grid of
-learning rates). Every run is recorded; the table shows the best setting of each method: the
-one reaching ``gap < tol`` in the fewest iterations, else the smallest final gap (on the
-seed-averaged curve).
-
-The KL is always evaluated exactly (closed form, outside the timed region), also for Monte
-Carlo runs. The *gap* is ``KL - KL*``, with ``KL*`` the structure's own optimum: in closed form
-for dense and triangular structures (0), diagonal and block-diagonal (block mean field,
-``(sum_b log det P_bb - log det P) / 2``), otherwise by L-BFGS on the exact KL; in every case
-lowered to the best KL any run reached (any member of the structure bounds the optimum from
-above). Seconds count only the optimization work (gradient and step).
+The KL is evaluated exactly, outside the timed region (seconds count the gradient and the step
+only). The *gap* is ``KL - KL*``, ``KL*`` the structure's own optimum: 0 for dense and triangular
+structures, the block mean field ``(sum_b log det P_bb - log det P) / 2`` for diagonal and
+block-diagonal ones, otherwise L-BFGS on the exact KL; lowered to the best KL any run reached.
 
 Outputs in ``--out`` (default ``results/gaussian``): ``table.md`` (also printed; it opens with
 the verdict: how often and by how much NGD beat Adam), ``verdict.json``, ``summary.csv`` (the
-table's rows), ``runs.json`` (settings, optima and every run's curve: ``iterations``,
-``seconds``, ``kl``, ``gap``, ``status``) and the plots ``gap_vs_{iterations,seconds}_{exact,mc}.png``.
+table's rows), ``runs.json`` (settings, optima and every run's curve) and the plots
+``gap_vs_{iterations,seconds}_{exact,mc}.png``.
 
-Modes (2 CPU cores, one torch thread, 9 optimizer settings per structure and gradient type):
-
-* ``--quick`` (the README's main command): d in {10, 100}, cond in {10, 1e3}, seed 0,
-  200 exact / 300 MC iterations, 16 MC samples: 576 runs, about 2-3 minutes.
-* ``--full``: d in {10, 100, 1000}, cond in {10, 1e4}, seed 0, 500 exact / 1000 MC
-  iterations, 32 MC samples: 864 runs. The d <= 100 part takes about 12 minutes; d = 1000
-  is estimated from measured step times at about 4 hours per condition number (about 2 h for
-  dense and 1 h for each triangular structure, whose steps are O(d^3); half an hour for the
-  five O(d k) structures), so about 9 hours in all. Restrict it with ``--dims``,
-  ``--structures``, ``--seeds``, or try ``--threads 2`` on an otherwise idle machine.
-
-Timings are wall-clock on a shared machine: compare NGD and Adam within one run of the study.
+Presets (one torch thread): ``--quick`` (the README's main command): d in {10, 100}, cond in {10,
+1e3}, 200 exact / 300 MC iterations, 16 MC samples; ``--full``: d in {10, 100, 1000}, cond in
+{10, 1e4}, 500 exact / 1000 MC iterations, 32 MC samples, most of its time in the O(d^3) dense
+and triangular steps at d = 1000 (restrict it with ``--dims``, ``--structures``, ``--seeds``).
+Timings are wall-clock: compare NGD and Adam within one run of the study.
 """
 
 from __future__ import annotations
@@ -100,12 +84,9 @@ class Settings:
     def configs(self, gradient: str) -> List["OptimizerConfig"]:
         """Every optimizer setting tried with this gradient type (NGD grid, then Adam grid)."""
         exact = gradient == "exact"
-        ngd = [
-            OptimizerConfig("ngd", lr, max_step)
-            for max_step, lr in itertools.product(self.ngd_max_steps, self.ngd_lrs if exact else self.ngd_mc_lrs)
-        ]
-        adam = [OptimizerConfig("adam", lr) for lr in (self.adam_lrs if exact else self.adam_mc_lrs)]
-        return ngd + adam
+        ngd_lrs, adam_lrs = (self.ngd_lrs, self.adam_lrs) if exact else (self.ngd_mc_lrs, self.adam_mc_lrs)
+        ngd = [OptimizerConfig("ngd", lr, max_step) for max_step, lr in itertools.product(self.ngd_max_steps, ngd_lrs)]
+        return ngd + [OptimizerConfig("adam", lr) for lr in adam_lrs]
 
 
 PRESETS = {
@@ -114,12 +95,8 @@ PRESETS = {
         iterations=20, mc_iterations=20, num_samples=4, ngd_lrs=(0.5,), ngd_mc_lrs=(0.01,),
         ngd_max_steps=(1.0,), adam_lrs=(0.01,), adam_mc_lrs=(0.01,), eval_points=5,
     ),
-    "quick": Settings(
-        dims=(10, 100), conds=(10.0, 1e3), seeds=(0,), iterations=200, mc_iterations=300, num_samples=16
-    ),
-    "full": Settings(
-        dims=(10, 100, 1000), conds=(10.0, 1e4), seeds=(0,), iterations=500, mc_iterations=1000
-    ),
+    "quick": Settings(dims=(10, 100), conds=(10.0, 1e3), seeds=(0,), iterations=200, mc_iterations=300, num_samples=16),
+    "full": Settings(dims=(10, 100, 1000), conds=(10.0, 1e4), seeds=(0,), iterations=500, mc_iterations=1000),
 }
 
 
@@ -173,12 +150,8 @@ def structure_specs(dim: int, names: Sequence[str] = STRUCTURES) -> List[Structu
     low-rank groups and the largest divisor of ``d`` up to ``max(2, sqrt(d))`` as block size."""
     k = common.low_rank(dim)
     block = max(b for b in range(1, max(2, int(math.sqrt(dim))) + 1) if dim % b == 0)
-    options = {
-        "block_diagonal": (("block_size", block),),
-        "block_triangular": (("k", k),),
-        "heisenberg": (("k", k),),
-        "hierarchical": (("k1", k), ("k2", k)),
-    }
+    options = {"block_diagonal": (("block_size", block),), "block_triangular": (("k", k),), "heisenberg": (("k", k),),
+               "hierarchical": (("k1", k), ("k2", k))}
     return [StructureSpec(name, options.get(name, ())) for name in names]
 
 
@@ -194,10 +167,8 @@ def block_mean_field_kl(target: GaussianTarget, block_size: int) -> float:
 def lbfgs_kl(target: GaussianTarget, spec: StructureSpec, max_rounds: int = 20) -> float:
     """The structure's optimal KL by L-BFGS on the exact KL, started at the mean-field optimum."""
     q = spec.family(target, loc=target.mean, precision=target.precision.diagonal())
-    opt = torch.optim.LBFGS(
-        q.parameters(), lr=1.0, max_iter=200, history_size=50, line_search_fn="strong_wolfe",
-        tolerance_grad=1e-12, tolerance_change=1e-15,
-    )
+    opt = torch.optim.LBFGS(q.parameters(), lr=1.0, max_iter=200, history_size=50, line_search_fn="strong_wolfe",
+                            tolerance_grad=1e-12, tolerance_change=1e-15)
 
     def closure():
         opt.zero_grad()
@@ -241,19 +212,6 @@ class Run:
     status: str
     gap: Optional[Curve] = None
 
-    @property
-    def group_key(self) -> tuple:
-        """Runs that differ only in the seed share this key."""
-        return (self.target, self.structure, self.gradient, self.config)
-
-
-def compute_gradients(q: Gaussian, target: GaussianTarget, gradient: str, settings: Settings) -> None:
-    """Accumulate the (exact or Monte Carlo) gradient of ``KL(q || p)`` into ``q``'s ``.grad``."""
-    if gradient == "exact":
-        target.kl(q).backward()
-    else:
-        q.estimate_gradients(target.log_prob, num_samples=settings.num_samples, estimator=settings.estimator)
-
 
 def exact_kl(q: Gaussian, target: GaussianTarget) -> float:
     """``KL(q || p)``; raises ``FloatingPointError`` when it is not finite."""
@@ -264,15 +222,11 @@ def exact_kl(q: Gaussian, target: GaussianTarget) -> float:
     return value
 
 
-def run_one(
-    target: GaussianTarget, spec: StructureSpec, gradient: str, config: OptimizerConfig, seed: int,
-    settings: Settings,
-) -> Tuple[Curve, str]:
-    """Optimize ``q = N(0, I)`` with one optimizer setting; returns the KL curve and a status.
-
-    A step or evaluation that fails (non-finite gradient or KL, singular factor) ends the run:
-    the status says where and why, the rest of the curve is ``nan``.
-    """
+def run_one(target: GaussianTarget, spec: StructureSpec, gradient: str, config: OptimizerConfig, seed: int,
+            settings: Settings) -> Tuple[Curve, str]:
+    """Optimize ``q = N(0, I)`` with one optimizer setting on the exact or Monte Carlo gradient
+    of ``KL(q || p)``; returns the KL curve and a status. A failing step or evaluation
+    (non-finite gradient or KL, singular factor) ends the run; the rest of the curve is ``nan``."""
     torch.manual_seed(seed)  # the Monte Carlo noise: the same stream for every optimizer
     q = spec.family(target)
     optimizer = config.build(q)
@@ -284,14 +238,15 @@ def run_one(
         try:
             with clock:
                 optimizer.zero_grad()
-                compute_gradients(q, target, gradient, settings)
+                if gradient == "exact":
+                    target.kl(q).backward()
+                else:
+                    q.estimate_gradients(target.log_prob, settings.num_samples, estimator=settings.estimator)
                 optimizer.step()
             if it == points[len(curve.iterations)]:
-                curve.values.append(exact_kl(q, target))
-                curve.iterations.append(it)
-                curve.seconds.append(clock.seconds)
+                curve.append(it, clock.seconds, exact_kl(q, target))
         except (ValueError, RuntimeError, FloatingPointError) as err:
-            status = f"diverged at iteration {it}: {type(err).__name__}: {str(err).splitlines()[0][:120]}"
+            status = f"diverged at iteration {it}: {common.error_text(err, 120)}"
             break
     curve.pad_to(points)
     return curve, status
@@ -300,10 +255,8 @@ def run_one(
 def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
     """Every run of the study, and per ``(target, seed, structure)`` the reference optimum."""
     specs = [TargetSpec(d, c) for d in settings.dims for c in settings.conds]
-    total = sum(
-        len(settings.seeds) * len(settings.structures) * len(settings.configs(g)) for g in settings.gradients
-    ) * len(specs)
-    bar = common.progress(total, "gaussian")
+    configs = sum(len(settings.configs(g)) for g in settings.gradients)
+    bar = common.progress(len(specs) * len(settings.seeds) * len(settings.structures) * configs, "gaussian")
     runs, optima = [], {}
     for spec, seed in itertools.product(specs, settings.seeds):
         target = spec.build(seed, settings.device)
@@ -329,49 +282,17 @@ def attach_gaps(runs: List[Run], optima: Dict[tuple, dict]) -> None:
 
 
 # ---------------------------------------------------------------- summary
-@dataclass
-class MethodResult:
-    """The best setting of one method for one (target, structure, gradient), seed-averaged."""
-
-    config: OptimizerConfig
-    kl: Curve
-    gap: Curve
-    statuses: List[str]
-    reached: Tuple[Optional[int], Optional[float]]  # iterations and seconds to ``gap < tol``
+def best_results(runs: List[Run], settings: Settings) -> Dict[tuple, Dict[str, harness.Best]]:
+    """``{(target, structure, gradient): {method: harness.Best}}``, the value curve the KL."""
+    return harness.best_settings(runs, lambda r: (r.target, r.structure, r.gradient), lambda r: r.kl, settings.tol)
 
 
-def selection_key(result: MethodResult) -> tuple:
-    """Fewest iterations to ``gap < tol``; if never reached, smallest final gap."""
-    return common.reach_then_final(result.reached[0], result.gap)
-
-
-def best_results(runs: List[Run], settings: Settings) -> Dict[tuple, Dict[str, MethodResult]]:
-    """``{(target, structure, gradient): {method: best MethodResult}}`` over the grids."""
-    grouped = defaultdict(list)
-    for run in runs:
-        grouped[run.group_key].append(run)
-    best: Dict[tuple, Dict[str, MethodResult]] = defaultdict(dict)
-    for (target, structure, gradient, config), members in grouped.items():
-        gap = common.mean_curve([r.gap for r in members])
-        result = MethodResult(
-            config, common.mean_curve([r.kl for r in members]), gap, [r.status for r in members],
-            gap.first_below(settings.tol),
-        )
-        slot = best[(target, structure, gradient)]
-        current = slot.get(config.method)
-        if current is None or selection_key(result) < selection_key(current):
-            slot[config.method] = result
-    return best
-
-
-def summary_rows(
-    best: Dict[tuple, Dict[str, MethodResult]], optima: Dict[tuple, dict], settings: Settings
-) -> List[dict]:
+def summary_rows(results: "Results", settings: Settings) -> List[dict]:
     """One row per (target, structure, gradient): best settings, finals, times to ``tol``, ratios."""
     rows = []
-    for (target, structure, gradient), methods in best.items():
+    for (target, structure, gradient), methods in results.best.items():
         ngd, adam = methods["ngd"], methods["adam"]
-        entries = [optima[(target, s, structure)] for s in settings.seeds]
+        entries = [results.optima[(target, s, structure)] for s in settings.seeds]
         steps = settings.steps(gradient)
         row = {
             "target": target.label, "dim": target.dim, "cond": target.cond, "structure": structure.label,
@@ -382,19 +303,16 @@ def summary_rows(
         for name, result in (("ngd", ngd), ("adam", adam)):
             row.update({
                 f"{name}_lr": result.config.label,
-                f"{name}_final_kl": result.kl.final,
+                f"{name}_final_kl": result.value.final,
                 f"{name}_final_gap": result.gap.final,
                 f"{name}_iterations_to_tol": result.reached[0],
                 f"{name}_seconds_to_tol": result.reached[1],
-                f"{name}_total_seconds": result.kl.total_seconds,
-                f"{name}_diverged": sum(not s.startswith("ok") for s in result.statuses),
+                f"{name}_total_seconds": result.value.total_seconds,
+                f"{name}_diverged": sum(not r.status.startswith("ok") for r in result.runs),
             })
-        row["ratio_iterations"] = fmt_ratio(
-            adam.reached[0], ngd.reached[0], steps, steps
-        )
-        row["ratio_seconds"] = fmt_ratio(
-            adam.reached[1], ngd.reached[1], row["adam_total_seconds"], row["ngd_total_seconds"]
-        )
+        row["ratio_iterations"] = fmt_ratio(adam.reached[0], ngd.reached[0], steps, steps)
+        row["ratio_seconds"] = fmt_ratio(adam.reached[1], ngd.reached[1], row["adam_total_seconds"],
+                                         row["ngd_total_seconds"])
         rows.append(row)
     return rows
 
@@ -412,17 +330,10 @@ def _final_text(value: float, is_gap: bool = False) -> str:
     return fmt(value)
 
 
-def _reach_text(value) -> str:
-    return "not reached" if value is None else (fmt(value, 2) if isinstance(value, float) else str(value))
-
-
 def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
     """The results table (one section per target) with the settings and notes."""
-    rows, warnings = results.rows, notes(results.runs, results.optima)
-    header = [
-        "structure", "grad", "KL*", "NGD lr", "Adam lr", "KL NGD", "KL Adam", "gap NGD", "gap Adam",
-        "it NGD", "it Adam", "it Adam/NGD", "s NGD", "s Adam", "s Adam/NGD",
-    ]
+    header = ["structure", "grad", "KL*", "NGD lr", "Adam lr", "KL NGD", "KL Adam", "gap NGD", "gap Adam",
+              "it NGD", "it Adam", "it Adam/NGD", "s NGD", "s Adam", "s Adam/NGD"]
     grid = common.grid_text
     lines = [
         f"`KL` = KL(q || p) = -ELBO (exact, final iterate); `gap` = KL - KL* (the structure's optimum); "
@@ -431,29 +342,24 @@ def markdown_report(results: "Results", settings: Settings, runtime: float) -> s
         f"method did not reach it). Best setting per method: fewest iterations to the tolerance, else "
         f"smallest final gap. NGD lr `a, tr b` = lr a with trust region max_step b.",
         "",
-        f"Settings: seeds {list(settings.seeds)}; init N(0, I); float64 on {settings.device}; {settings.iterations} exact / "
-        f"{settings.mc_iterations} MC iterations; MC: {settings.num_samples} samples, "
+        f"Settings: seeds {list(settings.seeds)}; init N(0, I); float64 on {settings.device}; "
+        f"{settings.iterations} exact / {settings.mc_iterations} MC iterations; MC: {settings.num_samples} samples, "
         f"estimator `{settings.estimator}`; NGD lr exact {grid(settings.ngd_lrs)}, MC "
         f"{grid(settings.ngd_mc_lrs)}, max_step {grid(settings.ngd_max_steps)}; Adam lr exact "
         f"{grid(settings.adam_lrs)}, MC {grid(settings.adam_mc_lrs)}; {common.environment_text(runtime)}",
     ]
-    for target in dict.fromkeys(row["target"] for row in rows):
+    reach = lambda value: common.reach_text(value, 2)  # noqa: E731
+    for target, rows in common.group_by(results.rows, lambda row: row["target"]).items():
         body = [
-            [
-                row["structure"], row["gradient"], _final_text(row["optimum"]), row["ngd_lr"], row["adam_lr"],
-                _final_text(row["ngd_final_kl"]), _final_text(row["adam_final_kl"]),
-                _final_text(row["ngd_final_gap"], True), _final_text(row["adam_final_gap"], True),
-                _reach_text(row["ngd_iterations_to_tol"]), _reach_text(row["adam_iterations_to_tol"]),
-                row["ratio_iterations"],
-                _reach_text(row["ngd_seconds_to_tol"]), _reach_text(row["adam_seconds_to_tol"]),
-                row["ratio_seconds"],
-            ]
-            for row in rows if row["target"] == target
+            [row["structure"], row["gradient"], _final_text(row["optimum"]), row["ngd_lr"], row["adam_lr"],
+             _final_text(row["ngd_final_kl"]), _final_text(row["adam_final_kl"]),
+             _final_text(row["ngd_final_gap"], True), _final_text(row["adam_final_gap"], True),
+             reach(row["ngd_iterations_to_tol"]), reach(row["adam_iterations_to_tol"]), row["ratio_iterations"],
+             reach(row["ngd_seconds_to_tol"]), reach(row["adam_seconds_to_tol"]), row["ratio_seconds"]]
+            for row in rows
         ]
         lines += ["", f"## {target}", "", common.markdown_table(header, body)]
-    if warnings:
-        lines += ["", "Notes:", ""] + [f"- {w}" for w in warnings]
-    return "\n".join(lines) + "\n"
+    return "\n".join(lines + common.notes_section(notes(results.runs, results.optima))) + "\n"
 
 
 def notes(runs: List[Run], optima: Dict[tuple, dict]) -> List[str]:
@@ -469,18 +375,13 @@ def notes(runs: List[Run], optima: Dict[tuple, dict]) -> List[str]:
             (worse, "ended above their initial KL", lambda r: f"final KL {r.kl.final:.3g}"),
         ):
             if bad:
-                example = bad[0]
-                out.append(
-                    f"{METHODS[method]} ({gradient}): {len(bad)} of {len(members)} runs {what}, e.g. "
-                    f"{example.target.label} {example.structure.label} lr {example.config.label}: "
-                    f"{detail(example)} (all in runs.json)"
-                )
+                out.append(f"{METHODS[method]} ({gradient}): {len(bad)} of {len(members)} runs {what}, e.g. "
+                           f"{bad[0].target.label} {bad[0].structure.label} lr {bad[0].config.label}: "
+                           f"{detail(bad[0])} (all in runs.json)")
     for (target, seed, structure), entry in optima.items():
         if entry["reference"] - entry["best_run"] > 1e-8 * max(1.0, abs(entry["reference"])):
-            out.append(
-                f"{target.label} seed {seed} {structure.label}: a run reached KL {entry['best_run']:.10g} "
-                f"below the {entry['source']} reference {entry['reference']:.10g}"
-            )
+            out.append(f"{target.label} seed {seed} {structure.label}: a run reached KL {entry['best_run']:.10g} "
+                       f"below the {entry['source']} reference {entry['reference']:.10g}")
     return out
 
 
@@ -489,31 +390,27 @@ def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
     """Gap vs iterations and vs seconds, one figure per gradient type, one panel per target."""
     import matplotlib
 
-    colors = [matplotlib.colormaps["tab10"](i) for i in range(10)]
-    color_of = {name: colors[i % 10] for i, name in enumerate(STRUCTURES)}
+    color_of = {name: matplotlib.colormaps["tab10"](i % 10) for i, name in enumerate(STRUCTURES)}
     styles = {"ngd": "-", "adam": "--"}
+    legend = [(name, color_of[name], "-") for name in settings.structures]
+    legend += [("NGD (solid)", "black", "-"), ("Adam (dashed)", "black", "--")]
     paths = []
     for gradient, axis in itertools.product(settings.gradients, ("iterations", "seconds")):
         panels: Dict[str, List[Line]] = defaultdict(list)
         for (target, structure, grad), methods in results.best.items():
-            if grad != gradient:
-                continue
-            for method, result in methods.items():
-                x = result.gap.iterations if axis == "iterations" else result.gap.seconds
-                panels[_panel_title(target)].append(
-                    Line(x, result.gap.values, color_of[structure.name], styles[method])
-                )
-        legend = [(name, color_of[name], "-") for name in settings.structures]
-        legend += [("NGD (solid)", "black", "-"), ("Adam (dashed)", "black", "--")]
-        what = "exact gradients" if gradient == "exact" else f"MC gradients ({settings.num_samples} samples, {settings.estimator})"
-        path = out / f"gap_vs_{axis}_{gradient}.png"
+            if grad == gradient:
+                panels[_panel_title(target)] += [
+                    Line(result.gap.along(axis), result.gap.values, color_of[structure.name], styles[method])
+                    for method, result in methods.items()
+                ]
+        what = ("exact gradients" if gradient == "exact"
+                else f"MC gradients ({settings.num_samples} samples, {settings.estimator})")
+        paths.append(out / f"gap_vs_{axis}_{gradient}.png")
         common.plot_panels(
-            path, dict(panels), xlabel=axis if axis == "iterations" else "time (s, optimization work only)",
-            ylabel="KL - KL* (nats)",
+            paths[-1], dict(panels), xlabel=axis if axis == "iterations" else "time (s, optimization work only)",
+            ylabel="KL - KL* (nats)", legend=legend, floor=ROUNDOFF,
             title=f"Gaussian targets, {what}: gap to each structure's optimum KL*, best NGD and Adam setting",
-            legend=legend, floor=ROUNDOFF,
         )
-        paths.append(path)
     return paths
 
 
@@ -524,33 +421,20 @@ def _panel_title(target: TargetSpec) -> str:
 
 
 # ---------------------------------------------------------------- outputs
-def run_records(runs: List[Run]) -> List[dict]:
-    """JSON-ready records of every run with its curves."""
-    return [
-        {
-            "target": run.target.label, "dim": run.target.dim, "cond": run.target.cond, "seed": run.seed,
-            "structure": run.structure.label, "structure_name": run.structure.name,
-            "structure_options": dict(run.structure.options), "gradient": run.gradient,
-            **asdict(run.config), "status": run.status,
-            "iterations": run.kl.iterations,
-            "seconds": common.rounded(run.kl.seconds),
-            "kl": common.rounded(run.kl.values, 12),
-            "gap": common.rounded(run.gap.values),
-        }
-        for run in runs
-    ]
-
-
 def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
-    """``summary.csv`` and ``runs.json`` in ``out``; returns their paths."""
+    """``summary.csv`` and ``runs.json`` (settings, optima, every run with its curves) in ``out``."""
     common.write_csv(out / "summary.csv", results.rows)
-    optimum_records = [
-        {"target": t.label, "seed": s, "structure": st.label, **entry} for (t, s, st), entry in results.optima.items()
+    optima = [{"target": t.label, "seed": s, "structure": st.label, **entry}
+              for (t, s, st), entry in results.optima.items()]
+    runs = [
+        {"target": run.target.label, "dim": run.target.dim, "cond": run.target.cond, "seed": run.seed,
+         "structure": run.structure.label, "structure_name": run.structure.name,
+         "structure_options": dict(run.structure.options), "gradient": run.gradient, **asdict(run.config),
+         "status": run.status, "iterations": run.kl.iterations, "seconds": common.rounded(run.kl.seconds),
+         "kl": common.rounded(run.kl.values, 12), "gap": common.rounded(run.gap.values)}
+        for run in results.runs
     ]
-    common.write_json(
-        out / "runs.json",
-        {"settings": asdict(settings), "optima": optimum_records, "runs": run_records(results.runs)},
-    )
+    common.write_json(out / "runs.json", {"settings": asdict(settings), "optima": optima, "runs": runs})
     return [out / "summary.csv", out / "runs.json"]
 
 

@@ -16,14 +16,15 @@ from __future__ import annotations
 import argparse
 import statistics
 import time
-from dataclasses import dataclass
+from collections import defaultdict
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 
 from . import cli, common
-from .common import fmt
+from .common import Curve, fmt
 
 
 @dataclass(frozen=True)
@@ -70,6 +71,7 @@ class Study:
             print(f"  {path}")
 
 
+# ------------------------------------------------- studies against optima
 @dataclass
 class OptimaResults:
     """The results of a study whose runs are measured against known optima (gaussian, wishart):
@@ -77,17 +79,42 @@ class OptimaResults:
 
     runs: list
     optima: dict
-    best: dict
-    rows: List[dict]
+    best: Dict[Any, Dict[str, "Best"]]
+    rows: List[dict] = field(default_factory=list)
 
     @classmethod
     def compute(cls, settings: Any, run_all: Callable, attach_gaps: Callable, best_results: Callable,
                 summary_rows: Callable) -> "OptimaResults":
-        """``run_all(settings)``, the gaps to the optima, the best settings and the rows."""
+        """``run_all(settings)``, the gaps to the optima, ``best_results(runs, settings)`` and
+        ``summary_rows(results, settings)``."""
         runs, optima = run_all(settings)
         attach_gaps(runs, optima)
-        best = best_results(runs, settings)
-        return cls(runs, optima, best, summary_rows(best, optima, settings))
+        results = cls(runs, optima, best_results(runs, settings))
+        results.rows = summary_rows(results, settings)
+        return results
+
+
+@dataclass
+class Best:
+    """The best setting of one method on one problem: its runs and their seed-averaged curves."""
+
+    config: common.LrSetting
+    value: Curve  # the objective
+    gap: Curve  # to the optimum
+    reached: Tuple[Optional[int], Optional[float]]  # iterations and seconds to ``gap < tol``
+    runs: list
+
+
+def best_settings(runs: Sequence[Any], problem_of: Callable, value_of: Callable,
+                  tol: float) -> Dict[Any, Dict[str, Best]]:
+    """``{problem: {method: Best}}`` over runs with a ``config`` and a ``gap`` curve: the
+    setting reaching ``gap < tol`` in the fewest iterations, else the smallest final gap."""
+    best: Dict[Any, Dict[str, Best]] = defaultdict(dict)
+    for (problem, config), members in common.group_by(runs, lambda r: (problem_of(r), r.config)).items():
+        gap = common.mean_curve([r.gap for r in members])
+        result = Best(config, common.mean_curve([value_of(r) for r in members]), gap, gap.first_below(tol), members)
+        common.keep_best(best[problem], config.method, result, lambda b: common.reach_then_final(b.reached[0], b.gap))
+    return best
 
 
 def compose_report(title: str, verdict: Sequence[str], body: str) -> str:
@@ -106,9 +133,7 @@ def write_report(out: Path, name: str, report: str, verdict: Sequence[str]) -> L
 # ------------------------------------------------------------ verdicts
 def times_text(ratio: float) -> str:
     """A speed-up ``baseline / ours``: ``2.5x faster`` above 1, ``1.3x slower`` below."""
-    if ratio >= 1:
-        return f"{fmt(ratio, 2)}x faster"
-    return f"{fmt(1 / ratio, 2)}x slower"
+    return f"{fmt(ratio, 2)}x faster" if ratio >= 1 else f"{fmt(1 / ratio, 2)}x slower"
 
 
 def median_ratio(pairs: Sequence[Tuple[Optional[float], Optional[float]]]) -> Optional[float]:

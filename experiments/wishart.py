@@ -1,50 +1,37 @@
 """Covariance learning: structured NGD against geoopt (SPD manifold) and Adam (Cholesky).
 
-Data: ``N = samples_per_dim * d`` draws ``x_i ~ N(0, Sigma*)``, ``Sigma* = Q diag(s) Q^T`` with ``s``
-log-spaced so that ``cond(Sigma*) = cond`` (geometric mean 1, ``Q`` a random rotation), and the
-conjugate prior ``W ~ Wishart(n0, V0)`` on the precision, ``n0 = d + 1``, ``V0 = I / n0`` (prior mean
-``I``). The posterior is ``Wishart(n_p, V_p)``, ``n_p = n0 + N``, ``A = V_p^{-1} = n0 I + sum x x^T``.
-Two problems per ``(d, cond)``:
+Data: ``N = samples_per_dim * d`` draws ``x_i ~ N(0, Sigma*)``, ``cond(Sigma*) = cond`` (log-spaced
+eigenvalues with geometric mean 1 in a random rotation), and the conjugate prior ``W ~ Wishart(n0,
+V0)`` on the precision, ``n0 = d + 1``, ``V0 = I / n0``; the posterior is ``Wishart(n_p, V_p)``,
+``n_p = n0 + N``, ``A = V_p^{-1} = n0 I + sum x x^T``. Two problems per ``(d, cond)``:
 
-* ``map``: the precision's MAP estimate, minimize the per-sample negative log posterior
-  ``f(P) = [tr(A P) - (n_p - d - 1) log|P|] / (2 N)`` over SPD ``P`` (maximum likelihood plus the
-  weak prior); exact optimum ``P* = (n_p - d - 1) A^{-1}``. Start ``P = I``.
-* ``vi``: the Wishart variational posterior ``q = W(n, Psi / n)`` of the precision, minimize
-  ``KL(q || posterior)`` (= negative ELBO + log evidence, closed form through ``E log|W|``,
-  ``E W = Psi`` and the entropy, as in ``tests/test_wishart.py``); exact optimum ``KL = 0`` at
-  ``n = n_p``, ``Psi = n_p V_p``. Start at the prior ``n = d + 1``, ``Psi = I``.
+* ``map``: the precision's MAP estimate, minimize ``f(P) = [tr(A P) - (n_p - d - 1) log|P|] / (2 N)``
+  over SPD ``P`` from ``P = I``; exact optimum ``P* = (n_p - d - 1) A^{-1}``.
+* ``vi``: the Wishart variational posterior ``q = W(n, Psi / n)``, minimize ``KL(q || posterior)``
+  (closed form) from the prior ``n = d + 1``, ``Psi = I``; exact optimum ``KL = 0``.
 
-Methods (each on a small learning-rate grid, every run recorded):
-
-* ``NGD dense`` / ``NGD lower_triangular`` (ours): ``structngd.optim.NaturalGradient`` on the
-  Gaussian family's precision factor ``P = B B^T`` (``map``; ``loc`` held at 0) or on the Wishart
-  family ``(n, Psi = B B^T)`` (``vi``), ``B`` in the dense or the lower-triangular group (both
-  reach the dense optimum), with the trust region ``max_step`` of the grid.
-* ``RSGD (geoopt)`` / ``RAdam (geoopt)``: ``geoopt.optim.RiemannianSGD`` / ``RiemannianAdam`` on
-  ``geoopt.ManifoldParameter(P or Psi, manifold=SymmetricPositiveDefinite())`` (affine-invariant
-  metric); for ``vi`` also a Euclidean ``n = d - 1 + exp(r)``.
-* ``Adam Cholesky``: ``torch.optim.Adam`` on a lower-triangular ``L`` with exp-diagonal,
-  ``P = L L^T`` (``vi``: ``Psi = L L^T`` and the same ``n = d - 1 + exp(r)``).
+Methods (each on a small learning-rate grid, every run recorded): ``NGD dense`` / ``NGD
+lower_triangular`` (ours: ``NaturalGradient`` on the Gaussian family's precision factor ``P = B
+B^T``, ``loc`` held at 0, or on the Wishart family ``(n, Psi = B B^T)``, with a trust region);
+``RSGD`` / ``RAdam`` (geoopt, on ``ManifoldParameter(P or Psi, SymmetricPositiveDefinite())``);
+``Adam Cholesky`` (``P = L L^T``, ``L`` lower-triangular with exp-diagonal). The baselines' ``vi``
+degrees of freedom are ``n = d - 1 + exp(r)``.
 
 Metrics: the relative gap ``(f - f*) / (f_0 - f*)`` (``f*`` exact, lowered to the best value any run
-reached) against iterations and against seconds (only the optimization work: loss, backward, step;
-evaluations and checks are outside the clock); iterations and seconds to ``relative gap < tol``;
-SPD failures: the steps after which the iterate fails ``torch.linalg.cholesky_ex`` (for ``vi`` also
-``n <= d - 1``) or holds non-finite values, or whose step raised; a non-finite iterate, a raised
-step or an objective below the exact optimum (lost precision of a diverging iterate) ends the run. The table shows, per problem and method, the best learning rate (fewest
-iterations to ``tol``, else smallest final gap), its final gap, iterations/seconds to ``tol``, the
-ratio to the best geoopt method (< 1: faster than geoopt) and the SPD failures (at the best lr /
-over the whole grid).
+reached) against iterations and seconds of optimization work; iterations and seconds to ``relative
+gap < tol``; SPD failures: steps after which the iterate fails Cholesky (``vi``: or ``n <= d - 1``),
+is non-finite, or whose step raised. A non-finite iterate, a raised step or an objective below the
+exact optimum (a diverging iterate's lost precision) ends the run. The table shows, per problem and
+method, the best learning rate (fewest iterations to ``tol``, else smallest final gap) and its
+ratios to the best geoopt method (< 1: faster than geoopt).
 
 Outputs in ``--out`` (default ``results/wishart``): ``table.md`` (also printed; it opens with the
-verdict against the best geoopt method), ``verdict.json``, ``summary.csv``
-(one row per method and problem), ``results.json`` (settings, problems, summary, every run's curve)
-and ``gap_vs_{iterations,seconds}_{map,vi}.png``.
+verdict against the best geoopt method), ``verdict.json``, ``summary.csv``, ``results.json``
+(settings, problems, summary, every run's curve) and ``gap_vs_{iterations,seconds}_{map,vi}.png``.
 
-Presets (2 CPU cores, one torch thread): ``--tiny`` d = 5, cond 10 (seconds); ``--quick`` d in {10,
-50}, cond in {10, 1e4}, 400 iterations (under a minute measured); ``--full`` d in {10, 50, 200}, 2000
-iterations (989 s measured with another single-threaded job on the second core; most of it geoopt
-at d = 200, whose steps are eigendecompositions).
+Presets (one torch thread): ``--tiny`` d = 5, cond 10; ``--quick`` d in {10, 50}, cond in {10,
+1e4}, 400 iterations; ``--full`` d in {10, 50, 200}, 2000 iterations, most of its time in geoopt's
+eigendecompositions at d = 200.
 """
 
 from __future__ import annotations
@@ -52,7 +39,7 @@ from __future__ import annotations
 import itertools
 import math
 from collections import defaultdict
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Tuple
 
@@ -71,14 +58,9 @@ PROBLEM_TITLES = {
     "map": "MAP precision (negative log posterior per sample)",
     "vi": "Wishart variational posterior (KL to the exact posterior)",
 }
-METHODS = ("ngd_dense", "ngd_tril", "rsgd", "radam", "adam_chol")
-METHOD_NAMES = {
-    "ngd_dense": "NGD dense (ours)",
-    "ngd_tril": "NGD lower_triangular (ours)",
-    "rsgd": "RSGD (geoopt)",
-    "radam": "RAdam (geoopt)",
-    "adam_chol": "Adam Cholesky",
-}
+METHOD_NAMES = {"ngd_dense": "NGD dense (ours)", "ngd_tril": "NGD lower_triangular (ours)", "rsgd": "RSGD (geoopt)",
+                "radam": "RAdam (geoopt)", "adam_chol": "Adam Cholesky"}
+METHODS = tuple(METHOD_NAMES)
 OURS = ("ngd_dense", "ngd_tril")
 GEOOPT = ("rsgd", "radam")
 NGD_STRUCTURES = {"ngd_dense": "dense", "ngd_tril": "lower_triangular"}
@@ -97,9 +79,7 @@ class Settings:
     iterations: int = option(400, "steps per run")
     samples_per_dim: int = option(4, "N = this x d data points")
     ngd_lrs: Tuple[float, ...] = option((0.5, 1.0), "NGD learning rates")
-    #: two trust regions: 4 NGD settings against RSGD's 4 learning rates (at d = 200, cond = 10,
-    #: max_step 1 held lower_triangular MAP at 8 steps, 2 at 5; without one, the first steps from
-    #: the prior overflow on every cond = 1e4 problem)
+    #: without a trust region the first steps from the prior overflow on the cond = 1e4 problems
     ngd_max_steps: Tuple[Optional[float], ...] = option((1.0, 2.0), "NGD trust regions max_step ('none' = off)")
     rsgd_lrs: Tuple[float, ...] = option((0.001, 0.01, 0.1, 1.0), "geoopt RiemannianSGD learning rates")
     radam_lrs: Tuple[float, ...] = option((0.01, 0.1, 1.0), "geoopt RiemannianAdam learning rates")
@@ -147,37 +127,37 @@ class CovarianceData:
 
     def __init__(self, dim: int, cond: float, seed: int, samples_per_dim: int, device="cpu"):
         g = torch.Generator().manual_seed(seed)  # the same draws on every device
-        d = dim
+        d = self.d = dim
         rot, _ = torch.linalg.qr(torch.randn(d, d, generator=g, dtype=torch.float64))
         half = 0.5 * math.log10(cond)
         scales = torch.logspace(-half, half, d, dtype=torch.float64)  # eigenvalues of Sigma*
-        self.sigma = (rot * scales) @ rot.mT
-        num = samples_per_dim * d
-        x = torch.randn(num, d, generator=g, dtype=torch.float64) @ (rot * scales.sqrt()).mT
-        self.d, self.num = d, num
+        self.num = samples_per_dim * d
+        x = torch.randn(self.num, d, generator=g, dtype=torch.float64) @ (rot * scales.sqrt()).mT
         self.n0 = d + 1.0
-        self.a = self.n0 * torch.eye(d, dtype=torch.float64) + x.mT @ x  # V_p^{-1}
-        self.a = 0.5 * (self.a + self.a.mT)
-        self.n_post = self.n0 + num
-        self.logdet_a = 2 * torch.linalg.cholesky(self.a).diagonal().log().sum()
+        a = self.n0 * torch.eye(d, dtype=torch.float64) + x.mT @ x  # V_p^{-1}
+        a = 0.5 * (a + a.mT)
+        self.n_post = self.n0 + self.num
         self.c = self.n_post - d - 1  # exponent of log|P| in the log posterior
-        self.p_map = self.c * torch.cholesky_inverse(torch.linalg.cholesky(self.a))
         self.device = torch.device(device)
-        for name in ("sigma", "a", "logdet_a", "p_map"):
-            setattr(self, name, getattr(self, name).to(self.device))
+        self.a = a.to(self.device)
+        self.logdet_a = (2 * torch.linalg.cholesky(a).diagonal().log().sum()).to(self.device)
 
-    # objective (a): MAP
+    def objective(self, kind: str, m: torch.Tensor, logdet: torch.Tensor, n: Optional[torch.Tensor]) -> torch.Tensor:
+        """The problem's objective at the SPD matrix ``m`` (``P`` or ``Psi``) with ``log|m|`` and ``n`` (``vi``)."""
+        return self.map_objective(m, logdet) if kind == "map" else self.kl(n, m, logdet)
+
     def map_objective(self, p: torch.Tensor, logdet_p: torch.Tensor) -> torch.Tensor:
         """``[tr(A P) - (n_p - d - 1) log|P|] / (2 N)``."""
         return (0.5 * (self.a * p).sum() - 0.5 * self.c * logdet_p) / self.num
 
     def map_optimum(self) -> float:
+        """The objective at ``P* = (n_p - d - 1) A^{-1}``."""
         d = self.d
         logdet = d * math.log(self.c) - float(self.logdet_a)
         return (0.5 * self.c * d - 0.5 * self.c * logdet) / self.num
 
-    # objective (b): KL(W(n, Psi/n) || W(n_p, V_p))
     def kl(self, n: torch.Tensor, psi: torch.Tensor, logdet_psi: torch.Tensor) -> torch.Tensor:
+        """``KL(W(n, Psi / n) || W(n_p, V_p))``."""
         d, n_p = self.d, self.n_post
         ln2 = math.log(2.0)
         log_det_v = logdet_psi - d * torch.log(n)
@@ -223,22 +203,19 @@ class Solver:
             return
         if kind == "vi":
             self.log_excess = torch.nn.Parameter(torch.tensor(math.log(data.n0 - d + 1), **kw))
+        extra = [] if self.log_excess is None else [self.log_excess]
         if method in GEOOPT:
             import geoopt
 
-            self.spd = geoopt.ManifoldParameter(
-                torch.eye(d, **kw), manifold=geoopt.SymmetricPositiveDefinite()
-            )
-            params = [self.spd] + ([self.log_excess] if self.log_excess is not None else [])
+            self.spd = geoopt.ManifoldParameter(torch.eye(d, **kw), manifold=geoopt.SymmetricPositiveDefinite())
             cls = geoopt.optim.RiemannianSGD if method == "rsgd" else geoopt.optim.RiemannianAdam
-            self.optimizer = cls(params, lr=config.lr)
+            self.optimizer = cls([self.spd] + extra, lr=config.lr)
         else:  # adam_chol: L = tril(R, -1) + diag(exp(diag R)), R = 0 at L = I
             self.raw = torch.nn.Parameter(torch.zeros(d, d, **kw))
-            params = [self.raw] + ([self.log_excess] if self.log_excess is not None else [])
-            self.optimizer = torch.optim.Adam(params, lr=config.lr)
+            self.optimizer = torch.optim.Adam([self.raw] + extra, lr=config.lr)
 
-    # the SPD matrix (P or Psi), its log-determinant and n, differentiably
     def _matrix(self) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The SPD matrix (``P`` or ``Psi``) and its log-determinant, differentiably."""
         method = self.config.method
         if method in OURS:
             q = self.family
@@ -251,16 +228,14 @@ class Solver:
         chol = self.raw.tril(-1) + torch.diag_embed(diag.exp())
         return chol @ chol.mT, 2 * diag.sum()
 
-    def _df(self) -> torch.Tensor:
-        if self.config.method in OURS:
-            return self.family.df
-        return self.data.d - 1 + self.log_excess.exp()
+    def _df(self) -> Optional[torch.Tensor]:
+        """The degrees of freedom ``n`` (``vi``; ``None`` for ``map``)."""
+        if self.kind == "map":
+            return None
+        return self.family.df if self.config.method in OURS else self.data.d - 1 + self.log_excess.exp()
 
     def loss(self) -> torch.Tensor:
-        m, logdet = self._matrix()
-        if self.kind == "map":
-            return self.data.map_objective(m, logdet)
-        return self.data.kl(self._df(), m, logdet)
+        return self.data.objective(self.kind, *self._matrix(), self._df())
 
     def step(self) -> None:
         self.optimizer.zero_grad()
@@ -271,9 +246,8 @@ class Solver:
 
     @torch.no_grad()
     def point(self) -> Tuple[Optional[float], torch.Tensor]:
-        m, _ = self._matrix()
-        n = float(self._df()) if self.kind == "vi" else None
-        return n, m.detach()
+        m, n = self._matrix()[0], self._df()
+        return None if n is None else float(n), m.detach()
 
     @torch.no_grad()
     def evaluate(self) -> Tuple[float, bool, bool]:
@@ -285,12 +259,8 @@ class Solver:
         valid = finite and spd and (n is None or n > self.data.d - 1)
         if not valid:
             return math.nan, False, finite
-        if self.kind == "map":
-            value = self.data.map_objective(m, logdet)
-        else:
-            value = self.data.kl(m.new_tensor(n), m, logdet)
-        value = float(value)
-        return value, math.isfinite(value), finite and math.isfinite(value)
+        value = float(self.data.objective(self.kind, m, logdet, None if n is None else m.new_tensor(n)))
+        return value, math.isfinite(value), math.isfinite(value)
 
 
 # ------------------------------------------------------------------ runs
@@ -305,21 +275,17 @@ class Run:
     gap: Optional[Curve] = None
 
 
-def run_one(
-    spec: ProblemSpec, data: CovarianceData, config: Config, seed: int, settings: Settings, reference: float
-) -> Run:
-    """Optimize from the problem's start; evaluate (and check SPD) after every step.
-
-    A value below the exact optimum ``reference`` (beyond rounding) can only come from a loss
-    of precision in a diverging iterate: it ends the run like a non-finite one.
-    """
+def run_one(spec: ProblemSpec, data: CovarianceData, config: Config, seed: int, settings: Settings,
+            reference: float) -> Run:
+    """Optimize from the problem's start; evaluate (and check SPD) after every step. A value
+    below the exact optimum ``reference`` (beyond rounding) can only come from a loss of
+    precision in a diverging iterate: it ends the run like a non-finite one."""
     floor = reference - 1e-9 * max(1.0, abs(reference))
     torch.manual_seed(seed)
     solver = Solver(spec.kind, data, config)
     steps = settings.iterations
     points = common.eval_points(steps, settings.eval_points)
-    value0, _, _ = solver.evaluate()
-    curve = Curve([0], [0.0], [value0])
+    curve = Curve([0], [0.0], [solver.evaluate()[0]])
     clock, status, failures = common.Stopwatch(data.device), "ok", 0
     for it in range(1, steps + 1):
         try:
@@ -327,7 +293,7 @@ def run_one(
                 solver.step()
         except (ValueError, RuntimeError, FloatingPointError) as err:
             failures += 1
-            status = f"step {it} raised {type(err).__name__}: {str(err).splitlines()[0][:100]}"
+            status = f"step {it} raised {common.error_text(err, 100)}"
             break
         value, valid, finite = solver.evaluate()  # every step: the SPD check (outside the clock)
         if not valid:
@@ -341,14 +307,13 @@ def run_one(
             status = f"objective {value:.3g} below the exact optimum at iteration {it} (loss of precision)"
             break
         if it == points[len(curve.iterations)]:
-            curve.iterations.append(it)
-            curve.seconds.append(clock.seconds)
-            curve.values.append(value)
+            curve.append(it, clock.seconds, value)
     curve.pad_to(points)
     return Run(spec, seed, config, curve, failures, status)
 
 
 def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
+    """Every run of the study, and per ``(problem, seed)`` the exact optimum and the data's size."""
     specs = [ProblemSpec(k, d, c) for k in settings.problems for d in settings.dims for c in settings.conds]
     configs = [c for m in settings.methods for c in settings.configs(m)]
     bar = common.progress(len(specs) * len(settings.seeds) * len(configs), "wishart")
@@ -372,99 +337,63 @@ def attach_gaps(runs: List[Run], optima: Dict[tuple, dict]) -> None:
     for run in runs:
         optimum = optima[(run.spec, run.seed)]["optimum"]
         initial = run.objective.values[0] - optimum
-        run.gap = Curve(
-            list(run.objective.iterations), list(run.objective.seconds),
-            [(v - optimum) / initial for v in run.objective.values],
-        )
+        run.gap = replace(run.objective, values=[(v - optimum) / initial for v in run.objective.values])
 
 
 # ---------------------------------------------------------------- summary
-@dataclass
-class MethodResult:
-    config: Config
-    objective: Curve
-    gap: Curve
-    reached: Tuple[Optional[int], Optional[float]]
-    spd_failures: int
-    grid_spd_failures: int
-    statuses: List[str]
+def best_results(runs: List[Run], settings: Settings) -> Dict[ProblemSpec, Dict[str, harness.Best]]:
+    """``{problem: {method: harness.Best}}``, the value curve the objective."""
+    return harness.best_settings(runs, lambda r: r.spec, lambda r: r.objective, settings.tol)
 
 
-def _key(result: MethodResult) -> tuple:
-    """Fewest iterations to ``tol``; if never reached, smallest final gap."""
-    return common.reach_then_final(result.reached[0], result.gap)
+def _fastest(results: List[harness.Best]) -> Optional[harness.Best]:
+    """Fewest seconds to ``tol``, else smallest final gap (``None`` for no results)."""
+    return min(results, key=lambda r: common.reach_then_final(r.reached[1], r.gap), default=None)
 
 
-def best_results(runs: List[Run], settings: Settings) -> Dict[ProblemSpec, Dict[str, MethodResult]]:
-    grouped = defaultdict(list)
-    for run in runs:
-        grouped[(run.spec, run.config)].append(run)
+def _geoopt_reference(methods: Dict[str, harness.Best]) -> Optional[harness.Best]:
+    """The best geoopt method."""
+    return _fastest([methods[m] for m in GEOOPT if m in methods])
+
+
+def summary_rows(results: "Results", settings: Settings) -> List[dict]:
+    """One row per problem and method: best lr, finals, times to ``tol`` and their ratios to geoopt's."""
     grid_failures = defaultdict(int)
-    for run in runs:
+    for run in results.runs:
         grid_failures[(run.spec, run.config.method)] += run.spd_failures
-    best: Dict[ProblemSpec, Dict[str, MethodResult]] = defaultdict(dict)
-    for (spec, config), members in grouped.items():
-        gap = common.mean_curve([r.gap for r in members])
-        result = MethodResult(
-            config, common.mean_curve([r.objective for r in members]), gap, gap.first_below(settings.tol),
-            sum(r.spd_failures for r in members), grid_failures[(spec, config.method)],
-            [r.status for r in members],
-        )
-        current = best[spec].get(config.method)
-        if current is None or _key(result) < _key(current):
-            best[spec][config.method] = result
-    return best
-
-
-def _geoopt_reference(methods: Dict[str, MethodResult]) -> Optional[MethodResult]:
-    """The best geoopt method: fewest seconds to ``tol``, else smallest final gap."""
-    candidates = [methods[m] for m in GEOOPT if m in methods]
-    return _fastest(candidates) if candidates else None
-
-
-def summary_rows(best, optima, settings: Settings) -> List[dict]:
-    rows = []
-    steps = settings.iterations
-    for spec, methods in best.items():
+    rows, steps = [], settings.iterations
+    for spec, methods in results.best.items():
         ref = _geoopt_reference(methods)
-        entries = [optima[(spec, s)] for s in settings.seeds]
+        entries = [results.optima[(spec, s)] for s in settings.seeds]
         optimum = sum(e["optimum"] for e in entries) / len(entries)
         for method in settings.methods:
             r = methods[method]
-            seconds = r.objective.total_seconds
-            last_it = max((i for i, v in zip(r.objective.iterations, r.objective.values) if v == v), default=0)
+            seconds = r.value.total_seconds
+            last_it = max((i for i, v in zip(r.value.iterations, r.value.values) if v == v), default=0)
             row = {
                 "problem": spec.label, "kind": spec.kind, "dim": spec.dim, "cond": spec.cond,
-                "method": METHOD_NAMES[method], "method_key": method, "best_lr": r.config.label,
-                "optimum": optimum,
-                "final_objective": r.objective.final,
-                "final_gap": r.objective.final - optimum,
-                "final_relative_gap": r.gap.final,
-                "iterations_to_tol": r.reached[0], "seconds_to_tol": r.reached[1],
+                "method": METHOD_NAMES[method], "method_key": method, "best_lr": r.config.label, "optimum": optimum,
+                "final_objective": r.value.final, "final_gap": r.value.final - optimum,
+                "final_relative_gap": r.gap.final, "iterations_to_tol": r.reached[0], "seconds_to_tol": r.reached[1],
                 "seconds": seconds, "ms_per_step": 1e3 * seconds / last_it if last_it else math.nan,
-                "spd_failures": r.spd_failures, "spd_failures_grid": r.grid_spd_failures,
-                "status": "; ".join(sorted(set(r.statuses))),
+                "spd_failures": sum(run.spd_failures for run in r.runs),
+                "spd_failures_grid": grid_failures[(spec, method)],
+                "status": "; ".join(sorted({run.status for run in r.runs})),
             }
             if ref is not None:
                 row["ratio_iterations_vs_geoopt"] = fmt_ratio(r.reached[0], ref.reached[0], steps, steps)
-                row["ratio_seconds_vs_geoopt"] = fmt_ratio(
-                    r.reached[1], ref.reached[1], r.objective.total_seconds, ref.objective.total_seconds
-                )
+                row["ratio_seconds_vs_geoopt"] = fmt_ratio(r.reached[1], ref.reached[1], seconds,
+                                                           ref.value.total_seconds)
                 row["geoopt_reference"] = METHOD_NAMES[ref.config.method]
             else:
-                row["ratio_iterations_vs_geoopt"] = row["ratio_seconds_vs_geoopt"] = "–"
-                row["geoopt_reference"] = ""
+                row.update(ratio_iterations_vs_geoopt="–", ratio_seconds_vs_geoopt="–", geoopt_reference="")
             rows.append(row)
     return rows
 
 
-def _reach(x) -> str:
-    return "not reached" if x is None else fmt(x)
-
-
 def markdown_report(results: "Results", settings: Settings, runtime: float) -> str:
     """The results table (one section per problem) with the settings and notes."""
-    rows, grid = results.rows, common.grid_text
+    grid = common.grid_text
     header = [
         "method", "best lr", "final rel. gap", "final gap", f"iters to {settings.tol:g}",
         f"s to {settings.tol:g}", "iters / geoopt", "s / geoopt", "ms/step", "SPD failures (best / grid)",
@@ -476,27 +405,22 @@ def markdown_report(results: "Results", settings: Settings, runtime: float) -> s
         "the iterate failed Cholesky, was non-finite or the step raised.",
         "",
         f"Settings: seeds {list(settings.seeds)}; N = {settings.samples_per_dim} d samples; "
-        f"{settings.iterations} iterations on {settings.device}; float64; lr grids: NGD {grid(settings.ngd_lrs)} with max_step "
-        f"{grid(settings.ngd_max_steps)}, RSGD {grid(settings.rsgd_lrs)}, RAdam {grid(settings.radam_lrs)}, "
-        f"Adam {grid(settings.adam_lrs)}; {common.environment_text(runtime)}",
+        f"{settings.iterations} iterations on {settings.device}; float64; lr grids: NGD {grid(settings.ngd_lrs)} "
+        f"with max_step {grid(settings.ngd_max_steps)}, RSGD {grid(settings.rsgd_lrs)}, RAdam "
+        f"{grid(settings.radam_lrs)}, Adam {grid(settings.adam_lrs)}; {common.environment_text(runtime)}",
     ]
-    for problem in dict.fromkeys(row["problem"] for row in rows):
+    for problem, rows in common.group_by(results.rows, lambda row: row["problem"]).items():
         body = [
-            [
-                row["method"], row["best_lr"], fmt(row["final_relative_gap"]), fmt(row["final_gap"]),
-                _reach(row["iterations_to_tol"]), _reach(row["seconds_to_tol"]),
-                row["ratio_iterations_vs_geoopt"], row["ratio_seconds_vs_geoopt"], fmt(row["ms_per_step"]),
-                f"{row['spd_failures']} / {row['spd_failures_grid']}",
-            ]
-            for row in rows if row["problem"] == problem
+            [row["method"], row["best_lr"], fmt(row["final_relative_gap"]), fmt(row["final_gap"]),
+             common.reach_text(row["iterations_to_tol"]), common.reach_text(row["seconds_to_tol"]),
+             row["ratio_iterations_vs_geoopt"], row["ratio_seconds_vs_geoopt"], fmt(row["ms_per_step"]),
+             f"{row['spd_failures']} / {row['spd_failures_grid']}"]
+            for row in rows
         ]
-        kind = problem.split(",")[0]
-        lines += ["", f"## {problem} ({PROBLEM_TITLES[kind]})", "", common.markdown_table(header, body)]
-    bad = [r for r in rows if r["status"] != "ok"]
-    if bad:
-        lines += ["", "Notes:", ""]
-        lines += [f"- {r['problem']}, {r['method']} (lr {r['best_lr']}): {r['status']}" for r in bad]
-    return "\n".join(lines) + "\n"
+        lines += ["", f"## {problem} ({PROBLEM_TITLES[rows[0]['kind']]})", "", common.markdown_table(header, body)]
+    notes = [f"{r['problem']}, {r['method']} (lr {r['best_lr']}): {r['status']}"
+             for r in results.rows if r["status"] != "ok"]
+    return "\n".join(lines + common.notes_section(notes)) + "\n"
 
 
 # ------------------------------------------------------------------ plots
@@ -512,46 +436,36 @@ def plot_all(results: "Results", settings: Settings, out: Path) -> List[Path]:
         for spec, methods in results.best.items():
             if spec.kind != kind:
                 continue
-            title = spec.label.split(", ", 1)[1]
-            for method, result in methods.items():
-                x = result.gap.iterations if axis == "iterations" else result.gap.seconds
-                panels[title].append(Line(x, result.gap.values, colors[method], styles[method]))
+            panels[spec.label.split(", ", 1)[1]] += [
+                Line(result.gap.along(axis), result.gap.values, colors[method], styles[method])
+                for method, result in methods.items()
+            ]
         if not panels:
             continue
-        legend = [(METHOD_NAMES[m], colors[m], styles[m]) for m in settings.methods]
-        path = out / f"gap_vs_{axis}_{kind}.png"
+        paths.append(out / f"gap_vs_{axis}_{kind}.png")
         common.plot_panels(
-            path, dict(panels), xlabel=axis if axis == "iterations" else "time (s, optimization work only)",
+            paths[-1], dict(panels), xlabel=axis if axis == "iterations" else "time (s, optimization work only)",
             ylabel="relative gap (f - f*) / (f0 - f*)", title=f"{PROBLEM_TITLES[kind]}: best lr per method",
-            legend=legend, floor=1e-14,
+            legend=[(METHOD_NAMES[m], colors[m], styles[m]) for m in settings.methods], floor=1e-14,
         )
-        paths.append(path)
     return paths
 
 
 # ---------------------------------------------------------------- outputs
-def run_records(runs: List[Run]) -> List[dict]:
-    return [
-        {
-            "problem": r.spec.label, "kind": r.spec.kind, "dim": r.spec.dim, "cond": r.spec.cond, "seed": r.seed,
-            "method": METHOD_NAMES[r.config.method], **asdict(r.config), "status": r.status,
-            "spd_failures": r.spd_failures, "iterations": r.objective.iterations,
-            "seconds": common.rounded(r.objective.seconds),
-            "objective": common.rounded(r.objective.values, 14),
-            "relative_gap": common.rounded(r.gap.values),
-        }
-        for r in runs
-    ]
-
-
 def write_outputs(results: "Results", settings: Settings, out: Path) -> List[Path]:
-    """``summary.csv`` and ``results.json`` in ``out``; returns their paths."""
+    """``summary.csv`` and ``results.json`` (settings, problems, summary, every run's curves) in ``out``."""
     common.write_csv(out / "summary.csv", results.rows)
     problems = [{"problem": s.label, "seed": seed, **e} for (s, seed), e in results.optima.items()]
-    common.write_json(out / "results.json", {
-        "settings": asdict(settings), "problems": problems, "summary": results.rows,
-        "runs": run_records(results.runs),
-    })
+    runs = [
+        {"problem": r.spec.label, "kind": r.spec.kind, "dim": r.spec.dim, "cond": r.spec.cond, "seed": r.seed,
+         "method": METHOD_NAMES[r.config.method], **asdict(r.config), "status": r.status,
+         "spd_failures": r.spd_failures, "iterations": r.objective.iterations,
+         "seconds": common.rounded(r.objective.seconds), "objective": common.rounded(r.objective.values, 14),
+         "relative_gap": common.rounded(r.gap.values)}
+        for r in results.runs
+    ]
+    common.write_json(out / "results.json", {"settings": asdict(settings), "problems": problems,
+                                             "summary": results.rows, "runs": runs})
     return [out / "summary.csv", out / "results.json"]
 
 
@@ -564,11 +478,6 @@ def compute(settings: Settings) -> Results:
     return Results.compute(settings, run_all, attach_gaps, best_results, summary_rows)
 
 
-def _fastest(results: List[MethodResult]) -> MethodResult:
-    """Fewest seconds to ``tol``, else smallest final gap."""
-    return min(results, key=lambda r: common.reach_then_final(r.reached[1], r.gap))
-
-
 def verdict(results: Results, settings: Settings) -> List[str]:
     """Per problem kind: how often NGD (its faster structure) reached the tolerance before the
     best geoopt method, and how much faster; then the SPD failures of both."""
@@ -576,10 +485,8 @@ def verdict(results: Results, settings: Settings) -> List[str]:
     for kind in settings.problems:
         pairs, finals = [], []
         for spec, methods in results.best.items():
-            ours = [methods[m] for m in OURS if m in methods]
-            reference = _geoopt_reference(methods)
-            if spec.kind == kind and ours and reference is not None:
-                mine = _fastest(ours)
+            mine, reference = _fastest([methods[m] for m in OURS if m in methods]), _geoopt_reference(methods)
+            if spec.kind == kind and mine is not None and reference is not None:
                 pairs.append((mine.reached[1], reference.reached[1]))
                 finals.append((mine.gap.final, reference.gap.final))
         if pairs:
