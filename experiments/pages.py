@@ -19,12 +19,11 @@ from typing import Dict, List, Optional
 
 #: where the pages go by default
 DEFAULT_TO = Path("docs/results")
-#: the files of a study that its page shows (copied next to it)
-PLOT_PATTERNS = ("*.png", "*.svg")
-#: what the index reads about each page, kept in ``<to>/<study>/``
-SOURCE_NAME = "source.json"
 #: a Markdown link or image: ``[text](target)`` / ``![text](target)``
 LINK = re.compile(r"(!?)\[([^\]]*)\]\(([^)\s]+)\)")
+#: a table's ``**Verdict.** ...`` paragraph (a page shows the verdict in its own section)
+VERDICT_PARAGRAPH = re.compile(r"(?m)^\*\*Verdict\.\*\*.*(?:\n(?!\s*\n).*)*\n*")
+NO_VERDICT = "The study wrote no verdict."
 
 
 def add_arguments(parser: argparse.ArgumentParser) -> None:
@@ -32,7 +31,6 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("run_dir", type=Path, metavar="RUN_DIR",
                         help="a finished run: the --out of quick or of one study")
     parser.add_argument("--to", type=Path, default=DEFAULT_TO, help=f"where the pages go [default: {DEFAULT_TO}]")
-    parser.set_defaults(run=run)
 
 
 def run(args: argparse.Namespace) -> None:
@@ -41,45 +39,13 @@ def run(args: argparse.Namespace) -> None:
         print(path)
 
 
-# ------------------------------------------------------------ reading a run
 def resolve_run_dir(path: Path) -> Path:
     """``path``, or the run a ``latest`` text file names (where symlinks were not possible)."""
-    if path.is_file():
-        return path.parent / path.read_text().strip()
-    return path
+    return path.parent / path.read_text().strip() if path.is_file() else path
 
 
-def read_run(run_dir: Path) -> dict:
-    """The run's ``run.json`` (empty when the run recorded none)."""
-    try:
-        return json.loads((run_dir / "run.json").read_text())
-    except (OSError, ValueError):
-        return {}
-
-
-def read_verdict(folder: Path) -> Optional[List[str]]:
-    """The sentences of ``folder/verdict.json`` (``{"study": ..., "lines": [...]}``), ``None``
-    when the study wrote none."""
-    try:
-        lines = json.loads((folder / "verdict.json").read_text())["lines"]
-    except (OSError, ValueError, KeyError, TypeError):
-        return None
-    return [str(line) for line in lines] if isinstance(lines, list) and lines else None
-
-
-def study_folders(run_dir: Path, info: dict) -> Dict[str, Path]:
-    """Study name -> folder: the run itself for one study's output, else its folders with a
-    ``table.md`` (in the run's order)."""
-    if (run_dir / "table.md").exists():
-        verdict = _read_json(run_dir / "verdict.json")
-        name = (info.get("studies") or [None])[0] or verdict.get("study") or run_dir.name
-        return {name: run_dir}
-    found = {p.name: p for p in sorted(run_dir.iterdir()) if (p / "table.md").is_file()}
-    order = [name for name in info.get("studies", []) if name in found]
-    return {name: found[name] for name in order + sorted(set(found) - set(order))}
-
-
-def _read_json(path: Path) -> dict:
+def read_json(path: Path) -> dict:
+    """The JSON object in ``path`` (empty when it is missing, unreadable or not an object)."""
     try:
         data = json.loads(path.read_text())
     except (OSError, ValueError):
@@ -87,9 +53,24 @@ def _read_json(path: Path) -> dict:
     return data if isinstance(data, dict) else {}
 
 
+def read_verdict(folder: Path) -> Optional[List[str]]:
+    """The sentences of ``folder/verdict.json`` (``{"study": ..., "lines": [...]}``); ``None`` where none."""
+    lines = read_json(folder / "verdict.json").get("lines")
+    return [str(line) for line in lines] if isinstance(lines, list) and lines else None
+
+
+def study_folders(run_dir: Path, info: dict) -> Dict[str, Path]:
+    """Study name -> folder: the run itself for one study's output, else its folders with a ``table.md``."""
+    if (run_dir / "table.md").exists():
+        name = (info.get("studies") or [None])[0] or read_json(run_dir / "verdict.json").get("study") or run_dir.name
+        return {name: run_dir}
+    found = {p.name: p for p in sorted(run_dir.iterdir()) if (p / "table.md").is_file()}
+    order = [name for name in info.get("studies", []) if name in found]
+    return {name: found[name] for name in order + sorted(set(found) - set(order))}
+
+
 def hardware_text(info: dict) -> str:
-    """``a 2-core CPU, torch 2.4.0`` or ``a 16-core CPU and one GPU (NVIDIA H100 80GB HBM3), torch
-    2.4.0``, from ``run.json``."""
+    """``a 16-core CPU and one GPU (NVIDIA H100 80GB HBM3), torch 2.4.0``, from ``run.json``."""
     if "cpu_count" not in info:
         return "hardware not recorded"
     text = f"a {info['cpu_count']}-core CPU"
@@ -98,17 +79,16 @@ def hardware_text(info: dict) -> str:
     return text + (f", torch {info['torch']}" if info.get("torch") else "")
 
 
-# ------------------------------------------------------------ one study's page
-def title_and_body(table: str) -> tuple:
-    """The table's ``# title`` (empty without one) and the rest."""
-    lines = table.splitlines()
-    title = lines[0][2:].strip() if lines and lines[0].startswith("# ") else ""
-    return title, "\n".join(lines[1:] if title else lines).strip()
-
-
-def without_verdict_paragraph(body: str) -> str:
-    """``body`` without its ``**Verdict.** ...`` paragraph (the page shows the verdict in its own section)."""
-    return re.sub(r"(?m)^\*\*Verdict\.\*\*.*(?:\n(?!\s*\n).*)*\n*", "", body, count=1).strip()
+def made_by(name: str, info: dict) -> str:
+    """The sentence that says how the study's results were made."""
+    command = info.get("study_commands", {}).get(name)
+    if not command:
+        return "The run recorded no command or hardware (no run.json)."
+    inside = f" (in `{info['command']}`)" if info.get("layout") == "quick" and info.get("command") else ""
+    seconds = info.get("seconds", {}).get(name, info.get("wall_seconds") if info.get("layout") == "study" else None)
+    took = f"; {seconds:.0f} s" if isinstance(seconds, (int, float)) else ""
+    date = str(info.get("date", ""))[:10]
+    return f"Made by `{command}`{inside} on {hardware_text(info)}{', ' + date if date else ''}{took}."
 
 
 def relink(text: str, page_dir: Path) -> str:
@@ -123,62 +103,43 @@ def relink(text: str, page_dir: Path) -> str:
     return LINK.sub(replace, text)
 
 
-def _made_by(name: str, info: dict) -> str:
-    """The sentence that says how the study's results were made."""
-    command = info.get("study_commands", {}).get(name)
-    if not command:
-        return "The run recorded no command or hardware (no run.json)."
-    inside = f" (in `{info['command']}`)" if info.get("layout") == "quick" and info.get("command") else ""
-    seconds = info.get("seconds", {}).get(name, info.get("wall_seconds") if info.get("layout") == "study" else None)
-    took = f"; {seconds:.0f} s" if isinstance(seconds, (int, float)) else ""
-    date = str(info.get("date", ""))[:10]
-    return f"Made by `{command}`{inside} on {hardware_text(info)}{', ' + date if date else ''}{took}."
-
-
-def copy_plots(folder: Path, destination: Path) -> List[Path]:
-    """The study's plots copied into ``destination`` (emptied first: no plot of an older run stays)."""
-    shutil.rmtree(destination, ignore_errors=True)
-    destination.mkdir(parents=True)
-    plots = sorted({p for pattern in PLOT_PATTERNS for p in folder.glob(pattern)})
-    return [Path(shutil.copy2(p, destination / p.name)) for p in plots]
-
-
 def study_page(name: str, folder: Path, info: dict, to: Path) -> Path:
-    """``to/<name>.md`` with its plots in ``to/<name>/``, and the index's source there."""
-    title, body = title_and_body((folder / "table.md").read_text())
-    title = title or name
-    plots = copy_plots(folder, to / name)
+    """``to/<name>.md``, its plots copied into ``to/<name>/`` (emptied first: no plot of an older run
+    stays) with ``source.json``, what the index reads about the page."""
+    table = (folder / "table.md").read_text().splitlines()
+    title = table[0][2:].strip() if table and table[0].startswith("# ") else ""
+    body = "\n".join(table[1:] if title else table).strip()
     verdict = read_verdict(folder)
-    lines = [f"# {title}", "", _made_by(name, info), "", "## Verdict", "",
-             " ".join(verdict) if verdict else "The study wrote no verdict.", "",
-             "## Results", "", without_verdict_paragraph(body) if verdict else body, ""]
+    if verdict:
+        body = VERDICT_PARAGRAPH.sub("", body, count=1).strip()
+    shutil.rmtree(to / name, ignore_errors=True)
+    (to / name).mkdir(parents=True)
+    plots = sorted({p for pattern in ("*.png", "*.svg") for p in folder.glob(pattern)})
+    for plot in plots:
+        shutil.copy2(plot, to / name / plot.name)
+    source = {"study": name, "title": title or name, "verdict": verdict, "made_by": made_by(name, info)}
+    lines = [f"# {source['title']}", "", source["made_by"], "", "## Verdict", "",
+             " ".join(verdict) if verdict else NO_VERDICT, "", "## Results", "", body, ""]
     if plots:
         lines += ["## Plots", ""] + [f"![{p.stem}]({name}/{p.name})\n" for p in plots]
-    page = to / f"{name}.md"
-    page.write_text(relink("\n".join(lines), to))
-    source = {"study": name, "title": title, "verdict": verdict, "made_by": _made_by(name, info)}
-    (to / name / SOURCE_NAME).write_text(json.dumps(source, indent=1))
-    return page
+    (to / f"{name}.md").write_text(relink("\n".join(lines), to))
+    (to / name / "source.json").write_text(json.dumps(source, indent=1))
+    return to / f"{name}.md"
 
 
-# ------------------------------------------------------------ the index
 def index_page(to: Path) -> Path:
     """``to/index.md``: every study page in ``to``, with its verdict and how it was made."""
     lines = ["# Results", "",
              "One page per study, made from a finished run by the `pages` command of `python -m experiments`: "
              "the command and hardware, the verdict, the table and the plots.", ""]
-    for source_file in sorted(to.glob(f"*/{SOURCE_NAME}")):
-        source = _read_json(source_file)
-        name = source_file.parent.name
-        if not (to / f"{name}.md").is_file():
-            continue
-        verdict = source.get("verdict")
-        lines += [f"## [{source.get('title') or name}]({name}.md)", "",
-                  " ".join(verdict) if verdict else "The study wrote no verdict.", "",
-                  str(source.get("made_by", "")), ""]
-    path = to / "index.md"
-    path.write_text("\n".join(lines))
-    return path
+    for source_file in sorted(to.glob("*/source.json")):
+        source, name = read_json(source_file), source_file.parent.name
+        if (to / f"{name}.md").is_file():
+            verdict = source.get("verdict")
+            lines += [f"## [{source.get('title') or name}]({name}.md)", "",
+                      " ".join(verdict) if verdict else NO_VERDICT, "", str(source.get("made_by", "")), ""]
+    (to / "index.md").write_text("\n".join(lines))
+    return to / "index.md"
 
 
 def write_pages(run_dir: Path, to: Path) -> List[Path]:
@@ -186,10 +147,9 @@ def write_pages(run_dir: Path, to: Path) -> List[Path]:
     run_dir = resolve_run_dir(run_dir)
     if not run_dir.is_dir():
         raise SystemExit(f"pages: {run_dir} is not a directory")
-    info = read_run(run_dir)
+    info = read_json(run_dir / "run.json")
     folders = study_folders(run_dir, info)
     if not folders:
         raise SystemExit(f"pages: {run_dir} holds no study results (no table.md)")
     to.mkdir(parents=True, exist_ok=True)
-    written = [study_page(name, folder, info, to) for name, folder in folders.items()]
-    return written + [index_page(to)]
+    return [study_page(name, folder, info, to) for name, folder in folders.items()] + [index_page(to)]

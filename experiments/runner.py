@@ -1,20 +1,13 @@
 """Run the studies: ``python -m experiments <study> [options]`` or ``python -m experiments quick``.
 
-(This module holds the runner, apart from ``__main__``, so that ``quick``'s worker processes
-can import what they run.)
-
 Adding a study is one line in :data:`STUDIES`: its name and the module that defines
-``add_arguments(parser)`` (its command-line options, including ``--tiny/--quick/--full`` and
-``--out``) and ``run(args)``. ``quick`` runs every study's quick preset (``--tiny``: the
-seconds-long smoke presets) into ``<out>/<study>/``, by default a fresh ``results/<date-time>/``
-that ``results/latest`` then points at, and writes ``<out>/REPORT.md``: first each study's
-verdict, then its table and plots. ``--jobs 2`` (the default on 2 cores) runs two studies at a
-time, each in its own single-threaded process with its output in ``<out>/logs/<study>.log``,
-and prints a status line with the time left every :data:`STATUS_EVERY_SECONDS` (every study
-times its methods against each other inside its own process; ``--jobs 1`` gives the quietest
-timings, and shows the studies' progress bars). Every run records its command and hardware in
-``<out>/run.json``; ``pages`` turns a finished run into documentation pages
-(:mod:`experiments.pages`).
+``add_arguments(parser)`` and ``run(args)``. ``quick`` runs every study's quick preset (``--tiny``:
+the smoke presets) into ``<out>/<study>/``, by default a fresh ``results/<date-time>/`` that
+``results/latest`` points at, and writes ``<out>/REPORT.md`` (the verdicts, then each study's table
+and plots) and ``<out>/run.json`` (the commands and hardware). With ``--jobs 2`` two studies run at
+a time, each in its own single-threaded process logging to ``<out>/logs/<study>.log``, with a status
+line every :data:`STATUS_EVERY_SECONDS`; ``--jobs 1`` gives the quietest timings and shows the
+progress bars. (The runner lives apart from ``__main__`` so that those processes can import it.)
 """
 
 from __future__ import annotations
@@ -31,7 +24,7 @@ import shlex
 import shutil
 import sys
 import time
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures import FIRST_COMPLETED, ProcessPoolExecutor, wait
 from pathlib import Path
 from typing import Dict, List, Optional
 
@@ -40,34 +33,15 @@ import torch
 from . import common, pages, progress
 
 #: study name -> module defining ``add_arguments(parser)`` and ``run(args)``
-STUDIES = {
-    "gaussian": "experiments.gaussian",
-    "vi": "experiments.vi",
-    "dl": "experiments.dl",
-    "es": "experiments.es",
-    "wishart": "experiments.wishart",
-}
+STUDIES = {"gaussian": "experiments.gaussian", "vi": "experiments.vi", "dl": "experiments.dl",
+           "es": "experiments.es", "wishart": "experiments.wishart"}
 
+#: what ``quick`` adds to a study's ``--quick`` preset to keep the whole run near 10 minutes on 2 cores
+#: (one seed / one instance; the studies' own ``--quick`` keep more for the README tables)
+QUICK_OVERVIEW = {"vi": ["--seeds", "0"], "dl": ["--seeds", "0"], "es": ["--instances", "1"]}
 
-#: what ``quick`` adds to each study's ``--quick`` preset so that the whole run stays near 10 minutes
-#: on 2 cores (one seed / one instance; the studies' own ``--quick`` keep more for the README tables)
-QUICK_OVERVIEW = {
-    "gaussian": [],
-    "vi": ["--seeds", "0"],
-    "dl": ["--seeds", "0"],
-    "es": ["--instances", "1"],
-    "wishart": [],
-}
-
-#: typical seconds of each study in ``quick`` (two at a time on 2 cores): the time left is these,
-#: scaled by the pace observed so far
+#: typical seconds of each study in ``quick`` (two at a time on 2 cores), scaled by the pace seen for the time left
 TYPICAL_QUICK_SECONDS = {"gaussian": 184, "es": 251, "vi": 102, "dl": 206, "wishart": 66}
-
-#: the typical share of a study's time per progress bar, for a study that opens several in sequence
-BAR_SHARES = {"es": {"es bbob": 0.75, "es large": 0.25}}
-
-#: the order in which ``quick`` hands studies to its workers: the longest first
-LONGEST_FIRST = tuple(sorted(TYPICAL_QUICK_SECONDS, key=TYPICAL_QUICK_SECONDS.get, reverse=True))
 
 #: seconds between two status lines while the studies run in workers
 STATUS_EVERY_SECONDS = 15.0
@@ -76,23 +50,27 @@ STATUS_EVERY_SECONDS = 15.0
 RESULTS_ROOT = Path("results")
 
 
-def study_parser(name: str) -> argparse.ArgumentParser:
-    """The parser of one study's options."""
-    return _with_study(argparse.ArgumentParser(prog=f"python -m experiments {name}", **_study_help(name)), name)
+def _summary(module) -> str:
+    """The first line of a module's docstring."""
+    return (module.__doc__ or module.__name__).strip().splitlines()[0]
 
 
-def _study_help(name: str) -> dict:
-    """The parser keywords of a study: its module docstring, kept as written."""
-    module = importlib.import_module(STUDIES[name])
-    return {"description": module.__doc__, "formatter_class": argparse.RawDescriptionHelpFormatter}
-
-
-def _with_study(parser: argparse.ArgumentParser, name: str) -> argparse.ArgumentParser:
-    """``parser`` with the study's options and its ``run``."""
-    module = importlib.import_module(STUDIES[name])
+def _command_parser(module, name: str, commands: Optional[argparse._SubParsersAction] = None):
+    """The parser of ``module``'s options and ``run`` (its docstring as description): a sub-command
+    of ``commands`` where given, else a parser of its own."""
+    keywords = {"description": module.__doc__, "formatter_class": argparse.RawDescriptionHelpFormatter}
+    if commands is None:
+        parser = argparse.ArgumentParser(prog=f"python -m experiments {name}", **keywords)
+    else:
+        parser = commands.add_parser(name, help=_summary(module), **keywords)
     module.add_arguments(parser)
     parser.set_defaults(run=module.run)
     return parser
+
+
+def study_parser(name: str) -> argparse.ArgumentParser:
+    """The parser of one study's options."""
+    return _command_parser(importlib.import_module(STUDIES[name]), name)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,16 +89,12 @@ def build_parser() -> argparse.ArgumentParser:
                             "where there are 2 cores; 1 runs them one after the other, in this process, "
                             "with their progress bars)")
     quick.set_defaults(run=run_quick)
-    pages.add_arguments(commands.add_parser("pages", help=pages.__doc__.strip().splitlines()[0],
-                                            description=pages.__doc__,
-                                            formatter_class=argparse.RawDescriptionHelpFormatter))
-    for name, module_name in STUDIES.items():
-        summary = (importlib.import_module(module_name).__doc__ or name).strip().splitlines()[0]
-        _with_study(commands.add_parser(name, help=summary, **_study_help(name)), name)
+    _command_parser(pages, "pages", commands)
+    for name, module in STUDIES.items():
+        _command_parser(importlib.import_module(module), name, commands)
     return parser
 
 
-# ------------------------------------------------------------ running a study
 def run_study(name: str, preset: str, extra: List[str], out: Path) -> float:
     """Run one study's preset into ``out / name``; returns its seconds."""
     study_args = study_parser(name).parse_args([preset, *extra, "--out", str(out / name)])
@@ -131,8 +105,7 @@ def run_study(name: str, preset: str, extra: List[str], out: Path) -> float:
 
 
 def _run_study_logged(name: str, preset: str, extra: List[str], out: Path, log: Path, progress_dir: Path) -> float:
-    """:func:`run_study` in a worker process, its output (tables, progress bars) into ``log``
-    and its progress recorded in ``progress_dir``."""
+    """:func:`run_study` in a worker process: its output into ``log``, its progress into ``progress_dir``."""
     with open(log, "w") as handle, contextlib.redirect_stdout(handle), contextlib.redirect_stderr(handle), \
             progress.recording(progress_dir, name):
         return run_study(name, preset, extra, out)
@@ -150,57 +123,46 @@ def fresh_run_dir(root: Path, now: Optional[datetime.datetime] = None) -> Path:
     return candidate
 
 
-def point_latest(root: Path, run_dir: Path) -> Path:
+def point_latest(root: Path, run_dir: Path) -> None:
     """``root/latest``: a relative symlink to ``run_dir`` (a text file naming it where links fail)."""
     latest = root / "latest"
     if latest.is_dir() and not latest.is_symlink():
         print(f"{latest} is a directory: left as it is", file=sys.stderr)
-        return latest
+        return
     temporary = root / f".latest.{os.getpid()}"
     try:
         temporary.symlink_to(run_dir.name, target_is_directory=True)
     except OSError:
         temporary.write_text(run_dir.name + "\n")
     os.replace(temporary, latest)
-    return latest
-
-
-def check_out(out: Path, overwrite: bool, studies: List[str]) -> None:
-    """Refuse an ``out`` that already holds files, unless ``overwrite``: then clear what this run
-    writes again (the chosen studies' folders and logs), so no stale file stays listed."""
-    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
-    if held and not overwrite:
-        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
-        raise SystemExit(f"--out {out} already holds files ({shown}): pass --overwrite to write over them, "
-                         f"or leave --out off for a fresh {RESULTS_ROOT}/<date-time>/")
-    for name in studies:
-        shutil.rmtree(out / name, ignore_errors=True)
-        (out / "logs" / f"{name}.log").unlink(missing_ok=True)
-    shutil.rmtree(out / "logs" / "progress", ignore_errors=True)
 
 
 def choose_out(args: argparse.Namespace) -> Path:
-    """``--out`` checked (:func:`check_out`), or a fresh run directory that ``latest`` points at."""
-    if args.out is not None:
-        check_out(args.out, args.overwrite, list(args.studies))
-        args.out.mkdir(parents=True, exist_ok=True)
-        return args.out
-    out = fresh_run_dir(RESULTS_ROOT)
-    point_latest(RESULTS_ROOT, out)
+    """A fresh run directory that ``latest`` points at, or ``--out``: refused when it holds files, unless
+    ``--overwrite``, which clears what this run writes again (the studies' folders and logs)."""
+    out = args.out
+    if out is None:
+        out = fresh_run_dir(RESULTS_ROOT)
+        point_latest(RESULTS_ROOT, out)
+        return out
+    held = sorted(p.name for p in out.iterdir()) if out.is_dir() else []
+    if held and not args.overwrite:
+        shown = ", ".join(held[:4]) + (", ..." if len(held) > 4 else "")
+        raise SystemExit(f"--out {out} already holds files ({shown}): pass --overwrite to write over them, "
+                         f"or leave --out off for a fresh {RESULTS_ROOT}/<date-time>/")
+    for name in args.studies:
+        shutil.rmtree(out / name, ignore_errors=True)
+        (out / "logs" / f"{name}.log").unlink(missing_ok=True)
+    shutil.rmtree(out / "logs" / "progress", ignore_errors=True)
+    out.mkdir(parents=True, exist_ok=True)
     return out
 
 
-# ------------------------------------------------------------ the run's record
 def public_command(argv: List[str]) -> str:
     """The command of ``argv`` without the output options (``--out DIR``, ``--overwrite``)."""
-    kept, skip = [], False
-    for word in argv:
-        if skip:
-            skip = False
-        elif word == "--out":
-            skip = True
-        elif not word.startswith("--out=") and word != "--overwrite":
-            kept.append(word)
+    output = [i for i, word in enumerate(argv) if word in ("--out", "--overwrite") or word.startswith("--out=")]
+    dropped = set(output) | {i + 1 for i in output if argv[i] == "--out"}
+    kept = [word for i, word in enumerate(argv) if i not in dropped]
     return " ".join(["python -m experiments", *map(shlex.quote, kept)])
 
 
@@ -208,23 +170,14 @@ def hardware(device: Optional[str]) -> dict:
     """The machine a run used: cores, the torch device and, on CUDA, the GPU's name."""
     device = device or "cpu"
     cuda = common.resolve_device(device).type == "cuda"
-    return {
-        "cpu_count": os.cpu_count(),
-        "device": device,
-        "cuda": cuda,
-        "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else None,
-        "torch": torch.__version__,
-        "python": platform.python_version(),
-        "machine": platform.machine(),
-    }
+    return {"cpu_count": os.cpu_count(), "device": device, "cuda": cuda,
+            "gpu": torch.cuda.get_device_name(torch.device(device)) if cuda else None,
+            "torch": torch.__version__, "python": platform.python_version(), "machine": platform.machine()}
 
 
-def write_run_record(out: Path, **fields) -> Path:
+def write_run_record(out: Path, **fields) -> None:
     """``out/run.json``: the fields given, with the date."""
-    record = {"date": datetime.datetime.now().isoformat(timespec="seconds"), **fields}
-    path = out / "run.json"
-    common.write_json(path, record)
-    return path
+    common.write_json(out / "run.json", {"date": datetime.datetime.now().isoformat(timespec="seconds"), **fields})
 
 
 # ------------------------------------------------------------ quick
@@ -233,9 +186,9 @@ def run_quick(args: argparse.Namespace) -> None:
     common.check_jobs(args.jobs)
     machine = hardware(args.device)
     preset = "--tiny" if args.tiny else "--quick"
-    names = [n for n in LONGEST_FIRST if n in args.studies] + [n for n in args.studies if n not in LONGEST_FIRST]
+    names = sorted(args.studies, key=lambda name: TYPICAL_QUICK_SECONDS.get(name, 0), reverse=True)  # longest first
     device = ["--device", args.device] if args.device else []
-    extras = {name: ([] if args.tiny else QUICK_OVERVIEW[name]) + device for name in names}
+    extras = {name: ([] if args.tiny else QUICK_OVERVIEW.get(name, [])) + device for name in names}
     commands = {name: " ".join([f"python -m experiments {name}", preset, *extras[name]]) for name in names}
     out = choose_out(args)
     print(f"results go to {out}/", flush=True)
@@ -243,10 +196,8 @@ def run_quick(args: argparse.Namespace) -> None:
                   study_commands=commands, jobs=args.jobs, **machine)
     write_run_record(out, **record)
     start = time.perf_counter()
-    if args.jobs == 1:
-        seconds = _run_in_process(names, preset, extras, out)
-    else:
-        seconds = _run_in_workers(names, preset, extras, out, args.jobs)
+    seconds = (_run_in_process(names, preset, extras, out) if args.jobs == 1
+               else _run_in_workers(names, preset, extras, out, args.jobs))
     wall = time.perf_counter() - start
     write_run_record(out, **record, wall_seconds=wall, seconds=seconds)
     report = write_report(out, list(args.studies), seconds, commands, preset, wall, args.jobs)
@@ -264,8 +215,7 @@ def _run_in_process(names: List[str], preset: str, extras: Dict[str, List[str]],
 
 def _run_in_workers(names: List[str], preset: str, extras: Dict[str, List[str]], out: Path,
                     jobs: int) -> Dict[str, float]:
-    """The studies ``jobs`` at a time in spawned workers, a status line every
-    :data:`STATUS_EVERY_SECONDS` and a line as each one finishes."""
+    """The studies ``jobs`` at a time in spawned workers, with a status line every :data:`STATUS_EVERY_SECONDS`."""
     logs, progress_dir = out / "logs", out / "logs" / "progress"
     progress_dir.mkdir(parents=True, exist_ok=True)
     print(f"running {len(names)} studies, {jobs} at a time; their output goes to {logs}/", flush=True)
@@ -281,9 +231,15 @@ def _run_in_workers(names: List[str], preset: str, extras: Dict[str, List[str]],
                 done, pending = wait(pending, timeout=max(next_status - time.perf_counter(), 0.0),
                                      return_when=FIRST_COMPLETED)
                 for future in done:
-                    seconds[futures[future]] = _finished(future, futures[future], logs, time.perf_counter() - start)
+                    name = futures[future]
+                    if future.exception() is not None:
+                        print(f"  {name} failed: see {logs / name}.log", file=sys.stderr, flush=True)
+                    seconds[name] = future.result()
+                    print(f"  {name} done in {seconds[name]:.0f} s ({time.perf_counter() - start:.0f} s so far)",
+                          flush=True)
                 if pending and time.perf_counter() >= next_status:
-                    print(_status(progress_dir, names, seconds, time.perf_counter() - start, jobs), flush=True)
+                    print(progress.status_line(progress_dir, names, seconds, time.perf_counter() - start, jobs,
+                                               TYPICAL_QUICK_SECONDS), flush=True)
                     next_status += STATUS_EVERY_SECONDS
         except BaseException:
             for future in pending:  # the studies not started yet do not start
@@ -292,39 +248,16 @@ def _run_in_workers(names: List[str], preset: str, extras: Dict[str, List[str]],
     return seconds
 
 
-def _finished(future: Future, name: str, logs: Path, elapsed: float) -> float:
-    """A finished study's seconds, announced (its error, pointing at its log, when it failed)."""
-    try:
-        seconds = future.result()
-    except BaseException:
-        print(f"  {name} failed: see {logs / (name + '.log')}", file=sys.stderr, flush=True)
-        raise
-    print(f"  {name} done in {seconds:.0f} s ({elapsed:.0f} s so far)", flush=True)
-    return seconds
-
-
-def _status(progress_dir: Path, names: List[str], finished: Dict[str, float], elapsed: float, jobs: int) -> str:
-    """The status line of the studies' progress files."""
-    records = progress.read_progress(progress_dir)
-    waiting = [name for name in names if name not in records and name not in finished]
-    snapshot = progress.Snapshot(elapsed, records, dict(finished), waiting, jobs)
-    return progress.status_line(snapshot, TYPICAL_QUICK_SECONDS, BAR_SHARES)
-
-
 # ------------------------------------------------------------ the report
 def write_report(out: Path, studies: List[str], seconds: Dict[str, float], commands: Dict[str, str],
                  preset: str, wall: float, jobs: int = 1) -> Path:
-    """``out/REPORT.md``: the verdicts, then per study its command, run time, table and plots
-    (relative links)."""
-    parallel = f", {jobs} studies at a time (their own times add up to {sum(seconds.values()):.0f} s)" if jobs > 1 else ""
-    lines = [
-        "# structngd: study report",
-        "",
-        f"`python -m experiments quick{' --tiny' if preset == '--tiny' else ''}`; "
-        f"{wall:.0f} s wall clock{parallel}. Each section links the study's files under `{out}`.",
-        "",
-        *verdict_section(out, studies),
-    ]
+    """``out/REPORT.md``: the verdicts, then per study its command, run time, table and plots (relative links)."""
+    tiny = " --tiny" if preset == "--tiny" else ""
+    parallel = (f", {jobs} studies at a time (their own times add up to {sum(seconds.values()):.0f} s)"
+                if jobs > 1 else "")
+    lines = ["# structngd: study report", "",
+             f"`python -m experiments quick{tiny}`; {wall:.0f} s wall clock{parallel}. "
+             f"Each section links the study's files under `{out}`.", "", *verdict_section(out, studies)]
     for name in studies:
         lines += _study_section(out, name, commands[name], seconds[name])
     path = out / "REPORT.md"
@@ -349,8 +282,7 @@ def verdict_section(out: Path, studies: List[str]) -> List[str]:
 def _study_section(out: Path, name: str, command: str, seconds: float) -> List[str]:
     """A study's section of the report: command, time, files, table and plots."""
     folder = out / name
-    module = importlib.import_module(STUDIES[name])
-    lines = [f"## {name}: {(module.__doc__ or name).strip().splitlines()[0]}", ""]
+    lines = [f"## {name}: {_summary(importlib.import_module(STUDIES[name]))}", ""]
     lines += [f"`{command}` ({seconds:.0f} s). Files: "
               + ", ".join(f"[{p.name}]({name}/{p.name})" for p in sorted(folder.iterdir()) if p.is_file()), ""]
     table = folder / "table.md"
@@ -360,41 +292,26 @@ def _study_section(out: Path, name: str, command: str, seconds: float) -> List[s
     return lines + [f"![{p.stem}]({name}/{p.name})" for p in sorted(folder.glob("*.png"))] + [""]
 
 
-# ------------------------------------------------------------ main
 #: the modules of the ``experiments`` extra (import name -> distribution name)
 EXTRA_MODULES = {"matplotlib": "matplotlib", "tqdm": "tqdm", "sklearn": "scikit-learn", "mnist1d": "mnist1d",
                  "cma": "cma"}
 
 
-def missing_extras() -> List[str]:
-    """The distributions of the ``experiments`` extra that are not installed."""
-    return [dist for module, dist in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
-
-
-def _run_single_study(args: argparse.Namespace) -> None:
-    """A study's own command, its command and hardware recorded in ``<out>/run.json``."""
-    start = time.perf_counter()
-    args.run(args)
-    if getattr(args, "out", None) is not None and args.out.is_dir():
-        write_run_record(args.out, layout="study", command=args.command_line, studies=[args.study],
-                         study_commands={args.study: args.command_line}, wall_seconds=time.perf_counter() - start,
-                         **hardware(getattr(args, "device", None)))
-
-
 def main(argv: Optional[List[str]] = None) -> int:
-    """``python -m experiments ...``."""
+    """``python -m experiments ...``; a study's own command records its command and hardware in ``<out>/run.json``."""
     argv = sys.argv[1:] if argv is None else list(argv)
     parser = build_parser()
     args = parser.parse_args(argv)
     args.command_line = public_command(argv)
-    if args.study in STUDIES or args.study == "quick":
-        missing = missing_extras()
-        if missing:
-            print(f"{parser.prog}: the studies need the experiments extra (missing: {', '.join(missing)}); "
-                  'install it from the repository root with: pip install -e ".[experiments]"', file=sys.stderr)
-            return 2
-    if args.study in STUDIES:
-        _run_single_study(args)
-    else:
-        args.run(args)
+    missing = [dist for module, dist in EXTRA_MODULES.items() if importlib.util.find_spec(module) is None]
+    if missing and args.study != "pages":
+        print(f"{parser.prog}: the studies need the experiments extra (missing: {', '.join(missing)}); "
+              'install it from the repository root with: pip install -e ".[experiments]"', file=sys.stderr)
+        return 2
+    start = time.perf_counter()
+    args.run(args)
+    if args.study in STUDIES and getattr(args, "out", None) is not None and args.out.is_dir():
+        write_run_record(args.out, layout="study", command=args.command_line, studies=[args.study],
+                         study_commands={args.study: args.command_line}, wall_seconds=time.perf_counter() - start,
+                         **hardware(getattr(args, "device", None)))
     return 0

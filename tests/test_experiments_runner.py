@@ -163,52 +163,48 @@ def test_a_study_command_records_its_command_and_hardware(tmp_path, monkeypatch)
 
 
 # ------------------------------------------------------------ progress
-def test_bars_record_their_study_in_sequence(tmp_path, monkeypatch):
-    monkeypatch.setattr(progress, "WRITE_EVERY_SECONDS", 0.0)
+def test_bars_record_their_study_as_they_move(tmp_path):
     with progress.recording(tmp_path, "es"):
+        assert progress.read_states(tmp_path)["es"]["total"] == 0  # started, no bar yet
         first = progress.bar(4, "es bbob")
         for _ in range(4):
             first.update()
         first.close()
-        second = progress.bar(2, "es large")
+        second = progress.bar(4, "es large")
         second.update()
-        records = progress.read_progress(tmp_path)
+        moving = progress.read_states(tmp_path)["es"]
         second.close()
-    bars = records["es"].bars
-    assert [(b.desc, b.n, b.total, b.closed) for b in bars] == [("es bbob", 4, 4, True), ("es large", 1, 2, False)]
-    assert progress.study_fraction(records["es"], {"es bbob": 0.6, "es large": 0.4}) == pytest.approx(0.8)
-    assert progress.STUDY_VARIABLE not in os.environ  # recording ends with its block
-
-
-def _fake_progress_files(directory, now):
-    """es 41/120 in its second bar after 150 s, gaussian 12/30 after 60 s."""
-    progress.write_progress(directory, progress.StudyProgress("es", now - 150, [
-        progress.BarState("es bbob", 80, 80, 100.0, closed=True), progress.BarState("es large", 41, 120, 50.0)]))
-    progress.write_progress(directory, progress.StudyProgress("gaussian", now - 60, [
-        progress.BarState("gaussian", 12, 30, 55.0)]))
+    assert (moving["desc"], moving["n"], moving["total"]) == ("es large", 1, 4)
+    assert progress.read_states(tmp_path)["es"]["n"] == 4  # a closed bar is done
+    outside = progress.bar(1, "wishart")
+    outside.update()
+    outside.close()
+    assert set(progress.read_states(tmp_path)) == {"es"}  # recording ends with its block
 
 
 def test_the_status_line_reads_the_progress_files(tmp_path):
-    now = 1_000_000.0
-    _fake_progress_files(tmp_path, now)
-    snapshot = progress.Snapshot(192.0, progress.read_progress(tmp_path), {"vi": 102.0}, ["dl", "wishart"], 2, now)
-    line = progress.status_line(snapshot, runner.TYPICAL_QUICK_SECONDS, runner.BAR_SHARES)
+    now, finished, typical = 1_000_000.0, {"vi": 102.0}, runner.TYPICAL_QUICK_SECONDS
+    progress.write_state(tmp_path / "es.json", {"started": now - 150, "desc": "es large", "n": 41, "total": 120})
+    progress.write_state(tmp_path / "gaussian.json", {"started": now - 60, "desc": "gaussian", "n": 12, "total": 30})
+    line = progress.status_line(tmp_path, list(STUDIES), finished, 192.0, 2, typical, now)
     assert line.startswith("[3:12] es large 41/120, gaussian 12/30, done: vi (102 s), 2 waiting | about ")
     minutes = int(re.search(r"about (\d+) min left$", line).group(1))
-    left = progress.seconds_left(snapshot, runner.TYPICAL_QUICK_SECONDS, runner.BAR_SHARES)
+    left = progress.seconds_left(progress.read_states(tmp_path), finished, ["dl", "wishart"], 2, typical, now)
     assert minutes == math.ceil(left / 60)
-    assert 60 < left < sum(runner.TYPICAL_QUICK_SECONDS.values())
+    assert 60 < left < sum(typical.values())
 
 
-def test_the_time_left_follows_the_pace_and_fills_free_workers():
-    started = progress.StudyProgress("wishart", 0.0, [progress.BarState("wishart", 1, 2, 10.0)])
-    snapshot = progress.Snapshot(20.0, {"wishart": started}, {}, ["vi"], 2, now=20.0)
+def test_the_time_left_follows_the_pace_and_fills_free_workers(tmp_path):
+    running = {"wishart": {"started": 0.0, "desc": "wishart", "n": 1, "total": 2}}
     typical = {"wishart": 40.0, "vi": 10.0}
-    # half of wishart in 20 s (its typical 40 s: pace 1): 20 s left; vi on the free worker: 10 s
-    assert progress.seconds_left(snapshot, typical, {}) == pytest.approx(20.0)
-    nothing_yet = progress.Snapshot(3.0, {"wishart": progress.StudyProgress("wishart", 17.0)}, {}, ["vi"], 2, 20.0)
-    assert progress.seconds_left(nothing_yet, typical, {}) is None
-    assert progress.status_line(nothing_yet, typical, {}) == "[0:03] wishart starting, 1 waiting"
+    # half of wishart in 20 s (its typical 40 s: pace 1): 20 s left; vi on the free worker: 10 s, or after it
+    assert progress.seconds_left(running, {}, ["vi"], 2, typical, now=20.0) == pytest.approx(20.0)
+    assert progress.seconds_left(running, {}, ["vi"], 1, typical, now=20.0) == pytest.approx(30.0)
+    starting = {"started": 17.0, "desc": "wishart", "n": 0, "total": 0}
+    assert progress.seconds_left({"wishart": starting}, {}, ["vi"], 2, typical, now=20.0) is None
+    progress.write_state(tmp_path / "wishart.json", starting)
+    line = progress.status_line(tmp_path, ["wishart", "vi"], {}, 3.0, 2, typical, now=20.0)
+    assert line == "[0:03] wishart starting, 1 waiting"
 
 
 # ------------------------------------------------------------ pages
