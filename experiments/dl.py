@@ -1,37 +1,15 @@
 """Kronecker preconditioners on deep nets: KFAC, EKFAC and LocalKFAC structures against SGD and Adam.
 
-Tasks (``TASKS``; data from ``experiments/dl_data.py``, nothing downloads): ``curves``, the deep
-autoencoder of the KFAC paper (``models.DeepAutoencoder``, 256-200-100-50-25-6 and mirrored,
-Bernoulli cross-entropy summed over pixels) on 16x16 CURVES-style images; ``digits``, the same
-kind of autoencoder (64-128-64-32-8) on scikit-learn's 8x8 digits; ``mnist1d_mlp`` /
-``mnist1d_cnn``, classifiers (``models.MLP`` 40-256-256-10, ``models.CNN`` with three ``(1, 5)``
-convolutions of stride 2) on MNIST-1D.
+KFAC, EKFAC and LocalKFAC (dense, diagonal, hierarchical and more structures) in front of SGD with
+momentum, SGD and Adam train deep autoencoders (CURVES-style images, 8x8 digits) and MNIST-1D
+classifiers over small learning-rate grids: training loss against steps and seconds, test metrics,
+and the steps and seconds to Adam's final training loss as a ratio to Adam's own (< 1: faster).
 
-Methods (``METHODS``): SGD with momentum 0.9, Adam, and ``structngd.kron``'s ``KFAC``, ``EKFAC``
-and ``LocalKFAC`` (structures ``dense``, ``diagonal``, ``hierarchical(k, k)``, and opt-in
-``lower_triangular`` and ``block_diagonal``) in front of SGD with momentum 0.9, as in the KFAC
-paper, on the true Fisher (``--fisher true``: sampled targets) or ``--fisher empirical``, with
-``--kl-clip`` bounding each step's predicted KL change ``lr^2 <p, g>``. Every method runs a small
-learning-rate grid on every seed; the seed sets the initialization and the mini-batch order (the
-same for every method); the data draw is fixed (``--data-seed``).
+Outputs in --out (default results/dl): table.md, verdict.json, summary.csv, results.json,
+loss_vs_steps.png and loss_vs_seconds.png. Presets: --tiny (seconds), --quick (the default: three
+tasks, 2 seeds, 400 steps) and --full (all four tasks and nine methods, 1000 steps).
 
-Metrics, per task and method (best learning rate = lowest seed-averaged final training loss):
-the training loss on a fixed subset of training examples (in eval mode, inside
-``torch.random.fork_rng``, so evaluations never perturb training) against steps and seconds of
-training work; the test loss and accuracy (classifiers) or squared reconstruction error
-(autoencoders); and the key target, the steps and seconds to **Adam's final training loss** and
-their ratio to Adam's own (``< 1``: faster; the KFAC paper's claim is ``<= 0.5``).
-
-Outputs in ``--out`` (default ``results/dl``): ``results.json`` (settings, every run with its
-curve, metrics and layer structures, the selection), ``summary.csv``, ``table.md`` (also printed;
-it opens with the verdict against Adam), ``verdict.json``, ``loss_vs_steps.png`` and
-``loss_vs_seconds.png`` (one panel per task, best setting per method).
-
-Presets (one torch thread, float32): ``--tiny`` (seconds), the default quick study (curves, digits
-and MNIST-1D MLP, 2 seeds, 400 steps) and ``--full`` (all four tasks and nine methods, 2 seeds,
-1000 steps; the README's tables are slices of it, e.g. ``--full --tasks curves digits --methods
-adam kfac``). Timings are wall-clock: compare methods within one run.
-"""
+Full description: docs/studies.md."""
 
 from __future__ import annotations
 

@@ -1,45 +1,15 @@
 """Evolution strategies: StructuredNES structures against CMA-ES (pycma) and evotorch on BBOB and at large d.
 
-**BBOB part.** The functions of :mod:`experiments.bbob` (f1 sphere, f2 ellipsoid, f8 Rosenbrock,
-f10 rotated ellipsoid, f12 bent cigar, f15 rotated Rastrigin) in several dimensions and
-instances, minimised by the ``METHODS``: :class:`structngd.es.StructuredNES` with the structures
-``dense`` and ``diagonal`` (default rates, and ``rates="xnes"``: textbook xNES and SNES),
-``lower_triangular``, ``block_triangular(k)^T`` (rank-k plus diagonal covariance) and
-``heisenberg(k, k)``, ``k = clamp(round(sqrt(d) / 2), 2, 10)`` below ``d``; pycma's CMA-ES and
-sep-CMA; evotorch's ``XNES`` and ``SNES`` when evotorch imports (``pip install evotorch``),
-which with the same seed draw the same normals as the ``rates="xnes"`` runs and repeat them
-until the first restart.
+StructuredNES (dense, diagonal, triangular, rank-k plus diagonal and Heisenberg covariances),
+pycma's CMA-ES and sep-CMA and evotorch's XNES and SNES minimise six BBOB functions over several
+dimensions and instances: the expected running time (ERT) to f - fopt <= 1e-8, its ratio to CMA-ES's
+and runtime ECDFs; a timed large-scale part adds evaluations and seconds to that target at large d.
 
-Every run starts at ``x0 ~ U[-3, 3]^d`` (the same draws for every method, seeded by seed,
-function, dimension and instance; each restart draws a new ``x0``) with ``sigma0 = 2``,
-evaluates its whole population in one batched torch call and stops at ``f - fopt <= 1e-8`` or
-after ``budget_factor * d`` evaluations. pycma and StructuredNES restart (IPOP: the population
-doubles) when one of pycma's restartable criteria fires, up to ``restarts`` times; evotorch
-never restarts and stops after ``stall`` generations without improvement. The table gives the
-expected running time ``ERT = (evaluations of all runs, each up to its first success) /
-successes`` to ``f - fopt <= 1e-8``, its ratio to CMA-ES's and the target checks; ``ecdf.png``
-the runtime ECDFs (COCO style, targets ``10^{2, 1.8, ..., -8}``) against evaluations / d.
+Outputs in --out (default results/es): table.md, verdict.json, summary.csv, results.json, ecdf.png,
+ert_vs_dim.png and large_scale.png. Presets: --tiny (seconds, d = 2), --quick (the default: d up to
+10, large-scale d = 200) and --full (d up to 40, 15 instances, large-scale d up to 2000).
 
-**Large-scale part.** At each ``d`` of ``large_dims``: the separable ellipsoid (BBOB f2) and a
-:class:`RankCigar`, by ``diagonal``, ``block_triangular(k)^T``, pycma and sep-CMA, each with a
-wall-time cap: evaluations and seconds to ``f - fopt <= 1e-8``.
-
-Outputs in ``--out`` (default ``results/es``): ``results.json`` (settings, every run with its
-trace of (evaluations, f - fopt) at each improvement, ERTs, large-scale runs, checks),
-``summary.csv`` (one row per method, function and dimension, then the large-scale rows),
-``table.md`` (also printed), ``verdict.json``, ``ecdf.png``, ``ert_vs_dim.png`` and
-``large_scale.png``.
-
-Presets: ``--tiny`` (seconds): d = 2, f1 f2, one instance, five methods, no large-scale part;
-``--quick`` (the default; about 7 minutes on 2 cores): d in {2, 5, 10}, f1 f2 f8 f10,
-3 instances, large-scale part at d = 200; ``--full`` (about 6 hours): d in {2, 5, 10, 20, 40},
-all six functions, 15 instances, large-scale part at d in {500, 1000, 2000}. Options given on the
-command line replace the preset's values (``--dims``, ``--functions``, ``--methods``,
-``--instances`` slice its grid). ``--jobs N`` runs N BBOB runs at once in worker processes: the
-same runs, since each run's draws depend only on its own (seed, function, dimension, instance);
-only the seconds grow with the load. The timed large-scale part always runs alone. Timings are
-wall-clock: compare methods within one run.
-"""
+Full description: docs/studies.md."""
 
 from __future__ import annotations
 

@@ -1,29 +1,15 @@
 """Structured NGD against Adam on Gaussian targets: KL(q || p) per structure, vs iterations and seconds.
 
-Every structure of ``structngd.groups`` is fitted to random Gaussian targets ``p = N(m, P^-1)``
-(``GaussianTarget.random``: log-spaced eigenvalues in ``[1, cond]``, a random rotation) from ``q =
-N(0, I)``, with exact gradients (``target.kl(q).backward()``) or Monte Carlo gradients
-(``q.estimate_gradients(target.log_prob, num_samples, estimator)``), each by ``NaturalGradient`` (a
-grid of learning rates x trust regions ``max_step``) and by ``torch.optim.Adam`` on the same
-parameters and loss (a grid of learning rates). The table shows each method's best setting: the
-fewest iterations to ``gap < tol``, else the smallest final gap (seed-averaged curves).
+Every structure of structngd.groups is fitted to random Gaussian targets, with exact or Monte Carlo
+gradients, by NaturalGradient and by Adam on the same parameters: the gap KL - KL* to the
+structure's own optimum against iterations and seconds, and each method's best setting (fewest
+iterations to gap < tol, else smallest final gap).
 
-The KL is evaluated exactly, outside the timed region (seconds count the gradient and the step
-only). The *gap* is ``KL - KL*``, ``KL*`` the structure's own optimum: 0 for dense and triangular
-structures, the block mean field ``(sum_b log det P_bb - log det P) / 2`` for diagonal and
-block-diagonal ones, otherwise L-BFGS on the exact KL; lowered to the best KL any run reached.
+Outputs in --out (default results/gaussian): table.md, verdict.json, summary.csv, runs.json and
+gap_vs_{iterations,seconds}_{exact,mc}.png. Presets: --tiny (seconds), --quick (the default: d in
+{10, 100}) and --full (d in {10, 100, 1000}, mostly spent at d = 1000).
 
-Outputs in ``--out`` (default ``results/gaussian``): ``table.md`` (also printed; it opens with
-the verdict: how often and by how much NGD beat Adam), ``verdict.json``, ``summary.csv`` (the
-table's rows), ``runs.json`` (settings, optima and every run's curve) and the plots
-``gap_vs_{iterations,seconds}_{exact,mc}.png``.
-
-Presets (one torch thread): ``--quick`` (the README's main command): d in {10, 100}, cond in {10,
-1e3}, 200 exact / 300 MC iterations, 16 MC samples; ``--full``: d in {10, 100, 1000}, cond in
-{10, 1e4}, 500 exact / 1000 MC iterations, 32 MC samples, most of its time in the O(d^3) dense
-and triangular steps at d = 1000 (restrict it with ``--dims``, ``--structures``, ``--seeds``).
-Timings are wall-clock: compare NGD and Adam within one run of the study.
-"""
+Full description: docs/studies.md."""
 
 from __future__ import annotations
 

@@ -1,21 +1,15 @@
 """Variational inference in Pyro: structured NGD guides against Pyro's autoguides with Adam.
 
-Every method of ``METHODS`` is fitted by ``pyro.infer.SVI`` to the problems of
-``experiments/vi_data.py`` (logistic regression; BNNs on small data sets, on a 1-D regression with
-a gap in its inputs and on the UCI regression benchmark ``uci_<name>``): ``AutoStructuredNormal`` +
-``NGD`` with five structures against Pyro's ``AutoNormal``, ``AutoLowRankMultivariateNormal`` and
-``AutoMultivariateNormal`` with Adam, all from the same starting point. Each method keeps the
-learning rate of its grid (``NGD_SETTINGS`` holds every NGD choice) with the highest seed-averaged
-final ELBO; guides with ``d^2`` memory are skipped above ``--max-dense-dim`` latents
-(``--uci-max-dense-dim`` on UCI problems). The report (``table.md``, after the verdict against Adam
-``AutoNormal``) gives per method and problem the final ELBO, the steps and seconds of ``svi.step``
-to get within ``--tol`` nats of the best ELBO and the posterior predictive's test metrics (UCI: in
-original units, beside the published numbers of ``LITERATURE``); ``results.json`` holds every run,
-``summary.csv`` the table's rows; the plots show the gap to the best ELBO against steps and seconds
-and gap1d's predictive bands. ``--tiny`` takes seconds, ``--quick`` (the default) minutes and
-``--full`` hours; ``--problems uci_<name>`` adds any UCI set to any preset (``--seeds 0 ... 19``:
-the literature's 20 splits).
-"""
+AutoStructuredNormal + NGD with five structures runs against Pyro's AutoNormal,
+AutoLowRankMultivariateNormal and AutoMultivariateNormal with Adam (SVI, same start) on logistic
+regression and BNNs, UCI regression included: the final ELBO, the steps and seconds to within --tol
+nats of the best ELBO, and the posterior predictive's test metrics.
+
+Outputs in --out (default results/vi): table.md, verdict.json, summary.csv, results.json and plots
+of the ELBO gap and of gap1d's predictive bands. Presets: --tiny (seconds), --quick (the default,
+minutes) and --full (hours); --problems uci_<name> adds a UCI set to any of them.
+
+Full description: docs/studies.md."""
 
 from __future__ import annotations
 

@@ -1,38 +1,15 @@
 """Covariance learning: structured NGD against geoopt (SPD manifold) and Adam (Cholesky).
 
-Data: ``N = samples_per_dim * d`` draws ``x_i ~ N(0, Sigma*)``, ``cond(Sigma*) = cond`` (log-spaced
-eigenvalues with geometric mean 1 in a random rotation), and the conjugate prior ``W ~ Wishart(n0,
-V0)`` on the precision, ``n0 = d + 1``, ``V0 = I / n0``; the posterior is ``Wishart(n_p, V_p)``,
-``n_p = n0 + N``, ``A = V_p^{-1} = n0 I + sum x x^T``. Two problems per ``(d, cond)``:
+On a precision's MAP estimate and a Wishart variational posterior, both with exact optima, NGD on
+dense and lower-triangular factors runs against geoopt's RSGD and RAdam and against Adam on a
+Cholesky factor: the relative gap against iterations and seconds, the iterations and seconds to a
+tolerance as ratios to the best geoopt method, and SPD failures.
 
-* ``map``: the precision's MAP estimate, minimize ``f(P) = [tr(A P) - (n_p - d - 1) log|P|] / (2 N)``
-  over SPD ``P`` from ``P = I``; exact optimum ``P* = (n_p - d - 1) A^{-1}``.
-* ``vi``: the Wishart variational posterior ``q = W(n, Psi / n)``, minimize ``KL(q || posterior)``
-  (closed form) from the prior ``n = d + 1``, ``Psi = I``; exact optimum ``KL = 0``.
+Outputs in --out (default results/wishart): table.md, verdict.json, summary.csv, results.json and
+gap_vs_{iterations,seconds}_{map,vi}.png. Presets: --tiny (d = 5), --quick (the default: d in
+{10, 50}, 400 iterations) and --full (d in {10, 50, 200}, 2000 iterations).
 
-Methods (each on a small learning-rate grid, every run recorded): ``NGD dense`` / ``NGD
-lower_triangular`` (ours: ``NaturalGradient`` on the Gaussian family's precision factor ``P = B
-B^T``, ``loc`` held at 0, or on the Wishart family ``(n, Psi = B B^T)``, with a trust region);
-``RSGD`` / ``RAdam`` (geoopt, on ``ManifoldParameter(P or Psi, SymmetricPositiveDefinite())``);
-``Adam Cholesky`` (``P = L L^T``, ``L`` lower-triangular with exp-diagonal). The baselines' ``vi``
-degrees of freedom are ``n = d - 1 + exp(r)``.
-
-Metrics: the relative gap ``(f - f*) / (f_0 - f*)`` (``f*`` exact, lowered to the best value any run
-reached) against iterations and seconds of optimization work; iterations and seconds to ``relative
-gap < tol``; SPD failures: steps after which the iterate fails Cholesky (``vi``: or ``n <= d - 1``),
-is non-finite, or whose step raised. A non-finite iterate, a raised step or an objective below the
-exact optimum (a diverging iterate's lost precision) ends the run. The table shows, per problem and
-method, the best learning rate (fewest iterations to ``tol``, else smallest final gap) and its
-ratios to the best geoopt method (< 1: faster than geoopt).
-
-Outputs in ``--out`` (default ``results/wishart``): ``table.md`` (also printed; it opens with the
-verdict against the best geoopt method), ``verdict.json``, ``summary.csv``, ``results.json``
-(settings, problems, summary, every run's curve) and ``gap_vs_{iterations,seconds}_{map,vi}.png``.
-
-Presets (one torch thread): ``--tiny`` d = 5, cond 10; ``--quick`` d in {10, 50}, cond in {10,
-1e4}, 400 iterations; ``--full`` d in {10, 50, 200}, 2000 iterations, most of its time in geoopt's
-eigendecompositions at d = 200.
-"""
+Full description: docs/studies.md."""
 
 from __future__ import annotations
 
