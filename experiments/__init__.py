@@ -1,10 +1,4 @@
-"""Studies that produce structngd's results tables and plots.
-
-Run one with ``python -m experiments <study> [options]`` from a clone of the repository
-(``python -m experiments -h`` lists them; ``python -m experiments quick`` runs them all and
-writes one report; ``python -m experiments pages RUN_DIR`` turns a finished run into
-documentation pages). Each study is a module with ``add_arguments(parser)`` and ``run(args)``,
-registered in :data:`experiments.runner.STUDIES`; :mod:`experiments.common` holds the helpers
-they share (timing, evaluation schedules, tables, plots, output files) and
-:mod:`experiments.progress` their progress bars.
-"""
+"""The studies behind structngd's results: ``python -m experiments <study> [options]``, ``quick`` (all of
+them, one report) and ``pages RUN_DIR`` (documentation pages), from a clone of the repository. Each study
+module exposes ``add_arguments(parser)`` and ``run(args)`` and is registered in
+:data:`experiments.runner.STUDIES`; the docs' studies page describes them."""

