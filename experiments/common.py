@@ -1,5 +1,5 @@
 """Helpers shared by the studies: torch set-up, timing, evaluation schedules, curves,
-selection, Markdown text, output files, plots and progress bars."""
+selection, Markdown text, output files and plots."""
 
 from __future__ import annotations
 
@@ -372,13 +372,3 @@ def save_with_legend(fig, path: Path, handles: Sequence, labels: Sequence[str]) 
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=110, bbox_inches="tight")
     pyplot().close(fig)
-
-
-# ------------------------------------------------------------- progress
-def progress(total: int, desc: str):
-    """A progress bar: :func:`experiments.progress.bar` (tqdm, else silent; recorded for the
-    ``quick`` runner in its workers); use ``update()``/``close()``."""
-    from . import progress as bars
-
-    return bars.bar(total, desc)
-

@@ -28,7 +28,7 @@ from models.autoencoder import INITS, DeepAutoencoder
 from models.classifiers import CNN, MLP
 from structngd.kron import EKFAC, KFAC, LocalKFAC
 
-from . import common, dl_data, harness
+from . import common, dl_data, harness, progress
 from .cli import option
 from .common import Curve, Line, fmt, fmt_ratio
 
@@ -328,7 +328,7 @@ def run_one(task: Task, data: dl_data.Dataset, method: Method, lr: float, seed: 
 def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict]]:
     """Every run of the study and, per task, a description of its data and model."""
     plan = [(t, m) for t in settings.tasks for m in settings.methods]
-    bar = common.progress(sum(len(settings.lrs(METHODS[m], TASKS[t])) * len(settings.seeds) for t, m in plan), "dl")
+    bar = progress.bar(sum(len(settings.lrs(METHODS[m], TASKS[t])) * len(settings.seeds) for t, m in plan), "dl")
     runs, info = [], {}
     for task_key in settings.tasks:
         task = TASKS[task_key]

@@ -34,7 +34,7 @@ import torch
 
 from structngd.es import StructuredNES, default_popsize
 
-from . import bbob, common, harness
+from . import bbob, common, harness, progress
 from .cli import option
 from .common import Line, fmt
 
@@ -406,7 +406,7 @@ def run_bbob(settings: Settings, methods: Sequence[str]) -> Tuple[List[Run], Lis
             continue
         cells = itertools.product(settings.functions, settings.instances, settings.seeds)
         plan += [(key, function, dim, instance, seed) for function, instance, seed in cells]
-    bar = common.progress(len(plan), "es bbob")
+    bar = progress.bar(len(plan), "es bbob")
     if settings.jobs == 1:
         runs = []
         for key, function, dim, instance, seed in plan:
@@ -428,7 +428,7 @@ def run_bbob(settings: Settings, methods: Sequence[str]) -> Tuple[List[Run], Lis
 def run_large(settings: Settings) -> List[LargeRun]:
     """The large-scale runs (one seed: the first), each capped at ``large_time_cap`` seconds."""
     plan = list(itertools.product(settings.large_dims, settings.large_problems, settings.large_methods))
-    bar = common.progress(len(plan), "es large")
+    bar = progress.bar(len(plan), "es large")
     runs, seed = [], settings.seeds[0]
     for dim, name, key in plan:
         bar.set_postfix_str(f"{name} d={dim} {key}")

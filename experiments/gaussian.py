@@ -27,7 +27,7 @@ from structngd.optim import NaturalGradient
 from structngd.groups import GROUPS
 from structngd.targets import GaussianTarget
 
-from . import common, harness
+from . import common, harness, progress
 from .cli import option
 from .common import Curve, Line, fmt, fmt_ratio
 
@@ -242,7 +242,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
     """Every run of the study, and per ``(target, seed, structure)`` the reference optimum."""
     specs = [TargetSpec(d, c) for d in settings.dims for c in settings.conds]
     configs = sum(len(settings.configs(g)) for g in settings.gradients)
-    bar = common.progress(len(specs) * len(settings.seeds) * len(settings.structures) * configs, "gaussian")
+    bar = progress.bar(len(specs) * len(settings.seeds) * len(settings.structures) * configs, "gaussian")
     runs, optima = [], {}
     for spec, seed in itertools.product(specs, settings.seeds):
         target = spec.build(seed, settings.device)

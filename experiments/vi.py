@@ -28,7 +28,7 @@ from pyro.infer.autoguide import AutoLowRankMultivariateNormal, AutoMultivariate
 
 from structngd.pyro import NGD, AutoStructuredNormal
 
-from . import common, harness, vi_data
+from . import common, harness, progress, vi_data
 from .cli import option
 from .common import Curve, Line, fmt
 from .vi_data import Problem
@@ -392,7 +392,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[str, dict], List[dict]]
                 if not reason:
                     plan += [(problem, config, seed, dim) for config in settings.configs(key, dim)]
     warm_up(plan, settings)
-    bar = common.progress(len(plan), "vi")
+    bar = progress.bar(len(plan), "vi")
     runs = []
     for problem, config, seed, dim in plan:
         bar.set_postfix_str(f"{problem.name} {METHODS[config.method].label()} {config.label} seed {seed}")

@@ -26,7 +26,7 @@ from structngd.families import Gaussian, Wishart
 from structngd.families.wishart import multivariate_digamma
 from structngd.optim import NaturalGradient
 
-from . import common, harness
+from . import common, harness, progress
 from .cli import option
 from .common import Curve, Line, fmt, fmt_ratio
 
@@ -293,7 +293,7 @@ def run_all(settings: Settings) -> Tuple[List[Run], Dict[tuple, dict]]:
     """Every run of the study, and per ``(problem, seed)`` the exact optimum and the data's size."""
     specs = [ProblemSpec(k, d, c) for k in settings.problems for d in settings.dims for c in settings.conds]
     configs = [c for m in settings.methods for c in settings.configs(m)]
-    bar = common.progress(len(specs) * len(settings.seeds) * len(configs), "wishart")
+    bar = progress.bar(len(specs) * len(settings.seeds) * len(configs), "wishart")
     runs, optima = [], {}
     for spec, seed in itertools.product(specs, settings.seeds):
         data = CovarianceData(spec.dim, spec.cond, seed, settings.samples_per_dim, settings.device)
