@@ -1,10 +1,17 @@
 """Small helpers shared by the test modules (ids for group configurations, seeded
-generators, relative errors in float64, the devices to run on, study options)."""
+generators, relative errors in float64, the devices to run on, study options, running a
+documented example)."""
 
 import argparse
+import os
+import subprocess
+import sys
+from pathlib import Path
 
 import pytest
 import torch
+
+ROOT = Path(__file__).resolve().parents[1]
 
 #: parametrize over these: CUDA cases skip where CUDA is absent
 DEVICES = ["cpu", pytest.param("cuda", marks=pytest.mark.skipif(not torch.cuda.is_available(), reason="no CUDA"))]
@@ -74,3 +81,14 @@ def assert_same(a: dict, b: dict) -> None:
     for k in a:
         assert a[k].dtype == b[k].dtype, k
         assert torch.equal(a[k].isnan(), b[k].isnan()) and torch.equal(a[k].nan_to_num(), b[k].nan_to_num()), k
+
+
+def run_example(code: str, folder: Path, timeout: float = 300) -> subprocess.CompletedProcess:
+    """``python -c code`` in ``folder`` as a reader would run an example: the repository importable,
+    one thread, no display; a timeout is a failed run (return code -1)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
+    command = [sys.executable, "-c", code]
+    try:
+        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=timeout)
+    except subprocess.TimeoutExpired:
+        return subprocess.CompletedProcess(command, -1, "", f"no result after {timeout} s")

@@ -2,14 +2,12 @@
 in an empty folder on one thread. The generated results pages and the API reference are left out:
 they hold no examples of their own."""
 
-import os
 import re
-import subprocess
-import sys
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
+from helpers import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 DOCS = ROOT / "docs"
@@ -38,22 +36,12 @@ def fenced_blocks(page: Path):
 BLOCKS = {where: code for page in pages() for language, where, code in fenced_blocks(page) if language == "python"}
 
 
-def run_block(code: str, folder: Path) -> subprocess.CompletedProcess:
-    """``python -c code`` in ``folder``, with the repository importable, one thread and no display."""
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "MPLBACKEND": "Agg"}
-    command = [sys.executable, "-c", code]
-    try:
-        return subprocess.run(command, cwd=folder, env=env, capture_output=True, text=True, timeout=SECONDS_PER_BLOCK)
-    except subprocess.TimeoutExpired:
-        return subprocess.CompletedProcess(command, -1, "", f"no result after {SECONDS_PER_BLOCK} s")
-
-
 @pytest.fixture(scope="module")
 def outcomes(tmp_path_factory):
     """Every block's finished process, ``WORKERS`` blocks at a time, each in its own empty folder."""
     folders = {where: tmp_path_factory.mktemp("block") for where in BLOCKS}
     with ThreadPoolExecutor(WORKERS) as pool:
-        futures = {where: pool.submit(run_block, code, folders[where]) for where, code in BLOCKS.items()}
+        futures = {where: pool.submit(run_example, code, folders[where], SECONDS_PER_BLOCK) for where, code in BLOCKS.items()}
         return {where: future.result() for where, future in futures.items()}
 
 

@@ -1,12 +1,10 @@
 """Every Python block of the README runs as printed and prints what its ``# prints:`` line says."""
 
-import os
 import re
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
+from helpers import run_example
 
 ROOT = Path(__file__).resolve().parents[1]
 README = ROOT / "README.md"
@@ -56,9 +54,7 @@ def test_same_output_tells_numbers_apart():
 @pytest.mark.parametrize("index", range(len(BLOCKS)))
 def test_a_readme_block_runs_as_printed(index, tmp_path):
     block = BLOCKS[index]
-    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1"}
-    result = subprocess.run([sys.executable, "-c", block], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            timeout=300)
+    result = run_example(block, tmp_path)
     assert result.returncode == 0, result.stderr[-3000:]
     lines = [line for line in result.stdout.splitlines() if line.strip()]
     assert lines, "the block printed nothing"
