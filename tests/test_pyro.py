@@ -279,7 +279,7 @@ def test_unknown_guide_without_fallback_raises_and_changes_nothing():
     model, x, y = blr_problem()
     guide = AutoNormal(model)
     svi = SVI(model, guide, NGD(fallback=False), Trace_ELBO())
-    with pytest.raises(ValueError, match="no AutoStructuredNormal guide owns"):
+    with pytest.raises(ValueError, match="no structured guide owns"):
         svi.step(x, y)
     before = {k: v.detach().clone() for k, v in pyro.get_param_store().items()}
     with pytest.raises(ValueError):

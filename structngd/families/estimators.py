@@ -148,6 +148,19 @@ def kronecker_factor_gradients(
     return x_k, x_c
 
 
+def kronecker_price_factor_gradients(family, hess: Tensor) -> Tuple[Tensor, Tensor]:
+    """Compact ``(dL/dK, dL/dC)`` of ``L = tr(H Sigma) / 2 - H(q)`` for a Kronecker Gaussian ``family``, ``Sigma =
+    (K K^T) ⊗ (C C^T)`` and a dense ``E[hess l] = H`` over the column-major ``vec(W)`` (Price's theorem for the
+    factors; ``d^2`` memory, small blocks), by autograd through the dense covariance."""
+    k = family.in_factor.detach().clone().requires_grad_(True)
+    c = family.out_factor.detach().clone().requires_grad_(True)
+    view = type(family).view(family.in_group, family.out_group, k, c)
+    with torch.enable_grad():
+        loss = 0.5 * (hess * view.covariance()).sum() - view.entropy()
+        grad_k, grad_c = torch.autograd.grad(loss, (k, c))
+    return grad_k, grad_c
+
+
 def score_function_gradients(
     group: MatrixGroup,
     z: Tensor,

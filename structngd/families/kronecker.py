@@ -169,13 +169,13 @@ class KroneckerGaussian(FamilyMethods, nn.Module):
         """``C^{-1} X K^{-T}`` (two structured solves)."""
         return self.in_group.solve(self.in_factor, self.out_group.solve(self.out_factor, x.mT).mT)
 
-    def _transposed_products(self, g: Tensor) -> Tensor:
-        """``C^T G K``."""
+    def mean_local_gradient(self, g: Tensor) -> Tensor:
+        """``C^T G K``: the local gradient ``g_Delta`` of a Euclidean mean gradient ``G`` (``dL/dM``)."""
         return self.in_group.tmatvec(self.in_factor, self.out_group.tmatvec(self.out_factor, g.mT).mT)
 
     def precondition(self, g: Tensor) -> Tensor:
         """``C C^T G K K^T`` for ``G`` of shape ``(..., d_out, d_in)``: ``Sigma vec(G)`` unvectorized."""
-        return self.right_t(self.left(self._transposed_products(g)))
+        return self.right_t(self.left(self.mean_local_gradient(g)))
 
     def compact_constants(self) -> tuple:
         """``(C_in, C_out)``: both groups' cached inverse Fisher weights."""
@@ -255,7 +255,7 @@ class KroneckerGaussian(FamilyMethods, nn.Module):
         factors = tuple(group.pullback(f, f.grad) / n for group, f, n in sides)
         if not self.has_loc:
             return KroneckerFactorStep(*factors)
-        return KroneckerGaussianStep(self._transposed_products(self.loc.grad), *factors)
+        return KroneckerGaussianStep(self.mean_local_gradient(self.loc.grad), *factors)
 
     @staticmethod
     def _from_local(group, weights: Tensor, x: Tensor) -> Tensor:

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from typing import Iterable, Mapping, Optional, Union
+from typing import Iterable, Mapping, Optional, Sequence, Union
 
 import torch
 from torch import nn
@@ -76,8 +76,11 @@ class NaturalGradient(Optimizer):
 
     # -------------------------------------------------------------- step
     @torch.no_grad()
-    def step(self, closure=None):
-        """One natural-gradient step of every family, all or nothing (``ValueError``); returns the closure's loss."""
+    def step(self, closure=None, directions: Optional[Sequence] = None):
+        """One natural-gradient step of every family, all or nothing (``ValueError``); returns the closure's loss.
+
+        ``directions``: one per param group, a family's natural gradient formed elsewhere (e.g. from Kronecker
+        statistics by ``natural_gradient(local_gradient=...)``) or ``None`` (from the parameters' ``.grad``)."""
         loss = None
         if closure is not None:
             with torch.enable_grad():
@@ -89,11 +92,13 @@ class NaturalGradient(Optimizer):
             except ValueError as err:
                 raise ValueError(f"NaturalGradient param group {index}: {err}") from None
         families = [group["family"] for group in groups]
+        if directions is not None and len(directions) != len(groups):
+            raise ValueError(f"NaturalGradient.step got {len(directions)} directions for {len(groups)} param groups")
         buffers = [self._buffers(group) for group in groups]
         try:
             keys = ("lr", "momentum", "max_step", "retraction", "part_lrs")
             new_buffers = natural_gradient_step(
-                families, buffers, **{k: [g[k] for g in groups] for k in keys},
+                families, buffers, **{k: [g[k] for g in groups] for k in keys}, directions=directions,
                 labels=[f"NaturalGradient param group {i}" for i in range(len(groups))],
             )
         except ValueError as err:

@@ -12,11 +12,10 @@ from pyro.optim import PyroOptim
 from torch import Tensor
 
 from .. import checks
-from ..families.gaussian import Gaussian
 from ..optim import NaturalGradient, check_hyperparameters
-from .guide import AutoStructuredNormal, owner_of
+from .guide import LatentGuide, owner_of, param_names
 
-ESTIMATORS = ("reparam", "price")
+ESTIMATORS = ("reparam", "price", "kronecker")
 
 
 class NGD(PyroOptim):
@@ -89,7 +88,7 @@ class NGD(PyroOptim):
         self.estimator, self.num_pairs = estimator, num_pairs
         self.fallback: Union[bool, PyroOptim] = fallback
         # guide -> (its family when last stepped, the NaturalGradient over that family)
-        self._optimizers: Dict[AutoStructuredNormal, Tuple[Gaussian, NaturalGradient]] = {}
+        self._optimizers: Dict[LatentGuide, Tuple[tuple, NaturalGradient]] = {}
         self._pending: Dict[str, Dict] = {}  # set_state results for guides not seen since
 
     def _hyperparameters(self) -> Dict:
@@ -106,10 +105,10 @@ class NGD(PyroOptim):
         hyper = self._hyperparameters()
         params = list(params)
         owned = self._owned(params)
-        owned_ids = {id(t) for guide in owned for t in (guide.family.loc, guide.family.factor)}
+        owned_ids = {id(t) for guide in owned for t in guide.owned_tensors()}
         rest = [p for p in params if id(p) not in owned_ids]
         if rest and self.fallback is False:
-            raise ValueError(f"NGD(fallback=False) got parameters that no AutoStructuredNormal guide owns: "
+            raise ValueError(f"NGD(fallback=False) got parameters that no structured guide owns: "
                              f"{_names(rest)}; pass fallback=pyro.optim.Adam(...) to optimize them")
         optimizers = [self._optimizer(guide, hyper) for guide in owned]  # pending states checked first
         saved = [_snapshot(guide, optimizer) for guide, optimizer in zip(owned, optimizers)]
@@ -122,20 +121,18 @@ class NGD(PyroOptim):
                 _restore(*snapshot)
             raise
 
-    def _step(self, params: List[Tensor], owned: List[AutoStructuredNormal], optimizers: List[NaturalGradient]):
-        if self.estimator == "price":
-            for guide in owned:
-                guide.price_gradients(int(self.num_pairs))
+    def _step(self, params: List[Tensor], owned: List[LatentGuide], optimizers: List[NaturalGradient]):
         for p in params:
             if p.grad is not None and not torch.isfinite(p.grad).all():
                 raise ValueError(f"non-finite gradient for parameter {_names([p])}; no parameter was changed")
-        for guide, optimizer in zip(owned, optimizers):
-            optimizer.step()
-            if not _invertible(guide.group, guide.family.factor.detach()):
-                raise ValueError(f"the step would make the factor {_names([guide.family.factor])} singular "
-                                 "(lower lr, or see NGD's assumptions); no parameter was changed")
+        directions = [guide.directions(self.estimator, int(self.num_pairs)) for guide in owned]
+        for guide, optimizer, direction in zip(owned, optimizers, directions):
+            optimizer.step(directions=direction)
+            guide.check_invertible()
+        for guide in owned:
+            guide.after_step()
 
-    def _owned(self, params: List[Tensor]) -> List[AutoStructuredNormal]:
+    def _owned(self, params: List[Tensor]) -> List[LatentGuide]:
         """The guides whose family owns some of ``params`` (read from the tensors' owner links)."""
         ids = {id(p) for p in params}
         owned = []
@@ -143,23 +140,24 @@ class NGD(PyroOptim):
             guide, _ = owner_of(p)
             if guide is None or any(guide is g for g in owned):
                 continue
-            if not (id(guide.family.loc) in ids and id(guide.family.factor) in ids):
-                raise ValueError(f"SVI handed NGD only one of the parameters (loc, factor) of a "
-                                 f"{type(guide).__name__} ({_names([p])}); the natural-gradient step needs both")
+            missing = [t for t in guide.owned_tensors() if id(t) not in ids]
+            if missing:
+                raise ValueError(f"SVI handed NGD only some of the parameters of a {type(guide).__name__} "
+                                 f"({_names([p])}, not {_names(missing)}); the natural-gradient step needs all")
             owned.append(guide)
         return owned
 
-    def _optimizer(self, guide: AutoStructuredNormal, hyper: Dict) -> NaturalGradient:
-        """The ``NaturalGradient`` over the guide's current family (new, with pending state, if it changed)."""
-        family = guide.family
+    def _optimizer(self, guide: LatentGuide, hyper: Dict) -> NaturalGradient:
+        """The ``NaturalGradient`` over the guide's current families (new, with pending state, if they changed)."""
+        families = guide.families
         entry = self._optimizers.get(guide)
-        if entry is None or entry[0] is not family:
-            optimizer = NaturalGradient(family, **hyper)
-            name = _param_name(family.loc)
+        if entry is None or entry[0] != families:
+            optimizer = NaturalGradient(list(families), **hyper)
+            name = _state_name(guide)
             if name in self._pending:
                 _load(optimizer, guide, name, self._pending[name])
                 del self._pending[name]
-            entry = self._optimizers[guide] = (family, optimizer)
+            entry = self._optimizers[guide] = (families, optimizer)
         optimizer = entry[1]
         for group in optimizer.param_groups:
             group.update(hyper)
@@ -170,10 +168,10 @@ class NGD(PyroOptim):
         """``{"natural_gradient": {loc name: {"group": repr, "optimizer": state}}, "fallback": fallback state}``
         (states set but not yet applied included)."""
         state = dict(self._pending)
-        for guide, (family, optimizer) in self._optimizers.items():
-            name = _param_name(family.loc)
+        for guide, (_, optimizer) in self._optimizers.items():
+            name = _state_name(guide)
             if name:
-                state[name] = {"group": repr(guide.group), "optimizer": optimizer.state_dict()}
+                state[name] = {"group": guide.state_signature(), "optimizer": optimizer.state_dict()}
         fallback = self.fallback.get_state() if self.fallback is not False else {}
         return {"natural_gradient": state, "fallback": fallback}
 
@@ -191,7 +189,7 @@ class NGD(PyroOptim):
             if guide is None:
                 _check_state(None, name, state)
             else:
-                _load(NaturalGradient(guide.family), guide, name, state)
+                _load(NaturalGradient(list(guide.families)), guide, name, state)
         for name, guide in guides.items():
             if guide is not None and guide in self._optimizers:
                 _load(self._optimizers[guide][1], guide, name, states.pop(name))
@@ -199,10 +197,10 @@ class NGD(PyroOptim):
         if self.fallback is not False:
             self.fallback.set_state(dict(state_dict["fallback"]))
 
-    def _known_guide(self, name: str) -> Optional[AutoStructuredNormal]:
-        """The guide whose ``loc`` the param store holds under ``name``, where a training pass marked it."""
-        for guide, (family, _) in self._optimizers.items():
-            if _param_name(family.loc) == name:
+    def _known_guide(self, name: str) -> Optional[LatentGuide]:
+        """The guide whose first tensor the param store holds under ``name``, where a training pass marked it."""
+        for guide in self._optimizers:
+            if _state_name(guide) == name:
                 return guide
         store = pyro.get_param_store()
         if name not in store:
@@ -223,7 +221,7 @@ class NGD(PyroOptim):
         return state
 
 
-def _check_state(guide: Optional[AutoStructuredNormal], name: str, state) -> None:
+def _check_state(guide: Optional[LatentGuide], name: str, state) -> None:
     """``ValueError`` unless ``state`` is a :meth:`NGD.get_state` entry that fits ``guide`` (where known)."""
     where = f"NGD.set_state: the state of {name!r}"
     group, optimizer = _unwrap(state)
@@ -231,16 +229,19 @@ def _check_state(guide: Optional[AutoStructuredNormal], name: str, state) -> Non
         raise ValueError(f"{where} is not an entry of NGD.get_state(); nothing was changed")
     if guide is None:
         return
-    if group is not None and group != repr(guide.group):
-        raise ValueError(f"{where} is of a guide with group {group}, this guide has {guide.group!r}; "
+    if group is not None and group != guide.state_signature():
+        raise ValueError(f"{where} is of a guide with group {group}, this guide has {guide.state_signature()}; "
                          "nothing was changed")
-    params = dict(guide.family.named_parameters())
+    families = guide.families
     groups = optimizer["param_groups"]
-    keys = groups[0].get("params", []) if len(groups) == 1 else []
-    if len(keys) != len(params):
-        raise ValueError(f"{where} holds {len(groups)} param groups with {[len(g.get('params', [])) for g in groups]} "
-                         f"parameters, this guide's family has 1 with {len(params)}; nothing was changed")
-    for key, (part, p) in zip(keys, params.items()):
+    saved = [len(g.get("params", [])) for g in groups]
+    sizes = [len(list(f.parameters())) for f in families]
+    if saved != sizes:
+        raise ValueError(f"{where} holds {len(groups)} param groups with {saved} parameters, this guide's families "
+                         f"have {len(families)} with {sizes}; nothing was changed")
+    keys = [key for g in groups for key in g["params"]]
+    named = [(part, p) for f in families for part, p in f.named_parameters()]
+    for key, (part, p) in zip(keys, named):
         buffer = optimizer["state"].get(key, {}).get("momentum_buffer")
         if buffer is not None and (not isinstance(buffer, Tensor) or tuple(buffer.shape) != tuple(p.shape)):
             got = tuple(buffer.shape) if isinstance(buffer, Tensor) else type(buffer).__name__
@@ -255,26 +256,15 @@ def _unwrap(state) -> Tuple[Optional[str], object]:
     return None, state
 
 
-def _load(optimizer: NaturalGradient, guide: AutoStructuredNormal, name: str, state) -> None:
+def _load(optimizer: NaturalGradient, guide: LatentGuide, name: str, state) -> None:
     """Check a :meth:`NGD.get_state` entry against the guide and load it into the guide's optimizer."""
     _check_state(guide, name, state)
     optimizer.load_state_dict(copy.deepcopy(_unwrap(state)[1]))  # the entry stays as saved
 
 
-def _invertible(group, factor: Tensor) -> bool:
-    """Whether ``log|det B|`` and ``B^{-T} 1`` (what the next draw solves) are finite."""
-    probe = torch.ones(group.dim, dtype=factor.dtype, device=factor.device)
-    try:
-        values = (group.logdet(factor), group.tsolve(factor, probe))
-    except RuntimeError:  # torch.linalg.LinAlgError: a pivot is zero
-        return False
-    return all(bool(torch.isfinite(v).all()) for v in values)
-
-
-def _snapshot(guide: AutoStructuredNormal, optimizer: NaturalGradient):
-    """What a step may change: the family's values and gradients, the optimizer's state."""
-    family = guide.family
-    tensors = [(p, p.detach().clone(), p.grad) for p in (family.loc, family.factor)]
+def _snapshot(guide: LatentGuide, optimizer: NaturalGradient):
+    """What a step may change: the families' values and gradients, the optimizer's state."""
+    tensors = [(p, p.detach().clone(), p.grad) for p in guide.owned_tensors()]
     return tensors, optimizer, {p: dict(s) for p, s in optimizer.state.items()}
 
 
@@ -291,5 +281,10 @@ def _param_name(p: Tensor) -> Optional[str]:
     return pyro.get_param_store().param_name(p)
 
 
-def _names(params: List[Tensor]) -> str:
-    return ", ".join(str(_param_name(p) or tuple(p.shape)) for p in params)
+def _state_name(guide: LatentGuide) -> Optional[str]:
+    """The param-store name of the guide's first tensor: the key of its optimizer state."""
+    tensors = guide.owned_tensors()
+    return _param_name(tensors[0]) if tensors else None
+
+
+_names = param_names
