@@ -7,8 +7,9 @@ from .ekfac import EKFAC, EKFACBlock
 from .kfac import KFAC, KFACBlock
 from .local import LocalKFAC, LocalKFACBlock
 from .preconditioner import KroneckerPreconditioner
+from .variational import VariationalKFAC
 
 __all__ = [
-    "KFAC", "EKFAC", "LocalKFAC", "KroneckerPreconditioner", "KronLayer",
+    "KFAC", "EKFAC", "LocalKFAC", "VariationalKFAC", "KroneckerPreconditioner", "KronLayer",
     "CurvatureBlock", "KFACBlock", "EKFACBlock", "LocalKFACBlock",
 ]

@@ -24,7 +24,7 @@ from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import deep_setattr
-from pyro.nn import PyroModule, PyroParam
+from pyro.nn import PyroParam
 from torch import Tensor
 
 from .. import checks
