@@ -384,7 +384,7 @@ class AutoKroneckerNormal(LatentGuide):
         for block, family in zip(self.blocks, self.families):
             for name, group in (("in_factor", family.in_group), ("out_factor", family.out_group)):
                 factor = getattr(family, name)
-                if not torch.isfinite(group.logdet(factor.detach())):
+                if not invertible(group, factor.detach()):
                     raise ValueError(f"the step would make the factor {param_names([factor])} singular "
                                      "(lower lr, or see NGD's assumptions); no parameter was changed")
         if self.rest_group is not None:
