@@ -3,7 +3,9 @@
 Every weight and bias has an independent ``Normal(0, prior_scale)`` prior (``PyroSample``
 sites ``layers.<i>.weight`` of shape ``(out, in)`` and ``layers.<i>.bias`` of shape
 ``(out,)``); a Gaussian likelihood adds a learned observation noise ``sigma`` (a
-``LogNormal`` latent site, so it is part of the guide, constrained to ``sigma > 0``).
+``LogNormal`` latent site, so it is part of the guide, constrained to ``sigma > 0``); a
+heteroscedastic one has two output heads, the mean and a variance
+``softplus(raw) + VARIANCE_FLOOR`` (:func:`heteroscedastic_variance`), and no ``sigma`` site.
 
 Vectorized particles: under ``Trace_ELBO(vectorize_particles=True)`` or
 ``Predictive(parallel=True)`` the weights carry extra leading batch dimensions
@@ -24,7 +26,9 @@ import torch
 from pyro.nn import PyroModule, PyroSample
 from torch import Tensor, nn
 
-LIKELIHOODS = ("gaussian", "categorical")
+LIKELIHOODS = ("gaussian", "heteroscedastic", "categorical")
+#: smallest variance of the heteroscedastic likelihood (keeps its log-density finite)
+VARIANCE_FLOOR = 1e-6
 ACTIVATIONS = {
     "tanh": torch.tanh,
     "relu": torch.relu,
@@ -32,6 +36,11 @@ ACTIVATIONS = {
     "silu": nn.functional.silu,
     "sigmoid": torch.sigmoid,
 }
+
+
+def heteroscedastic_variance(raw: Tensor) -> Tensor:
+    """The variance head's output ``raw`` as a variance: ``softplus(raw) + VARIANCE_FLOOR``."""
+    return nn.functional.softplus(raw) + VARIANCE_FLOOR
 
 
 def _set_reference(module: nn.Module, reference: Tensor) -> None:
@@ -77,19 +86,20 @@ class BNN(PyroModule):
 
     Args:
         in_features: number of input features ``p`` (``x`` has shape ``(n, p)``).
-        out_features: outputs: ``1`` for ``likelihood="gaussian"``, the number of classes
-            for ``"categorical"``.
+        out_features: outputs: ``1`` for ``likelihood="gaussian"``, ``2`` (mean and raw variance)
+            for ``"heteroscedastic"``, the number of classes for ``"categorical"``.
         hidden: hidden layer sizes (``()`` gives a Bayesian linear / softmax regression).
         activation: ``"tanh"``, ``"relu"``, ``"gelu"``, ``"silu"``, ``"sigmoid"`` or a callable.
         likelihood: ``"gaussian"`` (``y ~ N(f(x), sigma^2)`` with latent
-            ``sigma ~ LogNormal(log noise_median, noise_log_scale)``) or ``"categorical"``
+            ``sigma ~ LogNormal(log noise_median, noise_log_scale)``), ``"heteroscedastic"``
+            (``y ~ N(f_0(x), softplus(f_1(x)) + VARIANCE_FLOOR)``, no noise site) or ``"categorical"``
             (``y ~ Categorical(logits=f(x))``, integer labels).
         prior_scale: standard deviation of the weight and bias priors.
         noise_median, noise_log_scale: the prior of ``sigma`` (Gaussian likelihood only).
         subsample_size: subsample the data plate (Pyro rescales the likelihood).
 
     ``forward(x, y=None)`` returns the predictive mean ``f(x)`` (shape ``(..., n)``) for a
-    Gaussian likelihood, the logits (``(..., n, classes)``) for a categorical one.
+    Gaussian or heteroscedastic likelihood, the logits (``(..., n, classes)``) for a categorical one.
     """
 
     def __init__(
@@ -109,6 +119,8 @@ class BNN(PyroModule):
             raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
         if likelihood == "gaussian" and out_features != 1:
             raise ValueError(f"a gaussian likelihood needs out_features=1, got {out_features}")
+        if likelihood == "heteroscedastic" and out_features != 2:
+            raise ValueError(f"a heteroscedastic likelihood needs out_features=2 (mean, variance), got {out_features}")
         if likelihood == "categorical" and out_features < 2:
             raise ValueError(f"a categorical likelihood needs out_features >= 2 classes, got {out_features}")
         if isinstance(activation, str):
@@ -164,7 +176,9 @@ class BNN(PyroModule):
             h = h.squeeze(-3)
         return h
 
-    def forward(self, x: Tensor, y: Optional[Tensor] = None) -> Tensor:
+    def forward(self, x: Tensor, y: Optional[Tensor] = None, data_size: Optional[int] = None) -> Tensor:
+        """``data_size``: the size of the whole data set when ``x, y`` are a minibatch of it (the
+        likelihood is scaled by ``data_size / n``; not with ``subsample_size``)."""
         if x.dim() != 2 or x.shape[1] != self.sizes[0]:
             raise ValueError(f"x must have shape (n, {self.sizes[0]}), got {tuple(x.shape)}")
         if y is not None and y.shape != x.shape[:1]:
@@ -175,12 +189,26 @@ class BNN(PyroModule):
         # sample every global latent outside the data plate
         params = [(_plate_slot(layer.weight, 2), _plate_slot(layer.bias, 1)) for layer in self.layers]
         sigma = _plate_slot(self.sigma, 0) if self.likelihood == "gaussian" else None
-        with pyro.plate("data", x.shape[0], subsample_size=self.subsample_size) as idx:
+        with self._data_plate(x, data_size) as idx:
             out = self.network(x[idx], params)
             obs = None if y is None else y[idx]
             if self.likelihood == "gaussian":
                 mean = out.squeeze(-1)
                 pyro.sample("y", dist.Normal(mean, sigma), obs=obs)
                 return mean
+            if self.likelihood == "heteroscedastic":
+                mean, variance = out[..., 0], heteroscedastic_variance(out[..., 1])
+                pyro.sample("y", dist.Normal(mean, variance.sqrt()), obs=obs)
+                return mean
             pyro.sample("y", dist.Categorical(logits=out), obs=obs)
             return out
+
+    def _data_plate(self, x: Tensor, data_size: Optional[int]) -> pyro.plate:
+        """The data plate: over ``x``, subsampled by ``subsample_size``, or ``x`` as a minibatch of ``data_size``."""
+        if data_size is None:
+            return pyro.plate("data", x.shape[0], subsample_size=self.subsample_size)
+        if self.subsample_size is not None:
+            raise ValueError("data_size and subsample_size cannot be combined")
+        if int(data_size) < x.shape[0]:
+            raise ValueError(f"data_size must be at least the batch size {x.shape[0]}, got {data_size}")
+        return pyro.plate("data", int(data_size), subsample=torch.arange(x.shape[0], device=x.device))

@@ -162,3 +162,55 @@ def test_bad_shapes_raise():
         model(torch.randn(5, 2, dtype=f64))
     with pytest.raises(ValueError):
         model(torch.randn(5, 3, dtype=f64), torch.randn(4, dtype=f64))
+
+
+# ------------------------------------------------------------ heteroscedastic likelihood
+def _heteroscedastic(hidden=(5, 4), **kwargs):
+    return BNN(3, 2, hidden=hidden, likelihood="heteroscedastic", **kwargs)
+
+
+def test_heteroscedastic_log_likelihood_is_normal_with_softplus_variance():
+    """At given weights: ``log N(y | f_0(x), softplus(f_1(x)) + floor)`` per point, by torch.distributions."""
+    from models.bnn import VARIANCE_FLOOR
+
+    model = _heteroscedastic(hidden=(4,), activation="relu")
+    x, y = data()
+    tr = poutine.trace(model).get_trace(x, y)
+    w0, b0 = tr.nodes["layers.0.weight"]["value"], tr.nodes["layers.0.bias"]["value"]
+    w1, b1 = tr.nodes["layers.1.weight"]["value"], tr.nodes["layers.1.bias"]["value"]
+    out = torch.relu(x @ w0.T + b0) @ w1.T + b1
+    variance = torch.log1p(out[:, 1].exp()) + VARIANCE_FLOOR
+    expected = torch.distributions.Normal(out[:, 0], variance.sqrt()).log_prob(y)
+    torch.testing.assert_close(tr.nodes["y"]["fn"].log_prob(y), expected)
+    torch.testing.assert_close(tr.nodes["_RETURN"]["value"], out[:, 0])
+    assert "sigma" not in tr.nodes and model.latent_dim == model.num_weights == 3 * 4 + 4 + 4 * 2 + 2
+
+
+def test_heteroscedastic_vectorized_particles_match_loop():
+    model = _heteroscedastic()
+    x, y = data()
+    samples = Predictive(model, num_samples=6, return_sites=None)(x)
+    samples.pop("y")
+    assert samples["layers.2.weight"].shape == (6, 1, 2, 4) and samples["layers.2.bias"].shape == (6, 1, 2)
+    assert "sigma" not in samples
+    vectorized, looped = _per_particle_log_joint(model, samples, x, y, 6)
+    assert vectorized.shape == (6,)
+    torch.testing.assert_close(vectorized, looped)
+    assert len(set(looped.tolist())) == 6
+    ret = Predictive(model, num_samples=7, parallel=True, return_sites=["_RETURN", "y"])(x)
+    assert ret["_RETURN"].shape == (7, 12) and ret["y"].shape == (7, 12)
+
+
+def test_heteroscedastic_needs_two_outputs():
+    with pytest.raises(ValueError, match="out_features=2"):
+        BNN(3, 1, likelihood="heteroscedastic")
+
+
+def test_data_size_scales_a_minibatch_likelihood():
+    """``data_size=N``: a batch of ``B`` points scores ``N / B`` times its log-likelihood."""
+    model = make("gaussian")
+    x, y = data()
+    tr = poutine.trace(model).get_trace(x[:4], y[:4], data_size=12)
+    assert tr.nodes["y"]["scale"] == pytest.approx(3.0) and tr.nodes["y"]["value"].shape == (4,)
+    with pytest.raises(ValueError, match="data_size"):
+        model(x, y, data_size=5)

@@ -8,12 +8,12 @@ from typing import Optional, Tuple
 
 import pytest
 
-from experiments import cli, common, dl, es, gaussian, harness, vi, wishart
+from experiments import cli, common, dl, es, gaussian, harness, uci, vi, wishart
 from experiments.common import Curve
 
 from helpers import study_settings
 
-STUDY_MODULES = {"gaussian": gaussian, "vi": vi, "dl": dl, "es": es, "wishart": wishart}
+STUDY_MODULES = {"gaussian": gaussian, "vi": vi, "dl": dl, "es": es, "wishart": wishart, "uci": uci}
 
 
 def _parser(module) -> argparse.ArgumentParser:
