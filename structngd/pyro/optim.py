@@ -21,10 +21,10 @@ ESTIMATORS = ("reparam", "price", "kronecker")
 class NGD(PyroOptim):
     """Structured natural-gradient descent for ``pyro.infer.SVI``.
 
-    Of the parameters ``SVI`` hands it, those of an :class:`~structngd.pyro.AutoStructuredNormal`
-    (found by the owner links its training passes set, so each ``NGD`` sees only its own
-    ``SVI``'s guides) take the coupled local-parameterization step of the guide's
-    :attr:`~structngd.pyro.AutoStructuredNormal.family` (:class:`~structngd.optim.NaturalGradient`);
+    Of the parameters ``SVI`` hands it, those of an :class:`~structngd.pyro.AutoStructuredNormal` or
+    :class:`~structngd.pyro.AutoKroneckerNormal` (found by the owner links its training passes set, so
+    each ``NGD`` sees only its own ``SVI``'s guides) take the coupled local-parameterization step of the
+    guide's families (:class:`~structngd.optim.NaturalGradient`);
     every other parameter goes to ``fallback``. A step is all or nothing: every gradient is checked
     before anything moves, and a step that raises (a non-finite gradient or value, a factor it would
     make singular) leaves every parameter, gradient and momentum buffer as it was::
@@ -34,8 +34,10 @@ class NGD(PyroOptim):
     Args:
         lr: natural-gradient step size ``beta`` (``1``: a Newton-like step). Reassign ``ngd.lr``
             (or ``momentum``, ``max_step``, ``estimator``, ``num_pairs``) to schedule it.
-        estimator: ``"reparam"`` (the gradient ``SVI`` computed) or ``"price"`` (Bonnet/Price
-            estimates from the model's gradient and Hessian; exact for conjugate Gaussian models).
+        estimator: ``"reparam"`` (the gradient ``SVI`` computed), ``"price"`` (Bonnet/Price
+            estimates from the model's gradient and Hessian; exact for conjugate Gaussian models) or
+            ``"kronecker"`` (``AutoKroneckerNormal`` only: the factors from the Kronecker statistics
+            ``SVI``'s pass captured, the prior precision as damping; the other latents ``"reparam"``).
         num_pairs: mirrored sample pairs of the ``"price"`` estimator.
         momentum: Riemannian momentum in ``[0, 1)``.
         max_step: trust region ``lr * ||M||_F <= max_step`` in local coordinates; ``None``: the exact
