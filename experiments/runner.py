@@ -34,14 +34,16 @@ from . import common, pages, progress
 
 #: study name -> module defining ``add_arguments(parser)`` and ``run(args)``
 STUDIES = {"gaussian": "experiments.gaussian", "vi": "experiments.vi", "dl": "experiments.dl",
-           "es": "experiments.es", "wishart": "experiments.wishart", "uci": "experiments.uci"}
+           "es": "experiments.es", "wishart": "experiments.wishart", "uci": "experiments.uci",
+           "bnn_scale": "experiments.bnn_scale"}
 
 #: what ``quick`` adds to a study's ``--quick`` preset to keep the whole run near 10 minutes on 2 cores
 #: (one seed / one instance; the studies' own ``--quick`` keep more for the README tables)
 QUICK_OVERVIEW = {"vi": ["--seeds", "0"], "dl": ["--seeds", "0"], "es": ["--instances", "1"]}
 
 #: typical seconds of each study in ``quick`` (two at a time on 2 cores), scaled by the pace seen for the time left
-TYPICAL_QUICK_SECONDS = {"gaussian": 184, "es": 251, "vi": 102, "dl": 206, "wishart": 66, "uci": 180}
+TYPICAL_QUICK_SECONDS = {"gaussian": 184, "es": 251, "vi": 102, "dl": 206, "wishart": 66, "uci": 180,
+                         "bnn_scale": 141}
 
 #: seconds between two status lines while the studies run in workers
 STATUS_EVERY_SECONDS = 15.0

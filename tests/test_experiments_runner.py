@@ -36,6 +36,7 @@ HEADLINES = {
     "es": ("median_final_gap", "evaluations"),
     "wishart": ("final_objective", "seconds"),
     "uci": ("test_ll", "rmse"),
+    "bnn_scale": ("final_elbo", "test_nll"),
 }
 
 #: a status line: ``[m:ss] ...``
@@ -188,9 +189,9 @@ def test_the_status_line_reads_the_progress_files(tmp_path):
     progress.write_state(tmp_path / "es.json", {"started": now - 150, "desc": "es large", "n": 41, "total": 120})
     progress.write_state(tmp_path / "gaussian.json", {"started": now - 60, "desc": "gaussian", "n": 12, "total": 30})
     line = progress.status_line(tmp_path, list(STUDIES), finished, 192.0, 2, typical, now)
-    assert line.startswith("[3:12] es large 41/120, gaussian 12/30, done: vi (102 s), 3 waiting | about ")
+    assert line.startswith("[3:12] es large 41/120, gaussian 12/30, done: vi (102 s), 4 waiting | about ")
     minutes = int(re.search(r"about (\d+) min left$", line).group(1))
-    left = progress.seconds_left(progress.read_states(tmp_path), finished, ["dl", "wishart", "uci"], 2, typical, now)
+    left = progress.seconds_left(progress.read_states(tmp_path), finished, ["dl", "wishart", "uci", "bnn_scale"], 2, typical, now)
     assert minutes == math.ceil(left / 60)
     assert 60 < left < sum(typical.values())
 

@@ -8,12 +8,12 @@ from typing import Optional, Tuple
 
 import pytest
 
-from experiments import cli, common, dl, es, gaussian, harness, uci, vi, wishart
+from experiments import bnn_scale, cli, common, dl, es, gaussian, harness, uci, vi, wishart
 from experiments.common import Curve
 
 from helpers import study_settings
 
-STUDY_MODULES = {"gaussian": gaussian, "vi": vi, "dl": dl, "es": es, "wishart": wishart, "uci": uci}
+STUDY_MODULES = {"gaussian": gaussian, "vi": vi, "dl": dl, "es": es, "wishart": wishart, "uci": uci, "bnn_scale": bnn_scale}
 
 
 def _parser(module) -> argparse.ArgumentParser:
