@@ -242,7 +242,8 @@ def compute(settings: Settings) -> Results:
     for dataset, split, method in plan:
         bar.set_postfix_str(f"{dataset} split {split} {method}")
         try:
-            results.cells[dataset].setdefault(method, []).append(run_split(method, dataset, split, settings))
+            result = run_split(method, dataset, split, settings)
+            results.cells[dataset].setdefault(method, []).append(result)
         except (ValueError, RuntimeError, FloatingPointError) as err:
             results.failed.append(f"{dataset} split {split} {method}: {common.error_text(err, 160)}")
         bar.update()

@@ -123,3 +123,19 @@ def test_presets_resolve_and_grids_cover_the_likelihoods():
     assert {h["hess_init"] for h in full.grid("ivon")} == {1.0, 10.0, 100.0}
     with pytest.raises(SystemExit):
         study_settings(uci, ["--likelihood", "student"])
+
+
+def test_a_method_that_raises_on_every_split_is_recorded_and_the_rest_written(tmp_path, monkeypatch):
+    real_fit = um.fit
+
+    def failing(method, *args, **kwargs):
+        if method == "map":
+            raise ValueError("a step was refused")
+        return real_fit(method, *args, **kwargs)
+
+    monkeypatch.setattr(um, "fit", failing)
+    main(["uci", "--tiny", "--methods", "map", "ngd_diag", "--out", str(tmp_path)])
+    results = json.loads((tmp_path / "results.json").read_text())
+    assert "map" not in results["datasets"]["yacht"] and "ngd_diag" in results["datasets"]["yacht"]
+    assert any(note.startswith("yacht split 0 map") for note in results["failed"])
+    assert "map" not in (tmp_path / "summary.csv").read_text()
