@@ -90,6 +90,8 @@ class Settings:
     timing_rounds: int = option(30, "round-robin steps per method of the per-step timing")
     timing_warmup: int = option(5, "round-robin steps per method before the timing")
     threads: Optional[int] = option(1, "torch threads")
+    device: str = option("cpu", "device of the data (drawn on the CPU, then moved) and of every model (e.g. cuda)",
+                         check=common.resolve_device)
 
     @property
     def num_train(self) -> int:
@@ -136,7 +138,10 @@ def num_weights(settings: Settings) -> int:
 
 
 def load_data(settings: Settings) -> dl_data.Dataset:
-    return dl_data.mnist1d(settings.num_samples, settings.data_seed, settings.train_split)
+    """MNIST-1D from the local generator, on ``settings.device``."""
+    data = dl_data.mnist1d(settings.num_samples, settings.data_seed, settings.train_split)
+    device = torch.device(settings.device)
+    return dl_data.Dataset(data.name, *(t.to(device) for t in (data.x_train, data.x_test, data.y_train, data.y_test)))
 
 
 # ------------------------------------------------------------------ metrics
@@ -229,7 +234,7 @@ class TorchMethod:
 
     def __init__(self, config: Config, settings: Settings, data: dl_data.Dataset):
         self.config, self.steps, self.size = config, settings.steps, data.x_train.shape[0]
-        self.net = plain_mlp(settings, data.num_classes)
+        self.net = plain_mlp(settings, data.num_classes).to(data.x_train.device)
         self.linears = [m for m in self.net if isinstance(m, nn.Linear)]
         if config.method == "vkfac":
             from structngd.kron import VariationalKFAC
