@@ -93,7 +93,7 @@ def test_bayesian_linear_regression_reaches_the_closed_form_posterior():
     torch.manual_seed(0)
     model = nn.Linear(p, 1).to(dt)
     opt = VariationalKFAC(model, ess=n, lr=1.0, momentum=0.0, prior_precision=prior, fisher="true", mirrored=True,
-                          mc_samples=2, lr_cov=0.5)
+                          mc_samples=2, lr_cov=0.5, damping=0.0)  # the prior alone: the exact posterior
     signs = torch.ones(n, 1, dtype=dt)
     signs[::2] = -1
     for _ in range(150):
@@ -269,7 +269,8 @@ def test_misuse_raises_clear_errors():
     model = mlp()
     x, y = classification_data()
     for bad, match in [(dict(ess=0), "ess"), (dict(ess=10, prior_precision=-1.0), "prior_precision"),
-                       (dict(ess=10, mc_samples=0), "mc_samples"), (dict(ess=10, prior_precision=0.0), "damping")]:
+                       (dict(ess=10, mc_samples=0), "mc_samples"),
+                       (dict(ess=10, prior_precision=0.0, damping=0.0), "damping")]:
         with pytest.raises(ValueError, match=match):
             VariationalKFAC(mlp(), **bad)
     opt = VariationalKFAC(model, ess=16)
