@@ -42,8 +42,8 @@ STUDIES = {"gaussian": "experiments.gaussian", "vi": "experiments.vi", "dl": "ex
 QUICK_OVERVIEW = {"vi": ["--seeds", "0"], "dl": ["--seeds", "0"], "es": ["--instances", "1"]}
 
 #: typical seconds of each study in ``quick`` (two at a time on 2 cores), scaled by the pace seen for the time left
-TYPICAL_QUICK_SECONDS = {"gaussian": 184, "es": 251, "vi": 102, "dl": 206, "wishart": 66, "uci": 180,
-                         "bnn_scale": 141}
+TYPICAL_QUICK_SECONDS = {"gaussian": 184, "es": 251, "vi": 102, "dl": 206, "wishart": 66, "uci": 228,
+                         "bnn_scale": 132}
 
 #: seconds between two status lines while the studies run in workers
 STATUS_EVERY_SECONDS = 15.0
