@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import inspect
+from typing import Tuple
 
 from .base import MatrixGroup, sym
 from .block_diagonal import BlockDiagonal
@@ -40,6 +41,15 @@ def make(name: str, dim: int, **options) -> MatrixGroup:
     return GROUPS[name](dim, **options)
 
 
+def make_or_dense(name: str, dim: int, **options) -> Tuple[MatrixGroup, bool]:
+    """``(make(name, dim, **options), False)``, or ``(Dense(dim), True)`` where those options do not fit ``dim``
+    (a factor smaller than ``k`` or than a block): the Kronecker factors of small layers."""
+    try:
+        return make(name, dim, **options), False
+    except ValueError:
+        return make("dense", dim), True
+
+
 def check_options(name: str, **options) -> None:
     """``ValueError`` for an unknown group name or options that are not the group's (unknown, missing)."""
     check_structure(name)
@@ -52,5 +62,5 @@ def check_options(name: str, **options) -> None:
 
 __all__ = [
     "MatrixGroup", "Dense", "Diagonal", "LowerTriangular", "UpperTriangular", "BlockDiagonal", "BlockTriangular",
-    "BlockUpperTriangular", "Heisenberg", "Hierarchical", "GROUPS", "make", "check_structure", "check_options", "sym",
+    "BlockUpperTriangular", "Heisenberg", "Hierarchical", "GROUPS", "make", "make_or_dense", "check_structure", "check_options", "sym",
 ]

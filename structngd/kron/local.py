@@ -180,10 +180,9 @@ class LocalKFAC(KroneckerPreconditioner):
     def _make_block(self, layer: KronLayer) -> LocalKFACBlock:
         pair = []
         for side, dim in (("K", layer.in_dim), ("C", layer.out_dim)):
-            try:
-                pair.append(_groups.make(self.structure, dim, **self._group_options))
-            except ValueError:
-                pair.append(_groups.make("dense", dim))
+            group, fell_back = _groups.make_or_dense(self.structure, dim, **self._group_options)
+            pair.append(group)
+            if fell_back:
                 self._fallbacks.append(f"{layer.name}.{side} (dim {dim})")
         return LocalKFACBlock(layer, *pair, self.block_dtype(layer), self.init_scale)
 

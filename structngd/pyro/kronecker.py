@@ -288,10 +288,9 @@ class AutoKroneckerNormal(LatentGuide):
             if isinstance(s, _groups.MatrixGroup):
                 out.append(s)
                 continue
-            try:
-                out.append(_groups.make(s, dim, **self._group_options))
-            except ValueError:
-                out.append(_groups.make("dense", dim))
+            group, fell_back = _groups.make_or_dense(s, dim, **self._group_options)
+            out.append(group)
+            if fell_back:
                 fallbacks.append(f"{block.weight}.{side} (dim {dim})")
         return tuple(out)
 
