@@ -80,10 +80,17 @@ class KronLayer:
 
     def set_grad_matrix(self, mat: Tensor) -> None:
         """Write a ``(d_out, d_in)`` matrix back into ``weight.grad`` (and ``bias.grad``)."""
-        w = mat[:, : self.weight[0].numel()] if self.bias is not None else mat
-        self.weight.grad.copy_(w.reshape(self.weight.shape))
-        if self.bias is not None:
-            self.bias.grad.copy_(mat[:, -1])
+        self._write(mat, self.weight.grad, None if self.bias is None else self.bias.grad)
+
+    @torch.no_grad()
+    def set_weight_matrix(self, mat: Tensor) -> None:
+        """Write a ``(d_out, d_in)`` matrix into ``weight`` (and the trained ``bias``, the last column)."""
+        self._write(mat, self.weight, self.bias)
+
+    def _write(self, mat: Tensor, weight: Tensor, bias: Optional[Tensor]) -> None:
+        weight.copy_((mat[:, : self.weight[0].numel()] if bias is not None else mat).reshape(self.weight.shape))
+        if bias is not None:
+            bias.copy_(mat[:, -1])
 
     def weight_matrix(self) -> Tensor:
         """``W`` as ``(d_out, d_in)`` (bias as the last column)."""

@@ -27,14 +27,6 @@ from .local import LocalKFAC
 GROUP_KEYS = ("lr", "momentum", "ess", "prior_precision")
 
 
-def _write_matrix(layer: KronLayer, mat: Tensor) -> None:
-    """Write a ``(d_out, d_in)`` matrix into the layer's weight (and trained bias, the last column)."""
-    n = layer.weight[0].numel()
-    layer.weight.copy_((mat[:, :n] if layer.bias is not None else mat).reshape(layer.weight.shape))
-    if layer.bias is not None:
-        layer.bias.copy_(mat[:, -1])
-
-
 def _check_group(group: dict) -> None:
     checks.non_negative("lr", group["lr"])
     checks.fraction("momentum", group["momentum"])
@@ -172,7 +164,7 @@ class VariationalKFAC(torch.optim.Optimizer):
         try:
             with torch.no_grad():
                 for layer in self.layers:
-                    _write_matrix(layer, self._draw(layer, group["ess"] ** -0.5, mirror))
+                    layer.set_weight_matrix(self._draw(layer, group["ess"] ** -0.5, mirror))
         except BaseException:
             self._restore(means)
             raise
@@ -266,7 +258,7 @@ class VariationalKFAC(torch.optim.Optimizer):
             self._samples = 0  # the batch's statistics are spent: sample again
             raise
         for layer in self.layers:
-            _write_matrix(layer, means[layer.name])
+            layer.set_weight_matrix(means[layer.name])
         if group["momentum"] > 0:
             self.momenta = momenta
         if self.fallback is not None:
