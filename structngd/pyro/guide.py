@@ -289,9 +289,7 @@ class AutoStructuredNormal(LatentGuide):
         return [None]
 
     def check_invertible(self) -> None:
-        if not invertible(self.group, self.family.factor.detach()):
-            raise ValueError(f"the step would make the factor {param_names([self.family.factor])} singular "
-                             "(lower lr, or see NGD's assumptions); no parameter was changed")
+        require_invertible_factor(self.group, self.family.factor)
 
     def price_gradients(self, num_pairs: int = 1) -> Tensor:
         """Set ``loc.grad``, ``factor.grad`` to the Bonnet/Price gradients of ``-ELBO``; returns mean ``-log p``.
@@ -316,6 +314,13 @@ def invertible(group, factor: Tensor) -> bool:
     except RuntimeError:  # torch.linalg.LinAlgError: a pivot is zero
         return False
     return all(bool(torch.isfinite(v).all()) for v in values)
+
+
+def require_invertible_factor(group, factor: Tensor) -> None:
+    """``ValueError`` naming ``factor`` where a step left it singular (:func:`invertible` is false)."""
+    if not invertible(group, factor.detach()):
+        raise ValueError(f"the step would make the factor {param_names([factor])} singular "
+                         "(lower lr, or see NGD's assumptions); no parameter was changed")
 
 
 def param_names(params: List[Tensor]) -> str:

@@ -32,7 +32,7 @@ from .. import groups as _groups
 from ..families import KroneckerGaussian, estimators
 from ..families.gaussian import Gaussian
 from .distribution import StructuredNormal
-from .guide import LatentGuide, invertible, param_names
+from .guide import LatentGuide, require_invertible_factor
 from .products import ProductStatistics, TrackedWeight
 
 
@@ -155,7 +155,7 @@ def _is_real(support) -> bool:
     return isinstance(support, type(constraints.real))
 
 
-def _prior_precision(site: dict, what: str) -> Optional[float]:
+def _prior_precision(site: dict) -> Optional[float]:
     """``1 / scale^2`` of an isotropic ``Normal`` prior (through ``expand``, ``to_event``, masks), else ``None``."""
     fn = site["fn"]
     while hasattr(fn, "base_dist"):
@@ -295,10 +295,10 @@ class AutoKroneckerNormal(LatentGuide):
         return tuple(out)
 
     def _block_prior_precision(self, block: KroneckerBlock, sites) -> Optional[float]:
-        weight = _prior_precision(sites[block.weight], block.weight)
+        weight = _prior_precision(sites[block.weight])
         if block.bias is None or weight is None:
             return weight
-        bias = _prior_precision(sites[block.bias], block.bias)
+        bias = _prior_precision(sites[block.bias])
         if bias is None:
             return None
         n_w = block.d_out * block.weight_in
@@ -321,9 +321,8 @@ class AutoKroneckerNormal(LatentGuide):
         tensors = [(self._param("locs", b.weight), self._param("in_factors", b.weight),
                     self._param("out_factors", b.weight)) for b in self.blocks]
         rest = (self.rest_loc, self.rest_factor) if self.rest_group is not None else None
-        current = [tuple(f.parameters()) for f in self.families]
-        wanted = [(loc, k, c) for loc, k, c in tensors] + ([rest] if rest is not None else [])
-        if len(current) != len(wanted) or any(any(a is not b for a, b in zip(x, y)) for x, y in zip(current, wanted)):
+        wanted = [t for part in tensors + ([rest] if rest is not None else []) for t in part]
+        if [id(t) for t in self.owned_tensors()] != [id(t) for t in wanted]:  # the param store handed over others
             families = [KroneckerGaussian.view(b.in_group, b.out_group, k, c, loc)
                         for b, (loc, k, c) in zip(self.blocks, tensors)]
             if rest is not None:
@@ -388,17 +387,11 @@ class AutoKroneckerNormal(LatentGuide):
         return out
 
     def check_invertible(self) -> None:
-        for block, family in zip(self.blocks, self.families):
-            for name, group in (("in_factor", family.in_group), ("out_factor", family.out_group)):
-                factor = getattr(family, name)
-                if not invertible(group, factor.detach()):
-                    raise ValueError(f"the step would make the factor {param_names([factor])} singular "
-                                     "(lower lr, or see NGD's assumptions); no parameter was changed")
+        for family in self.families[: len(self.blocks)]:
+            require_invertible_factor(family.in_group, family.in_factor)
+            require_invertible_factor(family.out_group, family.out_factor)
         if self.rest_group is not None:
-            rest = self.families[-1]
-            if not invertible(self.rest_group, rest.factor.detach()):
-                raise ValueError(f"the step would make the factor {param_names([rest.factor])} singular "
-                                 "(lower lr, or see NGD's assumptions); no parameter was changed")
+            require_invertible_factor(self.rest_group, self.families[-1].factor)
 
     def after_step(self) -> None:
         for stats in self.statistics.values():
