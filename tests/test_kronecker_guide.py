@@ -307,3 +307,23 @@ def test_log_prob_of_a_fresh_draw_takes_the_noise_and_agrees_with_the_solves(fre
     for a, b in zip(fast_grads, slow_grads):
         a = torch.zeros_like(b) if a is None else a
         assert torch.allclose(a, b, rtol=1e-8, atol=1e-8)
+
+
+def test_the_damping_is_the_prior_precision_of_the_block_entries(fresh_pyro):
+    """``lambda = 1 / s^2`` of a ``N(0, s^2)`` prior; with a bias prior of another scale the entries' mean precision."""
+    import models
+    x, y = bnn_data()
+    guide = AutoKroneckerNormal(models.BNN(3, hidden=(8,), prior_scale=0.5))
+    guide(x, y)
+    assert guide.prior_precisions == {"layers.0.weight": pytest.approx(4.0), "layers.1.weight": pytest.approx(4.0)}
+
+    def model(x, y):
+        w = pyro.sample("layer.weight", dist.Normal(x.new_zeros(()), 0.5).expand([2, 3]).to_event(2))
+        b = pyro.sample("layer.bias", dist.Normal(x.new_zeros(()), 1.0).expand([2]).to_event(1))
+        with pyro.plate("data", x.shape[0]):
+            pyro.sample("y", dist.Normal((x @ w.mT + b).sum(-1), 1.0), obs=y)
+
+    pyro.clear_param_store()
+    guide = AutoKroneckerNormal(model)
+    guide(x, y)
+    assert guide.prior_precisions["layer.weight"] == pytest.approx((6 * 4.0 + 2 * 1.0) / 8)
