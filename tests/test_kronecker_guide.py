@@ -104,7 +104,7 @@ def test_captured_statistics_are_the_empirical_fisher_scaled_to_all_rows(fresh_p
     x, y = torch.randn(n, q, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
     indices = []
     model = linear_layer_model(n, subsample, sigma=sigma, seen=indices)
-    guide = AutoKroneckerNormal(model, init_scale=0.3)
+    guide = AutoKroneckerNormal(model, init_scale=0.3, fisher="empirical")
     draws = []
     real_unpack = guide._unpack_latent
 
@@ -144,6 +144,51 @@ def test_captured_statistics_are_the_empirical_fisher_scaled_to_all_rows(fresh_p
     rows = torch.cat(rows)
     assert torch.allclose(a, rows.mT @ rows / rows.shape[0], rtol=1e-12, atol=1e-12)
     assert torch.allclose(g, sum(grams) / particles, rtol=1e-10, atol=1e-12)
+
+
+@pytest.mark.parametrize("subsample", [None, 20])
+def test_sampled_label_statistics_average_to_the_fisher(fresh_pyro, subsample):
+    """``fisher="true"``: each pass draws ``w ~ q`` and ``y_hat ~ N(sum tanh(s), sigma^2)``, so ``A`` is that
+    pass's ``mean (x,1)(x,1)^T`` and ``E[G | w] = (N/B) sum_n t_n t_n^T / sigma^2`` (``t_n = 1 - tanh^2(s_n)``,
+    the Fisher of the output pre-activations); no ``.grad`` is written and the observations do not enter."""
+    torch.manual_seed(0)
+    n, q, sigma, passes = 50, 3, 0.3, 400
+    x, y = torch.randn(n, q, dtype=torch.float64), torch.randn(n, dtype=torch.float64)
+    indices = []
+    model = linear_layer_model(n, subsample, sigma=sigma, seen=indices)
+    guide = AutoKroneckerNormal(model, init_scale=0.3)
+    guide(x, y)
+    draws = []
+    real_unpack = guide._unpack_latent
+
+    def recording(latent):
+        values = {}
+        for site, value in real_unpack(latent):
+            values[site["name"]] = value.detach().as_subclass(torch.Tensor)
+            yield site, value
+        draws.append(values)
+
+    guide._unpack_latent = recording
+    indices.clear()
+    stats, scale = guide.statistics["layer.weight"], n / (subsample or n)
+    sampled, expected, empirical = [], [], []
+    for _ in range(passes):
+        guide.sampled_label_pass()
+        a, g = stats.statistics(guide.likelihood_scale)
+        w, b, idx = draws[-1]["layer.weight"], draws[-1]["layer.bias"], indices[-1]
+        rows = torch.cat([x[idx], torch.ones(len(idx), 1, dtype=torch.float64)], 1)
+        assert torch.allclose(a, rows.mT @ rows / len(idx), rtol=1e-12, atol=1e-12)
+        h = torch.tanh(x[idx] @ w.mT + b)
+        t = 1 - h.pow(2)
+        sampled.append(g)
+        expected.append(scale * t.mT @ t / sigma**2)
+        e = ((y[idx] - h.sum(-1)) / sigma**2).unsqueeze(-1) * t  # per-row gradients at the observed y
+        empirical.append(scale * e.mT @ e)
+    assert all(p.grad is None for p in guide.owned_tensors())
+    mean_sampled, mean_expected = sum(sampled) / passes, sum(expected) / passes
+    assert _relative(mean_sampled, mean_expected) < 0.05
+    # the observed y (far from this model's fit) would give another matrix: the test tells them apart
+    assert _relative(mean_sampled, sum(empirical) / passes) > 0.5
 
 
 def bnn_data(n=64, p=3, dtype=torch.float64):

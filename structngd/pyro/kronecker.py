@@ -22,6 +22,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 from pyro import poutine
 from pyro.distributions import TorchDistribution, constraints
+from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import init_to_median
 from pyro.infer.autoguide.utils import deep_setattr
 from pyro.nn import PyroParam
@@ -34,6 +35,9 @@ from ..families.gaussian import Gaussian
 from .distribution import StructuredNormal
 from .guide import LatentGuide, require_invertible_factor
 from .products import ProductStatistics, TrackedWeight
+
+#: where the Kronecker estimator's output-gradient statistic ``G`` comes from
+FISHERS = ("true", "empirical")
 
 
 class KroneckerBlock:
@@ -185,6 +189,11 @@ class AutoKroneckerNormal(LatentGuide):
             (the layer form ``x @ W.mT + b`` the Kronecker estimator assumes).
         sites: names of the matrix sites to give blocks (default: every global real 2-d site).
         rest_structure: the group of the Gaussian over the other latents.
+        fisher: where ``G`` comes from. ``"true"``: one extra pass per step at a fresh posterior draw, its
+            observed sites' values replaced by draws ``y_hat ~ p(y | w)`` of the model's own likelihood, backward
+            of ``-sum log p(y_hat | w)`` (the Fisher, as noisy K-FAC estimates it); ``"empirical"``: the output
+            gradients of ``SVI``'s own pass (no extra pass, but where the model fits some points badly -- e.g. a
+            learned variance far too small -- ``g g^T`` far exceeds the Fisher and the factors' steps stall).
         **group_options: options of the named groups (``k``, ``block_size``, ...).
 
     The Kronecker estimator needs an isotropic ``Normal`` prior on each block's sites (its precision is the
@@ -201,15 +210,19 @@ class AutoKroneckerNormal(LatentGuide):
         fold_bias: bool = True,
         sites: Optional[Sequence[str]] = None,
         rest_structure: str = "diagonal",
+        fisher: str = "true",
         **group_options,
     ):
         self._init_scale = checks.positive("init_scale", init_scale)
+        checks.one_of("fisher", fisher, FISHERS)
+        self.fisher = fisher
         self.fold_bias = checks.flag("fold_bias", fold_bias)
         for side in structure if isinstance(structure, (tuple, list)) else (structure,):
             if not isinstance(side, _groups.MatrixGroup):
                 _groups.check_options(side, **group_options)
         _groups.check_options(rest_structure)
         super().__init__(model, init_loc_fn=init_loc_fn)
+        self._plain_model = (model,)  # self.model is wrapped to draw initial values at every site it runs
         self._structure, self._group_options, self._rest_structure = structure, dict(group_options), rest_structure
         self._sites = None if sites is None else list(sites)
         self.blocks: List[KroneckerBlock] = []
@@ -370,7 +383,10 @@ class AutoKroneckerNormal(LatentGuide):
         return self.kronecker_directions() + [None] * (count - len(self.blocks))
 
     def kronecker_directions(self) -> list:
-        """Each block's natural gradient: the mean from ``loc.grad``, the factors from the captured ``A``, ``G``."""
+        """Each block's natural gradient: the mean from ``loc.grad``, the factors from the captured ``A``, ``G``
+        (with ``fisher="true"``, those of :meth:`sampled_label_pass`)."""
+        if self.fisher == "true":
+            self.sampled_label_pass()
         out = []
         for block, family in zip(self.blocks, self.families):
             precision = self.prior_precisions[block.weight]
@@ -385,6 +401,43 @@ class AutoKroneckerNormal(LatentGuide):
                 a.to(family.loc.dtype), g.to(family.loc.dtype), precision)
             out.append(family.natural_gradient(local_gradient=(family.mean_local_gradient(family.loc.grad), x_k, x_c)))
         return out
+
+    def sampled_label_pass(self) -> None:
+        """Re-capture every block's ``A``, ``G`` in one pass of the model, its latents set to a fresh draw
+        ``w ~ q``, for the arguments of the last training pass: each observed site's ``p(. | w)`` gives ``y_hat``
+        (no gradient), and the backward of ``-sum_sites scale * log p(y_hat | w)`` (masks respected) feeds the
+        hooks; no ``.grad`` is written. ``G = (1 / s) sum g g^T`` then estimates ``sum_n E_q E_{y ~ p(.|w)}[g_n g_n^T]``."""
+        if self._last_arguments is None:
+            raise ValueError("the Kronecker estimator's sampled-label pass needs a training pass first")
+        args, kwargs = self._last_arguments
+        for stats in self.statistics.values():
+            stats.reset()
+        with torch.enable_grad(), poutine.block():
+            with torch.no_grad():
+                latent = self._posterior().rsample()
+            latent.requires_grad_(True)  # the backward stops at the draw
+            values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in self._unpack_latent(latent)}
+            model = (self.__dict__.get("_plain_model") or (self.model,))[0]
+            model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
+            terms = []
+            for site in model_trace.nodes.values():
+                if site["type"] != "sample" or not site.get("is_observed") or site["name"] in values:
+                    continue
+                fn = site["fn"]
+                with torch.no_grad():
+                    y_hat = fn.sample()
+                log_p = fn.log_prob(y_hat)
+                if site.get("mask") is not None:
+                    log_p = log_p * site["mask"]
+                terms.append(-(log_p * site["scale"]).sum())
+            if not terms:
+                raise ValueError("the Kronecker estimator's sampled-label pass found no observed site in the model; "
+                                 "use fisher='empirical'")
+            torch.autograd.grad(sum(terms), [latent], allow_unused=True)
+
+    def __getstate__(self):
+        # like Pyro's model, the unwrapped model is the caller's to hand back (``guide._model = (model,)``)
+        return {**super().__getstate__(), "_plain_model": None}
 
     def check_invertible(self) -> None:
         for family in self.families[: len(self.blocks)]:
