@@ -122,6 +122,7 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
         torch.set_num_threads(args.threads)
     begin = time.perf_counter()
     pyro_seconds = round_robin(pyro_steps(), args.windows, args.steps, warmup=5)
+    torch.manual_seed(0)  # the weight noise of the torch.nn steps, whatever the Pyro steps drew
     torch_seconds = round_robin(torch_steps(), args.windows, args.steps, warmup=5)
     report = "\n\n".join([
         "## Per-step time of the Kronecker BNN posteriors",
