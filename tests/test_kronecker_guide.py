@@ -93,6 +93,21 @@ def linear_layer_model(n, subsample=None, prior_scale=0.7, sigma=0.3, seen=None)
     return model
 
 
+def record_draws(guide) -> list:
+    """The list the guide appends each pass's sampled site values to (plain tensors, by site name)."""
+    draws, real_unpack = [], guide._unpack_latent
+
+    def recording(latent):
+        values = {}
+        for site, value in real_unpack(latent):
+            values[site["name"]] = value.detach().as_subclass(torch.Tensor)
+            yield site, value
+        draws.append(values)
+
+    guide._unpack_latent = recording
+    return draws
+
+
 @pytest.mark.parametrize("particles,vectorize,subsample", [(1, False, None), (3, False, None), (4, True, None),
                                                            (2, False, 20)])
 def test_captured_statistics_are_the_empirical_fisher_scaled_to_all_rows(fresh_pyro, particles, vectorize, subsample):
@@ -105,17 +120,7 @@ def test_captured_statistics_are_the_empirical_fisher_scaled_to_all_rows(fresh_p
     indices = []
     model = linear_layer_model(n, subsample, sigma=sigma, seen=indices)
     guide = AutoKroneckerNormal(model, init_scale=0.3, fisher="empirical")
-    draws = []
-    real_unpack = guide._unpack_latent
-
-    def recording(latent):  # keep the weights each pass sampled
-        values = {}
-        for site, value in real_unpack(latent):
-            values[site["name"]] = value.detach().as_subclass(torch.Tensor)
-            yield site, value
-        draws.append(values)
-
-    guide._unpack_latent = recording
+    draws = record_draws(guide)
     guide.after_step = lambda: None  # keep the statistics for the check
     elbo = Trace_ELBO(num_particles=particles, vectorize_particles=vectorize, max_plate_nesting=1)
     svi = SVI(model, guide, NGD(lr=0.0, estimator="kronecker"), elbo)
@@ -158,17 +163,7 @@ def test_sampled_label_statistics_average_to_the_fisher(fresh_pyro, subsample):
     model = linear_layer_model(n, subsample, sigma=sigma, seen=indices)
     guide = AutoKroneckerNormal(model, init_scale=0.3)
     guide(x, y)
-    draws = []
-    real_unpack = guide._unpack_latent
-
-    def recording(latent):
-        values = {}
-        for site, value in real_unpack(latent):
-            values[site["name"]] = value.detach().as_subclass(torch.Tensor)
-            yield site, value
-        draws.append(values)
-
-    guide._unpack_latent = recording
+    draws = record_draws(guide)
     indices.clear()
     stats, scale = guide.statistics["layer.weight"], n / (subsample or n)
     sampled, expected, empirical = [], [], []
