@@ -186,6 +186,26 @@ def test_sampled_label_statistics_average_to_the_fisher(fresh_pyro, subsample):
     assert _relative(mean_sampled, sum(empirical) / passes) > 0.5
 
 
+def test_a_sampled_label_pass_that_raises_keeps_the_training_pass_statistics(fresh_pyro):
+    """A likelihood written as ``pyro.factor`` has no labels to draw: the pass refuses and the statistics of the
+    training pass stay exactly as they were."""
+    torch.manual_seed(0)
+    x, y = torch.randn(20, 3, dtype=torch.float64), torch.randn(20, 2, dtype=torch.float64)
+
+    def model(x, y):
+        w = pyro.sample("layer.weight", dist.Normal(x.new_zeros(()), 1.0).expand([2, 3]).to_event(2))
+        pyro.factor("likelihood", -0.5 * (y - x @ w.mT).pow(2).sum())
+
+    guide = AutoKroneckerNormal(model, fisher="true")
+    Trace_ELBO().differentiable_loss(model, guide, x, y).backward()
+    stats = guide.statistics["layer.weight"]
+    before = (stats.a_sum.clone(), stats.g_sum.clone(), stats.rows, stats.particles)
+    with pytest.raises(ValueError, match="pyro.factor"):
+        guide.sampled_label_pass()
+    assert torch.equal(stats.a_sum, before[0]) and torch.equal(stats.g_sum, before[1])
+    assert (stats.rows, stats.particles) == before[2:]
+
+
 def bnn_data(n=64, p=3, dtype=torch.float64):
     g = torch.Generator().manual_seed(0)
     x = torch.randn(n, p, generator=g, dtype=dtype)

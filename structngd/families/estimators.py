@@ -118,6 +118,11 @@ def _kronecker_curvature(group: MatrixGroup, f: Tensor, m: Tensor):
     return dense, mf, (dense * mf).sum(), (dense * dense).sum()
 
 
+#: where the output-gradient statistic ``G`` of a Kronecker curvature comes from: the gradients of the
+#: observed labels (``"empirical"``) or of labels drawn from the model's own likelihood (``"true"``, the Fisher)
+FISHERS = ("empirical", "true")
+
+
 def kronecker_factor_gradients(
     in_group: MatrixGroup,
     out_group: MatrixGroup,

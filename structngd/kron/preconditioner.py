@@ -11,12 +11,12 @@ import torch.distributed as dist
 from torch import Tensor, nn
 
 from .. import checks
+from ..families.estimators import FISHERS
 from .blocks import CurvatureBlock
 from .capture import Capture, KronLayer, find_layers, statistics_dtype, warn_skipped
 from .distributed import all_reduce_statistics, world
 from .fisher_sampling import sampled_label_loss
 
-FISHERS = ("empirical", "true")
 HYPERPARAMETERS = ("damping", "factor_decay", "update_every", "kl_clip", "optimizer_lr")
 
 

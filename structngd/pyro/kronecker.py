@@ -8,7 +8,8 @@ structured :class:`~structngd.families.Gaussian` (diagonal by default). The bloc
 Under :class:`~structngd.pyro.NGD` with ``estimator="kronecker"`` the mean takes the reparameterized
 gradient ``SVI`` computed and the factors the Kronecker curvature ``A ⊗ G`` of the model's products
 (:mod:`structngd.pyro.products`), by default from ``SVI``'s own pass (the empirical Fisher), with
-``fisher="true"`` from one more pass with labels drawn from the model (the Fisher): for a ``N(0, lambda^{-1} I)`` prior the factors' part of ``-ELBO`` is
+``fisher="true"`` from one more pass with labels drawn from the model (the Fisher): for a
+``N(0, lambda^{-1} I)`` prior the factors' part of ``-ELBO`` is
 ``tr(A K K^T) tr(G C C^T) / 2 + lambda tr(K K^T) tr(C C^T) / 2 - H(q)``, so the prior precision is the
 damping and no knob is left (:func:`~structngd.families.estimators.kronecker_factor_gradients`).
 """
@@ -22,6 +23,7 @@ from typing import Dict, List, Optional, Sequence
 
 import torch
 from pyro import poutine
+import pyro.distributions as dist
 from pyro.distributions import TorchDistribution, constraints
 from pyro.distributions.transforms import biject_to
 from pyro.infer.autoguide.initialization import init_to_median
@@ -36,9 +38,6 @@ from ..families.gaussian import Gaussian
 from .distribution import StructuredNormal
 from .guide import LatentGuide, require_invertible_factor
 from .products import ProductStatistics, TrackedWeight
-
-#: where the Kronecker estimator's output-gradient statistic ``G`` comes from
-FISHERS = ("true", "empirical")
 
 
 class KroneckerBlock:
@@ -216,7 +215,7 @@ class AutoKroneckerNormal(LatentGuide):
         **group_options,
     ):
         self._init_scale = checks.positive("init_scale", init_scale)
-        checks.one_of("fisher", fisher, FISHERS)
+        checks.one_of("fisher", fisher, estimators.FISHERS)
         self.fisher = fisher
         self.fold_bias = checks.flag("fold_bias", fold_bias)
         for side in structure if isinstance(structure, (tuple, list)) else (structure,):
@@ -406,24 +405,37 @@ class AutoKroneckerNormal(LatentGuide):
 
     def sampled_label_pass(self) -> None:
         """Re-capture every block's ``A``, ``G`` in one pass of the model, its latents set to a fresh draw
-        ``w ~ q``, for the arguments of the last training pass: each observed site's ``p(. | w)`` gives ``y_hat``
-        (no gradient), and the backward of ``-sum_sites scale * log p(y_hat | w)`` (masks respected) feeds the
-        hooks; no ``.grad`` is written. ``G = (1 / s) sum g g^T`` then estimates ``sum_n E_q E_{y ~ p(.|w)}[g_n g_n^T]``."""
+        ``w ~ q``, for the arguments of the last training pass: each observed site's ``p(. | w)`` (not
+        ``pyro.factor`` terms) gives ``y_hat`` (no gradient), and the backward of
+        ``-sum_sites scale * log p(y_hat | w)`` (masks respected) feeds the hooks; no ``.grad`` is written (if it
+        raises, the statistics are as before). ``G = (1 / s) sum g g^T`` then estimates
+        ``sum_n E_q E_{y ~ p(.|w)}[g_n g_n^T]``."""
         if self._last_arguments is None:
             raise ValueError("the Kronecker estimator's sampled-label pass needs a training pass first")
         args, kwargs = self._last_arguments
+        saved = {name: dict(stats.__dict__) for name, stats in self.statistics.items()}
         for stats in self.statistics.values():
             stats.reset()
+        try:
+            self._backward_sampled_labels(args, kwargs)
+        except BaseException:  # the statistics of the training pass back
+            for name, stats in self.statistics.items():
+                stats.__dict__.update(saved[name])
+            raise
+
+    def _backward_sampled_labels(self, args, kwargs) -> None:
         with torch.enable_grad(), poutine.block():
             with torch.no_grad():
                 latent = self._posterior().rsample()
             latent.requires_grad_(True)  # the backward stops at the draw
-            values = {site["name"]: biject_to(site["fn"].support)(value) for site, value in self._unpack_latent(latent)}
+            values = {site["name"]: biject_to(site["fn"].support)(value)
+                      for site, value in self._unpack_latent(latent)}
             model = (self.__dict__.get("_plain_model") or (self.model,))[0]
             model_trace = poutine.trace(poutine.condition(model, data=values)).get_trace(*args, **kwargs)
             terms = []
             for site in model_trace.nodes.values():
-                if site["type"] != "sample" or not site.get("is_observed") or site["name"] in values:
+                if (site["type"] != "sample" or not site.get("is_observed") or site["name"] in values
+                        or isinstance(site["fn"], dist.Unit)):  # a pyro.factor term has no labels to draw
                     continue
                 fn = site["fn"]
                 with torch.no_grad():
@@ -433,8 +445,8 @@ class AutoKroneckerNormal(LatentGuide):
                     log_p = log_p * site["mask"]
                 terms.append(-(log_p * site["scale"]).sum())
             if not terms:
-                raise ValueError("the Kronecker estimator's sampled-label pass found no observed site in the model; "
-                                 "use fisher='empirical'")
+                raise ValueError("the Kronecker estimator's sampled-label pass found no observed site with a "
+                                 "distribution to draw from (pyro.factor terms have none); use fisher='empirical'")
             torch.autograd.grad(sum(terms), [latent], allow_unused=True)
 
     def __getstate__(self):
