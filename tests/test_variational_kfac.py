@@ -93,7 +93,7 @@ def test_bayesian_linear_regression_reaches_the_closed_form_posterior():
     torch.manual_seed(0)
     model = nn.Linear(p, 1).to(dt)
     opt = VariationalKFAC(model, ess=n, lr=1.0, momentum=0.0, prior_precision=prior, fisher="true", mirrored=True,
-                          mc_samples=2, lr_cov=0.5, damping=0.0)  # the prior alone: the exact posterior
+                          mc_samples=2, lr_cov=0.5, damping=0.0, kl_clip=None)  # exact NGD: the posterior
     signs = torch.ones(n, 1, dtype=dt)
     signs[::2] = -1
     for _ in range(150):
@@ -114,28 +114,37 @@ def test_bayesian_linear_regression_reaches_the_closed_form_posterior():
 
 # -------------------------------------------------------------------------- 3. mean step
 @pytest.mark.parametrize("structure", ["dense", "diagonal"])
-def test_mean_step_is_the_preconditioned_gradient_plus_weight_decay(structure):
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_mean_step_is_the_clipped_preconditioned_gradient_plus_weight_decay(structure, kl_clip):
+    """``b <- momentum b + nu P(g + (lambda_p / ess) M)``, ``nu = min(1, sqrt(kl / (lr^2 sum_l <P(.), .>)))``."""
     model = mlp()
     x, y = classification_data()
     lr, momentum, ess, prior = 0.3, 0.5, 50.0, 2.0
-    opt = VariationalKFAC(model, ess=ess, lr=lr, momentum=momentum, prior_precision=prior, structure=structure)
-    decay, buffers = prior / ess, {}
+    opt = VariationalKFAC(model, ess=ess, lr=lr, momentum=momentum, prior_precision=prior, structure=structure,
+                          kl_clip=kl_clip)
+    decay, buffers, scales = prior / ess, {}, []
     for _ in range(2):
         means = {layer.name: layer.weight_matrix().clone() for layer in opt.layers}
         for _ in range(2):
             with opt.sampled_params(train=True):
                 F.cross_entropy(model(x), y).backward()
-        grads = {layer.name: layer.grad_matrix().clone() / 2 for layer in opt.layers}
+        grads = {layer.name: layer.grad_matrix().clone() / 2 + decay * means[layer.name] for layer in opt.layers}
         opt.step()
+        directions = {}
         for layer in opt.layers:
             kk, cc = opt.preconditioner.preconditioner_factors(layer.name)  # after this step's refresh
-            m = means[layer.name]
-            direction = cc @ (grads[layer.name] + decay * m) @ kk
+            directions[layer.name] = cc @ grads[layer.name] @ kk
+        size = lr**2 * sum(float((directions[n] * grads[n]).sum()) for n in directions)
+        nu = 1.0 if kl_clip is None else min(1.0, (kl_clip / size) ** 0.5)
+        scales.append(nu)
+        for layer in opt.layers:
+            direction = nu * directions[layer.name]
             if layer.name in buffers:
                 direction = direction + momentum * buffers[layer.name]
             buffers[layer.name] = direction
-            assert rel(layer.weight_matrix(), m - lr * direction) < 1e-12
+            assert rel(layer.weight_matrix(), means[layer.name] - lr * direction) < 1e-12
         opt.zero_grad()
+    assert (min(scales) < 0.5) == (kl_clip is not None)  # the clip acts where it is on
 
 
 # ------------------------------------------------------------------ 4. structure and SPD
@@ -214,6 +223,31 @@ def test_classifier_with_default_settings():
     assert entropy_ood > 2 * entropy_map and entropy_ood > 2 * entropy_in
 
 
+@pytest.mark.parametrize("kl_clip", [None, 1e-3])
+def test_default_kl_clip_keeps_a_memorized_batch_bounded(kl_clip):
+    """32 random points, a 64-64-64-10 ReLU MLP, ess 60000, diagonal factors: once the batch is memorized its
+    empirical Fisher vanishes, the preconditioner grows to about 1 / damping and the sampled weights' gradients
+    get steps of ~100x their size. Unclipped the weights reach 1e5 and a step is refused as non-finite; with
+    the default clip they stay of order 1."""
+    g = torch.Generator().manual_seed(0)
+    x, y = torch.randn(32, 64, generator=g), torch.randint(0, 10, (32,), generator=g)
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 64), nn.ReLU(), nn.Linear(64, 10))
+    opt = VariationalKFAC(model, ess=60000, structure="diagonal", kl_clip=kl_clip)
+    refused = False
+    for _ in range(400):
+        try:
+            train_step(opt, model, x, y)
+        except ValueError:
+            refused = True
+            break
+    largest = max(float(p.detach().abs().max()) for p in model.parameters())
+    if kl_clip is None:
+        assert refused or largest > 1e4
+    else:
+        assert not refused and largest < 10 and all(torch.isfinite(p).all() for p in model.parameters())
+
+
 # ------------------------------------------------------------------------ 6. state dicts
 def test_state_dict_resumes_bit_for_bit():
     model = mlp()
@@ -270,7 +304,8 @@ def test_misuse_raises_clear_errors():
     x, y = classification_data()
     for bad, match in [(dict(ess=0), "ess"), (dict(ess=10, prior_precision=-1.0), "prior_precision"),
                        (dict(ess=10, mc_samples=0), "mc_samples"),
-                       (dict(ess=10, prior_precision=0.0, damping=0.0), "damping")]:
+                       (dict(ess=10, prior_precision=0.0, damping=0.0), "damping"),
+                       (dict(ess=10, kl_clip=0.0), "kl_clip"), (dict(ess=10, kl_clip=-1e-3), "kl_clip")]:
         with pytest.raises(ValueError, match=match):
             VariationalKFAC(mlp(), **bad)
     opt = VariationalKFAC(model, ess=16)

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import warnings
 from typing import Dict, Iterable, Optional
 
@@ -16,6 +15,7 @@ from .blocks import CurvatureBlock
 from .capture import Capture, KronLayer, find_layers, statistics_dtype, warn_skipped
 from .distributed import all_reduce_statistics, world
 from .fisher_sampling import sampled_label_loss
+from .trust_region import kl_clip_scale
 
 HYPERPARAMETERS = ("damping", "factor_decay", "update_every", "kl_clip", "optimizer_lr")
 
@@ -272,9 +272,8 @@ class KroneckerPreconditioner:
         """``nu = min(1, sqrt(kl_clip / (lr^2 sum <p, g>)))`` (1 without ``kl_clip``)."""
         if self.kl_clip is None:
             return 1.0
-        vg = sum(float((p * g.to(p.dtype)).sum()) for p, g in zip(preconditioned.values(), grads.values()))
-        vg *= self.optimizer_lr**2
-        return min(1.0, math.sqrt(self.kl_clip / vg)) if vg > 0 else 1.0
+        inner = sum(float((p * g.to(p.dtype)).sum()) for p, g in zip(preconditioned.values(), grads.values()))
+        return kl_clip_scale(self.kl_clip, self.optimizer_lr, inner)
 
     # -------------------------------------------------------- state dicts
     def state_dict(self) -> dict:

@@ -6,7 +6,7 @@ are the factors of a composed :class:`~structngd.kron.LocalKFAC`. With the prior
 VI loss is ``E_q[ess * mean_nll(W)] + lambda_p / 2 E_q ||W||^2 - H(q)``; its local-parameterization
 natural-gradient step is LocalKFAC's factor refresh with the curvature ``A ⊗ G`` captured at sampled weights and
 damping ``lambda_p / ess`` (fixed point ``Sigma ≈ (ess A ⊗ G + lambda_p I)^{-1}``), and the mean step
-``M <- M - lr (K K^T) ⊗ (C C^T) (g + (lambda_p / ess) M)`` with heavy-ball momentum.
+``M <- M - lr nu (K K^T) ⊗ (C C^T) (g + (lambda_p / ess) M)`` with heavy-ball momentum, ``nu <= 1`` a KL clip.
 """
 
 from __future__ import annotations
@@ -22,9 +22,10 @@ from .. import checks
 from ..families import KroneckerGaussian
 from .capture import KronLayer, find_layers
 from .local import LocalKFAC
+from .trust_region import kl_clip_scale
 
 #: the per-step hyperparameters of ``param_groups[0]`` (reassignable between steps)
-GROUP_KEYS = ("lr", "momentum", "ess", "prior_precision")
+GROUP_KEYS = ("lr", "momentum", "ess", "prior_precision", "kl_clip")
 
 
 def _check_group(group: dict) -> None:
@@ -32,6 +33,8 @@ def _check_group(group: dict) -> None:
     checks.fraction("momentum", group["momentum"])
     checks.positive("ess", group["ess"])
     checks.non_negative("prior_precision", group["prior_precision"])
+    if group["kl_clip"] is not None:
+        checks.positive("kl_clip", group["kl_clip"])
 
 
 class VariationalKFAC(torch.optim.Optimizer):
@@ -40,15 +43,20 @@ class VariationalKFAC(torch.optim.Optimizer):
     Per step: ``mc_samples`` forward/backward passes, each inside :meth:`sampled_params` (weights
     ``W = M + ess^{-1/2} C E K^T``, ``E`` standard normal, written into the layer; ``M`` back on exit), then
     :meth:`step`: LocalKFAC's refresh of ``K``, ``C`` with the ``A``, ``G`` of those passes and damping
-    ``lambda_p / ess + damping``, then ``b <- momentum b + (K K^T) ⊗ (C C^T) (g + (lambda_p / ess) M)``,
-    ``M <- M - lr b`` with ``g`` the mean over the samples of the batch-mean loss's gradient. All or nothing:
-    a step that raises leaves weights, factors, statistics and momenta as they were.
+    ``lambda_p / ess + damping``, then ``b <- momentum b + nu (K K^T) ⊗ (C C^T) (g + (lambda_p / ess) M)``
+    (``nu <= 1`` the KL clip), ``M <- M - lr b`` with ``g`` the mean over the samples of the batch-mean loss's
+    gradient. All or nothing: a step that raises leaves weights, factors, statistics and momenta as they were.
 
     Args:
         model: its supported layers get the posterior. Other trained parameters are a ``ValueError``
             unless ``fallback`` (``params -> torch.optim.Optimizer``) is given, which steps them as point
             estimates with the sample-averaged gradient.
         lr, momentum: the mean's step size and heavy-ball momentum (``param_groups[0]``, reassignable).
+        kl_clip: the mean step's trust region (``param_groups[0]``, reassignable; ``None``: off): the direction
+            ``d = P(u)``, ``u = g + (lambda_p / ess) M``, is scaled by ``nu = min(1, sqrt(kl_clip / (lr^2 <d, u>)))``
+            before the momentum, as KFAC's KL clip (Ba et al. 2017). The default ``1e-3`` keeps minibatch runs bounded
+            where a batch's empirical Fisher vanishes (a memorized batch: ``P`` grows to about ``1 / damping``) and the
+            next sampled weights' gradients would move the mean by ~100x their size.
         ess: effective sample size ``N > 0`` (the training-set size); ``prior_precision``: ``lambda_p >= 0``.
         mc_samples: the samples per step :meth:`step` draws with a closure (and loops should use).
         mirrored: the train samples of a step come in pairs ``E, -E`` (odd moments of the noise cancel).
@@ -66,6 +74,7 @@ class VariationalKFAC(torch.optim.Optimizer):
         ess: float,
         lr: float = 0.01,
         prior_precision: float = 1.0,
+        kl_clip: Optional[float] = 1e-3,
         structure: str = "dense",
         mc_samples: int = 1,
         momentum: float = 0.9,
@@ -84,7 +93,7 @@ class VariationalKFAC(torch.optim.Optimizer):
     ):
         if not isinstance(model, nn.Module):
             raise TypeError(f"model must be an nn.Module, got {type(model).__name__}")
-        group = dict(lr=lr, momentum=momentum, ess=ess, prior_precision=prior_precision)
+        group = dict(lr=lr, momentum=momentum, ess=ess, prior_precision=prior_precision, kl_clip=kl_clip)
         _check_group(group)
         self.mc_samples = checks.count("mc_samples", mc_samples)
         self.mirrored = checks.flag("mirrored", mirrored)
@@ -247,7 +256,7 @@ class VariationalKFAC(torch.optim.Optimizer):
             pre.damping = saved_damping
             raise
         try:
-            means, momenta = self._mean_step(group)
+            means, momenta = self._mean_step(group, gradients)
         except BaseException:
             for name, block in self.blocks.items():
                 block.restore(saved[name])
@@ -266,16 +275,26 @@ class VariationalKFAC(torch.optim.Optimizer):
         self.steps += 1
         self._samples, self._pending = 0, {}
 
-    def _mean_step(self, group: dict):
-        """New means ``M - lr b`` and momenta ``b = momentum b + P(g) + (lambda_p / ess) P(M)`` (unwritten, finite)."""
+    def _mean_step(self, group: dict, gradients: Dict[str, Tensor]):
+        """New means ``M - lr b`` and momenta ``b = momentum b + nu P(g + (lambda_p / ess) M)`` (unwritten, finite),
+        ``nu`` the KL clip of ``P(g + (lambda_p / ess) M)`` over all layers."""
         pre, n = self.preconditioner, self._samples
         decay, hp = group["prior_precision"] / group["ess"], pre.hyperparameters()
-        means, momenta = {}, {}
+        directions, inner = {}, 0.0
         for layer in self.layers:
             block, mean = self.blocks[layer.name], layer.weight_matrix()
-            direction = layer.grad_matrix() / n
+            direction = layer.grad_matrix() / n  # P(g): LocalKFAC wrote the preconditioned gradient
             if decay > 0:
                 direction = direction + decay * block.precondition(mean.to(block.dtype), hp).to(mean.dtype)
+            if group["kl_clip"] is not None:
+                inner += float((direction * (gradients[layer.name].to(direction.dtype) / n + decay * mean)).sum())
+            directions[layer.name] = direction
+        nu = kl_clip_scale(group["kl_clip"], group["lr"], inner)
+        means, momenta = {}, {}
+        for layer in self.layers:
+            mean, direction = layer.weight_matrix(), directions[layer.name]
+            if nu < 1.0:
+                direction = direction * nu
             old = self.momenta.get(layer.name)
             if group["momentum"] > 0 and old is not None:
                 direction = old.to(mean.dtype, copy=False) * group["momentum"] + direction
@@ -332,7 +351,7 @@ class VariationalKFAC(torch.optim.Optimizer):
             if tuple(buf.shape) != shapes.get(name):
                 raise ValueError(f"the state_dict's momentum of layer {name!r} has shape {tuple(buf.shape)}, this "
                                  f"VariationalKFAC needs {shapes.get(name)}")
-        hp = dict(state_dict["hyperparameters"])
+        hp = {"kl_clip": None, **state_dict["hyperparameters"]}  # saved before the KL clip existed: none
         _check_group(hp)
         self.preconditioner.load_state_dict(state_dict["preconditioner"])
         if self.fallback is not None:
