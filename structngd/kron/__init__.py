@@ -4,12 +4,12 @@ layer with a preconditioned gradient, and any ``torch.optim`` optimizer takes th
 from .blocks import CurvatureBlock
 from .capture import KronLayer
 from .ekfac import EKFAC, EKFACBlock
-from .kfac import KFAC, KFACBlock
+from .kfac import KFAC, KFACBlock, TridiagonalKFACBlock
 from .local import LocalKFAC, LocalKFACBlock
 from .preconditioner import KroneckerPreconditioner
 from .variational import VariationalKFAC
 
 __all__ = [
     "KFAC", "EKFAC", "LocalKFAC", "VariationalKFAC", "KroneckerPreconditioner", "KronLayer",
-    "CurvatureBlock", "KFACBlock", "EKFACBlock", "LocalKFACBlock",
+    "CurvatureBlock", "KFACBlock", "EKFACBlock", "LocalKFACBlock", "TridiagonalKFACBlock",
 ]
