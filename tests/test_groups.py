@@ -338,6 +338,19 @@ def test_outer_is_the_pattern_of_the_weighted_sum(group):
     assert rel(group.outer(z), group.restrict(z.mT @ z)) < 1e-14
 
 
+def test_congruence_is_the_pattern_of_the_sandwich(group):
+    """``congruence(A, M A, alpha, beta) = restrict(A^T (alpha M + beta I) A)`` with the traces
+    ``tr(A^T M A)``, ``tr(A^T A)`` of ``congruence_terms``, for symmetric ``M``."""
+    a = group.random(gen(22), dtype=torch.float64)
+    m = torch.randn(group.dim, group.dim, generator=gen(23), dtype=torch.float64)
+    m = m + m.mT
+    dense = group.to_dense(a)
+    ma, tr_m, tr_i = group.congruence_terms(a, m)
+    assert rel(tr_m, torch.trace(dense.mT @ m @ dense)) < 1e-14 and rel(tr_i, torch.trace(dense.mT @ dense)) < 1e-14
+    expected = dense.mT @ (0.7 * m + 0.3 * torch.eye(group.dim, dtype=torch.float64)) @ dense
+    assert rel(group.congruence(a, ma, 0.7, 0.3), group.restrict(expected)) < 1e-14
+
+
 def test_row_and_column_square_norms(group):
     a = group.random(gen(21), dtype=torch.float64)
     dense = group.to_dense(a)

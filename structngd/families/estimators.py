@@ -111,13 +111,6 @@ def _gradients_at(group: MatrixGroup, factor: Tensor, derivatives, w: Tensor, ga
         return value, g_mu, factor_gradient_from_hessian(group, factor, hess, gamma)
 
 
-def _kronecker_curvature(group: MatrixGroup, f: Tensor, m: Tensor):
-    """``(F_dense, M F, tr(F^T M F), tr(F^T F))`` for symmetric ``M`` by the group's matvecs."""
-    dense = group.to_dense(f)
-    mf = group.tmatvec(f, m)  # row i: F^T M[i] = (M F)[i]
-    return dense, mf, (dense * mf).sum(), (dense * dense).sum()
-
-
 #: where the output-gradient statistic ``G`` of a Kronecker curvature comes from: the gradients of the
 #: observed labels (``"empirical"``) or of labels drawn from the model's own likelihood (``"true"``, the Fisher)
 FISHERS = ("empirical", "true")
@@ -137,19 +130,18 @@ def kronecker_factor_gradients(
     With ``A`` (``d_in x d_in`` layer-input statistics), ``G`` (``d_out x d_out`` output-gradient
     statistics) and damping ``lambda``, the factors' part of ``L = E_q[l] - H(q)`` is
     ``tr(A K K^T) tr(G C C^T) / 2 + lambda tr(K K^T) tr(C C^T) / 2 - (d_out log|K K^T| + d_in log|C C^T|) / 2``.
-    Returns the dense symmetric local gradients at ``eta0`` (for ``KroneckerGaussian.natural_gradient``):
-    ``X_K = K^T dL/dK = tr(C^T G C) K^T A K + lambda tr(C^T C) K^T K - d_out I``,
+    Returns the pattern entries (as the groups store them) of the symmetric local gradients at ``eta0`` (for
+    ``KroneckerGaussian.natural_gradient``): ``X_K = K^T dL/dK = tr(C^T G C) K^T A K + lambda tr(C^T C) K^T K - d_out I``,
     ``X_C = C^T dL/dC = tr(K^T A K) C^T G C + lambda tr(K^T K) C^T C - d_in I``.
-    Products with the compact factors only, no inverse or decomposition (so it runs in bfloat16).
+    Products with the compact factors only (O(d) for diagonal ones), no inverse or decomposition (so it runs in
+    bfloat16).
     """
-    d_in, d_out = in_group.dim, out_group.dim
-    eye_k = torch.eye(d_in, dtype=a.dtype, device=a.device)
-    eye_c = torch.eye(d_out, dtype=g.dtype, device=g.device)
-    k_dense, ak, tr_ktak, tr_ktk = _kronecker_curvature(in_group, in_factor, a)
-    c_dense, gc, tr_ctgc, tr_ctc = _kronecker_curvature(out_group, out_factor, g)
-    # X_K = K^T (tr(C^T G C) A K + lambda tr(C^T C) K) - d_out I by the group's products; likewise X_C
-    x_k = in_group.tmatvec(in_factor, (tr_ctgc * ak + damping * tr_ctc * k_dense).mT).mT - d_out * eye_k
-    x_c = out_group.tmatvec(out_factor, (tr_ktak * gc + damping * tr_ktk * c_dense).mT).mT - d_in * eye_c
+    ak, tr_ktak, tr_ktk = in_group.congruence_terms(in_factor, a)
+    gc, tr_ctgc, tr_ctc = out_group.congruence_terms(out_factor, g)
+    x_k = in_group.congruence(in_factor, ak, tr_ctgc, damping * tr_ctc) - out_group.dim * in_group.identity(
+        a.dtype, a.device)
+    x_c = out_group.congruence(out_factor, gc, tr_ktak, damping * tr_ktk) - in_group.dim * out_group.identity(
+        g.dtype, g.device)
     return x_k, x_c
 
 

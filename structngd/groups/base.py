@@ -173,6 +173,18 @@ class MatrixGroup(abc.ABC):
         wz = z if weights is None else z * weights.unsqueeze(-1)
         return self.restrict(wz.mT @ z)
 
+    def congruence_terms(self, a: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
+        """``(M A, tr(A^T M A), tr(A^T A))`` for a dense symmetric ``(d, d)`` ``M``; ``M A`` in whatever form
+        :meth:`congruence` reads (dense here; its diagonal for diagonal factors)."""
+        dense = self.to_dense(a)
+        ma = self.tmatvec(a, m)  # row i: A^T M[i] = (M A)[i]
+        return ma, (dense * ma).sum(), (dense * dense).sum()
+
+    def congruence(self, a: Tensor, ma: Tensor, alpha, beta) -> Tensor:
+        """Pattern entries of the symmetric ``A^T (alpha M A + beta A) = A^T (alpha M + beta I) A`` from the
+        ``M A`` of :meth:`congruence_terms` (a Kronecker factor's local gradient, O(nnz) where the pattern allows)."""
+        return self.restrict(self.tmatvec(a, (alpha * ma + beta * self.to_dense(a)).mT).mT)
+
     def row_sq_norms(self, a: Tensor) -> Tensor:
         """Squared row norms of ``A``: the diagonal of ``A A^T``, shape ``(..., d)``."""
         return self.to_dense(a).pow(2).sum(-1)

@@ -48,6 +48,13 @@ class Diagonal(MatrixGroup):
         wz = z if weights is None else z * weights.unsqueeze(-1)
         return (wz * z).sum(0)
 
+    def congruence_terms(self, a, m):
+        ma = m.diagonal(dim1=-2, dim2=-1) * a  # the diagonal of M A: all the diagonal pattern needs
+        return ma, (a * ma).sum(), (a * a).sum()
+
+    def congruence(self, a, ma, alpha, beta):
+        return a * (alpha * ma + beta * a)
+
     def row_sq_norms(self, a):
         return a * a
 
