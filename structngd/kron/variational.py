@@ -250,10 +250,16 @@ class VariationalKFAC(torch.optim.Optimizer):
         saved = {name: block.snapshot(pre.is_update_step) for name, block in self.blocks.items()}
         saved_steps, saved_damping = pre.steps, pre.damping
         pre.damping = self._total_damping(group)
+        decay = group["prior_precision"] / group["ess"]
+        if decay > 0:  # one preconditioning of u = g + (lambda_p / ess) M, not two
+            for layer in self.layers:
+                layer.set_grad_matrix(gradients[layer.name] + (self._samples * decay) * layer.weight_matrix())
         try:
-            pre.step()  # refreshes K, C (update steps) and writes (K K^T) ⊗ (C C^T) g_sum into .grad
+            pre.step()  # refreshes K, C (update steps) and writes (K K^T) ⊗ (C C^T) n u into .grad
         except BaseException:
             pre.damping = saved_damping
+            for layer in self.layers:
+                layer.set_grad_matrix(gradients[layer.name])
             raise
         try:
             means, momenta = self._mean_step(group, gradients)
@@ -278,14 +284,11 @@ class VariationalKFAC(torch.optim.Optimizer):
     def _mean_step(self, group: dict, gradients: Dict[str, Tensor]):
         """New means ``M - lr b`` and momenta ``b = momentum b + nu P(g + (lambda_p / ess) M)`` (unwritten, finite),
         ``nu`` the KL clip of ``P(g + (lambda_p / ess) M)`` over all layers."""
-        pre, n = self.preconditioner, self._samples
-        decay, hp = group["prior_precision"] / group["ess"], pre.hyperparameters()
+        n, decay = self._samples, group["prior_precision"] / group["ess"]
         directions, inner = {}, 0.0
         for layer in self.layers:
-            block, mean = self.blocks[layer.name], layer.weight_matrix()
-            direction = layer.grad_matrix() / n  # P(g): LocalKFAC wrote the preconditioned gradient
-            if decay > 0:
-                direction = direction + decay * block.precondition(mean.to(block.dtype), hp).to(mean.dtype)
+            mean = layer.weight_matrix()
+            direction = layer.grad_matrix() / n  # P(u): LocalKFAC wrote the preconditioned gradient
             if group["kl_clip"] is not None:
                 inner += float((direction * (gradients[layer.name].to(direction.dtype) / n + decay * mean)).sum())
             directions[layer.name] = direction
