@@ -349,6 +349,12 @@ def test_congruence_is_the_pattern_of_the_sandwich(group):
     assert rel(tr_m, torch.trace(dense.mT @ m @ dense)) < 1e-14 and rel(tr_i, torch.trace(dense.mT @ dense)) < 1e-14
     expected = dense.mT @ (0.7 * m + 0.3 * torch.eye(group.dim, dtype=torch.float64)) @ dense
     assert rel(group.congruence(a, ma, 0.7, 0.3), group.restrict(expected)) < 1e-14
+    # congruence_statistic keeps all that these read of sum_k z_k z_k^T
+    z = torch.randn(7, group.dim, generator=gen(24), dtype=torch.float64)
+    full, part = group.congruence_terms(a, z.mT @ z), group.congruence_terms(a, group.congruence_statistic(z))
+    assert rel(part[1], full[1]) < 1e-14 and rel(part[2], full[2]) < 1e-14
+    assert rel(group.congruence(a, part[0], 0.7, 0.3), group.congruence(a, full[0], 0.7, 0.3)) < 1e-14
+    assert rel(group.congruence_statistic(z).diagonal(), (z * z).sum(0)) < 1e-14
 
 
 def test_row_and_column_square_norms(group):

@@ -180,6 +180,11 @@ class MatrixGroup(abc.ABC):
         ma = self.tmatvec(a, m)  # row i: A^T M[i] = (M A)[i]
         return ma, (dense * ma).sum(), (dense * dense).sum()
 
+    def congruence_statistic(self, z: Tensor) -> Tensor:
+        """The part of ``sum_k z_k z_k^T`` (``z`` of shape ``(n, d)``; a dense ``(d, d)`` result) that
+        :meth:`congruence_terms` reads: all of it here, the diagonal for diagonal factors (O(n d))."""
+        return z.mT @ z
+
     def congruence(self, a: Tensor, ma: Tensor, alpha, beta) -> Tensor:
         """Pattern entries of the symmetric ``A^T (alpha M A + beta A) = A^T (alpha M + beta I) A`` from the
         ``M A`` of :meth:`congruence_terms` (a Kronecker factor's local gradient, O(nnz) where the pattern allows)."""

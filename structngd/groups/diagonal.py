@@ -52,6 +52,9 @@ class Diagonal(MatrixGroup):
         ma = m.diagonal(dim1=-2, dim2=-1) * a  # the diagonal of M A: all the diagonal pattern needs
         return ma, (a * ma).sum(), (a * a).sum()
 
+    def congruence_statistic(self, z):
+        return torch.diag_embed((z * z).sum(0))
+
     def congruence(self, a, ma, alpha, beta):
         return a * (alpha * ma + beta * a)
 

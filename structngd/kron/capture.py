@@ -204,7 +204,8 @@ class Capture:
     gathers: ``A``, ``G`` and/or the rows for ``on_rows(layer, a_rows, g_rows)``. ``grad_scale(n)``
     multiplies the output gradients of a micro-batch of ``n``; with ``from_sampled_labels`` only
     :meth:`sampled_label_pass` feeds the statistics. Forwards under ``torch.func`` transforms are
-    ignored.
+    ignored. ``input_statistics[name](rows)`` (rows ``(n, d_in)``), where set, replaces a layer's
+    ``rows^T rows`` by the part a block reads (e.g. the diagonal, for diagonal factors).
     """
 
     def __init__(self, layers: List[KronLayer], grad_scale: Callable[[int], float], from_sampled_labels: bool = False):
@@ -217,6 +218,7 @@ class Capture:
         self.grad_scale = grad_scale
         self.from_sampled_labels = bool(from_sampled_labels)
         self.statistics = True
+        self.input_statistics: Dict[str, Callable[[Tensor], Tensor]] = {}
         self.on_rows = self.on_reset = None
         self._in_sampled_pass = False
         self._handles: list = []
@@ -307,9 +309,16 @@ class Capture:
             return  # nothing to capture this step (KFAC between statistics updates)
         x = inputs[0].detach()
         rows = layer.input_rows(x).to(statistics_dtype(x.dtype))
-        a_batch = torch.einsum("nti,ntj->ij", rows, rows) if self.statistics else None
+        a_batch = self._input_statistic(layer, rows) if self.statistics else None
         output.register_hook(self._gradient_hook(layer, rows.shape[0], a_batch,
                                                  rows if self.on_rows is not None else None))
+
+    def _input_statistic(self, layer: KronLayer, rows: Tensor) -> Tensor:
+        """``sum_{n, t} a a^T`` of the ``(n, t, d_in)`` rows, or what ``input_statistics`` makes of them."""
+        reader = self.input_statistics.get(layer.name)
+        if reader is None:
+            return torch.einsum("nti,ntj->ij", rows, rows)
+        return reader(rows.reshape(-1, rows.shape[-1]))
 
     def _gradient_hook(self, layer: KronLayer, n: int, a_batch: Optional[Tensor], a_rows: Optional[Tensor]):
         def hook(grad: Tensor):

@@ -133,7 +133,8 @@ class LocalKFAC(KroneckerPreconditioner):
     trust region and retraction. Only matrix products, so it runs in bfloat16. The
     preconditioned gradient ``(C C^T) dW (K K^T)`` is the family's mean natural gradient; the
     factors start at ``init_scale^{1/2} I`` and, as ``lambda -> 0``, reach
-    ``(K K^T) ⊗ (C C^T) = (A ⊗ G)^{-1}`` for dense groups.
+    ``(K K^T) ⊗ (C C^T) = (A ⊗ G)^{-1}`` for dense groups. ``state["A"]`` holds the part of ``A`` that
+    ``X_K`` reads (``MatrixGroup.congruence_statistic``): its diagonal for diagonal ``K``, O(n d_in) to capture.
 
     Args:
         structure: the group of both factors (:func:`structngd.groups.make`); a factor too small
@@ -173,6 +174,9 @@ class LocalKFAC(KroneckerPreconditioner):
         self._fallbacks = []
         kwargs.setdefault("factor_decay", 0.0)  # the factors themselves average over steps
         super().__init__(model, damping=damping, update_every=update_every, **kwargs)
+        # the factors' local gradients read only part of A (its diagonal, for diagonal K): capture just that
+        self.capture.input_statistics = {name: block.in_group.congruence_statistic
+                                         for name, block in self.blocks.items()}
         if self._fallbacks:
             warnings.warn(f"LocalKFAC: {structure!r} does not fit these factors, which use 'dense': "
                           f"{', '.join(self._fallbacks)}", stacklevel=2)
