@@ -74,6 +74,8 @@ class Settings:
     ivon_lrs: Tuple[float, ...] = option((0.03, 0.1), "IVON learning rates")
     ivon_hess_inits: Tuple[float, ...] = option((1.0, 10.0, 100.0), "IVON hess_init values")
     vkfac_lrs: Tuple[float, ...] = option((0.03, 0.1), "VariationalKFAC learning rates")
+    kron_fisher: str = option("empirical", "G statistic of kron_ngd's AutoKroneckerNormal: the observed labels' "
+                              "gradients or those of labels drawn from the model", choices=("empirical", "true"))
     prior_scales: Tuple[float, ...] = option((0.3, 1.0), "prior standard deviations of the weights (every method)")
     dropout_rates: Tuple[float, ...] = option((0.01, 0.05, 0.1), "MC dropout rates")
     particles: int = option(8, "SVI particles per step")
@@ -110,7 +112,7 @@ class Settings:
         return um.Options(hidden=uci_data.HIDDEN_UNITS[dataset], horizon=max(self.checkpoints),
                           batch_size=None if full_batch else self.batch_size, particles=self.particles,
                           predictive_samples=self.predictive_samples, ensemble_size=self.ensemble_size,
-                          lowrank_rank=self.lowrank_rank, ivon_beta2=self.ivon_beta2)
+                          lowrank_rank=self.lowrank_rank, ivon_beta2=self.ivon_beta2, kron_fisher=self.kron_fisher)
 
 
 PRESETS = {
@@ -313,7 +315,8 @@ def markdown_report(results: Results, settings: Settings, runtime: float) -> str
         f"{list(settings.checkpoints)} of a cosine-decayed lr; grids: Adam (map, mc_dropout, ensemble) lr "
         f"{grid(settings.adam_lrs)}, SVI Adam lr {grid(settings.svi_lrs)}, NGD lr {grid(settings.ngd_lrs)}, IVON lr "
         f"{grid(settings.ivon_lrs)} x hess_init {grid(settings.ivon_hess_inits)}, VariationalKFAC lr "
-        f"{grid(settings.vkfac_lrs)}, prior scale {grid(settings.prior_scales)}, dropout "
+        f"{grid(settings.vkfac_lrs)}, prior scale {grid(settings.prior_scales)}, kron_ngd Fisher "
+        f"`{settings.kron_fisher}`, dropout "
         f"{grid(settings.dropout_rates)}; {settings.particles} SVI particles, {settings.predictive_samples} "
         f"predictive draws, {settings.ensemble_size} ensemble members; full batch up to {settings.full_batch_max} "
         f"training points, else batches of {settings.batch_size}; float64. {common.environment_text(runtime)}",

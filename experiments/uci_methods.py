@@ -134,6 +134,7 @@ class Options:
     lowrank_rank: int = 10
     ivon_beta2: float = 0.99999
     init_scale: float = 0.1  # the variational guides' initial standard deviation
+    kron_fisher: str = "empirical"  # AutoKroneckerNormal's G: observed labels' gradients or sampled labels'
 
 
 def cosine(step: int, horizon: int) -> float:
@@ -309,7 +310,8 @@ class PyroBNN(Trainer):
             return guide, NGD(lr=lr, estimator="reparam", max_step=1.0, fallback=False)
         from structngd.pyro import AutoKroneckerNormal
 
-        return AutoKroneckerNormal(self.model, structure="dense", init_scale=scale), NGD(lr=lr, estimator="kronecker")
+        guide = AutoKroneckerNormal(self.model, structure="dense", init_scale=scale, fisher=options.kron_fisher)
+        return guide, NGD(lr=lr, estimator="kronecker")
 
     def step(self, batch: Data, size: int, lr: float) -> float:
         if self.method in ("adam_normal", "lowrank"):

@@ -125,6 +125,21 @@ def test_presets_resolve_and_grids_cover_the_likelihoods():
         study_settings(uci, ["--likelihood", "student"])
 
 
+def test_kron_fisher_reaches_the_kronecker_guide():
+    """``--kron-fisher true``: kron_ngd's AutoKroneckerNormal draws labels for its G statistic."""
+    from structngd.pyro import AutoKroneckerNormal
+
+    torch.set_default_dtype(torch.float64)
+    settings = study_settings(uci, ["--tiny", "--kron-fisher", "true"])
+    g = torch.Generator().manual_seed(0)
+    data = um.Data(torch.randn(40, 3, generator=g), torch.randn(40, generator=g))
+    options = settings.options("yacht", data.size)
+    assert options.kron_fisher == "true" and uci.PRESETS["tiny"].options("yacht", data.size).kron_fisher == "empirical"
+    hyper = {"lr": 0.03, "prior_scale": 1.0, "likelihood": "heteroscedastic"}
+    guide = um.PyroBNN("kron_ngd", data, hyper, options, seed=0).guide
+    assert isinstance(guide, AutoKroneckerNormal) and guide.fisher == "true"
+
+
 def test_a_method_that_raises_on_every_split_is_recorded_and_the_rest_written(tmp_path, monkeypatch):
     real_fit = um.fit
 
