@@ -6,10 +6,11 @@ from .capture import KronLayer
 from .ekfac import EKFAC, EKFACBlock
 from .kfac import KFAC, KFACBlock, TridiagonalKFACBlock
 from .local import LocalKFAC, LocalKFACBlock
+from .optimizer import KFACOptimizer
 from .preconditioner import KroneckerPreconditioner
 from .variational import VariationalKFAC
 
 __all__ = [
     "KFAC", "EKFAC", "LocalKFAC", "VariationalKFAC", "KroneckerPreconditioner", "KronLayer",
-    "CurvatureBlock", "KFACBlock", "EKFACBlock", "LocalKFACBlock", "TridiagonalKFACBlock",
+    "CurvatureBlock", "KFACBlock", "EKFACBlock", "LocalKFACBlock", "TridiagonalKFACBlock", "KFACOptimizer",
 ]
