@@ -57,7 +57,7 @@ METHOD_NAMES = {"kron_ngd": "AutoKroneckerNormal + NGD (ours)", "adam_normal": "
                 "vkfac": "VariationalKFAC (ours)", "ivon": "IVON"}
 METHODS = tuple(METHOD_NAMES)
 PYRO_METHODS = ("kron_ngd", "adam_normal")
-OURS, ADAM, BASELINES = "kron_ngd", "adam_normal", ("adam_normal", "ivon")
+OURS, ADAM, BASELINES, VKFAC = "kron_ngd", "adam_normal", ("adam_normal", "ivon"), "vkfac"
 #: the seed of the fixed noise of every evaluation (ELBO and predictive draws)
 EVAL_SEED = 12345
 Params = List[Tuple[Tensor, Tensor]]  # (weight, bias) per layer
@@ -426,10 +426,10 @@ def _quotient(a: Optional[float], b: Optional[float]) -> Optional[float]:
     return a / b if ok else None
 
 
-def compute_ratios(best: Dict[str, Run], timing: Dict[str, dict]) -> Dict[str, Optional[float]]:
-    """Kronecker NGD against AutoNormal + Adam (reach of Adam's final ELBO, per-step time) and against both
-    baselines (test NLL and ECE); ``None`` where a side is missing or failed."""
-    ours, adam = best.get(OURS), best.get(ADAM)
+def compute_ratios(best: Dict[str, Run], timing: Dict[str, dict], method: str = OURS) -> Dict[str, Optional[float]]:
+    """``method`` (Kronecker NGD by default) against AutoNormal + Adam (reach of Adam's final ELBO, per-step time)
+    and against both baselines (test NLL and ECE); ``None`` where a side is missing or failed."""
+    ours, adam = best.get(method), best.get(ADAM)
     out: Dict[str, Optional[float]] = {}
     if ours is not None and adam is not None:
         target = adam.elbo.final
@@ -438,7 +438,7 @@ def compute_ratios(best: Dict[str, Run], timing: Dict[str, dict]) -> Dict[str, O
         out.update(adam_final_elbo=target, steps_to_adam_final=step, seconds_to_adam_final=seconds,
                    steps_fraction_of_adam=_quotient(step, adam_last),
                    seconds_fraction_of_adam=_quotient(seconds, adam.elbo.total_seconds),
-                   step_time_ratio_to_adam=_quotient(timing.get(OURS, {}).get("median_ms"),
+                   step_time_ratio_to_adam=_quotient(timing.get(method, {}).get("median_ms"),
                                                      timing.get(ADAM, {}).get("median_ms")))
     for baseline in BASELINES:
         other = best.get(baseline)
@@ -477,8 +477,9 @@ def compute(settings: Settings) -> Results:
     timing = time_round_robin(best, settings, data)
     bar.update()
     bar.close()
-    return Results(runs, best, timing, compute_ratios(best, timing), arch.num_weights, data.x_train.shape[0],
-                   data.x_test.shape[0])
+    ratios = compute_ratios(best, timing)  # Kronecker NGD's, then VariationalKFAC's under "vkfac_" keys
+    ratios.update({f"{VKFAC}_{key}": value for key, value in compute_ratios(best, timing, VKFAC).items()})
+    return Results(runs, best, timing, ratios, arch.num_weights, data.x_train.shape[0], data.x_test.shape[0])
 
 
 def _percent(x: Optional[float]) -> str:
@@ -486,27 +487,34 @@ def _percent(x: Optional[float]) -> str:
 
 
 def verdict(results: Results, settings: Settings) -> List[str]:
-    """Reach of Adam's final ELBO by Kronecker NGD (steps and seconds), its per-step cost, test NLL and ECE."""
-    r, best = results.ratios, results.best
-    if OURS not in best:
+    """Reach of Adam's final ELBO by Kronecker NGD and by VariationalKFAC (steps and seconds), their per-step
+    cost, test NLL and ECE."""
+    if OURS not in results.best:
         return ["Kronecker NGD did not run."]
-    ours = best[OURS]
-    lines = []
+    lines = _verdict_of(results, settings, OURS, "Kronecker NGD", "")
+    if VKFAC in results.best:
+        lines += _verdict_of(results, settings, VKFAC, "VariationalKFAC", f"{VKFAC}_")
+    return lines
+
+
+def _verdict_of(results: Results, settings: Settings, method: str, name: str, prefix: str) -> List[str]:
+    r = {key[len(prefix):]: value for key, value in results.ratios.items() if key.startswith(prefix)}
+    best, ours, lines = results.best, results.best[method], []
     if ADAM in best:
         if r.get("steps_to_adam_final") is None:
-            lines.append(f"Kronecker NGD did not reach AutoNormal + Adam's final ELBO ({fmt(r['adam_final_elbo'])} "
+            lines.append(f"{name} did not reach AutoNormal + Adam's final ELBO ({fmt(r['adam_final_elbo'])} "
                          f"nats per example) within {settings.steps} steps (its own final: {fmt(ours.elbo.final)}).")
         else:
-            lines.append(f"Kronecker NGD reached AutoNormal + Adam's final ELBO ({fmt(r['adam_final_elbo'])} nats per "
+            lines.append(f"{name} reached AutoNormal + Adam's final ELBO ({fmt(r['adam_final_elbo'])} nats per "
                          f"example after {settings.steps} steps) in {_percent(r['steps_fraction_of_adam'])} of "
                          f"Adam's steps and {_percent(r['seconds_fraction_of_adam'])} of its wall time, and ended at "
                          f"{fmt(ours.elbo.final)}.")
-        lines.append(f"One Kronecker NGD step costs {fmt(r.get('step_time_ratio_to_adam'), 2)}x an Adam step "
+        lines.append(f"One {name} step costs {fmt(r.get('step_time_ratio_to_adam'), 2)}x an Adam step "
                      "(median, timed round-robin).")
     parts = [f"{METHOD_NAMES[b]} {fmt(r[f'test_nll_ratio_to_{b}'], 2)}x NLL and {fmt(r[f'test_ece_ratio_to_{b}'], 2)}x "
              "ECE" for b in BASELINES if b in best]
     if ours.test and parts:
-        lines.append(f"Test predictive of Kronecker NGD (NLL {fmt(ours.test['nll'])}, ECE {fmt(ours.test['ece'])}, "
+        lines.append(f"Test predictive of {name} (NLL {fmt(ours.test['nll'])}, ECE {fmt(ours.test['ece'])}, "
                      f"accuracy {fmt(ours.test['accuracy'])}) against " + "; ".join(parts) + ".")
     return lines
 
@@ -541,7 +549,8 @@ def markdown_report(results: Results, settings: Settings, runtime: float) -> str
         f"closed form. Test metrics: the predictive mean of {settings.predictive_samples} draws in probability "
         "space. Steps / seconds to Adam's final: the first evaluation at or above AutoNormal + Adam's final ELBO.",
         "", common.markdown_table(header, body),
-        "", "## Ratios (Kronecker NGD)", "", common.markdown_table(["quantity", "value"], ratios),
+        "", "## Ratios (Kronecker NGD; `vkfac`: VariationalKFAC)", "",
+        common.markdown_table(["quantity", "value"], ratios),
         "", "## Every setting", "", common.markdown_table(["method", "setting", "final ELBO / N", "test NLL",
                                                           "ms/step (in the run)", "status"], grid),
         "", f"Settings: grids NGD lr {common.grid_text(settings.kron_lrs)}, Adam lr "

@@ -46,23 +46,25 @@ def test_tiny_run_writes_its_files_and_ratios_that_follow_from_its_curves(tmp_pa
         assert run["elbo"][-1] < 0  # log-likelihood <= 0 and KL >= 0
         assert 0 <= run["test"]["ece"] <= 1 and 0 <= run["test"]["accuracy"] <= 1 and run["test"]["nll"] > 0
 
-    ratios, ours, adam = results["ratios"], _best_run(results, "kron_ngd"), _best_run(results, "adam_normal")
-    assert ratios["adam_final_elbo"] == pytest.approx(adam["elbo"][-1], rel=1e-6)
-    step, seconds = _first_reaching(ours, adam["elbo"][-1])
-    assert ratios["steps_to_adam_final"] == step
-    if step is None:
-        assert ratios["steps_fraction_of_adam"] is None
-    else:
-        assert ratios["steps_fraction_of_adam"] == pytest.approx(step / adam["steps"][-1])
-        assert ratios["seconds_fraction_of_adam"] == pytest.approx(seconds / adam["seconds"][-1], rel=1e-4)
-    timing = results["timing"]
-    assert len(timing["kron_ngd"]["ms"]) == settings.timing_rounds
-    assert ratios["step_time_ratio_to_adam"] == pytest.approx(
-        statistics.median(timing["kron_ngd"]["ms"]) / statistics.median(timing["adam_normal"]["ms"]))
-    for baseline in bnn_scale.BASELINES:
-        other = _best_run(results, baseline)
-        assert ratios[f"test_nll_ratio_to_{baseline}"] == pytest.approx(ours["test"]["nll"] / other["test"]["nll"])
-        assert ratios[f"test_ece_ratio_to_{baseline}"] == pytest.approx(ours["test"]["ece"] / other["test"]["ece"])
+    adam, timing = _best_run(results, "adam_normal"), results["timing"]
+    for prefix, method in (("", "kron_ngd"), ("vkfac_", "vkfac")):  # Kronecker NGD, then VariationalKFAC
+        ours = _best_run(results, method)
+        ratios = {k[len(prefix):]: v for k, v in results["ratios"].items() if k.startswith(prefix)}
+        assert ratios["adam_final_elbo"] == pytest.approx(adam["elbo"][-1], rel=1e-6)
+        step, seconds = _first_reaching(ours, adam["elbo"][-1])
+        assert ratios["steps_to_adam_final"] == step
+        if step is None:
+            assert ratios["steps_fraction_of_adam"] is None
+        else:
+            assert ratios["steps_fraction_of_adam"] == pytest.approx(step / adam["steps"][-1])
+            assert ratios["seconds_fraction_of_adam"] == pytest.approx(seconds / adam["seconds"][-1], rel=1e-4)
+        assert len(timing[method]["ms"]) == settings.timing_rounds
+        assert ratios["step_time_ratio_to_adam"] == pytest.approx(
+            statistics.median(timing[method]["ms"]) / statistics.median(timing["adam_normal"]["ms"]))
+        for baseline in bnn_scale.BASELINES:
+            other = _best_run(results, baseline)
+            assert ratios[f"test_nll_ratio_to_{baseline}"] == pytest.approx(ours["test"]["nll"] / other["test"]["nll"])
+            assert ratios[f"test_ece_ratio_to_{baseline}"] == pytest.approx(ours["test"]["ece"] / other["test"]["ece"])
     # the best setting has the highest final ELBO of its method's grid
     for method in bnn_scale.METHODS:
         finals = [r["elbo"][-1] for r in results["runs"] if r["method"] == method]
