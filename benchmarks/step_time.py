@@ -329,7 +329,7 @@ def bench_step(
         bytes_per_float=torch.finfo(DTYPE).bits // 8,
         repeats=len(timed[0].samples),
     )
-    del family, ngd, ngd_m, adam, adam_dense, dense_params, saved, timed
+    del family, ngd, ngd_m, adam, adam_dense, dense_params, timed
     gc.collect()
     return row
 

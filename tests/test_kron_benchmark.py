@@ -52,3 +52,25 @@ def test_tiny_benchmark_every_method_times(tmp_path):
         adam_extra = methods["Adam"]["state_bytes"] - 2 * res["parameter_bytes"]  # exp_avg, exp_avg_sq
         assert 0 <= adam_extra <= 8 * len(res["layers"]) * 2  # plus a scalar `step` per parameter
         assert methods["KFAC"]["state_bytes"] > 0
+
+
+def test_kfac_optimizer_step_benchmark_reports_consistent_ratios(tmp_path):
+    """A tiny run of ``benchmarks.kfac_optimizer_step``: every method's ratio to Adam is its time over Adam's,
+    and the extra passes are ``(KFACOptimizer - KFAC + SGD) / (forward + backward)``."""
+    import re
+
+    from benchmarks import kfac_optimizer_step
+
+    out = tmp_path / "report.md"
+    report = kfac_optimizer_step.main(["--threads", "1", "--sizes", "8", "6", "3", "--batch", "16", "--windows", "1",
+                                       "--steps", "5", "--out", str(out)])
+    assert out.read_text() == report
+    rows = {m[0]: (float(m[1]), float(m[2]), float(m[3]))
+            for m in re.findall(r"^\| ([^|]+?) \| ([\d.]+) \| ([\d.]+)x \| ([\d.]+) \|$", report, re.M)}
+    assert set(rows) == {"Adam", "KFAC + SGD", "KFACOptimizer", "forward + backward"}
+    for ms, to_adam, passes in rows.values():
+        assert math.isclose(to_adam, ms / rows["Adam"][0], rel_tol=0.02, abs_tol=0.01)
+        assert math.isclose(passes, ms / rows["forward + backward"][0], rel_tol=0.02, abs_tol=0.01)
+    extra = float(re.search(r"beyond KFAC \+ SGD: (-?[\d.]+) forward", report).group(1))
+    expected = (rows["KFACOptimizer"][0] - rows["KFAC + SGD"][0]) / rows["forward + backward"][0]
+    assert math.isclose(extra, expected, rel_tol=0.05, abs_tol=0.02)
