@@ -560,6 +560,18 @@ def test_bernoulli_true_fisher_sums_pixels_per_example():
         pre.sample_fisher(model(x), "poisson")
 
 
+def test_categorical_true_fisher_refuses_logits_that_are_not_n_by_c():
+    """Sequence logits ``(N, T, V)`` would be read with dim 1 as the classes: a ValueError, nothing captured."""
+    model = nn.Sequential(nn.Linear(4, 5))
+    pre = KFAC(model, fisher="true", update_every=1)
+    out = model(torch.randn(3, 5, 4))  # (N, T, V) with T = V: silently wrong if accepted
+    with pytest.raises(ValueError, match=r"\(N, C\) logits.*flatten"):
+        pre.sample_fisher(out)
+    assert pre.capture.g_sum["0"] is None
+    pre.sample_fisher(out.flatten(0, -2))  # as a loss over the flattened tokens sees them
+    assert pre.capture.g_sum["0"] is not None
+
+
 @pytest.mark.parametrize("cls", [KFAC, EKFAC, LocalKFAC])
 def test_kl_clip_bounds_the_predicted_kl_change(cls):
     """With kl_clip, lr^2 sum <p, g> equals kl_clip when it would exceed it, else p is unchanged."""

@@ -19,6 +19,10 @@ def sampled_label_loss(output: Tensor, likelihood: str, batch_averaged: bool) ->
     """
     if likelihood not in LIKELIHOODS:
         raise ValueError(f"likelihood must be one of {LIKELIHOODS}, got {likelihood!r}")
+    if likelihood == "categorical" and output.dim() != 2:
+        raise ValueError(f"the categorical likelihood needs (N, C) logits, got shape {tuple(output.shape)}: pass "
+                         "the logits as the loss sees them, e.g. sequence logits (N, T, V) as "
+                         "logits.flatten(0, -2) for a cross-entropy over the flattened tokens")
     if output.dtype not in (torch.float32, torch.float64):
         output = output.float()
     with torch.no_grad():
