@@ -251,9 +251,13 @@ class VariationalKFAC(torch.optim.Optimizer):
         saved_steps, saved_damping = pre.steps, pre.damping
         pre.damping = self._total_damping(group)
         decay = group["prior_precision"] / group["ess"]
-        if decay > 0:  # one preconditioning of u = g + (lambda_p / ess) M, not two
+        # n u = g_sum + n (lambda_p / ess) M: preconditioned once, not g and M apart
+        sums = gradients
+        if decay > 0:
+            sums = {layer.name: gradients[layer.name] + (self._samples * decay) * layer.weight_matrix()
+                    for layer in self.layers}
             for layer in self.layers:
-                layer.set_grad_matrix(gradients[layer.name] + (self._samples * decay) * layer.weight_matrix())
+                layer.set_grad_matrix(sums[layer.name])
         try:
             pre.step()  # refreshes K, C (update steps) and writes (K K^T) ⊗ (C C^T) n u into .grad
         except BaseException:
@@ -262,7 +266,7 @@ class VariationalKFAC(torch.optim.Optimizer):
                 layer.set_grad_matrix(gradients[layer.name])
             raise
         try:
-            means, momenta = self._mean_step(group, gradients)
+            means, momenta = self._mean_step(group, sums)
         except BaseException:
             for name, block in self.blocks.items():
                 block.restore(saved[name])
@@ -281,16 +285,15 @@ class VariationalKFAC(torch.optim.Optimizer):
         self.steps += 1
         self._samples, self._pending = 0, {}
 
-    def _mean_step(self, group: dict, gradients: Dict[str, Tensor]):
-        """New means ``M - lr b`` and momenta ``b = momentum b + nu P(g + (lambda_p / ess) M)`` (unwritten, finite),
-        ``nu`` the KL clip of ``P(g + (lambda_p / ess) M)`` over all layers."""
-        n, decay = self._samples, group["prior_precision"] / group["ess"]
+    def _mean_step(self, group: dict, sums: Dict[str, Tensor]):
+        """New means ``M - lr b`` and momenta ``b = momentum b + nu P(u)`` (unwritten, finite), ``u = g + (lambda_p /
+        ess) M`` (``sums``: ``n u`` over the ``n`` samples), ``nu`` the KL clip of ``P(u)`` over all layers."""
+        n = self._samples
         directions, inner = {}, 0.0
         for layer in self.layers:
-            mean = layer.weight_matrix()
             direction = layer.grad_matrix() / n  # P(u): LocalKFAC wrote the preconditioned gradient
             if group["kl_clip"] is not None:
-                inner += float((direction * (gradients[layer.name].to(direction.dtype) / n + decay * mean)).sum())
+                inner += float((direction * sums[layer.name].to(direction.dtype)).sum()) / n
             directions[layer.name] = direction
         nu = kl_clip_scale(group["kl_clip"], group["lr"], inner)
         means, momenta = {}, {}
