@@ -42,6 +42,20 @@ def round_robin(steps: Dict[str, Callable[[], None]], windows: int, per_window: 
     return {name: statistics.median(values) for name, values in times.items()}
 
 
+def round_robin_text(windows: int, per_window: int, begin: float) -> str:
+    """The environment and protocol of a :func:`round_robin` timing that started at ``begin``."""
+    return (f"torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()} CPU; medians of "
+            f"{windows} round-robin windows of {per_window} steps; {time.perf_counter() - begin:.0f} s.")
+
+
+def write_report(report: str, out: Path) -> str:
+    """Write ``report`` to ``out`` (folders made) and print it."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(report)
+    print(report)
+    return report
+
+
 def pyro_steps(n: int = 455, p: int = 13) -> Dict[str, Callable[[], None]]:
     import pyro
     from pyro.infer import SVI, Trace_ELBO
@@ -126,16 +140,12 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     torch_seconds = round_robin(torch_steps(), args.windows, args.steps, warmup=5)
     report = "\n\n".join([
         "## Per-step time of the Kronecker BNN posteriors",
-        f"`python -m benchmarks.bnn_step{' --threads ' + str(args.threads) if args.threads else ''}`; torch "
-        f"{torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()} CPU; medians of "
-        f"{args.windows} round-robin windows of {args.steps} steps; {time.perf_counter() - begin:.0f} s.",
+        f"`python -m benchmarks.bnn_step{' --threads ' + str(args.threads) if args.threads else ''}`; "
+        + round_robin_text(args.windows, args.steps, begin),
         table("Pyro: models.BNN 13-50-1 (ReLU), full batch 455, float32", pyro_seconds, "AutoNormal + Adam"),
         table("torch.nn: MLP 784-256-256-10, batch 128, float32", torch_seconds, "ivon.IVON"),
     ]) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(report)
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":

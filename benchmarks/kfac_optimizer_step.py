@@ -16,7 +16,6 @@ Both Kronecker methods refresh their factors every ``update_every`` steps (the s
 from __future__ import annotations
 
 import argparse
-import platform
 import time
 from pathlib import Path
 from typing import Callable, Dict, Optional, Sequence
@@ -24,7 +23,7 @@ from typing import Callable, Dict, Optional, Sequence
 import torch
 import torch.nn.functional as F
 
-from .bnn_step import round_robin
+from .bnn_step import round_robin, round_robin_text, write_report
 
 RESULTS = Path(__file__).resolve().parent / "results" / "kfac_optimizer_step.md"
 
@@ -98,16 +97,11 @@ def main(argv: Optional[Sequence[str]] = None) -> str:
     report = "\n\n".join([
         "## KFACOptimizer per step",
         f"`{command}`; MLP {arch} (ReLU), batch {args.batch}, cross-entropy, float32, update_every "
-        f"{args.update_every}; torch {torch.__version__}, {torch.get_num_threads()} thread(s), {platform.machine()} "
-        f"CPU; medians of {args.windows} round-robin windows of {args.steps} steps; "
-        f"{time.perf_counter() - begin:.0f} s.",
+        f"{args.update_every}; " + round_robin_text(args.windows, args.steps, begin),
         "\n".join(lines),
         f"KFACOptimizer's work beyond KFAC + SGD: {extra:.2f} forward + backward passes per step.",
     ]) + "\n"
-    args.out.parent.mkdir(parents=True, exist_ok=True)
-    args.out.write_text(report)
-    print(report)
-    return report
+    return write_report(report, args.out)
 
 
 if __name__ == "__main__":
