@@ -175,14 +175,14 @@ class MatrixGroup(abc.ABC):
 
     def congruence_terms(self, a: Tensor, m: Tensor) -> Tuple[Tensor, Tensor, Tensor]:
         """``(M A, tr(A^T M A), tr(A^T A))`` for a dense symmetric ``(d, d)`` ``M``; ``M A`` in whatever form
-        :meth:`congruence` reads (dense here; its diagonal for diagonal factors)."""
+        :meth:`congruence` reads (dense by default; its diagonal for diagonal factors)."""
         dense = self.to_dense(a)
         ma = self.tmatvec(a, m)  # row i: A^T M[i] = (M A)[i]
         return ma, (dense * ma).sum(), (dense * dense).sum()
 
     def congruence_statistic(self, z: Tensor) -> Tensor:
         """The part of ``sum_k z_k z_k^T`` (``z`` of shape ``(n, d)``; a dense ``(d, d)`` result) that
-        :meth:`congruence_terms` reads: all of it here, the diagonal for diagonal factors (O(n d))."""
+        :meth:`congruence_terms` reads: all of it by default, the diagonal for diagonal factors (O(n d))."""
         return z.mT @ z
 
     def congruence(self, a: Tensor, ma: Tensor, alpha, beta) -> Tensor:
